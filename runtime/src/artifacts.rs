@@ -1,0 +1,140 @@
+//! Content-addressed storage of uploaded components and their compiled
+//! (AOT) artifacts, with atomic, durable writes.
+//!
+//! Layout under the artifact directory:
+//! - `<sha256>.wasm`: the component as uploaded;
+//! - `<sha256>-<engine>.cwasm`: it compiled by an engine whose compatibility
+//!   hash is `<engine>`, mmapped on load;
+//! - `<sha256>-<engine>.cwasm.sha256`: the compiled file's own digest,
+//!   checked before every load so a corrupted artifact is rebuilt, never run.
+
+use crate::error::{Error, chain};
+use crate::runtime::Runtime;
+use sha2::{Digest, Sha256};
+use std::fs;
+use std::hash::{Hash, Hasher};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use wasmtime::component::Component;
+
+pub(crate) struct ArtifactStore {
+    dir: PathBuf,
+    engine_key: String,
+}
+
+/// Lower-case hex SHA-256 of `bytes`.
+pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl ArtifactStore {
+    pub(crate) fn open(dir: PathBuf, runtime: &Runtime) -> Result<Self, Error> {
+        fs::create_dir_all(&dir).map_err(|e| Error::io("creating the artifact directory", &dir, e))?;
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        runtime.engine().precompile_compatibility_hash().hash(&mut hasher);
+        Ok(Self { dir, engine_key: format!("{:016x}", hasher.finish()) })
+    }
+
+    /// Validates and compiles `wasm`, then stores it and its compiled
+    /// artifact under its content hash. Nothing is written for a component
+    /// that does not compile.
+    pub(crate) fn store(&self, runtime: &Runtime, wasm: &[u8]) -> Result<(String, Component), Error> {
+        let hash = sha256_hex(wasm);
+        let source = self.source_path(&hash);
+        let component = match self.cached(runtime, &hash) {
+            Some(component) => component,
+            None => self.compile(runtime, &hash, wasm)?,
+        };
+        if !source.exists() {
+            write_atomic(&source, wasm)?;
+        }
+        Ok((hash, component))
+    }
+
+    /// The compiled component for `hash`: the cached artifact when it is
+    /// intact and made by this engine, otherwise compiled again from the
+    /// stored source.
+    pub(crate) fn component(&self, runtime: &Runtime, hash: &str) -> Result<Component, Error> {
+        if let Some(component) = self.cached(runtime, hash) {
+            return Ok(component);
+        }
+        let source = self.source_path(hash);
+        let wasm = fs::read(&source).map_err(|e| Error::io("reading a stored component", &source, e))?;
+        self.compile(runtime, hash, &wasm)
+    }
+
+    fn compile(&self, runtime: &Runtime, hash: &str, wasm: &[u8]) -> Result<Component, Error> {
+        let compiled = runtime.precompile(wasm)?;
+        let (cwasm, digest) = self.compiled_paths(hash);
+        write_atomic(&cwasm, &compiled)?;
+        write_atomic(&digest, sha256_hex(&compiled).as_bytes())?;
+        // SAFETY: the file was just written by this engine's
+        // `precompile_component`, and artifacts are only ever replaced by
+        // rename, never modified in place.
+        unsafe { Component::deserialize_file(runtime.engine(), &cwasm) }
+            .map_err(|e| Error::InvalidComponent(chain(&e)))
+    }
+
+    /// The cached compiled component, if there is a usable one.
+    fn cached(&self, runtime: &Runtime, hash: &str) -> Option<Component> {
+        let (cwasm, digest) = self.compiled_paths(hash);
+        match self.load_cached(runtime, &cwasm, &digest) {
+            Ok(found) => found,
+            Err(why) => {
+                tracing::warn!(artifact = %cwasm.display(), %why, "discarding compiled artifact; recompiling");
+                None
+            }
+        }
+    }
+
+    fn compiled_paths(&self, hash: &str) -> (PathBuf, PathBuf) {
+        let cwasm = self.dir.join(format!("{hash}-{}.cwasm", self.engine_key));
+        let digest = cwasm.with_extension("cwasm.sha256");
+        (cwasm, digest)
+    }
+
+    /// `Ok(None)` when nothing is cached; `Err(why)` when what is cached
+    /// cannot be used.
+    fn load_cached(&self, runtime: &Runtime, cwasm: &Path, digest: &Path) -> Result<Option<Component>, String> {
+        let Ok(expected) = fs::read_to_string(digest) else { return Ok(None) };
+        let bytes = fs::read(cwasm).map_err(|e| format!("unreadable: {e}"))?;
+        if sha256_hex(&bytes) != expected.trim() {
+            return Err("content does not match its recorded digest".into());
+        }
+        // SAFETY: the file's digest matches the one recorded when this
+        // engine configuration wrote it; wasmtime checks engine
+        // compatibility itself and errors (rather than running) otherwise.
+        unsafe { Component::deserialize_file(runtime.engine(), cwasm) }
+            .map(Some)
+            .map_err(|e| chain(&e))
+    }
+
+    fn source_path(&self, hash: &str) -> PathBuf {
+        self.dir.join(format!("{hash}.wasm"))
+    }
+}
+
+/// Writes `bytes` to `path` durably: a temporary file in the same
+/// directory, fsync, rename over `path`, fsync of the directory.
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}-{}",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    let write = || -> std::io::Result<()> {
+        let mut file = fs::File::create(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        fs::rename(&tmp, path)?;
+        fs::File::open(dir)?.sync_all()
+    };
+    write().map_err(|e| {
+        let _ = fs::remove_file(&tmp);
+        Error::io("writing", path, e)
+    })
+}

@@ -1,0 +1,426 @@
+//! Command-line arguments and what each command does.
+
+use crate::client::Api;
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use clap::{Args, Parser, Subcommand};
+use gpuwasm::server::{Server, ServerConfig, serve_connections};
+use gpuwasm::{Limits, Runtime};
+use http::Method;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use tokio::net::TcpListener;
+
+/// gpuwasm: serverless functions as WebAssembly components.
+///
+/// Handlers are components of the standard `wasi:http/proxy` world. Each
+/// request runs in a fresh sandboxed instance under per-deployment limits.
+///
+/// Quick start: `gpuwasm serve` in one terminal, then
+/// `gpuwasm deploy hello.wasm --name hello` and `gpuwasm invoke hello`.
+#[derive(Parser)]
+#[command(name = "gpuwasm", version, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run the server: deployments, routing and the admin API.
+    Serve(ServeArgs),
+    /// Serve one component on every path, with no server state (like `wasmtime serve`).
+    Run(RunArgs),
+    /// Upload a component to a running server and route /NAME/ to it.
+    Deploy(DeployArgs),
+    /// List the server's deployments.
+    List(ListArgs),
+    /// Remove a deployment.
+    Rm(RmArgs),
+    /// Send one HTTP request to a deployment and print the response body.
+    Invoke(InvokeArgs),
+    /// Measure requests/s and latency of a component over loopback.
+    Bench(crate::bench::BenchArgs),
+}
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Address to listen on (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Directory for deployments, artifacts and the admin token.
+    #[arg(long, env = "GPUWASM_DATA_DIR", default_value_os_t = default_data_dir())]
+    data_dir: PathBuf,
+    /// Admin API token. Without it, the token in DATA_DIR/admin-token is
+    /// used, and created on first start.
+    #[arg(long, env = "GPUWASM_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    #[command(flatten)]
+    pool: PoolArgs,
+    /// Largest component upload accepted, in MiB.
+    #[arg(long, default_value_t = 64)]
+    max_upload_mb: usize,
+}
+
+#[derive(Args)]
+struct PoolArgs {
+    /// Instances that may run at once over all deployments.
+    #[arg(long, default_value_t = 256)]
+    max_instances: u32,
+    /// Largest memory limit, in MiB, any deployment may be given.
+    #[arg(long, default_value_t = 1024)]
+    max_memory_mb: u64,
+}
+
+impl PoolArgs {
+    fn runtime(&self) -> Result<Runtime> {
+        Ok(Runtime::builder().max_instances(self.max_instances).max_memory_mb(self.max_memory_mb).build()?)
+    }
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// The component (.wasm) to serve.
+    file: PathBuf,
+    /// Address to listen on (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    #[command(flatten)]
+    limits: LimitArgs,
+    #[command(flatten)]
+    pool: PoolArgs,
+}
+
+/// Per-deployment limits; each defaults to the runtime's default.
+#[derive(Args, Default)]
+pub struct LimitArgs {
+    /// Largest linear memory, in MiB [default: 128].
+    #[arg(long)]
+    memory_mb: Option<u64>,
+    /// CPU time per request, in ms [default: 5000].
+    #[arg(long)]
+    cpu_ms: Option<u64>,
+    /// Wall-clock time per request, in ms [default: 60000].
+    #[arg(long)]
+    timeout_ms: Option<u64>,
+    /// Largest request body, in bytes [default: 16 MiB].
+    #[arg(long)]
+    max_body_bytes: Option<u64>,
+    /// Instances of this deployment that may run at once [default: 64].
+    #[arg(long)]
+    concurrency: Option<u64>,
+    /// Requests that may wait for an instance [default: 1024].
+    #[arg(long)]
+    queue: Option<u64>,
+    /// How long a queued request waits before `503`, in ms [default: 10000].
+    #[arg(long)]
+    queue_timeout_ms: Option<u64>,
+}
+
+impl LimitArgs {
+    /// The limits given, as (field name, value) pairs.
+    fn given(&self) -> Vec<(&'static str, u64)> {
+        [
+            ("memory_mb", self.memory_mb),
+            ("cpu_ms", self.cpu_ms),
+            ("timeout_ms", self.timeout_ms),
+            ("max_body_bytes", self.max_body_bytes),
+            ("concurrency", self.concurrency),
+            ("queue", self.queue),
+            ("queue_timeout_ms", self.queue_timeout_ms),
+        ]
+        .into_iter()
+        .filter_map(|(name, v)| Some((name, v?)))
+        .collect()
+    }
+
+    pub fn to_limits(&self) -> Result<Limits> {
+        let mut limits = Limits::default();
+        for (name, value) in self.given() {
+            limits.set(name, &value.to_string()).map_err(anyhow::Error::msg)?;
+        }
+        Ok(limits)
+    }
+}
+
+/// Where to find the server and how to authenticate.
+#[derive(Args)]
+pub struct ServerArgs {
+    /// URL of the gpuwasm server.
+    #[arg(long, env = "GPUWASM_SERVER", default_value = "http://127.0.0.1:8080")]
+    server: String,
+    /// Admin token. Without it, the token file of the default data
+    /// directory is used (works on the machine that runs the server).
+    #[arg(long, env = "GPUWASM_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+}
+
+impl ServerArgs {
+    fn api(&self) -> Api {
+        let token = self.token.clone().or_else(|| {
+            std::fs::read_to_string(default_data_dir().join("admin-token")).ok().map(|t| t.trim().to_string())
+        });
+        Api::new(&self.server, token)
+    }
+}
+
+#[derive(Args)]
+pub struct DeployArgs {
+    /// The component (.wasm) to deploy.
+    file: PathBuf,
+    /// Deployment name: 1-63 of a-z, 0-9 and '-'. Requests to /NAME/... reach it.
+    #[arg(long)]
+    name: String,
+    /// Route requests whose Host header is HOST here (instead of by path).
+    #[arg(long)]
+    host: Option<String>,
+    #[command(flatten)]
+    limits: LimitArgs,
+    #[command(flatten)]
+    server: ServerArgs,
+}
+
+#[derive(Args)]
+pub struct ListArgs {
+    /// Print the JSON the server returned.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    server: ServerArgs,
+}
+
+#[derive(Args)]
+pub struct RmArgs {
+    /// The deployment to remove.
+    name: String,
+    #[command(flatten)]
+    server: ServerArgs,
+}
+
+#[derive(Args)]
+pub struct InvokeArgs {
+    /// The deployment to call.
+    name: String,
+    /// Path inside the deployment.
+    #[arg(default_value = "/")]
+    path: String,
+    /// HTTP method [default: GET, or POST when a body is given].
+    #[arg(short = 'X', long)]
+    method: Option<Method>,
+    /// Request body.
+    #[arg(short, long, conflicts_with = "data_file")]
+    data: Option<String>,
+    /// Read the request body from a file.
+    #[arg(long)]
+    data_file: Option<PathBuf>,
+    /// Extra request header, as 'Name: value' (repeatable).
+    #[arg(short = 'H', long = "header")]
+    headers: Vec<String>,
+    /// Print the status line and headers before the body.
+    #[arg(short, long)]
+    include: bool,
+    #[command(flatten)]
+    server: ServerArgs,
+}
+
+/// `$XDG_DATA_HOME/gpuwasm`, or `~/.local/share/gpuwasm`.
+fn default_data_dir() -> PathBuf {
+    if let Some(xdg) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(xdg).join("gpuwasm");
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    home.join(".local/share/gpuwasm")
+}
+
+pub async fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Serve(args) => serve(args).await,
+        Command::Run(args) => run_file(args).await,
+        Command::Deploy(args) => deploy(args).await,
+        Command::List(args) => list(args).await,
+        Command::Rm(args) => rm(args).await,
+        Command::Invoke(args) => invoke(args).await,
+        Command::Bench(args) => crate::bench::run(args).await,
+    }
+}
+
+async fn serve(args: ServeArgs) -> Result<ExitCode> {
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("creating the data directory {}", args.data_dir.display()))?;
+    let admin_token = match args.admin_token {
+        Some(token) if !token.is_empty() => token,
+        _ => stored_token(&args.data_dir)?,
+    };
+    let config = ServerConfig {
+        data_dir: args.data_dir.clone(),
+        admin_token,
+        max_upload_bytes: args.max_upload_mb.saturating_mul(1 << 20),
+    };
+    let server = Server::open(args.pool.runtime()?, config)
+        .await
+        .with_context(|| format!("opening the server state in {}", args.data_dir.display()))?;
+    let listener = bind(args.listen).await?;
+    tracing::info!(data_dir = %args.data_dir.display(), deployments = server.deployments().len(), "server ready");
+    announce(&listener)?;
+    until_signal(server.serve(listener)).await
+}
+
+async fn run_file(args: RunArgs) -> Result<ExitCode> {
+    let wasm = read_component(&args.file)?;
+    let runtime = args.pool.runtime()?;
+    let limits = args.limits.to_limits()?;
+    let name = args.file.file_stem().and_then(|s| s.to_str()).unwrap_or("component").to_string();
+    let deployment = tokio::task::spawn_blocking(move || runtime.load(&name, &wasm, limits))
+        .await?
+        .with_context(|| format!("loading {}", args.file.display()))?;
+    let listener = bind(args.listen).await?;
+    announce(&listener)?;
+    until_signal(serve_connections(listener, move |req| {
+        let deployment = deployment.clone();
+        async move { deployment.handle(req).await }
+    }))
+    .await
+}
+
+async fn deploy(args: DeployArgs) -> Result<ExitCode> {
+    let wasm = read_component(&args.file)?;
+    let mut query: Vec<String> = args.limits.given().iter().map(|(k, v)| format!("{k}={v}")).collect();
+    if let Some(host) = &args.host {
+        query.push(format!("host={host}"));
+    }
+    let path = format!("deployments/{}?{}", args.name, query.join("&"));
+    let record = args.server.api().admin(Method::PUT, &path, Bytes::from(wasm)).await?;
+    let route = match record["host"].as_str() {
+        Some(host) => format!("http://{host}/ (by Host header)"),
+        None => format!("{}/{}/", args.server.server.trim_end_matches('/'), args.name),
+    };
+    println!(
+        "deployed {} (sha256 {}) at {route}",
+        args.name,
+        record["sha256"].as_str().unwrap_or("?").get(..12).unwrap_or("?")
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn list(args: ListArgs) -> Result<ExitCode> {
+    let reply = args.server.api().admin(Method::GET, "deployments", Bytes::new()).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&reply)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let records: Vec<gpuwasm::server::DeploymentRecord> =
+        serde_json::from_value(reply["deployments"].clone()).context("unexpected reply from the server")?;
+    if records.is_empty() {
+        println!("no deployments");
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("{:<24} {:<12} {:>10} {:>9} {:>8} {:<20}", "NAME", "SHA256", "SIZE", "MEMORY", "CPU", "HOST");
+    for r in records {
+        println!(
+            "{:<24} {:<12} {:>10} {:>6}MiB {:>6}ms {:<20}",
+            r.name,
+            r.sha256.get(..12).unwrap_or(&r.sha256),
+            r.size_bytes,
+            r.limits.memory_mb,
+            r.limits.cpu_ms,
+            r.host.as_deref().unwrap_or("-")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn rm(args: RmArgs) -> Result<ExitCode> {
+    args.server.api().admin(Method::DELETE, &format!("deployments/{}", args.name), Bytes::new()).await?;
+    println!("removed {}", args.name);
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn invoke(args: InvokeArgs) -> Result<ExitCode> {
+    let body = match (&args.data, &args.data_file) {
+        (Some(d), _) => Bytes::from(d.clone()),
+        (None, Some(f)) => Bytes::from(std::fs::read(f).with_context(|| format!("reading {}", f.display()))?),
+        (None, None) => Bytes::new(),
+    };
+    let method = args.method.clone().unwrap_or(if body.is_empty() { Method::GET } else { Method::POST });
+    let headers = args
+        .headers
+        .iter()
+        .map(|h| match h.split_once(':') {
+            Some((k, v)) => Ok((k.trim().to_string(), v.trim().to_string())),
+            None => bail!("header {h:?} must look like 'Name: value'"),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let path = if args.path.starts_with('/') { args.path.clone() } else { format!("/{}", args.path) };
+    let reply = args.server.api().send(method, &format!("/{}{path}", args.name), &headers, body).await?;
+    let mut out = std::io::stdout().lock();
+    if args.include {
+        writeln!(out, "HTTP {}", reply.status)?;
+        for (k, v) in &reply.headers {
+            writeln!(out, "{k}: {}", String::from_utf8_lossy(v.as_bytes()))?;
+        }
+        writeln!(out)?;
+    }
+    out.write_all(&reply.body)?;
+    out.flush()?;
+    if reply.status.is_success() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("error: HTTP {}", reply.status);
+        Ok(ExitCode::FAILURE)
+    }
+}
+
+/// Reads a component file, with an error that names it.
+pub fn read_component(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("reading {}", path.display()))
+}
+
+/// The token stored in `data_dir/admin-token`, created (mode 0600) if absent.
+fn stored_token(data_dir: &Path) -> Result<String> {
+    let path = data_dir.join("admin-token");
+    if let Ok(token) = std::fs::read_to_string(&path) {
+        let token = token.trim().to_string();
+        if !token.is_empty() {
+            return Ok(token);
+        }
+    }
+    let mut raw = [0u8; 24];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut raw).context("reading /dev/urandom")?;
+    let token: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    file.write_all(token.as_bytes())?;
+    file.sync_all()?;
+    eprintln!("gpuwasm: created an admin token in {}", path.display());
+    Ok(token)
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener> {
+    TcpListener::bind(addr).await.with_context(|| format!("listening on {addr}"))
+}
+
+/// Prints the address actually bound (tests and scripts read this line).
+fn announce(listener: &TcpListener) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "gpuwasm listening on http://{}", listener.local_addr()?)?;
+    out.flush()?;
+    Ok(())
+}
+
+/// Runs `serving` until Ctrl-C or SIGTERM.
+async fn until_signal(serving: impl std::future::Future<Output = std::io::Result<()>>) -> Result<ExitCode> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        result = serving => { result?; }
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; shutting down"),
+        _ = term.recv() => tracing::info!("terminated; shutting down"),
+    }
+    Ok(ExitCode::SUCCESS)
+}

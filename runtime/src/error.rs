@@ -1,0 +1,97 @@
+//! Errors of the library API.
+
+use std::path::PathBuf;
+
+/// What can go wrong while loading, storing or deploying a component.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The bytes are not WebAssembly at all.
+    #[error("not a WebAssembly binary: it does not start with the `\\0asm` magic bytes")]
+    NotWasm,
+    /// The bytes are a core module; gpuwasm runs components.
+    #[error(
+        "this is a core WebAssembly module, not a component; build for the \
+         `wasm32-wasip2` target (or wrap it with `wasm-tools component new`)"
+    )]
+    CoreModule,
+    /// The component failed to parse, validate or compile.
+    #[error("invalid component: {0}")]
+    InvalidComponent(String),
+    /// The component imports something this runtime does not provide.
+    #[error("unsupported import: {0}")]
+    UnsupportedImport(String),
+    /// The component does not export `wasi:http/incoming-handler`.
+    #[error("component does not export wasi:http/incoming-handler (the wasi:http/proxy world): {0}")]
+    NotAHandler(String),
+    /// A deployment name is not usable.
+    #[error("invalid deployment name {0:?}: use 1-63 characters of a-z, 0-9 and '-', starting with a letter or digit")]
+    InvalidName(String),
+    /// A limit is out of range.
+    #[error("invalid limits: {0}")]
+    InvalidLimits(String),
+    /// The engine could not be built.
+    #[error("engine setup failed: {0}")]
+    Engine(String),
+    /// Reading or writing state on disk failed.
+    #[error("{context} ({}): {source}", path.display())]
+    Io {
+        /// What was being done.
+        context: &'static str,
+        /// The file or directory concerned.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Persisted state could not be read back.
+    #[error("corrupt state file {}: {message}", path.display())]
+    CorruptState {
+        /// The file concerned.
+        path: PathBuf,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+impl Error {
+    pub(crate) fn io(context: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io { context, path: path.into(), source }
+    }
+
+    /// True when the error is the client's fault (a bad upload or bad
+    /// arguments) rather than the server's.
+    pub fn is_client_error(&self) -> bool {
+        matches!(
+            self,
+            Error::NotWasm
+                | Error::CoreModule
+                | Error::InvalidComponent(_)
+                | Error::UnsupportedImport(_)
+                | Error::NotAHandler(_)
+                | Error::InvalidName(_)
+                | Error::InvalidLimits(_)
+        )
+    }
+
+    /// A short machine-readable code for API error bodies.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::NotWasm => "not_wasm",
+            Error::CoreModule => "core_module",
+            Error::InvalidComponent(_) => "invalid_component",
+            Error::UnsupportedImport(_) => "unsupported_import",
+            Error::NotAHandler(_) => "not_a_handler",
+            Error::InvalidName(_) => "invalid_name",
+            Error::InvalidLimits(_) => "invalid_limits",
+            Error::Engine(_) => "engine",
+            Error::Io { .. } => "io",
+            Error::CorruptState { .. } => "corrupt_state",
+        }
+    }
+}
+
+/// Formats a wasmtime error with its whole cause chain on one line.
+pub(crate) fn chain(err: &wasmtime::Error) -> String {
+    format!("{err:#}")
+}

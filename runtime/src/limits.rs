@@ -1,0 +1,134 @@
+//! Per-deployment resource limits.
+
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+/// Limits enforced on every request a deployment serves.
+///
+/// The defaults suit small HTTP handlers; every field can be changed per
+/// deployment (`gpuwasm deploy --memory-mb ...`, or the admin API's query
+/// parameters of the same names).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest size, in MiB, that any one linear memory of an instance may
+    /// grow to. Growing past it ends the request with `500`.
+    pub memory_mb: u64,
+    /// Time, in milliseconds, an instance may spend executing WebAssembly
+    /// per request (measured in epoch ticks while guest code runs; time
+    /// spent waiting on I/O does not count). Past it the request ends with
+    /// `504`.
+    pub cpu_ms: u64,
+    /// Wall-clock time, in milliseconds, a request may take from admission
+    /// until the response head is ready, and in all until the body is done.
+    pub timeout_ms: u64,
+    /// Largest request body, in bytes. Larger bodies get `413`.
+    pub max_body_bytes: u64,
+    /// Instances of this deployment that may run at once.
+    pub concurrency: u32,
+    /// Requests that may wait for an instance; beyond that `503` at once.
+    pub queue: u32,
+    /// How long, in milliseconds, a queued request waits for an instance
+    /// before it gets `503` with `Retry-After`.
+    pub queue_timeout_ms: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            memory_mb: 128,
+            cpu_ms: 5_000,
+            timeout_ms: 60_000,
+            max_body_bytes: 16 << 20,
+            concurrency: 64,
+            queue: 1024,
+            queue_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl Limits {
+    /// Checks that every limit is usable and within what the runtime's
+    /// instance pool can hold (`max_memory_mb`).
+    pub fn validate(&self, max_memory_mb: u64) -> Result<(), String> {
+        let positive = [
+            ("memory_mb", self.memory_mb),
+            ("cpu_ms", self.cpu_ms),
+            ("timeout_ms", self.timeout_ms),
+            ("concurrency", u64::from(self.concurrency)),
+            ("queue_timeout_ms", self.queue_timeout_ms),
+        ];
+        if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(format!("limit `{name}` must be greater than 0"));
+        }
+        if self.memory_mb > max_memory_mb {
+            return Err(format!(
+                "limit `memory_mb` = {} exceeds this server's maximum of {max_memory_mb} MiB",
+                self.memory_mb
+            ));
+        }
+        Ok(())
+    }
+
+    /// Sets the field named `name` (as in the serialised form) from a
+    /// decimal string. Used by the admin API and the CLI.
+    pub fn set(&mut self, name: &str, value: &str) -> Result<(), String> {
+        let parse = |v: &str| -> Result<u64, String> {
+            v.parse::<u64>()
+                .map_err(|_| format!("limit `{name}` must be a non-negative integer, got {v:?}"))
+        };
+        let small = |v: u64| -> Result<u32, String> {
+            u32::try_from(v).map_err(|_| format!("limit `{name}` is too large: {v}"))
+        };
+        match name {
+            "memory_mb" => self.memory_mb = parse(value)?,
+            "cpu_ms" => self.cpu_ms = parse(value)?,
+            "timeout_ms" => self.timeout_ms = parse(value)?,
+            "max_body_bytes" => self.max_body_bytes = parse(value)?,
+            "concurrency" => self.concurrency = small(parse(value)?)?,
+            "queue" => self.queue = small(parse(value)?)?,
+            "queue_timeout_ms" => self.queue_timeout_ms = parse(value)?,
+            _ => return Err(format!("unknown limit `{name}`")),
+        }
+        Ok(())
+    }
+
+    pub(crate) fn memory_bytes(&self) -> usize {
+        usize::try_from(self.memory_mb.saturating_mul(1 << 20)).unwrap_or(usize::MAX)
+    }
+
+    pub(crate) fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+
+    pub(crate) fn queue_timeout(&self) -> Duration {
+        Duration::from_millis(self.queue_timeout_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn set_parses_and_rejects() {
+        let mut l = Limits::default();
+        l.set("memory_mb", "64").unwrap();
+        l.set("concurrency", "3").unwrap();
+        assert_eq!((l.memory_mb, l.concurrency), (64, 3));
+        assert!(l.set("memory_mb", "-1").unwrap_err().contains("memory_mb"));
+        assert!(l.set("bogus", "1").unwrap_err().contains("unknown limit `bogus`"));
+        assert!(l.set("queue", "99999999999").unwrap_err().contains("too large"));
+    }
+
+    #[test]
+    fn validate_names_the_bad_field() {
+        let mut l = Limits::default();
+        assert!(l.validate(512).is_ok());
+        l.cpu_ms = 0;
+        assert!(l.validate(512).unwrap_err().contains("cpu_ms"));
+        l.cpu_ms = 10;
+        l.memory_mb = 1024;
+        assert!(l.validate(512).unwrap_err().contains("512"));
+    }
+}

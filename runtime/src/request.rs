@@ -1,0 +1,227 @@
+//! One request, one fresh instance: the per-request store, its limits, and
+//! turning what went wrong into a clear HTTP answer.
+
+use crate::error::chain;
+use bytes::Bytes;
+use http::{Response, StatusCode};
+use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
+use wasmtime::component::ResourceTable;
+use wasmtime::{ResourceLimiter, Trap};
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{
+    RequestOptions, WasiBody, WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView,
+};
+
+/// A boxed error, as carried by response bodies.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The body of a response produced by [`Deployment::handle`](crate::Deployment::handle):
+/// streamed from the guest as it writes it.
+pub type ResponseBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// Guest stdout and stderr kept per request (logged by the server).
+const OUTPUT_CAPACITY: usize = 1 << 20;
+
+/// Everything one request's store holds.
+pub(crate) struct RequestState {
+    wasi: WasiCtx,
+    http: WasiHttpCtx,
+    table: ResourceTable,
+    hooks: DenyOutbound,
+    pub(crate) limiter: MemoryLimiter,
+    pub(crate) output: MemoryOutputPipe,
+    /// Epoch ticks observed while guest code ran.
+    pub(crate) cpu_ticks: u64,
+    pub(crate) cpu_exceeded: bool,
+}
+
+impl RequestState {
+    pub(crate) fn new(memory_limit: usize) -> Self {
+        let output = MemoryOutputPipe::new(OUTPUT_CAPACITY);
+        let mut wasi = WasiCtx::builder();
+        wasi.stdout(output.clone()).stderr(output.clone());
+        Self {
+            wasi: wasi.build(),
+            http: WasiHttpCtx::new(),
+            table: ResourceTable::new(),
+            hooks: DenyOutbound,
+            limiter: MemoryLimiter { limit: memory_limit, exceeded: false },
+            output,
+            cpu_ticks: 0,
+            cpu_exceeded: false,
+        }
+    }
+
+    /// What the guest printed to stdout and stderr, lossily decoded.
+    pub(crate) fn output_text(&self) -> String {
+        String::from_utf8_lossy(&self.output.contents()).trim_end().to_string()
+    }
+}
+
+impl WasiView for RequestState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+impl WasiHttpView for RequestState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView { ctx: &mut self.http, table: &mut self.table, hooks: &mut self.hooks }
+    }
+}
+
+/// Outbound HTTP is refused: no deployment has an allow-list yet.
+struct DenyOutbound;
+
+impl WasiHttpHooks for DenyOutbound {
+    fn send_request(
+        &mut self,
+        request: http::Request<WasiBody>,
+        _options: Option<RequestOptions>,
+        _io: Box<dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send>,
+    ) -> Box<
+        dyn Future<
+                Output = wasmtime_wasi_http::Result<(
+                    http::Response<WasiBody>,
+                    Box<dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send>,
+                )>,
+            > + Send,
+    > {
+        tracing::info!(uri = %request.uri(), "outbound HTTP request denied");
+        Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) })
+    }
+}
+
+/// Caps every linear memory of the instance and remembers when a guest hit
+/// the cap, so the failure can be reported as what it is.
+pub(crate) struct MemoryLimiter {
+    limit: usize,
+    pub(crate) exceeded: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("linear memory limit of {limit} bytes exceeded (asked for {desired})")]
+struct MemoryLimitExceeded {
+    limit: usize,
+    desired: usize,
+}
+
+impl ResourceLimiter for MemoryLimiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.limit {
+            self.exceeded = true;
+            return Err(MemoryLimitExceeded { limit: self.limit, desired }.into());
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= 1_000_000)
+    }
+}
+
+/// Why a request did not get the guest's response.
+#[derive(Debug)]
+pub(crate) enum Failure {
+    /// No instance became free in time (or the queue is full).
+    Busy,
+    /// The request body is larger than the deployment allows.
+    BodyTooLarge(u64),
+    /// The wall-clock limit ran out.
+    Timeout(u64),
+    /// The guest used up its CPU time.
+    CpuTime(u64),
+    /// The guest grew a memory past its limit.
+    Memory(u64),
+    /// The guest trapped (or a host call failed fatally).
+    Trap(String),
+    /// The guest answered with a wasi:http error code instead of a response.
+    Guest(String),
+    /// The guest returned without ever setting a response.
+    NoResponse,
+}
+
+impl Failure {
+    /// Classifies an error returned by instantiation or the guest call.
+    pub(crate) fn from_call(state: &RequestState, err: &wasmtime::Error, cpu_ms: u64, memory_mb: u64) -> Self {
+        if state.cpu_exceeded {
+            Failure::CpuTime(cpu_ms)
+        } else if state.limiter.exceeded {
+            Failure::Memory(memory_mb)
+        } else if let Some(trap) = err.downcast_ref::<Trap>() {
+            Failure::Trap(trap.to_string())
+        } else {
+            Failure::Trap(chain(err))
+        }
+    }
+
+    /// The HTTP answer for this failure of deployment `name`.
+    pub(crate) fn into_response(self, name: &str) -> Response<ResponseBody> {
+        let (status, message) = match &self {
+            Failure::Busy => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("deployment '{name}' is at its concurrency limit; retry shortly"),
+            ),
+            Failure::BodyTooLarge(max) => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body exceeds the limit of {max} bytes for deployment '{name}'"),
+            ),
+            Failure::Timeout(ms) => (
+                StatusCode::GATEWAY_TIMEOUT,
+                format!("deployment '{name}' did not answer within its time limit of {ms} ms"),
+            ),
+            Failure::CpuTime(ms) => (
+                StatusCode::GATEWAY_TIMEOUT,
+                format!("deployment '{name}' exceeded its CPU time limit of {ms} ms"),
+            ),
+            Failure::Memory(mb) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("deployment '{name}' exceeded its memory limit of {mb} MiB"),
+            ),
+            Failure::Trap(msg) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("deployment '{name}' failed: {msg}"),
+            ),
+            Failure::Guest(code) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("deployment '{name}' answered with an error: {code}"),
+            ),
+            Failure::NoResponse => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("deployment '{name}' returned without sending a response"),
+            ),
+        };
+        let mut resp = text_response(status, message);
+        if matches!(self, Failure::Busy) {
+            resp.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"));
+        }
+        resp
+    }
+}
+
+/// A plain-text response ending in a newline.
+pub(crate) fn text_response(status: StatusCode, message: String) -> Response<ResponseBody> {
+    let mut resp = Response::new(full_body(format!("{message}\n")));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+/// A response body holding `bytes`.
+pub(crate) fn full_body(bytes: impl Into<Bytes>) -> ResponseBody {
+    Full::new(bytes.into()).map_err(|never| match never {}).boxed_unsync()
+}

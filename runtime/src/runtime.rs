@@ -1,0 +1,376 @@
+//! The embeddable runtime: an engine, a linker with WASI and wasi:http, and
+//! deployments that answer HTTP requests with a fresh instance each.
+
+use crate::engine::{self, PoolSettings, TICK};
+use crate::error::{Error, chain};
+use crate::limits::Limits;
+use crate::request::{BoxError, Failure, RequestState, ResponseBody};
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::BodyExt;
+use http_body_util::{LengthLimitError, Limited};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::{Instant, timeout_at};
+use wasmtime::component::{Component, Linker};
+use wasmtime::{Engine, Store, UpdateDeadline};
+use wasmtime_wasi_http::WasiHttpView;
+use wasmtime_wasi_http::p2::bindings::ProxyPre;
+use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
+
+/// Builds a [`Runtime`]. Obtain one with [`Runtime::builder`].
+#[derive(Clone, Debug)]
+pub struct RuntimeBuilder {
+    pool: PoolSettings,
+}
+
+impl RuntimeBuilder {
+    /// Instances that may be live at once over all deployments (default
+    /// 256). Requests beyond it wait in their deployment's queue.
+    pub fn max_instances(mut self, n: u32) -> Self {
+        self.pool.max_instances = n.max(1);
+        self
+    }
+
+    /// The largest linear memory, in MiB, any deployment may be given
+    /// (default 1024). Each pool slot reserves this much address space.
+    pub fn max_memory_mb(mut self, mb: u64) -> Self {
+        self.pool.max_memory_mb = mb.max(1);
+        self
+    }
+
+    /// Creates the engine, its instance pool and its epoch ticker.
+    pub fn build(self) -> Result<Runtime, Error> {
+        let engine = engine::new_engine(&self.pool).map_err(|e| Error::Engine(chain(&e)))?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+            .and_then(|()| wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker))
+            .map_err(|e| Error::Engine(chain(&e)))?;
+        engine::start_ticker(&engine);
+        Ok(Runtime {
+            inner: Arc::new(RuntimeInner {
+                instances: Arc::new(Semaphore::new(self.pool.max_instances as usize)),
+                engine,
+                linker,
+                pool: self.pool,
+            }),
+        })
+    }
+}
+
+/// A WebAssembly component runtime for HTTP handlers.
+///
+/// Cheap to clone; clones share the engine and its instance pool.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// let runtime = gpuwasm::Runtime::builder().build()?;
+/// let wasm = std::fs::read("hello.wasm")?;
+/// let hello = runtime.load("hello", &wasm, gpuwasm::Limits::default())?;
+/// let request = http::Request::get("http://localhost/").body(String::new())?;
+/// let response = hello.handle(request).await;
+/// assert_eq!(response.status(), 200);
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Runtime {
+    inner: Arc<RuntimeInner>,
+}
+
+struct RuntimeInner {
+    engine: Engine,
+    linker: Linker<RequestState>,
+    /// One permit per pool slot, so requests queue rather than fail when
+    /// the pool is full.
+    instances: Arc<Semaphore>,
+    pool: PoolSettings,
+}
+
+impl Runtime {
+    /// A builder with the default settings.
+    pub fn builder() -> RuntimeBuilder {
+        RuntimeBuilder { pool: PoolSettings { max_instances: 256, max_memory_mb: 1024 } }
+    }
+
+    /// Validates and compiles `wasm`, a component targeting the
+    /// `wasi:http/proxy` world, into a deployment called `name`.
+    ///
+    /// Compilation is CPU-heavy (milliseconds to seconds): from async code,
+    /// call it inside `tokio::task::spawn_blocking`.
+    pub fn load(&self, name: &str, wasm: &[u8], limits: Limits) -> Result<Deployment, Error> {
+        check_header(wasm)?;
+        let component = Component::new(&self.inner.engine, wasm)
+            .map_err(|e| Error::InvalidComponent(chain(&e)))?;
+        self.deployment(name, &component, limits)
+    }
+
+    /// The largest memory limit a deployment may ask for, in MiB.
+    pub fn max_memory_mb(&self) -> u64 {
+        self.inner.pool.max_memory_mb
+    }
+
+    pub(crate) fn engine(&self) -> &Engine {
+        &self.inner.engine
+    }
+
+    /// Compiles `wasm` ahead of time into bytes for [`Component::deserialize_file`].
+    pub(crate) fn precompile(&self, wasm: &[u8]) -> Result<Vec<u8>, Error> {
+        check_header(wasm)?;
+        self.inner
+            .engine
+            .precompile_component(wasm)
+            .map_err(|e| Error::InvalidComponent(chain(&e)))
+    }
+
+    /// Links a compiled component into a deployment: checks that every
+    /// import is provided and that it exports the HTTP handler.
+    pub(crate) fn deployment(
+        &self,
+        name: &str,
+        component: &Component,
+        limits: Limits,
+    ) -> Result<Deployment, Error> {
+        limits.validate(self.max_memory_mb()).map_err(Error::InvalidLimits)?;
+        let instance_pre = self
+            .inner
+            .linker
+            .instantiate_pre(component)
+            .map_err(|e| Error::UnsupportedImport(chain(&e)))?;
+        let pre = ProxyPre::new(instance_pre).map_err(|e| Error::NotAHandler(chain(&e)))?;
+        Ok(Deployment {
+            inner: Arc::new(DeploymentInner {
+                name: name.to_string(),
+                slots: Arc::new(Semaphore::new(limits.concurrency as usize)),
+                queued: AtomicU32::new(0),
+                limits,
+                pre,
+                runtime: self.clone(),
+            }),
+        })
+    }
+}
+
+/// Rejects bytes that are not a WebAssembly component, naming what they are.
+fn check_header(wasm: &[u8]) -> Result<(), Error> {
+    if wasm.len() < 8 || &wasm[..4] != b"\0asm" {
+        return Err(Error::NotWasm);
+    }
+    match wasm[4..8] {
+        [1, 0, 0, 0] => Err(Error::CoreModule),
+        [0x0d, 0, 1, 0] => Ok(()),
+        _ => Err(Error::InvalidComponent(format!(
+            "unknown WebAssembly version/layer bytes {:02x?}",
+            &wasm[4..8]
+        ))),
+    }
+}
+
+/// A component ready to serve: every request gets a fresh instance.
+///
+/// Cheap to clone. Mount it in your own hyper service by calling
+/// [`Deployment::handle`] from `service_fn`.
+#[derive(Clone)]
+pub struct Deployment {
+    inner: Arc<DeploymentInner>,
+}
+
+struct DeploymentInner {
+    name: String,
+    limits: Limits,
+    pre: ProxyPre<RequestState>,
+    /// Instances of this deployment that may run at once.
+    slots: Arc<Semaphore>,
+    /// Requests waiting for a slot.
+    queued: AtomicU32,
+    runtime: Runtime,
+}
+
+/// Decrements the queue count when a waiting request leaves the queue.
+struct QueueTicket<'a>(&'a AtomicU32);
+
+impl Drop for QueueTicket<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Deployment {
+    /// The deployment's name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The limits every request of this deployment runs under.
+    pub fn limits(&self) -> &Limits {
+        &self.inner.limits
+    }
+
+    /// Answers `request` with a fresh instance of the component.
+    ///
+    /// The request body streams into the guest and the response body
+    /// streams out of it. Failures become HTTP answers with a short
+    /// plain-text message: `503` (with `Retry-After`) when the deployment
+    /// stays at its concurrency limit, `413` for a body over the limit,
+    /// `504` when the CPU or wall-clock limit runs out, `500` when the
+    /// guest traps or outgrows its memory limit.
+    pub async fn handle<B>(&self, request: Request<B>) -> Response<ResponseBody>
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        match self.try_handle(request).await {
+            Ok(response) => response,
+            Err(failure) => {
+                tracing::debug!(deployment = %self.inner.name, ?failure, "request failed");
+                failure.into_response(&self.inner.name)
+            }
+        }
+    }
+
+    async fn try_handle<B>(&self, request: Request<B>) -> Result<Response<ResponseBody>, Failure>
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let me = &self.inner;
+        let limits = &me.limits;
+        let declared = request
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if declared.is_some_and(|len| len > limits.max_body_bytes) {
+            return Err(Failure::BodyTooLarge(limits.max_body_bytes));
+        }
+        let request = with_authority(request);
+        let deadline = Instant::now() + limits.timeout();
+        let permits = self.admit().await?;
+
+        let mut store = Store::new(me.runtime.engine(), RequestState::new(limits.memory_bytes()));
+        store.limiter(|state| &mut state.limiter);
+        let max_ticks = limits.cpu_ms.div_ceil(TICK.as_millis() as u64).max(1);
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(move |mut ctx| {
+            let state = ctx.data_mut();
+            state.cpu_ticks += 1;
+            if state.cpu_ticks >= max_ticks {
+                state.cpu_exceeded = true;
+                return Ok(UpdateDeadline::Interrupt);
+            }
+            Ok(UpdateDeadline::Yield(1))
+        });
+
+        let body_too_large = Arc::new(AtomicBool::new(false));
+        let request = limit_body(request, limits.max_body_bytes, body_too_large.clone());
+        let (cpu_ms, memory_mb) = (limits.cpu_ms, limits.memory_mb);
+        let proxy = match timeout_at(deadline, me.pre.instantiate_async(&mut store)).await {
+            Err(_) => return Err(Failure::Timeout(limits.timeout_ms)),
+            Ok(Err(err)) => return Err(Failure::from_call(store.data(), &err, cpu_ms, memory_mb)),
+            Ok(Ok(proxy)) => proxy,
+        };
+        let setup = |store: &mut Store<RequestState>| -> wasmtime::Result<_> {
+            let mut http = store.data_mut().http();
+            let req = http.new_incoming_request(Scheme::Http, request)?;
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let out = http.new_response_outparam(tx)?;
+            Ok((req, out, rx))
+        };
+        let (req, out, rx) = setup(&mut store).map_err(|e| Failure::Trap(chain(&e)))?;
+
+        let name = me.name.clone();
+        let timeout_ms = limits.timeout_ms;
+        let guest = tokio::spawn(async move {
+            let _permits = permits;
+            let call = proxy.wasi_http_incoming_handler().call_handle(&mut store, req, out);
+            let result = match timeout_at(deadline, call).await {
+                Err(_) => Err(Failure::Timeout(timeout_ms)),
+                Ok(Err(err)) => Err(Failure::from_call(store.data(), &err, cpu_ms, memory_mb)),
+                Ok(Ok(())) => Ok(()),
+            };
+            let output = store.data().output_text();
+            match &result {
+                Err(failure) => tracing::warn!(deployment = %name, ?failure, guest_output = %output, "guest failed"),
+                Ok(()) if !output.is_empty() => tracing::debug!(deployment = %name, guest_output = %output),
+                Ok(()) => {}
+            }
+            result
+        });
+
+        let too_large = || Failure::BodyTooLarge(me.limits.max_body_bytes);
+        match timeout_at(deadline, rx).await {
+            Ok(Ok(Ok(response))) => Ok(response.map(|body| body.map_err(BoxError::from).boxed_unsync())),
+            Ok(Ok(Err(_))) if body_too_large.load(Ordering::Relaxed) => Err(too_large()),
+            Ok(Ok(Err(code))) => Err(Failure::Guest(format!("{code:?}"))),
+            Ok(Err(_)) => match guest.await {
+                _ if body_too_large.load(Ordering::Relaxed) => Err(too_large()),
+                Ok(Err(failure)) => Err(failure),
+                Ok(Ok(())) => Err(Failure::NoResponse),
+                Err(join) => Err(Failure::Trap(format!("guest task failed: {join}"))),
+            },
+            Err(_) => {
+                guest.abort();
+                Err(Failure::Timeout(me.limits.timeout_ms))
+            }
+        }
+    }
+
+    /// Waits for a slot of this deployment and of the shared pool, or
+    /// fails with [`Failure::Busy`] when the queue is full or the wait ends.
+    async fn admit(&self) -> Result<[OwnedSemaphorePermit; 2], Failure> {
+        let me = &self.inner;
+        let wait_until = Instant::now() + me.limits.queue_timeout();
+        let slot = match me.slots.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                if me.queued.fetch_add(1, Ordering::Relaxed) >= me.limits.queue {
+                    me.queued.fetch_sub(1, Ordering::Relaxed);
+                    return Err(Failure::Busy);
+                }
+                let _ticket = QueueTicket(&me.queued);
+                acquire_until(&me.slots, wait_until).await?
+            }
+        };
+        let instance = acquire_until(&me.runtime.inner.instances, wait_until).await?;
+        Ok([slot, instance])
+    }
+}
+
+async fn acquire_until(sem: &Arc<Semaphore>, until: Instant) -> Result<OwnedSemaphorePermit, Failure> {
+    match timeout_at(until, sem.clone().acquire_owned()).await {
+        Ok(Ok(permit)) => Ok(permit),
+        _ => Err(Failure::Busy),
+    }
+}
+
+/// wasi:http needs an authority: give requests without a URI authority or
+/// `Host` header the host `localhost`.
+fn with_authority<B>(mut request: Request<B>) -> Request<B> {
+    if request.uri().authority().is_none() && !request.headers().contains_key(http::header::HOST) {
+        request.headers_mut().insert(http::header::HOST, http::HeaderValue::from_static("localhost"));
+    }
+    request
+}
+
+/// Caps the request body at `max` bytes; going over sets `flag` and ends
+/// the guest's body stream with a body-size error.
+fn limit_body<B>(
+    request: Request<B>,
+    max: u64,
+    flag: Arc<AtomicBool>,
+) -> Request<impl http_body::Body<Data = Bytes, Error = wasmtime_wasi_http::Error> + Send + 'static>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let max_usize = usize::try_from(max).unwrap_or(usize::MAX);
+    request.map(move |body| {
+        Limited::new(body, max_usize).map_err(move |err: BoxError| {
+            if err.is::<LengthLimitError>() {
+                flag.store(true, Ordering::Relaxed);
+                wasmtime_wasi_http::Error::HttpRequestBodySize(Some(max))
+            } else {
+                wasmtime_wasi_http::Error::InternalError(Some(err.to_string()))
+            }
+        })
+    })
+}

@@ -1,0 +1,73 @@
+//! A test handler whose path picks a behaviour: well-behaved ones
+//! (echo, streaming, headers) and misbehaving ones (trap, endless loop,
+//! memory hog, long sleep) that the runtime must contain.
+
+use gpuwasm_guest::{Request, Response};
+use std::io::{Read, Write};
+
+fn query_number(request: &Request, key: &str, default: u64) -> u64 {
+    request
+        .query()
+        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix(&format!("{key}="))?.parse().ok()))
+        .unwrap_or(default)
+}
+
+fn handle(request: Request) -> Response {
+    match request.path().as_str() {
+        // Streams the request body back as it arrives.
+        "/echo" => {
+            let mut reader = match request.body_reader() {
+                Ok(r) => r,
+                Err(e) => return Response::text(500, format!("{e}")),
+            };
+            Response::stream(200, move |out| {
+                let mut buf = vec![0u8; 16 * 1024];
+                loop {
+                    let n = reader.read(&mut buf)?;
+                    if n == 0 {
+                        return Ok(());
+                    }
+                    out.write_all(&buf[..n])?;
+                }
+            })
+        }
+        // Streams `n` numbered lines, flushing each.
+        "/stream" => {
+            let n = query_number(&request, "n", 10);
+            Response::stream(200, move |out| {
+                for i in 0..n {
+                    writeln!(out, "chunk {i}")?;
+                    out.flush()?;
+                }
+                Ok(())
+            })
+        }
+        "/header" => Response::text(200, request.header("x-test").unwrap_or_default()),
+        "/body-length" => match request.body() {
+            Ok(body) => Response::text(200, body.len().to_string()),
+            Err(e) => Response::text(400, format!("body error: {e}")),
+        },
+        "/trap" => panic!("deliberate trap for the tests"),
+        "/loop" => {
+            let mut x: u64 = 0;
+            loop {
+                x = std::hint::black_box(x.wrapping_add(1));
+            }
+        }
+        "/hog" => {
+            let mut hoard: Vec<Vec<u8>> = Vec::new();
+            loop {
+                hoard.push(vec![1u8; 1 << 20]);
+                std::hint::black_box(&hoard);
+            }
+        }
+        "/sleep" => {
+            let ms = query_number(&request, "ms", 1000);
+            wasip2::clocks::monotonic_clock::subscribe_duration(ms * 1_000_000).block();
+            Response::text(200, "slept")
+        }
+        _ => Response::text(200, "behaviors ok"),
+    }
+}
+
+gpuwasm_guest::export!(handle);
