@@ -298,8 +298,10 @@ impl Deployment {
 
         let too_large = || Failure::BodyTooLarge(me.limits.max_body_bytes);
         match timeout_at(deadline, rx).await {
+            // A guest that answers after its request body was cut off at
+            // the limit answered a truncated request: the client learns why.
+            Ok(Ok(_)) if body_too_large.load(Ordering::Relaxed) => Err(too_large()),
             Ok(Ok(Ok(response))) => Ok(response.map(|body| body.map_err(BoxError::from).boxed_unsync())),
-            Ok(Ok(Err(_))) if body_too_large.load(Ordering::Relaxed) => Err(too_large()),
             Ok(Ok(Err(code))) => Err(Failure::Guest(format!("{code:?}"))),
             Ok(Err(_)) => match guest.await {
                 _ if body_too_large.load(Ordering::Relaxed) => Err(too_large()),

@@ -1,0 +1,390 @@
+//! End-to-end tests: a real `gpuwasm serve` on 127.0.0.1, real components
+//! built from examples/ and tests/guests/, the real CLI and HTTP clients.
+
+mod support;
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper_util::rt::TokioIo;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use support::*;
+
+const HELLO_ROOT: &str = "hello from gpuwasm! you asked for GET /\n";
+
+#[tokio::test]
+async fn deploy_then_invoke_returns_the_exact_body() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir);
+    server.deploy("hello", "hello", &[]);
+
+    let reply = get(&format!("{}/hello/", server.url)).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.body, HELLO_ROOT);
+    assert_eq!(reply.headers["content-type"], "text/plain; charset=utf-8");
+
+    // The prefix is stripped and the query kept; the CLI reaches the same handler.
+    let reply = get(&format!("{}/hello/a/b?q=1", server.url)).await;
+    assert_eq!(reply.body, "hello from gpuwasm! you asked for GET /a/b\n");
+    let out = server.cli(&["invoke", "hello", "/x", "-X", "PUT"]);
+    assert_eq!(stdout_of(&out), "hello from gpuwasm! you asked for PUT /x\n");
+}
+
+#[tokio::test]
+async fn unknown_deployment_is_404() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir);
+    let reply = get(&format!("{}/nothing-here/x", server.url)).await;
+    assert_eq!(reply.status, 404);
+    assert!(reply.body.contains("no deployment serves /nothing-here/x"), "{}", reply.body);
+}
+
+#[tokio::test]
+async fn response_body_streams_in_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir);
+    server.deploy("beh", "behaviors", &[]);
+    let reply = get(&format!("{}/beh/stream?n=500", server.url)).await;
+    assert_eq!(reply.status, 200);
+    assert!(reply.headers.get("content-length").is_none(), "a streamed body has no length up front");
+    assert_eq!(reply.headers["transfer-encoding"], "chunked");
+    let expected: String = (0..500).map(|i| format!("chunk {i}\n")).collect();
+    assert_eq!(reply.body, expected);
+}
+
+/// A request body fed from a channel, so the test decides when each chunk
+/// is sent.
+struct ChannelBody(tokio::sync::mpsc::Receiver<Bytes>);
+
+impl http_body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        self.0.poll_recv(cx).map(|chunk| chunk.map(|c| Ok(http_body::Frame::data(c))))
+    }
+}
+
+#[tokio::test]
+async fn request_and_response_bodies_stream_both_ways() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir);
+    server.deploy("beh", "behaviors", &[]);
+
+    let authority = server.url.strip_prefix("http://").unwrap().to_string();
+    let stream = tokio::net::TcpStream::connect(&authority).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(conn);
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let request = http::Request::post("/beh/echo").header("host", &authority).body(ChannelBody(rx)).unwrap();
+    tx.send(Bytes::from_static(b"first chunk;")).await.unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+
+    // The first chunk comes back while the request body is still open:
+    // neither side is buffered whole.
+    let frame = tokio::time::timeout(Duration::from_secs(10), body.frame()).await.expect("echo of the first chunk");
+    let first = frame.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(&first[..], b"first chunk;");
+    tx.send(Bytes::from_static(b"second chunk")).await.unwrap();
+    drop(tx);
+    let rest = body.collect().await.unwrap().to_bytes();
+    assert_eq!(&rest[..], b"second chunk");
+}
+
+#[tokio::test]
+async fn malformed_uploads_get_clear_4xx_and_others_keep_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir);
+    server.deploy("hello", "hello", &[]);
+
+    let hello = std::fs::read(wasm("hello")).unwrap();
+    let mut random = vec![0u8; 4096];
+    let mut x: u32 = 0x1234_5678;
+    for b in random.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        *b = x as u8;
+    }
+    let cases: Vec<(&str, Vec<u8>, &str, &str)> = vec![
+        ("random bytes", random, "not_wasm", "not a WebAssembly binary"),
+        ("a core module", b"\0asm\x01\0\0\0".to_vec(), "core_module", "core WebAssembly module, not a component"),
+        ("a truncated component", hello[..hello.len() / 2].to_vec(), "invalid_component", "invalid component"),
+        ("an empty upload", Vec::new(), "not_wasm", "not a WebAssembly binary"),
+        (
+            "an unsupported import",
+            std::fs::read(wasm("unsupported_import")).unwrap(),
+            "unsupported_import",
+            "gpuwasm-test:unsupported/secret-service",
+        ),
+    ];
+    for (what, bytes, code, message) in cases {
+        let reply = send(
+            "PUT",
+            &format!("{}/_gpuwasm/v1/deployments/bad", server.url),
+            &[("authorization", &format!("Bearer {TOKEN}"))],
+            bytes,
+        )
+        .await;
+        assert_eq!(reply.status, 400, "{what}: {}", reply.body);
+        let json: serde_json::Value = serde_json::from_str(&reply.body).unwrap();
+        assert_eq!(json["error"]["code"], code, "{what}: {}", reply.body);
+        let text = json["error"]["message"].as_str().unwrap();
+        assert!(text.contains(message), "{what}: message {text:?} lacks {message:?}");
+        assert_eq!(get(&format!("{}/hello/", server.url)).await.body, HELLO_ROOT, "after {what}");
+    }
+    // Nothing was deployed under the bad name.
+    assert_eq!(get(&format!("{}/bad/", server.url)).await.status, 404);
+
+    // The CLI shows the same message and fails.
+    let out = server.cli(&["deploy", wasm("unsupported_import").to_str().unwrap(), "--name", "bad"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unsupported import"), "{out:?}");
+}
+
+#[tokio::test]
+async fn a_trap_answers_500_and_the_server_lives_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir);
+    server.deploy("beh", "behaviors", &[]);
+    for _ in 0..3 {
+        let reply = get(&format!("{}/beh/trap", server.url)).await;
+        assert_eq!(reply.status, 500);
+        assert!(reply.body.contains("deployment 'beh' failed: wasm trap"), "{}", reply.body);
+    }
+    assert_eq!(get(&format!("{}/beh/", server.url)).await.body, "behaviors ok");
+}
+
+#[tokio::test]
+async fn an_infinite_loop_hits_the_cpu_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir);
+    server.deploy("beh", "behaviors", &["--cpu-ms", "300"]);
+    let start = Instant::now();
+    let reply = get(&format!("{}/beh/loop", server.url)).await;
+    let took = start.elapsed();
+    assert_eq!(reply.status, 504);
+    assert!(reply.body.contains("exceeded its CPU time limit of 300 ms"), "{}", reply.body);
+    assert!(took >= Duration::from_millis(300), "stopped too early: {took:?}");
+    assert!(took < Duration::from_secs(10), "not stopped in time: {took:?}");
+    assert_eq!(get(&format!("{}/beh/", server.url)).await.status, 200);
+}
+
+#[tokio::test]
+async fn waiting_past_the_wall_clock_limit_times_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir);
+    server.deploy("beh", "behaviors", &["--timeout-ms", "300"]);
+    // Sleeping uses no CPU, so only the wall-clock limit can stop it.
+    let reply = get(&format!("{}/beh/sleep?ms=20000", server.url)).await;
+    assert_eq!(reply.status, 504);
+    assert!(reply.body.contains("did not answer within its time limit of 300 ms"), "{}", reply.body);
+    assert_eq!(get(&format!("{}/beh/sleep?ms=10", server.url)).await.body, "slept");
+}
+
+#[tokio::test]
+async fn a_memory_hog_is_stopped_at_its_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir);
+    server.deploy("beh", "behaviors", &["--memory-mb", "24"]);
+    let reply = get(&format!("{}/beh/hog", server.url)).await;
+    assert_eq!(reply.status, 500);
+    assert!(reply.body.contains("exceeded its memory limit of 24 MiB"), "{}", reply.body);
+    assert_eq!(get(&format!("{}/beh/", server.url)).await.status, 200);
+}
+
+#[tokio::test]
+async fn request_bodies_over_the_limit_get_413() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir);
+    server.deploy("beh", "behaviors", &["--max-body-bytes", "1000"]);
+    let url = format!("{}/beh/body-length", server.url);
+    assert_eq!(send("POST", &url, &[], vec![7u8; 1000]).await.body, "1000");
+    // Declared too large: refused before any instance runs.
+    let reply = send("POST", &url, &[], vec![7u8; 1001]).await;
+    assert_eq!(reply.status, 413, "{}", reply.body);
+    assert!(reply.body.contains("exceeds the limit of 1000 bytes"), "{}", reply.body);
+
+    // Streamed without a length: cut off once it passes the limit.
+    let authority = server.url.strip_prefix("http://").unwrap().to_string();
+    let stream = tokio::net::TcpStream::connect(&authority).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(conn);
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let request = http::Request::post("/beh/body-length").header("host", &authority).body(ChannelBody(rx)).unwrap();
+    tokio::spawn(async move {
+        for _ in 0..4 {
+            if tx.send(Bytes::from(vec![1u8; 600])).await.is_err() {
+                break;
+            }
+        }
+    });
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 413);
+}
+
+#[tokio::test]
+async fn concurrency_limit_queues_then_answers_503_with_retry_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir);
+    server.deploy("beh", "behaviors", &["--concurrency", "1", "--queue", "1", "--queue-timeout-ms", "200"]);
+    let sleeper = format!("{}/beh/sleep?ms=1500", server.url);
+    let busy = tokio::spawn(async move { get(&sleeper).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // One may wait in the queue (and gives up after 200 ms); a second at once is refused.
+    let queued_url = format!("{}/beh/", server.url);
+    let queued = tokio::spawn(async move { get(&queued_url).await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let refused = get(&format!("{}/beh/", server.url)).await;
+    assert_eq!(refused.status, 503, "{}", refused.body);
+    assert_eq!(refused.headers["retry-after"], "1");
+    assert!(refused.body.contains("concurrency limit"), "{}", refused.body);
+    assert_eq!(queued.await.unwrap().status, 503);
+    assert_eq!(busy.await.unwrap().body, "slept");
+    // Free again.
+    assert_eq!(get(&format!("{}/beh/", server.url)).await.status, 200);
+}
+
+#[tokio::test]
+async fn two_hundred_concurrent_requests_are_all_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir);
+    server.deploy("hello", "hello", &[]);
+    server.deploy("beh", "behaviors", &[]);
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let url = if i % 2 == 0 {
+            format!("{}/hello/req/{i}", server.url)
+        } else {
+            format!("{}/beh/header", server.url)
+        };
+        tasks.push(tokio::spawn(async move {
+            let tag = format!("tag-{i}");
+            let reply = send("GET", &url, &[("x-test", &tag)], Bytes::new()).await;
+            (i, tag, reply)
+        }));
+    }
+    for task in tasks {
+        let (i, tag, reply) = task.await.unwrap();
+        assert_eq!(reply.status, 200, "request {i}: {}", reply.body);
+        let expected = if i % 2 == 0 { format!("hello from gpuwasm! you asked for GET /req/{i}\n") } else { tag };
+        assert_eq!(reply.body, expected, "request {i}");
+    }
+}
+
+#[tokio::test]
+async fn deployments_and_artifacts_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let server = Server::start_in(&data);
+    server.deploy("hello", "hello", &["--memory-mb", "64"]);
+    server.deploy("beh", "behaviors", &[]);
+    server.kill();
+
+    let cwasm: Vec<_> = std::fs::read_dir(data.join("artifacts"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "cwasm"))
+        .collect();
+    assert_eq!(cwasm.len(), 2, "{cwasm:?}");
+    let modified = |p: &std::path::Path| std::fs::metadata(p).unwrap().modified().unwrap();
+    let before: Vec<_> = cwasm.iter().map(|p| modified(p)).collect();
+
+    let server = Server::start_in(&data);
+    assert_eq!(get(&format!("{}/hello/", server.url)).await.body, HELLO_ROOT);
+    assert_eq!(get(&format!("{}/beh/", server.url)).await.body, "behaviors ok");
+    let after: Vec<_> = cwasm.iter().map(|p| modified(p)).collect();
+    assert_eq!(before, after, "a restart loads compiled artifacts instead of recompiling");
+    let listed = stdout_of(&server.cli(&["list", "--json"]));
+    let json: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    let hello = json["deployments"].as_array().unwrap().iter().find(|d| d["name"] == "hello").unwrap();
+    assert_eq!(hello["limits"]["memory_mb"], 64);
+
+    // A corrupted artifact is detected and rebuilt, never run.
+    server.kill();
+    for path in &cwasm {
+        let mut bytes = std::fs::read(path).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0xff;
+        std::fs::write(path, bytes).unwrap();
+    }
+    let server = Server::start_in(&data);
+    assert_eq!(get(&format!("{}/hello/", server.url)).await.body, HELLO_ROOT);
+    assert_eq!(get(&format!("{}/beh/", server.url)).await.body, "behaviors ok");
+}
+
+#[tokio::test]
+async fn host_routing_and_redeploy_and_removal() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir);
+    server.deploy("site", "hello", &["--host", "api.example.test"]);
+    let reply = send("GET", &format!("{}/whatever", server.url), &[("host", "api.example.test:8080")], Bytes::new()).await;
+    assert_eq!(reply.body, "hello from gpuwasm! you asked for GET /whatever\n");
+    // A host-routed deployment is not reachable by path prefix.
+    assert_eq!(get(&format!("{}/site/", server.url)).await.status, 404);
+
+    // Redeploying a name switches it to the new component.
+    server.deploy("site", "behaviors", &[]);
+    assert_eq!(get(&format!("{}/site/", server.url)).await.body, "behaviors ok");
+
+    let out = server.cli(&["rm", "site"]);
+    assert_eq!(stdout_of(&out), "removed site\n");
+    assert_eq!(get(&format!("{}/site/", server.url)).await.status, 404);
+    let out = server.cli(&["rm", "site"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no deployment named 'site'"), "{out:?}");
+    assert_eq!(stdout_of(&server.cli(&["list"])), "no deployments\n");
+}
+
+#[tokio::test]
+async fn the_admin_api_requires_the_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir);
+    let url = format!("{}/_gpuwasm/v1/deployments", server.url);
+    for auth in [None, Some("Bearer wrong"), Some(TOKEN)] {
+        let headers: Vec<(&str, &str)> = auth.map(|a| ("authorization", a)).into_iter().collect();
+        let reply = send("GET", &url, &headers, Bytes::new()).await;
+        assert_eq!(reply.status, 401, "{auth:?}");
+        let json: serde_json::Value = serde_json::from_str(&reply.body).unwrap();
+        assert_eq!(json["error"]["code"], "unauthorized");
+    }
+    let reply = send("GET", &url, &[("authorization", &format!("Bearer {TOKEN}"))], Bytes::new()).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(get(&format!("{}/_gpuwasm/v1/health", server.url)).await.status, 200);
+    let out = gpuwasm().args(["list", "--token", "wrong", "--server", &server.url]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("HTTP 401"), "{out:?}");
+}
+
+#[tokio::test]
+async fn run_serves_one_file_without_state() {
+    let mut child = gpuwasm()
+        .args(["run", wasm("hello").to_str().unwrap(), "--listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
+    let url = line.trim().strip_prefix("gpuwasm listening on ").unwrap().to_string();
+    let reply = get(&format!("{url}/any/path")).await;
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(reply.body, "hello from gpuwasm! you asked for GET /any/path\n");
+}
+
+#[tokio::test]
+async fn the_library_invokes_components_directly() {
+    let runtime = gpuwasm::Runtime::builder().max_instances(8).build().unwrap();
+    let bytes = std::fs::read(wasm("hello")).unwrap();
+    let hello = runtime.load("hello", &bytes, gpuwasm::Limits::default()).unwrap();
+    let request = http::Request::get("/from/library").body(http_body_util::Empty::<Bytes>::new()).unwrap();
+    let response = hello.handle(request).await;
+    assert_eq!(response.status(), 200);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"hello from gpuwasm! you asked for GET /from/library\n");
+
+    let err = runtime.load("core", b"\0asm\x01\0\0\0", gpuwasm::Limits::default()).err().unwrap();
+    assert!(matches!(err, gpuwasm::Error::CoreModule), "{err}");
+}

@@ -1,0 +1,123 @@
+//! Helpers for the end-to-end tests: a real `gpuwasm serve` process on
+//! 127.0.0.1 with an ephemeral port, the real CLI, and a real HTTP client.
+
+#![allow(dead_code)] // each test binary uses a different subset
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::{Client, connect::HttpConnector};
+use hyper_util::rt::TokioExecutor;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+pub const TOKEN: &str = "test-admin-token";
+
+/// The guest components built by scripts/build-guests.sh.
+pub fn wasm(name: &str) -> PathBuf {
+    let dir = std::env::var_os("GPUWASM_TEST_WASM_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/wasm"));
+    let path = dir.join(format!("{name}.wasm"));
+    assert!(path.exists(), "{} is missing: run scripts/build-guests.sh first (scripts/test.sh does)", path.display());
+    path
+}
+
+pub fn gpuwasm() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_gpuwasm"))
+}
+
+/// A running `gpuwasm serve`, killed on drop.
+pub struct Server {
+    child: Child,
+    pub url: String,
+    pub data_dir: PathBuf,
+}
+
+impl Server {
+    /// Starts a server on a fresh data directory inside `dir`.
+    pub fn start(dir: &tempfile::TempDir) -> Server {
+        Self::start_in(&dir.path().join("data"))
+    }
+
+    /// Starts a server on `data_dir` (which may hold earlier state).
+    pub fn start_in(data_dir: &Path) -> Server {
+        let mut child = gpuwasm()
+            .args(["serve", "--listen", "127.0.0.1:0", "--max-instances", "300", "--admin-token", TOKEN])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting gpuwasm serve");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).expect("reading the listen line");
+        let url = line
+            .trim()
+            .strip_prefix("gpuwasm listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line from gpuwasm serve: {line:?}"))
+            .to_string();
+        Server { child, url, data_dir: data_dir.to_path_buf() }
+    }
+
+    /// Runs a gpuwasm CLI command against this server.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        gpuwasm().args(args).env("GPUWASM_SERVER", &self.url).env("GPUWASM_TOKEN", TOKEN).output().expect("running gpuwasm")
+    }
+
+    /// Deploys `wasm_name` as `name` with extra CLI flags; panics on failure.
+    pub fn deploy(&self, name: &str, wasm_name: &str, flags: &[&str]) {
+        let file = wasm(wasm_name);
+        let mut args = vec!["deploy", file.to_str().unwrap(), "--name", name];
+        args.extend_from_slice(flags);
+        let out = self.cli(&args);
+        assert!(out.status.success(), "deploy {name} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// Stops the server like a crash would.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A response read to the end.
+pub struct Reply {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: String,
+}
+
+pub fn client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// Sends one request with `body` and extra `headers`.
+pub async fn send(method: &str, url: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Reply {
+    let mut request = http::Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        request = request.header(*k, *v);
+    }
+    let response = client().request(request.body(Full::new(body.into())).unwrap()).await.expect("request failed");
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.expect("reading the body").to_bytes();
+    Reply { status: parts.status.as_u16(), headers: parts.headers, body: String::from_utf8_lossy(&body).into_owned() }
+}
+
+pub async fn get(url: &str) -> Reply {
+    send("GET", url, &[], Bytes::new()).await
+}
+
+/// stdout of a finished command, or a panic with its stderr.
+pub fn stdout_of(out: &Output) -> String {
+    assert!(out.status.success(), "command failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
