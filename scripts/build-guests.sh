@@ -22,7 +22,7 @@ guest_cargo() { # guest_cargo DIR ARGS...: the toolchain's pitfalls handled here
 
 for dir in examples/hello tests/guests; do
   echo "build-guests: $dir" >&2
-  guest_cargo "$dir" build --release --quiet
+  guest_cargo "$dir" build --release --locked --quiet
 done
 for name in hello behaviors unsupported_import; do
   cp "$root/target/guest/wasm32-wasip2/release/$name.wasm" "$root/target/wasm/$name.wasm"

@@ -226,6 +226,15 @@ async fn request_bodies_over_the_limit_get_413() {
 }
 
 #[tokio::test]
+async fn outbound_http_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir);
+    server.deploy("beh", "behaviors", &[]);
+    let reply = get(&format!("{}/beh/outbound", server.url)).await;
+    assert_eq!(reply.body, "refused: ErrorCode::HttpRequestDenied");
+}
+
+#[tokio::test]
 async fn concurrency_limit_queues_then_answers_503_with_retry_after() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(&dir);

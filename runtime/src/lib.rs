@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! gpuwasm: a serverless function runtime for WebAssembly components.
 //!
 //! Handlers are components targeting the standard `wasi:http/proxy` world.

@@ -41,6 +41,9 @@ impl RequestState {
         let output = MemoryOutputPipe::new(OUTPUT_CAPACITY);
         let mut wasi = WasiCtx::builder();
         wasi.stdout(output.clone()).stderr(output.clone());
+        // No network: the default address check already refuses every
+        // address; say so explicitly.
+        wasi.allow_tcp(false).allow_udp(false).allow_ip_name_lookup(false);
         Self {
             wasi: wasi.build(),
             http: WasiHttpCtx::new(),

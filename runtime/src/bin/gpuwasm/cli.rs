@@ -32,8 +32,10 @@ pub enum Command {
     /// Run the server: deployments, routing and the admin API.
     Serve(ServeArgs),
     /// Serve one component on every path, with no server state (like `wasmtime serve`).
+    #[command(after_help = default_limits_help())]
     Run(RunArgs),
     /// Upload a component to a running server and route /NAME/ to it.
+    #[command(after_help = default_limits_help())]
     Deploy(DeployArgs),
     /// List the server's deployments.
     List(ListArgs),
@@ -42,6 +44,7 @@ pub enum Command {
     /// Send one HTTP request to a deployment and print the response body.
     Invoke(InvokeArgs),
     /// Measure requests/s and latency of a component over loopback.
+    #[command(after_help = default_limits_help())]
     Bench(crate::bench::BenchArgs),
 }
 
@@ -93,28 +96,28 @@ pub struct RunArgs {
     pool: PoolArgs,
 }
 
-/// Per-deployment limits; each defaults to the runtime's default.
+/// Per-deployment limits; each one not given keeps its default (see the help footer).
 #[derive(Args, Default)]
 pub struct LimitArgs {
-    /// Largest linear memory, in MiB [default: 128].
+    /// Largest linear memory, in MiB.
     #[arg(long)]
     memory_mb: Option<u64>,
-    /// CPU time per request, in ms [default: 5000].
+    /// CPU time per request, in ms.
     #[arg(long)]
     cpu_ms: Option<u64>,
-    /// Wall-clock time per request, in ms [default: 60000].
+    /// Wall-clock time per request, in ms.
     #[arg(long)]
     timeout_ms: Option<u64>,
-    /// Largest request body, in bytes [default: 16 MiB].
+    /// Largest request body, in bytes.
     #[arg(long)]
     max_body_bytes: Option<u64>,
-    /// Instances of this deployment that may run at once [default: 64].
+    /// Instances of this deployment that may run at once.
     #[arg(long)]
     concurrency: Option<u64>,
-    /// Requests that may wait for an instance [default: 1024].
+    /// Requests that may wait for an instance.
     #[arg(long)]
     queue: Option<u64>,
-    /// How long a queued request waits before `503`, in ms [default: 10000].
+    /// How long a queued request waits before `503`, in ms.
     #[arg(long)]
     queue_timeout_ms: Option<u64>,
 }
@@ -223,6 +226,16 @@ pub struct InvokeArgs {
     include: bool,
     #[command(flatten)]
     server: ServerArgs,
+}
+
+/// The help footer listing the default limits.
+fn default_limits_help() -> String {
+    let l = Limits::default();
+    format!(
+        "Default limits: --memory-mb {} --cpu-ms {} --timeout-ms {} --max-body-bytes {} \
+         --concurrency {} --queue {} --queue-timeout-ms {}",
+        l.memory_mb, l.cpu_ms, l.timeout_ms, l.max_body_bytes, l.concurrency, l.queue, l.queue_timeout_ms
+    )
 }
 
 /// `$XDG_DATA_HOME/gpuwasm`, or `~/.local/share/gpuwasm`.

@@ -66,7 +66,27 @@ fn handle(request: Request) -> Response {
             wasip2::clocks::monotonic_clock::subscribe_duration(ms * 1_000_000).block();
             Response::text(200, "slept")
         }
+        "/outbound" => Response::text(200, outbound()),
         _ => Response::text(200, "behaviors ok"),
+    }
+}
+
+/// Tries an outgoing HTTP request to loopback and reports what happened.
+fn outbound() -> String {
+    use wasip2::http::{outgoing_handler, types};
+    let request = types::OutgoingRequest::new(types::Fields::new());
+    let _ = request.set_scheme(Some(&types::Scheme::Http));
+    let _ = request.set_authority(Some("127.0.0.1:9"));
+    let _ = request.set_path_with_query(Some("/"));
+    let future = match outgoing_handler::handle(request, None) {
+        Ok(future) => future,
+        Err(code) => return format!("refused: {code:?}"),
+    };
+    future.subscribe().block();
+    match future.get() {
+        Some(Ok(Ok(response))) => format!("allowed: status {}", response.status()),
+        Some(Ok(Err(code))) => format!("refused: {code:?}"),
+        other => format!("unexpected: {other:?}"),
     }
 }
 
