@@ -387,13 +387,79 @@ async fn run_serves_one_file_without_state() {
 async fn the_library_invokes_components_directly() {
     let runtime = gpuwasm::Runtime::builder().max_instances(8).build().unwrap();
     let bytes = std::fs::read(wasm("hello")).unwrap();
-    let hello = runtime.load("hello", &bytes, gpuwasm::Limits::default()).unwrap();
+    let hello = runtime.load("hello", &bytes, gpuwasm::Limits::default()).await.unwrap();
     let request = http::Request::get("/from/library").body(http_body_util::Empty::<Bytes>::new()).unwrap();
     let response = hello.handle(request).await;
     assert_eq!(response.status(), 200);
     let body = response.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(&body[..], b"hello from gpuwasm! you asked for GET /from/library\n");
 
-    let err = runtime.load("core", b"\0asm\x01\0\0\0", gpuwasm::Limits::default()).err().unwrap();
+    let err = runtime.load("core", b"\0asm\x01\0\0\0", gpuwasm::Limits::default()).await.err().unwrap();
     assert!(matches!(err, gpuwasm::Error::CoreModule), "{err}");
+}
+
+#[tokio::test]
+async fn init_state_is_in_every_request_and_request_changes_never_leak() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let server = Server::start_in(&data);
+    server.deploy("stateful", "stateful", &[]);
+    let url = format!("{}/stateful/", server.url);
+    for _ in 0..3 {
+        // Each request appends to the state; the next still sees only init's.
+        assert_eq!(get(&url).await.body, "built-by-init,entry-0,entry-1,entry-2");
+    }
+    let listed = stdout_of(&server.cli(&["list", "--json"]));
+    let json: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    let record = &json["deployments"][0];
+    assert!(record["snapshot_sha256"].is_string(), "{record}");
+    assert_ne!(record["snapshot_sha256"], record["sha256"]);
+
+    // Without pre-initialisation the init function never runs.
+    server.deploy("raw", "stateful", &["--no-preinit"]);
+    assert_eq!(get(&format!("{}/raw/", server.url)).await.body, "");
+
+    // The snapshot is what runs after a restart too.
+    server.kill();
+    let server = Server::start_in(&data);
+    assert_eq!(get(&format!("{}/stateful/", server.url)).await.body, "built-by-init,entry-0,entry-1,entry-2");
+}
+
+#[tokio::test]
+async fn a_20_mb_heap_built_by_init_is_served_from_the_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir);
+    server.deploy("big", "bigheap", &[]);
+    for _ in 0..3 {
+        assert_eq!(get(&format!("{}/big/", server.url)).await.body, "20971520 bytes, byte[1000]=247");
+    }
+}
+
+#[tokio::test]
+async fn init_failures_refuse_the_deploy_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir);
+    let cases = [
+        ("init_trap", &[][..], vec!["init trapped", "configuration is missing"]),
+        ("init_prints", &[][..], vec!["init left", "output stream", "cannot be snapshotted"]),
+        ("bigheap", &["--memory-mb", "16"][..], vec!["init grew a memory past the deployment's limit of 16 MiB"]),
+    ];
+    for (wasm_name, flags, expected) in cases {
+        let file = wasm(wasm_name);
+        let mut args = vec!["deploy", file.to_str().unwrap(), "--name", "bad"];
+        args.extend_from_slice(flags);
+        let out = server.cli(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{wasm_name} deployed");
+        assert!(stderr.contains("pre-initialisation failed") && stderr.contains("[init_failed, HTTP 400]"), "{stderr}");
+        for text in expected {
+            assert!(stderr.contains(text), "{wasm_name}: {text:?} not in {stderr}");
+        }
+        assert_eq!(get(&format!("{}/bad/", server.url)).await.status, 404);
+    }
+    // A component whose initial memory does not fit its limit is refused too.
+    server.deploy("big", "bigheap", &[]);
+    let out = server.cli(&["deploy", wasm("behaviors").to_str().unwrap(), "--name", "tiny", "--memory-mb", "1"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("does not fit the limit of 1 MiB"), "{stderr}");
 }

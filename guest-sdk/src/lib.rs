@@ -14,6 +14,22 @@
 //! gpuwasm_guest::export!(handle);
 //! ```
 //!
+//! Expensive setup goes in an init function, run once at deploy time and
+//! snapshotted, so requests start from its result at no cost:
+//!
+//! ```ignore
+//! static TABLE: std::sync::OnceLock<Vec<u64>> = std::sync::OnceLock::new();
+//!
+//! fn setup() {
+//!     TABLE.get_or_init(|| (0..100_000).map(|i| i * i).collect());
+//! }
+//!
+//! gpuwasm_guest::export!(handle, init = setup);
+//! ```
+//!
+//! Each request runs in a fresh instance: what a request changes is gone
+//! for the next one, and what `init` built is there for every one.
+//!
 //! Build it with `crate-type = ["cdylib"]` for the `wasm32-wasip2` target
 //! (`scripts/build-guests.sh` in the gpuwasm repository shows how).
 //! Request bodies can be read whole ([`Request::body`]) or streamed
@@ -28,6 +44,18 @@ use wasip2::io::streams::{InputStream, OutputStream};
 
 #[doc(hidden)]
 pub use wasip2 as __wasip2;
+
+/// Bindings for the `gpuwasm:runtime/init` export (wit/init.wit).
+#[doc(hidden)]
+pub mod __init_bindings {
+    wit_bindgen::generate!({
+        path: "../wit/init.wit",
+        world: "initializable",
+        pub_export_macro: true,
+        export_macro_name: "__export_init",
+        default_bindings_module: "gpuwasm_guest::__init_bindings",
+    });
+}
 
 /// An incoming HTTP request.
 pub struct Request {
@@ -205,7 +233,8 @@ pub fn __request(inner: IncomingRequest) -> Request {
 }
 
 /// Exports `handler: fn(Request) -> Response` as the component's
-/// `wasi:http/incoming-handler`.
+/// `wasi:http/incoming-handler`, and optionally `init = setup` (a `fn()`)
+/// as its `gpuwasm:runtime/init` export, run once at deploy time.
 #[macro_export]
 macro_rules! export {
     ($handler:path) => {
@@ -221,5 +250,18 @@ macro_rules! export {
         }
 
         $crate::__wasip2::http::proxy::export!(__GpuwasmHandler with_types_in $crate::__wasip2);
+    };
+    ($handler:path, init = $init:path) => {
+        $crate::export!($handler);
+
+        struct __GpuwasmInit;
+
+        impl $crate::__init_bindings::exports::gpuwasm::runtime::init::Guest for __GpuwasmInit {
+            fn init() {
+                $init()
+            }
+        }
+
+        $crate::__init_bindings::__export_init!(__GpuwasmInit with_types_in $crate::__init_bindings);
     };
 }

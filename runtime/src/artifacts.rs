@@ -41,15 +41,22 @@ impl ArtifactStore {
     /// that does not compile.
     pub(crate) fn store(&self, runtime: &Runtime, wasm: &[u8]) -> Result<(String, Component), Error> {
         let hash = sha256_hex(wasm);
-        let source = self.source_path(&hash);
         let component = match self.cached(runtime, &hash) {
             Some(component) => component,
             None => self.compile(runtime, &hash, wasm)?,
         };
+        self.put_source(wasm)?;
+        Ok((hash, component))
+    }
+
+    /// Stores `wasm` under its content hash, once, and returns the hash.
+    pub(crate) fn put_source(&self, wasm: &[u8]) -> Result<String, Error> {
+        let hash = sha256_hex(wasm);
+        let source = self.source_path(&hash);
         if !source.exists() {
             write_atomic(&source, wasm)?;
         }
-        Ok((hash, component))
+        Ok(hash)
     }
 
     /// The compiled component for `hash`: the cached artifact when it is

@@ -24,6 +24,13 @@ pub enum Error {
     /// The component does not export `wasi:http/incoming-handler`.
     #[error("component does not export wasi:http/incoming-handler (the wasi:http/proxy world): {0}")]
     NotAHandler(String),
+    /// The component's init function failed or left state that cannot be
+    /// snapshotted.
+    #[error("pre-initialisation failed: {0}")]
+    InitFailed(String),
+    /// The component cannot be instantiated under its limits.
+    #[error("component cannot be instantiated: {0}")]
+    Instantiate(String),
     /// A deployment name is not usable.
     #[error("invalid deployment name {0:?}: use 1-63 characters of a-z, 0-9 and '-', starting with a letter or digit")]
     InvalidName(String),
@@ -69,6 +76,8 @@ impl Error {
                 | Error::InvalidComponent(_)
                 | Error::UnsupportedImport(_)
                 | Error::NotAHandler(_)
+                | Error::InitFailed(_)
+                | Error::Instantiate(_)
                 | Error::InvalidName(_)
                 | Error::InvalidLimits(_)
         )
@@ -82,6 +91,8 @@ impl Error {
             Error::InvalidComponent(_) => "invalid_component",
             Error::UnsupportedImport(_) => "unsupported_import",
             Error::NotAHandler(_) => "not_a_handler",
+            Error::InitFailed(_) => "init_failed",
+            Error::Instantiate(_) => "instantiate_failed",
             Error::InvalidName(_) => "invalid_name",
             Error::InvalidLimits(_) => "invalid_limits",
             Error::Engine(_) => "engine",

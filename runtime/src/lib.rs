@@ -16,6 +16,7 @@ mod artifacts;
 mod engine;
 mod error;
 mod limits;
+mod preinit;
 mod request;
 mod runtime;
 pub mod server;

@@ -56,6 +56,39 @@ impl RequestState {
         }
     }
 
+    /// Host resources the guest holds (streams, sockets, files, ...).
+    pub(crate) fn open_resources(&mut self) -> usize {
+        self.table.iter_mut().count()
+    }
+
+    /// What kinds of host resources the guest holds, for error messages.
+    pub(crate) fn open_resource_kinds(&mut self) -> Vec<&'static str> {
+        use wasmtime_wasi::p2::{DynInputStream, DynOutputStream, DynPollable, TcpSocket, UdpSocket};
+        let mut kinds: Vec<&'static str> = self
+            .table
+            .iter_mut()
+            .map(|entry| {
+                let entry: &dyn std::any::Any = entry;
+                if entry.is::<DynOutputStream>() {
+                    "an output stream: stdout/stderr after printing, or a file or HTTP body being written"
+                } else if entry.is::<DynInputStream>() {
+                    "an input stream"
+                } else if entry.is::<DynPollable>() {
+                    "a pollable (a timer or stream subscription)"
+                } else if entry.is::<TcpSocket>() || entry.is::<UdpSocket>() {
+                    "a socket"
+                } else if entry.is::<wasmtime_wasi::filesystem::Descriptor>() {
+                    "an open file or directory"
+                } else {
+                    "another host resource"
+                }
+            })
+            .collect();
+        kinds.sort_unstable();
+        kinds.dedup();
+        kinds
+    }
+
     /// What the guest printed to stdout and stderr, lossily decoded.
     pub(crate) fn output_text(&self) -> String {
         String::from_utf8_lossy(&self.output.contents()).trim_end().to_string()

@@ -4,6 +4,7 @@
 use crate::engine::{self, PoolSettings, TICK};
 use crate::error::{Error, chain};
 use crate::limits::Limits;
+use crate::preinit;
 use crate::request::{BoxError, Failure, RequestState, ResponseBody};
 use bytes::Bytes;
 use http::{Request, Response};
@@ -67,7 +68,7 @@ impl RuntimeBuilder {
 /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 /// let runtime = gpuwasm::Runtime::builder().build()?;
 /// let wasm = std::fs::read("hello.wasm")?;
-/// let hello = runtime.load("hello", &wasm, gpuwasm::Limits::default())?;
+/// let hello = runtime.load("hello", &wasm, gpuwasm::Limits::default()).await?;
 /// let request = http::Request::get("http://localhost/").body(String::new())?;
 /// let response = hello.handle(request).await;
 /// assert_eq!(response.status(), 200);
@@ -93,16 +94,59 @@ impl Runtime {
         RuntimeBuilder { pool: PoolSettings { max_instances: 256, max_memory_mb: 1024 } }
     }
 
-    /// Validates and compiles `wasm`, a component targeting the
-    /// `wasi:http/proxy` world, into a deployment called `name`.
+    /// Validates `wasm`, a component targeting the `wasi:http/proxy` world,
+    /// pre-initialises it when it exports an init function (see
+    /// `wit/init.wit`), compiles it, and checks that it instantiates under
+    /// `limits`: the result is a deployment called `name`, ready to serve.
     ///
-    /// Compilation is CPU-heavy (milliseconds to seconds): from async code,
-    /// call it inside `tokio::task::spawn_blocking`.
-    pub fn load(&self, name: &str, wasm: &[u8], limits: Limits) -> Result<Deployment, Error> {
+    /// The CPU-heavy parts run on tokio's blocking threads.
+    pub async fn load(&self, name: &str, wasm: &[u8], limits: Limits) -> Result<Deployment, Error> {
+        let runtime = self.clone();
+        let (wasm, memory) = (wasm.to_vec(), limits.clone());
+        let component = tokio::task::spawn_blocking(move || -> Result<Component, Error> {
+            let wasm = runtime.preinitialize(&wasm, &memory)?.unwrap_or(wasm);
+            Component::new(runtime.engine(), &wasm).map_err(|e| Error::InvalidComponent(chain(&e)))
+        })
+        .await
+        .map_err(|e| Error::Engine(format!("compile task failed: {e}")))??;
+        let deployment = self.deployment(name, &component, limits)?;
+        deployment.check().await?;
+        Ok(deployment)
+    }
+
+    /// When `wasm` exports an init function, runs it once and returns the
+    /// snapshotted component; `None` when there is nothing to run.
+    /// Blocking: call it from a blocking thread inside a tokio runtime.
+    pub(crate) fn preinitialize(&self, wasm: &[u8], limits: &Limits) -> Result<Option<Vec<u8>>, Error> {
         check_header(wasm)?;
-        let component = Component::new(&self.inner.engine, wasm)
-            .map_err(|e| Error::InvalidComponent(chain(&e)))?;
-        self.deployment(name, &component, limits)
+        limits.validate(self.max_memory_mb()).map_err(Error::InvalidLimits)?;
+        match preinit::init_export(wasm)? {
+            Some(init_func) => preinit::snapshot(self, wasm, init_func, limits).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// A store for one instance: WASI context, memory limit, and an epoch
+    /// callback that yields every tick and stops the guest after `cpu_ms`.
+    pub(crate) fn new_store(&self, memory_bytes: usize, cpu_ms: u64) -> Store<RequestState> {
+        let mut store = Store::new(&self.inner.engine, RequestState::new(memory_bytes));
+        store.limiter(|state| &mut state.limiter);
+        let max_ticks = cpu_ms.div_ceil(TICK.as_millis() as u64).max(1);
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(move |mut ctx| {
+            let state = ctx.data_mut();
+            state.cpu_ticks += 1;
+            if state.cpu_ticks >= max_ticks {
+                state.cpu_exceeded = true;
+                return Ok(UpdateDeadline::Interrupt);
+            }
+            Ok(UpdateDeadline::Yield(1))
+        });
+        store
+    }
+
+    pub(crate) fn linker(&self) -> &Linker<RequestState> {
+        &self.inner.linker
     }
 
     /// The largest memory limit a deployment may ask for, in MiB.
@@ -206,6 +250,23 @@ impl Deployment {
         &self.inner.limits
     }
 
+    /// Instantiates the component once, fresh, under its limits, and drops
+    /// the instance: a component that cannot start (say, its initial memory
+    /// is over the memory limit) is refused before it takes traffic.
+    pub async fn check(&self) -> Result<(), Error> {
+        let limits = &self.inner.limits;
+        let mut store = self.inner.runtime.new_store(limits.memory_bytes(), limits.cpu_ms);
+        match self.inner.pre.instantiate_async(&mut store).await {
+            Ok(_) => Ok(()),
+            Err(err) => Err(Error::Instantiate(
+                match Failure::from_call(store.data(), &err, limits.cpu_ms, limits.memory_mb) {
+                    Failure::Memory(mb) => format!("its memory does not fit the limit of {mb} MiB"),
+                    _ => chain(&err),
+                },
+            )),
+        }
+    }
+
     /// Answers `request` with a fresh instance of the component.
     ///
     /// The request body streams into the guest and the response body
@@ -213,19 +274,28 @@ impl Deployment {
     /// plain-text message: `503` (with `Retry-After`) when the deployment
     /// stays at its concurrency limit, `413` for a body over the limit,
     /// `504` when the CPU or wall-clock limit runs out, `500` when the
-    /// guest traps or outgrows its memory limit.
+    /// guest traps or outgrows its memory limit. Every response gets a
+    /// `Server-Timing: gpuwasm;dur=MS` header: the time from arrival to
+    /// the response head.
     pub async fn handle<B>(&self, request: Request<B>) -> Response<ResponseBody>
     where
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
-        match self.try_handle(request).await {
+        let start = std::time::Instant::now();
+        let mut response = match self.try_handle(request).await {
             Ok(response) => response,
             Err(failure) => {
                 tracing::debug!(deployment = %self.inner.name, ?failure, "request failed");
                 failure.into_response(&self.inner.name)
             }
+        };
+        // Time from arrival to the response head, as the server saw it.
+        let ms = start.elapsed().as_secs_f64() * 1e3;
+        if let Ok(value) = http::HeaderValue::from_str(&format!("gpuwasm;dur={ms:.3}")) {
+            response.headers_mut().append("server-timing", value);
         }
+        response
     }
 
     async fn try_handle<B>(&self, request: Request<B>) -> Result<Response<ResponseBody>, Failure>
@@ -246,19 +316,7 @@ impl Deployment {
         let deadline = Instant::now() + limits.timeout();
         let permits = self.admit().await?;
 
-        let mut store = Store::new(me.runtime.engine(), RequestState::new(limits.memory_bytes()));
-        store.limiter(|state| &mut state.limiter);
-        let max_ticks = limits.cpu_ms.div_ceil(TICK.as_millis() as u64).max(1);
-        store.set_epoch_deadline(1);
-        store.epoch_deadline_callback(move |mut ctx| {
-            let state = ctx.data_mut();
-            state.cpu_ticks += 1;
-            if state.cpu_ticks >= max_ticks {
-                state.cpu_exceeded = true;
-                return Ok(UpdateDeadline::Interrupt);
-            }
-            Ok(UpdateDeadline::Yield(1))
-        });
+        let mut store = me.runtime.new_store(limits.memory_bytes(), limits.cpu_ms);
 
         let body_too_large = Arc::new(AtomicBool::new(false));
         let request = limit_body(request, limits.max_body_bytes, body_too_large.clone());

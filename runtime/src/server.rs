@@ -10,7 +10,7 @@
 //! | `GET /_gpuwasm/v1/health`               | `{"status":"ok"}`, no token needed     |
 //! | `GET /_gpuwasm/v1/deployments`          | lists deployments                      |
 //! | `GET /_gpuwasm/v1/deployments/NAME`     | one deployment                         |
-//! | `PUT /_gpuwasm/v1/deployments/NAME`     | deploys the component in the body; query parameters `host` and any [`Limits`] field |
+//! | `PUT /_gpuwasm/v1/deployments/NAME`     | deploys the component in the body; query parameters `host`, `preinit=false` and any [`Limits`] field |
 //! | `DELETE /_gpuwasm/v1/deployments/NAME`  | removes a deployment                   |
 //!
 //! Errors answer `{"error":{"code":"...","message":"..."}}`.
@@ -56,6 +56,10 @@ pub struct DeploymentRecord {
     pub name: String,
     /// SHA-256 of the uploaded component.
     pub sha256: String,
+    /// SHA-256 of the pre-initialised snapshot that actually runs, when the
+    /// component has an init function and pre-initialisation was not
+    /// turned off.
+    pub snapshot_sha256: Option<String>,
     /// Size of the uploaded component in bytes.
     pub size_bytes: u64,
     /// Host name routed to this deployment, if any.
@@ -198,7 +202,8 @@ impl ServerInner {
     }
 
     fn build(&self, record: &DeploymentRecord) -> Result<Deployment, Error> {
-        let component = self.artifacts.component(&self.runtime, &record.sha256)?;
+        let runs = record.snapshot_sha256.as_ref().unwrap_or(&record.sha256);
+        let component = self.artifacts.component(&self.runtime, runs)?;
         self.runtime.deployment(&record.name, &component, record.limits.clone())
     }
 
@@ -249,7 +254,7 @@ impl ServerInner {
         if let Err(e) = check_name(&name) {
             return error_response(&e);
         }
-        let (limits, host) = match parse_deploy_query(request.uri().query().unwrap_or("")) {
+        let (limits, host, preinit) = match parse_deploy_query(request.uri().query().unwrap_or("")) {
             Ok(v) => v,
             Err(message) => return api_error(StatusCode::BAD_REQUEST, "invalid_limits", &message),
         };
@@ -268,25 +273,38 @@ impl ServerInner {
         let record = DeploymentRecord {
             name: name.clone(),
             sha256: String::new(),
+            snapshot_sha256: None,
             size_bytes: wasm.len() as u64,
             host,
             limits,
             deployed_at: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         };
         let me = self.clone();
-        let built = tokio::task::spawn_blocking(move || -> Result<Route, Error> {
-            let (sha256, component) = me.artifacts.store(&me.runtime, &wasm)?;
-            let record = DeploymentRecord { sha256, ..record };
+        let built = tokio::task::spawn_blocking(move || -> Result<(DeploymentRecord, Deployment), Error> {
+            let snapshot = if preinit { me.runtime.preinitialize(&wasm, &record.limits)? } else { None };
+            let (record, component) = match snapshot {
+                None => {
+                    let (sha256, component) = me.artifacts.store(&me.runtime, &wasm)?;
+                    (DeploymentRecord { sha256, ..record }, component)
+                }
+                Some(snapshot) => {
+                    let (snapshot_sha256, component) = me.artifacts.store(&me.runtime, &snapshot)?;
+                    let sha256 = me.artifacts.put_source(&wasm)?;
+                    (DeploymentRecord { sha256, snapshot_sha256: Some(snapshot_sha256), ..record }, component)
+                }
+            };
             let deployment = me.runtime.deployment(&record.name, &component, record.limits.clone())?;
-            Ok(Route { record, deployment: Ok(deployment) })
+            Ok((record, deployment))
         })
         .await;
         let route = match built {
-            Ok(Ok(route)) => route,
+            Ok(Ok((record, deployment))) => match deployment.check().await {
+                Ok(()) => Route { record, deployment: Ok(deployment) },
+                Err(e) => return error_response(&e),
+            },
             Ok(Err(e)) => return error_response(&e),
             Err(e) => return api_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", &format!("deploy task failed: {e}")),
         };
-
         let _guard = self.changes.lock().await;
         let mut routes = (*self.routes()).clone();
         if let Some(host) = &route.record.host {
@@ -382,23 +400,29 @@ pub fn check_name(name: &str) -> Result<(), Error> {
     if ok { Ok(()) } else { Err(Error::InvalidName(name.to_string())) }
 }
 
-/// Parses `host=...` and limit fields from a deploy query string.
-fn parse_deploy_query(query: &str) -> Result<(Limits, Option<String>), String> {
+/// Parses `host=...`, `preinit=true|false` and limit fields from a deploy
+/// query string.
+fn parse_deploy_query(query: &str) -> Result<(Limits, Option<String>, bool), String> {
     let mut limits = Limits::default();
     let mut host = None;
+    let mut preinit = true;
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (key, value) = pair.split_once('=').ok_or_else(|| format!("query parameter {pair:?} has no value"))?;
-        if key == "host" {
-            let h = value.to_ascii_lowercase();
-            if h.is_empty() || !h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-') {
-                return Err(format!("invalid host {value:?}: use a plain DNS name"));
+        match key {
+            "host" => {
+                let h = value.to_ascii_lowercase();
+                if h.is_empty() || !h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-') {
+                    return Err(format!("invalid host {value:?}: use a plain DNS name"));
+                }
+                host = Some(h);
             }
-            host = Some(h);
-        } else {
-            limits.set(key, value)?;
+            "preinit" => {
+                preinit = value.parse().map_err(|_| format!("preinit must be true or false, got {value:?}"))?;
+            }
+            _ => limits.set(key, value)?,
         }
     }
-    Ok((limits, host))
+    Ok((limits, host, preinit))
 }
 
 /// The request's host name, lower-cased, without a port.
@@ -487,8 +511,10 @@ mod tests {
 
     #[test]
     fn deploy_query() {
-        let (l, h) = parse_deploy_query("host=API.example.com&memory_mb=32&cpu_ms=100").unwrap();
-        assert_eq!((l.memory_mb, l.cpu_ms, h.as_deref()), (32, 100, Some("api.example.com")));
+        let (l, h, p) = parse_deploy_query("host=API.example.com&memory_mb=32&cpu_ms=100").unwrap();
+        assert_eq!((l.memory_mb, l.cpu_ms, h.as_deref(), p), (32, 100, Some("api.example.com"), true));
+        assert!(!parse_deploy_query("preinit=false").unwrap().2);
+        assert!(parse_deploy_query("preinit=no").unwrap_err().contains("preinit"));
         assert!(parse_deploy_query("memory_mb").unwrap_err().contains("no value"));
         assert!(parse_deploy_query("nope=1").unwrap_err().contains("unknown limit"));
         assert!(parse_deploy_query("host=a/b").unwrap_err().contains("invalid host"));

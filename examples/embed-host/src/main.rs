@@ -23,7 +23,7 @@ async fn main() -> Result<()> {
     let runtime = gpuwasm::Runtime::builder().max_instances(64).build()?;
     let wasm = std::fs::read(&path).with_context(|| format!("reading {path}"))?;
     let limits = gpuwasm::Limits { memory_mb: 64, cpu_ms: 1_000, ..Default::default() };
-    let handler = runtime.load("handler", &wasm, limits)?;
+    let handler = runtime.load("handler", &wasm, limits).await?;
 
     // Invoke it directly with an `http::Request`.
     let request = http::Request::post("http://localhost/from-the-host").body(Full::new(Bytes::from("hi")))?;

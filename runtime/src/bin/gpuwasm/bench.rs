@@ -47,7 +47,7 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode> {
             let mut limits = args.limits.to_limits()?;
             limits.concurrency = limits.concurrency.max(max_c as u32);
             let runtime = Runtime::builder().max_instances((max_c as u32).max(256)).build()?;
-            let deployment = tokio::task::spawn_blocking(move || runtime.load("bench", &wasm, limits)).await??;
+            let deployment = runtime.load("bench", &wasm, limits).await?;
             let listener = TcpListener::bind("127.0.0.1:0").await?;
             let addr = listener.local_addr()?;
             tokio::spawn(serve_connections(listener, move |req| {

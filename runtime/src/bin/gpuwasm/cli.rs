@@ -179,6 +179,10 @@ pub struct DeployArgs {
     /// Route requests whose Host header is HOST here (instead of by path).
     #[arg(long)]
     host: Option<String>,
+    /// Do not run the component's init function at deploy time (it then
+    /// never runs: the handler must set itself up per request).
+    #[arg(long)]
+    no_preinit: bool,
     #[command(flatten)]
     limits: LimitArgs,
     #[command(flatten)]
@@ -285,9 +289,8 @@ async fn run_file(args: RunArgs) -> Result<ExitCode> {
     let runtime = args.pool.runtime()?;
     let limits = args.limits.to_limits()?;
     let name = args.file.file_stem().and_then(|s| s.to_str()).unwrap_or("component").to_string();
-    let deployment = tokio::task::spawn_blocking(move || runtime.load(&name, &wasm, limits))
-        .await?
-        .with_context(|| format!("loading {}", args.file.display()))?;
+    let deployment =
+        runtime.load(&name, &wasm, limits).await.with_context(|| format!("loading {}", args.file.display()))?;
     let listener = bind(args.listen).await?;
     announce(&listener)?;
     until_signal(serve_connections(listener, move |req| {
@@ -302,6 +305,9 @@ async fn deploy(args: DeployArgs) -> Result<ExitCode> {
     let mut query: Vec<String> = args.limits.given().iter().map(|(k, v)| format!("{k}={v}")).collect();
     if let Some(host) = &args.host {
         query.push(format!("host={host}"));
+    }
+    if args.no_preinit {
+        query.push("preinit=false".into());
     }
     let path = format!("deployments/{}?{}", args.name, query.join("&"));
     let record = args.server.api().admin(Method::PUT, &path, Bytes::from(wasm)).await?;
