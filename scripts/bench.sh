@@ -9,4 +9,4 @@ cd "$root"
 scripts/build-guests.sh 2>/dev/null
 cargo build --release --locked -p gpuwasm
 nproc | xargs echo "cores:"
-exec target/release/gpuwasm bench target/wasm/hello.wasm --concurrency 1,16,64 "$@"
+exec target/release/gpuwasm bench http target/wasm/hello.wasm --concurrency 1,16,64 "$@"

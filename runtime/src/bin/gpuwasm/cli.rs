@@ -43,9 +43,9 @@ pub enum Command {
     Rm(RmArgs),
     /// Send one HTTP request to a deployment and print the response body.
     Invoke(InvokeArgs),
-    /// Measure requests/s and latency of a component over loopback.
-    #[command(after_help = default_limits_help())]
-    Bench(crate::bench::BenchArgs),
+    /// Benchmarks: HTTP throughput and latency, cold starts.
+    #[command(subcommand)]
+    Bench(crate::bench::Bench),
 }
 
 #[derive(Args)]
@@ -233,7 +233,7 @@ pub struct InvokeArgs {
 }
 
 /// The help footer listing the default limits.
-fn default_limits_help() -> String {
+pub fn default_limits_help() -> String {
     let l = Limits::default();
     format!(
         "Default limits: --memory-mb {} --cpu-ms {} --timeout-ms {} --max-body-bytes {} \

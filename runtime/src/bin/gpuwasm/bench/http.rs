@@ -1,4 +1,4 @@
-//! `gpuwasm bench`: requests/s and latency percentiles over loopback.
+//! `gpuwasm bench http`: requests/s and latency percentiles over loopback.
 //!
 //! Each worker keeps one HTTP/1.1 keep-alive connection and sends requests
 //! back to back; a run reports the requests answered `200` per second and
@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, TcpStream};
 
 #[derive(Args)]
-pub struct BenchArgs {
+pub struct HttpArgs {
     /// Component to serve in-process on 127.0.0.1 for the run.
     #[arg(required_unless_present = "url", conflicts_with = "url")]
     file: Option<PathBuf>,
@@ -35,7 +35,7 @@ pub struct BenchArgs {
     limits: LimitArgs,
 }
 
-pub async fn run(args: BenchArgs) -> Result<ExitCode> {
+pub async fn run(args: HttpArgs) -> Result<ExitCode> {
     if args.concurrency.iter().any(|&c| c == 0) {
         bail!("--concurrency levels must be at least 1");
     }
@@ -61,7 +61,7 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode> {
     let uri: http::Uri = url.parse().with_context(|| format!("invalid URL {url}"))?;
     let authority = uri.authority().context("the URL needs a host and port")?.to_string();
 
-    println!("gpuwasm bench: GET {url} ({what}), {} s per level, HTTP/1.1 keep-alive", args.duration);
+    println!("gpuwasm bench http: GET {url} ({what}), {} s per level, HTTP/1.1 keep-alive", args.duration);
     println!("{:>11} {:>10} {:>12} {:>10} {:>10} {:>8}", "concurrency", "requests", "req/s", "p50 ms", "p99 ms", "errors");
     for &c in &args.concurrency {
         load(&uri, &authority, c, Duration::from_millis(500)).await?;
@@ -79,14 +79,15 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-struct LoadResult {
+pub struct LoadResult {
     /// Latencies of successful requests, in ms, sorted.
-    latencies: Vec<f64>,
-    errors: u64,
-    elapsed: Duration,
+    pub latencies: Vec<f64>,
+    pub errors: u64,
+    pub elapsed: Duration,
 }
 
-async fn load(uri: &http::Uri, authority: &str, concurrency: usize, duration: Duration) -> Result<LoadResult> {
+/// Sends requests to `uri` from `concurrency` keep-alive connections for `duration`.
+pub async fn load(uri: &http::Uri, authority: &str, concurrency: usize, duration: Duration) -> Result<LoadResult> {
     let start = Instant::now();
     let until = start + duration;
     let mut workers = Vec::with_capacity(concurrency);
@@ -134,7 +135,8 @@ async fn worker(uri: http::Uri, authority: String, until: Instant) -> Result<(Ve
     Ok((latencies, errors))
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+/// The `p` quantile (0..1) of sorted values.
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }
