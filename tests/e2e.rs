@@ -463,3 +463,29 @@ async fn init_failures_refuse_the_deploy_with_the_reason() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("does not fit the limit of 1 MiB"), "{stderr}");
 }
+
+/// The benchmark commands keep working (their figures are not asserted:
+/// timing belongs to benchmarks, not tests).
+#[test]
+fn bench_commands_run_and_report_every_section() {
+    let dir = wasm("hello").parent().unwrap().to_path_buf();
+    let out = gpuwasm()
+        .args(["bench", "http", wasm("hello").to_str().unwrap(), "--concurrency", "1,4", "--duration", "0.2"])
+        .output()
+        .unwrap();
+    let text = stdout_of(&out);
+    assert!(text.contains("concurrency   requests"), "{text}");
+    assert_eq!(text.lines().filter(|l| l.trim_end().ends_with(" 0")).count(), 2, "two levels, no errors:\n{text}");
+
+    let out = gpuwasm()
+        .args(["bench", "coldstart", "--deployments", "3", "--idle", "3", "--instantiations", "20"])
+        .args(["--slow-requests", "2", "--duration", "0.2", "--wasmtime", "/nonexistent/wasmtime"])
+        .arg("--wasm-dir")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let text = stdout_of(&out);
+    for section in ["1. instantiate", "2. first request", "after restart: server side", "3. a handler", "speed-up", "4. hello", "comparison skipped", "5. resident memory", "per deployment"] {
+        assert!(text.contains(section), "{section:?} missing from:\n{text}");
+    }
+}
