@@ -28,7 +28,7 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
@@ -84,14 +84,24 @@ struct Route {
 }
 
 /// An immutable routing table, replaced whole on every change.
-#[derive(Clone, Default)]
+#[derive(Default)]
 struct Routes {
     by_name: BTreeMap<String, Route>,
+    /// Host name -> deployment name, for deployments routed by host.
+    hosts: HashMap<String, String>,
 }
 
 impl Routes {
+    fn from_routes(by_name: BTreeMap<String, Route>) -> Self {
+        let hosts = by_name
+            .values()
+            .filter_map(|r| Some((r.record.host.clone()?, r.record.name.clone())))
+            .collect();
+        Routes { by_name, hosts }
+    }
+
     fn by_host(&self, host: &str) -> Option<&Route> {
-        self.by_name.values().find(|r| r.record.host.as_deref() == Some(host))
+        self.by_name.get(self.hosts.get(host)?)
     }
 
     fn records(&self) -> Vec<DeploymentRecord> {
@@ -140,7 +150,7 @@ impl Server {
             routes: RwLock::new(Arc::default()),
             changes: tokio::sync::Mutex::new(()),
         });
-        let mut routes = Routes::default();
+        let mut routes = BTreeMap::new();
         for record in state.deployments {
             let loader = inner.clone();
             let r = record.clone();
@@ -151,9 +161,9 @@ impl Server {
                     tracing::error!(deployment = %record.name, error = %e, "deployment failed to load");
                     e.to_string()
                 });
-            routes.by_name.insert(record.name.clone(), Route { record, deployment });
+            routes.insert(record.name.clone(), Route { record, deployment });
         }
-        *inner.routes.write().unwrap() = Arc::new(routes);
+        *inner.routes.write().unwrap() = Arc::new(Routes::from_routes(routes));
         Ok(Server { inner })
     }
 
@@ -306,7 +316,7 @@ impl ServerInner {
             Err(e) => return api_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", &format!("deploy task failed: {e}")),
         };
         let _guard = self.changes.lock().await;
-        let mut routes = (*self.routes()).clone();
+        let routes = self.routes();
         if let Some(host) = &route.record.host {
             if let Some(other) = routes.by_host(host).filter(|o| o.record.name != name) {
                 let message = format!("host {host:?} is already routed to deployment '{}'", other.record.name);
@@ -314,8 +324,9 @@ impl ServerInner {
             }
         }
         let record = route.record.clone();
-        let status = if routes.by_name.insert(name, route).is_some() { StatusCode::OK } else { StatusCode::CREATED };
-        if let Err(e) = self.commit(routes) {
+        let mut by_name = routes.by_name.clone();
+        let status = if by_name.insert(name, route).is_some() { StatusCode::OK } else { StatusCode::CREATED };
+        if let Err(e) = self.commit(by_name) {
             return error_response(&e);
         }
         tracing::info!(deployment = %record.name, sha256 = %record.sha256, "deployed");
@@ -324,20 +335,21 @@ impl ServerInner {
 
     async fn remove(&self, name: &str) -> Response<ResponseBody> {
         let _guard = self.changes.lock().await;
-        let mut routes = (*self.routes()).clone();
-        if routes.by_name.remove(name).is_none() {
+        let mut by_name = self.routes().by_name.clone();
+        if by_name.remove(name).is_none() {
             return not_found(name);
         }
-        if let Err(e) = self.commit(routes) {
+        if let Err(e) = self.commit(by_name) {
             return error_response(&e);
         }
         tracing::info!(deployment = %name, "removed");
         json_response(StatusCode::OK, &serde_json::json!({ "removed": name }))
     }
 
-    /// Persists `routes` durably, then makes them live. Called with
-    /// `changes` held.
-    fn commit(&self, routes: Routes) -> Result<(), Error> {
+    /// Persists the new set of routes durably, then makes it live. Called
+    /// with `changes` held.
+    fn commit(&self, by_name: BTreeMap<String, Route>) -> Result<(), Error> {
+        let routes = Routes::from_routes(by_name);
         let state = StateFile { deployments: routes.records() };
         let json = serde_json::to_vec_pretty(&state).expect("state serialises");
         write_atomic(&self.state_path, &json)?;
