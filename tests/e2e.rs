@@ -226,6 +226,15 @@ async fn request_bodies_over_the_limit_get_413() {
 }
 
 #[tokio::test]
+async fn a_guest_that_logs_megabytes_is_not_stopped_for_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir);
+    server.deploy("beh", "behaviors", &[]);
+    let reply = get(&format!("{}/beh/chatty", server.url)).await;
+    assert_eq!((reply.status, reply.body.as_str()), (200, "still here"));
+}
+
+#[tokio::test]
 async fn outbound_http_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(&dir);

@@ -16,6 +16,7 @@ mod artifacts;
 mod engine;
 mod error;
 mod limits;
+mod output;
 mod preinit;
 mod request;
 mod runtime;

@@ -7,7 +7,7 @@ use http::{Response, StatusCode};
 use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
 use wasmtime::component::ResourceTable;
 use wasmtime::{ResourceLimiter, Trap};
-use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use crate::output::GuestOutput;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{
     RequestOptions, WasiBody, WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView,
@@ -20,9 +20,6 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// streamed from the guest as it writes it.
 pub type ResponseBody = UnsyncBoxBody<Bytes, BoxError>;
 
-/// Guest stdout and stderr kept per request (logged by the server).
-const OUTPUT_CAPACITY: usize = 1 << 20;
-
 /// Everything one request's store holds.
 pub(crate) struct RequestState {
     wasi: WasiCtx,
@@ -30,7 +27,7 @@ pub(crate) struct RequestState {
     table: ResourceTable,
     hooks: DenyOutbound,
     pub(crate) limiter: MemoryLimiter,
-    pub(crate) output: MemoryOutputPipe,
+    output: GuestOutput,
     /// Epoch ticks observed while guest code ran.
     pub(crate) cpu_ticks: u64,
     pub(crate) cpu_exceeded: bool,
@@ -38,7 +35,7 @@ pub(crate) struct RequestState {
 
 impl RequestState {
     pub(crate) fn new(memory_limit: usize) -> Self {
-        let output = MemoryOutputPipe::new(OUTPUT_CAPACITY);
+        let output = GuestOutput::default();
         let mut wasi = WasiCtx::builder();
         wasi.stdout(output.clone()).stderr(output.clone());
         // No network: the default address check already refuses every
@@ -89,9 +86,9 @@ impl RequestState {
         kinds
     }
 
-    /// What the guest printed to stdout and stderr, lossily decoded.
+    /// The end of what the guest printed to stdout and stderr.
     pub(crate) fn output_text(&self) -> String {
-        String::from_utf8_lossy(&self.output.contents()).trim_end().to_string()
+        self.output.text()
     }
 }
 

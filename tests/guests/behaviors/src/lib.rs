@@ -67,6 +67,14 @@ fn handle(request: Request) -> Response {
             Response::text(200, "slept")
         }
         "/outbound" => Response::text(200, outbound()),
+        // Logs 5 MB: the runtime keeps the tail and must not stop the guest.
+        "/chatty" => {
+            let line = "x".repeat(1023);
+            for _ in 0..5 * 1024 {
+                println!("{line}");
+            }
+            Response::text(200, "still here")
+        }
         _ => Response::text(200, "behaviors ok"),
     }
 }
