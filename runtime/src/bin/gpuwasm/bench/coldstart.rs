@@ -38,7 +38,7 @@ pub struct ColdstartArgs {
     #[arg(long, default_value_t = 1000)]
     idle: usize,
     /// Instantiations measured per component.
-    #[arg(long, default_value_t = 5000)]
+    #[arg(long, default_value_t = 20000)]
     instantiations: usize,
     /// Requests per variant for the 200 ms-setup comparison.
     #[arg(long, default_value_t = 20)]
