@@ -19,13 +19,13 @@ async fn deploy_then_invoke_returns_the_exact_body() {
     let server = Server::start(&dir);
     server.deploy("hello", "hello", &[]);
 
-    let reply = get(&format!("{}/hello/", server.url)).await;
+    let reply = get(&format!("{}/default/hello/", server.url)).await;
     assert_eq!(reply.status, 200);
     assert_eq!(reply.body, HELLO_ROOT);
     assert_eq!(reply.headers["content-type"], "text/plain; charset=utf-8");
 
     // The prefix is stripped and the query kept; the CLI reaches the same handler.
-    let reply = get(&format!("{}/hello/a/b?q=1", server.url)).await;
+    let reply = get(&format!("{}/default/hello/a/b?q=1", server.url)).await;
     assert_eq!(reply.body, "hello from gpuwasm! you asked for GET /a/b\n");
     let out = server.cli(&["invoke", "hello", "/x", "-X", "PUT"]);
     assert_eq!(stdout_of(&out), "hello from gpuwasm! you asked for PUT /x\n");
@@ -45,7 +45,7 @@ async fn response_body_streams_in_chunks() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(&dir);
     server.deploy("beh", "behaviors", &[]);
-    let reply = get(&format!("{}/beh/stream?n=500", server.url)).await;
+    let reply = get(&format!("{}/default/beh/stream?n=500", server.url)).await;
     assert_eq!(reply.status, 200);
     assert!(reply.headers.get("content-length").is_none(), "a streamed body has no length up front");
     assert_eq!(reply.headers["transfer-encoding"], "chunked");
@@ -76,7 +76,7 @@ async fn request_and_response_bodies_stream_both_ways() {
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
     tokio::spawn(conn);
     let (tx, rx) = tokio::sync::mpsc::channel(4);
-    let request = http::Request::post("/beh/echo").header("host", &authority).body(ChannelBody(rx)).unwrap();
+    let request = http::Request::post("/default/beh/echo").header("host", &authority).body(ChannelBody(rx)).unwrap();
     tx.send(Bytes::from_static(b"first chunk;")).await.unwrap();
     let response = sender.send_request(request).await.unwrap();
     assert_eq!(response.status(), 200);
@@ -133,10 +133,10 @@ async fn malformed_uploads_get_clear_4xx_and_others_keep_serving() {
         assert_eq!(json["error"]["code"], code, "{what}: {}", reply.body);
         let text = json["error"]["message"].as_str().unwrap();
         assert!(text.contains(message), "{what}: message {text:?} lacks {message:?}");
-        assert_eq!(get(&format!("{}/hello/", server.url)).await.body, HELLO_ROOT, "after {what}");
+        assert_eq!(get(&format!("{}/default/hello/", server.url)).await.body, HELLO_ROOT, "after {what}");
     }
     // Nothing was deployed under the bad name.
-    assert_eq!(get(&format!("{}/bad/", server.url)).await.status, 404);
+    assert_eq!(get(&format!("{}/default/bad/", server.url)).await.status, 404);
 
     // The CLI shows the same message and fails.
     let out = server.cli(&["deploy", wasm("unsupported_import").to_str().unwrap(), "--name", "bad"]);
@@ -150,11 +150,11 @@ async fn a_trap_answers_500_and_the_server_lives_on() {
     let server = Server::start(&dir);
     server.deploy("beh", "behaviors", &[]);
     for _ in 0..3 {
-        let reply = get(&format!("{}/beh/trap", server.url)).await;
+        let reply = get(&format!("{}/default/beh/trap", server.url)).await;
         assert_eq!(reply.status, 500);
         assert!(reply.body.contains("deployment 'beh' failed: wasm trap"), "{}", reply.body);
     }
-    assert_eq!(get(&format!("{}/beh/", server.url)).await.body, "behaviors ok");
+    assert_eq!(get(&format!("{}/default/beh/", server.url)).await.body, "behaviors ok");
 }
 
 #[tokio::test]
@@ -163,13 +163,13 @@ async fn an_infinite_loop_hits_the_cpu_limit() {
     let server = Server::start(&dir);
     server.deploy("beh", "behaviors", &["--cpu-ms", "300"]);
     let start = Instant::now();
-    let reply = get(&format!("{}/beh/loop", server.url)).await;
+    let reply = get(&format!("{}/default/beh/loop", server.url)).await;
     let took = start.elapsed();
     assert_eq!(reply.status, 504);
     assert!(reply.body.contains("exceeded its CPU time limit of 300 ms"), "{}", reply.body);
     assert!(took >= Duration::from_millis(300), "stopped too early: {took:?}");
     assert!(took < Duration::from_secs(10), "not stopped in time: {took:?}");
-    assert_eq!(get(&format!("{}/beh/", server.url)).await.status, 200);
+    assert_eq!(get(&format!("{}/default/beh/", server.url)).await.status, 200);
 }
 
 #[tokio::test]
@@ -178,10 +178,10 @@ async fn waiting_past_the_wall_clock_limit_times_out() {
     let server = Server::start(&dir);
     server.deploy("beh", "behaviors", &["--timeout-ms", "300"]);
     // Sleeping uses no CPU, so only the wall-clock limit can stop it.
-    let reply = get(&format!("{}/beh/sleep?ms=20000", server.url)).await;
+    let reply = get(&format!("{}/default/beh/sleep?ms=20000", server.url)).await;
     assert_eq!(reply.status, 504);
     assert!(reply.body.contains("did not answer within its time limit of 300 ms"), "{}", reply.body);
-    assert_eq!(get(&format!("{}/beh/sleep?ms=10", server.url)).await.body, "slept");
+    assert_eq!(get(&format!("{}/default/beh/sleep?ms=10", server.url)).await.body, "slept");
 }
 
 #[tokio::test]
@@ -189,10 +189,10 @@ async fn a_memory_hog_is_stopped_at_its_limit() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(&dir);
     server.deploy("beh", "behaviors", &["--memory-mb", "24"]);
-    let reply = get(&format!("{}/beh/hog", server.url)).await;
+    let reply = get(&format!("{}/default/beh/hog", server.url)).await;
     assert_eq!(reply.status, 500);
     assert!(reply.body.contains("exceeded its memory limit of 24 MiB"), "{}", reply.body);
-    assert_eq!(get(&format!("{}/beh/", server.url)).await.status, 200);
+    assert_eq!(get(&format!("{}/default/beh/", server.url)).await.status, 200);
 }
 
 #[tokio::test]
@@ -200,7 +200,7 @@ async fn request_bodies_over_the_limit_get_413() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(&dir);
     server.deploy("beh", "behaviors", &["--max-body-bytes", "1000"]);
-    let url = format!("{}/beh/body-length", server.url);
+    let url = format!("{}/default/beh/body-length", server.url);
     assert_eq!(send("POST", &url, &[], vec![7u8; 1000]).await.body, "1000");
     // Declared too large: refused before any instance runs.
     let reply = send("POST", &url, &[], vec![7u8; 1001]).await;
@@ -213,7 +213,7 @@ async fn request_bodies_over_the_limit_get_413() {
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
     tokio::spawn(conn);
     let (tx, rx) = tokio::sync::mpsc::channel(8);
-    let request = http::Request::post("/beh/body-length").header("host", &authority).body(ChannelBody(rx)).unwrap();
+    let request = http::Request::post("/default/beh/body-length").header("host", &authority).body(ChannelBody(rx)).unwrap();
     tokio::spawn(async move {
         for _ in 0..4 {
             if tx.send(Bytes::from(vec![1u8; 600])).await.is_err() {
@@ -230,7 +230,7 @@ async fn a_guest_that_logs_megabytes_is_not_stopped_for_it() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(&dir);
     server.deploy("beh", "behaviors", &[]);
-    let reply = get(&format!("{}/beh/chatty", server.url)).await;
+    let reply = get(&format!("{}/default/beh/chatty", server.url)).await;
     assert_eq!((reply.status, reply.body.as_str()), (200, "still here"));
 }
 
@@ -239,7 +239,7 @@ async fn outbound_http_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(&dir);
     server.deploy("beh", "behaviors", &[]);
-    let reply = get(&format!("{}/beh/outbound", server.url)).await;
+    let reply = get(&format!("{}/default/beh/outbound", server.url)).await;
     assert_eq!(reply.body, "refused: ErrorCode::HttpRequestDenied");
 }
 
@@ -248,22 +248,22 @@ async fn concurrency_limit_queues_then_answers_503_with_retry_after() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(&dir);
     server.deploy("beh", "behaviors", &["--concurrency", "1", "--queue", "1", "--queue-timeout-ms", "200"]);
-    let sleeper = format!("{}/beh/sleep?ms=1500", server.url);
+    let sleeper = format!("{}/default/beh/sleep?ms=1500", server.url);
     let busy = tokio::spawn(async move { get(&sleeper).await });
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     // One may wait in the queue (and gives up after 200 ms); a second at once is refused.
-    let queued_url = format!("{}/beh/", server.url);
+    let queued_url = format!("{}/default/beh/", server.url);
     let queued = tokio::spawn(async move { get(&queued_url).await });
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let refused = get(&format!("{}/beh/", server.url)).await;
+    let refused = get(&format!("{}/default/beh/", server.url)).await;
     assert_eq!(refused.status, 503, "{}", refused.body);
     assert_eq!(refused.headers["retry-after"], "1");
     assert!(refused.body.contains("concurrency limit"), "{}", refused.body);
     assert_eq!(queued.await.unwrap().status, 503);
     assert_eq!(busy.await.unwrap().body, "slept");
     // Free again.
-    assert_eq!(get(&format!("{}/beh/", server.url)).await.status, 200);
+    assert_eq!(get(&format!("{}/default/beh/", server.url)).await.status, 200);
 }
 
 #[tokio::test]
@@ -275,9 +275,9 @@ async fn two_hundred_concurrent_requests_are_all_answered() {
     let mut tasks = Vec::new();
     for i in 0..200 {
         let url = if i % 2 == 0 {
-            format!("{}/hello/req/{i}", server.url)
+            format!("{}/default/hello/req/{i}", server.url)
         } else {
-            format!("{}/beh/header", server.url)
+            format!("{}/default/beh/header", server.url)
         };
         tasks.push(tokio::spawn(async move {
             let tag = format!("tag-{i}");
@@ -312,8 +312,8 @@ async fn deployments_and_artifacts_survive_a_restart() {
     let before: Vec<_> = cwasm.iter().map(|p| modified(p)).collect();
 
     let server = Server::start_in(&data);
-    assert_eq!(get(&format!("{}/hello/", server.url)).await.body, HELLO_ROOT);
-    assert_eq!(get(&format!("{}/beh/", server.url)).await.body, "behaviors ok");
+    assert_eq!(get(&format!("{}/default/hello/", server.url)).await.body, HELLO_ROOT);
+    assert_eq!(get(&format!("{}/default/beh/", server.url)).await.body, "behaviors ok");
     let after: Vec<_> = cwasm.iter().map(|p| modified(p)).collect();
     assert_eq!(before, after, "a restart loads compiled artifacts instead of recompiling");
     let listed = stdout_of(&server.cli(&["list", "--json"]));
@@ -330,8 +330,8 @@ async fn deployments_and_artifacts_survive_a_restart() {
         std::fs::write(path, bytes).unwrap();
     }
     let server = Server::start_in(&data);
-    assert_eq!(get(&format!("{}/hello/", server.url)).await.body, HELLO_ROOT);
-    assert_eq!(get(&format!("{}/beh/", server.url)).await.body, "behaviors ok");
+    assert_eq!(get(&format!("{}/default/hello/", server.url)).await.body, HELLO_ROOT);
+    assert_eq!(get(&format!("{}/default/beh/", server.url)).await.body, "behaviors ok");
 }
 
 #[tokio::test]
@@ -342,15 +342,15 @@ async fn host_routing_and_redeploy_and_removal() {
     let reply = send("GET", &format!("{}/whatever", server.url), &[("host", "api.example.test:8080")], Bytes::new()).await;
     assert_eq!(reply.body, "hello from gpuwasm! you asked for GET /whatever\n");
     // A host-routed deployment is not reachable by path prefix.
-    assert_eq!(get(&format!("{}/site/", server.url)).await.status, 404);
+    assert_eq!(get(&format!("{}/default/site/", server.url)).await.status, 404);
 
     // Redeploying a name switches it to the new component.
     server.deploy("site", "behaviors", &[]);
-    assert_eq!(get(&format!("{}/site/", server.url)).await.body, "behaviors ok");
+    assert_eq!(get(&format!("{}/default/site/", server.url)).await.body, "behaviors ok");
 
     let out = server.cli(&["rm", "site"]);
     assert_eq!(stdout_of(&out), "removed site\n");
-    assert_eq!(get(&format!("{}/site/", server.url)).await.status, 404);
+    assert_eq!(get(&format!("{}/default/site/", server.url)).await.status, 404);
     let out = server.cli(&["rm", "site"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("no deployment named 'site'"), "{out:?}");
     assert_eq!(stdout_of(&server.cli(&["list"])), "no deployments\n");
@@ -413,7 +413,7 @@ async fn init_state_is_in_every_request_and_request_changes_never_leak() {
     let data = dir.path().join("data");
     let server = Server::start_in(&data);
     server.deploy("stateful", "stateful", &[]);
-    let url = format!("{}/stateful/", server.url);
+    let url = format!("{}/default/stateful/", server.url);
     for _ in 0..3 {
         // Each request appends to the state; the next still sees only init's.
         assert_eq!(get(&url).await.body, "built-by-init,entry-0,entry-1,entry-2");
@@ -426,12 +426,12 @@ async fn init_state_is_in_every_request_and_request_changes_never_leak() {
 
     // Without pre-initialisation the init function never runs.
     server.deploy("raw", "stateful", &["--no-preinit"]);
-    assert_eq!(get(&format!("{}/raw/", server.url)).await.body, "");
+    assert_eq!(get(&format!("{}/default/raw/", server.url)).await.body, "");
 
     // The snapshot is what runs after a restart too.
     server.kill();
     let server = Server::start_in(&data);
-    assert_eq!(get(&format!("{}/stateful/", server.url)).await.body, "built-by-init,entry-0,entry-1,entry-2");
+    assert_eq!(get(&format!("{}/default/stateful/", server.url)).await.body, "built-by-init,entry-0,entry-1,entry-2");
 }
 
 #[tokio::test]
@@ -440,7 +440,7 @@ async fn a_20_mb_heap_built_by_init_is_served_from_the_snapshot() {
     let server = Server::start(&dir);
     server.deploy("big", "bigheap", &[]);
     for _ in 0..3 {
-        assert_eq!(get(&format!("{}/big/", server.url)).await.body, "20971520 bytes, byte[1000]=247");
+        assert_eq!(get(&format!("{}/default/big/", server.url)).await.body, "20971520 bytes, byte[1000]=247");
     }
 }
 
@@ -464,7 +464,7 @@ async fn init_failures_refuse_the_deploy_with_the_reason() {
         for text in expected {
             assert!(stderr.contains(text), "{wasm_name}: {text:?} not in {stderr}");
         }
-        assert_eq!(get(&format!("{}/bad/", server.url)).await.status, 404);
+        assert_eq!(get(&format!("{}/default/bad/", server.url)).await.status, 404);
     }
     // A component whose initial memory does not fit its limit is refused too.
     server.deploy("big", "bigheap", &[]);

@@ -9,8 +9,9 @@
 //! The library has two layers:
 //! - [`Runtime`] and [`Deployment`]: embed components in your own Rust host
 //!   and call them with `http::Request`s (see `examples/embed-host`).
-//! - [`server`]: the multi-deployment HTTP server behind `gpuwasm serve`,
-//!   with its token-protected admin API and durable deployment state.
+//! - [`server`]: the multi-tenant HTTP server behind `gpuwasm serve`, with
+//!   its token-protected admin API, versioned deployments and durable state
+//!   ([`store`]).
 
 mod artifacts;
 mod engine;
@@ -21,6 +22,7 @@ mod preinit;
 mod request;
 mod runtime;
 pub mod server;
+pub mod store;
 
 pub use error::Error;
 pub use limits::Limits;

@@ -35,7 +35,8 @@ impl RuntimeBuilder {
     }
 
     /// The largest linear memory, in MiB, any deployment may be given
-    /// (default 1024). Each pool slot reserves this much address space.
+    /// (default 1024). Every memory slot of the pool is sized for it (as
+    /// reserved address space, not resident memory).
     pub fn max_memory_mb(mut self, mb: u64) -> Self {
         self.pool.max_memory_mb = mb.max(1);
         self

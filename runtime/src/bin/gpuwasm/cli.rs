@@ -5,6 +5,7 @@ use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use clap::{Args, Parser, Subcommand};
 use gpuwasm::server::{Server, ServerConfig, serve_connections};
+use gpuwasm::store::VersionRecord;
 use gpuwasm::{Limits, Runtime};
 use http::Method;
 use std::io::Write;
@@ -19,7 +20,8 @@ use tokio::net::TcpListener;
 /// request runs in a fresh sandboxed instance under per-deployment limits.
 ///
 /// Quick start: `gpuwasm serve` in one terminal, then
-/// `gpuwasm deploy hello.wasm --name hello` and `gpuwasm invoke hello`.
+/// `gpuwasm deploy hello.wasm --name hello` and `gpuwasm invoke hello`
+/// (on the server's machine the CLI finds the admin token by itself).
 #[derive(Parser)]
 #[command(name = "gpuwasm", version, propagate_version = true)]
 pub struct Cli {
@@ -34,13 +36,25 @@ pub enum Command {
     /// Serve one component on every path, with no server state (like `wasmtime serve`).
     #[command(after_help = default_limits_help())]
     Run(RunArgs),
-    /// Upload a component to a running server and route /NAME/ to it.
+    /// Upload a component as a new version of a deployment, routed at /TENANT/NAME/.
     #[command(after_help = default_limits_help())]
     Deploy(DeployArgs),
-    /// List the server's deployments.
+    /// List your deployments (their active versions).
     List(ListArgs),
-    /// Remove a deployment.
-    Rm(RmArgs),
+    /// Remove a deployment (its versions stay, for rollback --to).
+    Rm(NameArgs),
+    /// List a deployment's versions.
+    Versions(VersionsArgs),
+    /// Switch a deployment back to an earlier version.
+    Rollback(RollbackArgs),
+    /// Tenants (admin token only).
+    #[command(subcommand)]
+    Tenant(TenantCommand),
+    /// API tokens of your tenant.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Show which tenant your token acts for.
+    Whoami(ServerArgs),
     /// Send one HTTP request to a deployment and print the response body.
     Invoke(InvokeArgs),
     /// Benchmarks: HTTP throughput and latency, cold starts.
@@ -149,23 +163,57 @@ impl LimitArgs {
 }
 
 /// Where to find the server and how to authenticate.
+///
+/// Each comes from the flag, else the environment, else
+/// `~/.config/gpuwasm/config.toml` (`server = "..."`, `token = "..."`),
+/// else the defaults: http://127.0.0.1:8080 and, on the machine that runs
+/// the server, the admin token in its default data directory.
 #[derive(Args)]
 pub struct ServerArgs {
-    /// URL of the gpuwasm server.
-    #[arg(long, env = "GPUWASM_SERVER", default_value = "http://127.0.0.1:8080")]
-    server: String,
-    /// Admin token. Without it, the token file of the default data
-    /// directory is used (works on the machine that runs the server).
+    /// URL of the gpuwasm server [default: http://127.0.0.1:8080].
+    #[arg(long, env = "GPUWASM_SERVER")]
+    server: Option<String>,
+    /// API token (a tenant's, or the admin token).
     #[arg(long, env = "GPUWASM_TOKEN", hide_env_values = true)]
     token: Option<String>,
 }
 
+/// `~/.config/gpuwasm/config.toml`.
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    server: Option<String>,
+    token: Option<String>,
+}
+
 impl ServerArgs {
-    fn api(&self) -> Api {
-        let token = self.token.clone().or_else(|| {
+    fn api(&self) -> Result<Api> {
+        let config = read_config_file()?;
+        let server = self
+            .server
+            .clone()
+            .or(config.server)
+            .unwrap_or_else(|| "http://127.0.0.1:8080".to_string());
+        let token = self.token.clone().or(config.token).or_else(|| {
             std::fs::read_to_string(default_data_dir().join("admin-token")).ok().map(|t| t.trim().to_string())
         });
-        Api::new(&self.server, token)
+        Ok(Api::new(&server, token))
+    }
+}
+
+fn read_config_file() -> Result<ConfigFile> {
+    let dir = match std::env::var_os("XDG_CONFIG_HOME").filter(|v| !v.is_empty()) {
+        Some(xdg) => PathBuf::from(xdg),
+        None => match std::env::var_os("HOME") {
+            Some(home) => PathBuf::from(home).join(".config"),
+            None => return Ok(ConfigFile::default()),
+        },
+    };
+    let path = dir.join("gpuwasm/config.toml");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => toml::from_str(&text).with_context(|| format!("reading {}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(ConfigFile::default()),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
     }
 }
 
@@ -173,7 +221,7 @@ impl ServerArgs {
 pub struct DeployArgs {
     /// The component (.wasm) to deploy.
     file: PathBuf,
-    /// Deployment name: 1-63 of a-z, 0-9 and '-'. Requests to /NAME/... reach it.
+    /// Deployment name: 1-63 of a-z, 0-9 and '-'. Requests to /TENANT/NAME/... reach it.
     #[arg(long)]
     name: String,
     /// Route requests whose Host header is HOST here (instead of by path).
@@ -199,16 +247,67 @@ pub struct ListArgs {
 }
 
 #[derive(Args)]
-pub struct RmArgs {
-    /// The deployment to remove.
+pub struct NameArgs {
+    /// The deployment.
     name: String,
     #[command(flatten)]
     server: ServerArgs,
 }
 
 #[derive(Args)]
+pub struct VersionsArgs {
+    /// The deployment.
+    name: String,
+    /// Print the JSON the server returned.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    server: ServerArgs,
+}
+
+#[derive(Args)]
+pub struct RollbackArgs {
+    /// The deployment.
+    name: String,
+    /// The version to switch to [default: the one before the active one].
+    #[arg(long)]
+    to: Option<u64>,
+    #[command(flatten)]
+    server: ServerArgs,
+}
+
+#[derive(Subcommand)]
+pub enum TenantCommand {
+    /// Create a tenant and print its first token (shown only once).
+    Create(NameArgs),
+    /// List tenants.
+    List(ListArgs),
+}
+
+#[derive(Subcommand)]
+pub enum TokenCommand {
+    /// Create another token for your tenant (an admin may name one) and print it.
+    Create {
+        /// The tenant (admin token only).
+        #[arg(long)]
+        tenant: Option<String>,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// List your tenant's tokens (ids only; tokens are stored hashed).
+    List(ListArgs),
+    /// Revoke a token by its id.
+    Revoke {
+        /// The token id (the part after `gwt_`, as `token list` shows it).
+        id: String,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+}
+
+#[derive(Args)]
 pub struct InvokeArgs {
-    /// The deployment to call.
+    /// The deployment to call: NAME (of your tenant) or TENANT/NAME.
     name: String,
     /// Path inside the deployment.
     #[arg(default_value = "/")]
@@ -258,6 +357,15 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Deploy(args) => deploy(args).await,
         Command::List(args) => list(args).await,
         Command::Rm(args) => rm(args).await,
+        Command::Versions(args) => versions(args).await,
+        Command::Rollback(args) => rollback(args).await,
+        Command::Tenant(cmd) => tenant(cmd).await,
+        Command::Token(cmd) => token(cmd).await,
+        Command::Whoami(server) => {
+            let me = server.api()?.admin(Method::GET, "whoami", Bytes::new()).await?;
+            println!("tenant {} (token {}{})", me["tenant"].as_str().unwrap_or("?"), me["token_id"].as_str().unwrap_or("?"), if me["admin"].as_bool() == Some(true) { ", admin" } else { "" });
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Invoke(args) => invoke(args).await,
         Command::Bench(args) => crate::bench::run(args).await,
     }
@@ -310,49 +418,131 @@ async fn deploy(args: DeployArgs) -> Result<ExitCode> {
         query.push("preinit=false".into());
     }
     let path = format!("deployments/{}?{}", args.name, query.join("&"));
-    let record = args.server.api().admin(Method::PUT, &path, Bytes::from(wasm)).await?;
-    let route = match record["host"].as_str() {
+    let api = args.server.api()?;
+    let v: VersionRecord = serde_json::from_value(api.admin(Method::PUT, &path, Bytes::from(wasm)).await?)
+        .context("unexpected reply from the server")?;
+    let route = match &v.host {
         Some(host) => format!("http://{host}/ (by Host header)"),
-        None => format!("{}/{}/", args.server.server.trim_end_matches('/'), args.name),
+        None => format!("{}/{}/{}/", api.base(), v.tenant, v.name),
     };
-    println!(
-        "deployed {} (sha256 {}) at {route}",
-        args.name,
-        record["sha256"].as_str().unwrap_or("?").get(..12).unwrap_or("?")
-    );
+    let snapshot = if v.snapshot_sha256.is_some() { ", pre-initialised" } else { "" };
+    println!("deployed {}/{} version {} (sha256 {}{snapshot}) at {route}", v.tenant, v.name, v.version, short(&v.sha256));
     Ok(ExitCode::SUCCESS)
+}
+
+fn short(sha256: &str) -> &str {
+    sha256.get(..12).unwrap_or(sha256)
+}
+
+/// Prints `json` and returns true when `--json` was given.
+fn print_json(json: bool, value: &serde_json::Value) -> Result<bool> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(value)?);
+    }
+    Ok(json)
+}
+
+fn print_versions(versions: &[VersionRecord], active: Option<u64>) {
+    println!("{:<24} {:>7} {:<12} {:>9} {:>9} {:>8} {:<20}", "NAME", "VERSION", "SHA256", "SIZE", "MEMORY", "CPU", "HOST");
+    for v in versions {
+        let mark = if Some(v.version) == active { "*" } else { " " };
+        println!(
+            "{:<24} {:>6}{mark} {:<12} {:>9} {:>6}MiB {:>6}ms {:<20}",
+            v.name,
+            v.version,
+            short(&v.sha256),
+            v.size_bytes,
+            v.limits.memory_mb,
+            v.limits.cpu_ms,
+            v.host.as_deref().unwrap_or("-")
+        );
+    }
 }
 
 async fn list(args: ListArgs) -> Result<ExitCode> {
-    let reply = args.server.api().admin(Method::GET, "deployments", Bytes::new()).await?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&reply)?);
+    let reply = args.server.api()?.admin(Method::GET, "deployments", Bytes::new()).await?;
+    if print_json(args.json, &reply)? {
         return Ok(ExitCode::SUCCESS);
     }
-    let records: Vec<gpuwasm::server::DeploymentRecord> =
+    let records: Vec<VersionRecord> =
         serde_json::from_value(reply["deployments"].clone()).context("unexpected reply from the server")?;
     if records.is_empty() {
         println!("no deployments");
-        return Ok(ExitCode::SUCCESS);
-    }
-    println!("{:<24} {:<12} {:>10} {:>9} {:>8} {:<20}", "NAME", "SHA256", "SIZE", "MEMORY", "CPU", "HOST");
-    for r in records {
-        println!(
-            "{:<24} {:<12} {:>10} {:>6}MiB {:>6}ms {:<20}",
-            r.name,
-            r.sha256.get(..12).unwrap_or(&r.sha256),
-            r.size_bytes,
-            r.limits.memory_mb,
-            r.limits.cpu_ms,
-            r.host.as_deref().unwrap_or("-")
-        );
+    } else {
+        print_versions(&records, None);
     }
     Ok(ExitCode::SUCCESS)
 }
 
-async fn rm(args: RmArgs) -> Result<ExitCode> {
-    args.server.api().admin(Method::DELETE, &format!("deployments/{}", args.name), Bytes::new()).await?;
+async fn rm(args: NameArgs) -> Result<ExitCode> {
+    args.server.api()?.admin(Method::DELETE, &format!("deployments/{}", args.name), Bytes::new()).await?;
     println!("removed {}", args.name);
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn versions(args: VersionsArgs) -> Result<ExitCode> {
+    let reply = args.server.api()?.admin(Method::GET, &format!("deployments/{}/versions", args.name), Bytes::new()).await?;
+    if print_json(args.json, &reply)? {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let versions: Vec<VersionRecord> =
+        serde_json::from_value(reply["versions"].clone()).context("unexpected reply from the server")?;
+    print_versions(&versions, reply["active"].as_u64());
+    println!("(* = serving traffic)");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn rollback(args: RollbackArgs) -> Result<ExitCode> {
+    let query = args.to.map(|v| format!("?to={v}")).unwrap_or_default();
+    let path = format!("deployments/{}/rollback{query}", args.name);
+    let v: VersionRecord = serde_json::from_value(args.server.api()?.admin(Method::POST, &path, Bytes::new()).await?)
+        .context("unexpected reply from the server")?;
+    println!("{}/{} now serves version {} (sha256 {})", v.tenant, v.name, v.version, short(&v.sha256));
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn tenant(cmd: TenantCommand) -> Result<ExitCode> {
+    match cmd {
+        TenantCommand::Create(args) => {
+            let body = serde_json::to_vec(&serde_json::json!({ "name": args.name }))?;
+            let reply = args.server.api()?.admin(Method::POST, "tenants", Bytes::from(body)).await?;
+            println!("created tenant {}", args.name);
+            println!("token (shown only once): {}", reply["token"].as_str().unwrap_or("?"));
+        }
+        TenantCommand::List(args) => {
+            let reply = args.server.api()?.admin(Method::GET, "tenants", Bytes::new()).await?;
+            if !print_json(args.json, &reply)? {
+                for t in reply["tenants"].as_array().into_iter().flatten() {
+                    println!("{}", t["name"].as_str().unwrap_or("?"));
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn token(cmd: TokenCommand) -> Result<ExitCode> {
+    match cmd {
+        TokenCommand::Create { tenant, server } => {
+            let query = tenant.map(|t| format!("?tenant={t}")).unwrap_or_default();
+            let reply = server.api()?.admin(Method::POST, &format!("tokens{query}"), Bytes::new()).await?;
+            println!("token for tenant {} (shown only once): {}", reply["tenant"].as_str().unwrap_or("?"), reply["token"].as_str().unwrap_or("?"));
+        }
+        TokenCommand::List(args) => {
+            let reply = args.server.api()?.admin(Method::GET, "tokens", Bytes::new()).await?;
+            if !print_json(args.json, &reply)? {
+                println!("{:<14} {:<20} {:<8}", "ID", "TENANT", "STATUS");
+                for t in reply["tokens"].as_array().into_iter().flatten() {
+                    let status = if t["revoked_at"].is_null() { "active" } else { "revoked" };
+                    println!("{:<14} {:<20} {status:<8}", t["id"].as_str().unwrap_or("?"), t["tenant"].as_str().unwrap_or("?"));
+                }
+            }
+        }
+        TokenCommand::Revoke { id, server } => {
+            server.api()?.admin(Method::DELETE, &format!("tokens/{id}"), Bytes::new()).await?;
+            println!("revoked token {id}");
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -372,7 +562,14 @@ async fn invoke(args: InvokeArgs) -> Result<ExitCode> {
         })
         .collect::<Result<Vec<_>>>()?;
     let path = if args.path.starts_with('/') { args.path.clone() } else { format!("/{}", args.path) };
-    let reply = args.server.api().send(method, &format!("/{}{path}", args.name), &headers, body).await?;
+    let api = args.server.api()?;
+    let target = if args.name.contains('/') {
+        args.name.clone()
+    } else {
+        let me = api.admin(Method::GET, "whoami", Bytes::new()).await.context("finding your tenant (or give TENANT/NAME)")?;
+        format!("{}/{}", me["tenant"].as_str().unwrap_or("default"), args.name)
+    };
+    let reply = api.send(method, &format!("/{target}{path}"), &headers, body).await?;
     let mut out = std::io::stdout().lock();
     if args.include {
         writeln!(out, "HTTP {}", reply.status)?;

@@ -30,6 +30,11 @@ impl Api {
         }
     }
 
+    /// The server's base URL.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
     /// Sends a request to `path` (which starts with `/`) and reads the reply.
     pub async fn send(&self, method: Method, path: &str, headers: &[(String, String)], body: Bytes) -> Result<Reply> {
         let url = format!("{}{path}", self.base);

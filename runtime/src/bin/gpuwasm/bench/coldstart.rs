@@ -136,10 +136,11 @@ impl ServerProcess {
     /// One GET of `/name/`: (end-to-end ms, server-side ms).
     async fn first(&self, name: &str) -> Result<(f64, f64)> {
         let t = Instant::now();
-        let reply = self.api.send(Method::GET, &format!("/{name}/"), &[], Bytes::new()).await?;
+        let path = format!("/{}/{name}/", gpuwasm::server::DEFAULT_TENANT);
+        let reply = self.api.send(Method::GET, &path, &[], Bytes::new()).await?;
         let e2e = t.elapsed().as_secs_f64() * 1e3;
         if !reply.status.is_success() {
-            bail!("/{name}/ answered {}: {}", reply.status, String::from_utf8_lossy(&reply.body));
+            bail!("{path} answered {}: {}", reply.status, String::from_utf8_lossy(&reply.body));
         }
         let server = reply
             .headers

@@ -1,0 +1,410 @@
+//! The admin API: tenants, tokens, deployments and their versions.
+//! Every call but `health` needs a bearer token; tenant tokens reach only
+//! their own tenant, and what belongs to another tenant answers exactly as
+//! if it did not exist.
+
+use super::control::{Caller, Control, Entry, new_token};
+use super::{ADMIN_PREFIX, ServerInner, api_error, check_name, error_response, json_response, not_found, now};
+use crate::error::Error;
+use crate::limits::Limits;
+use crate::request::ResponseBody;
+use crate::runtime::Deployment;
+use crate::store::{Change, DeploymentState, TenantRecord, VersionRecord};
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use std::sync::Arc;
+
+impl ServerInner {
+    pub(super) async fn admin(self: &Arc<Self>, request: Request<Incoming>) -> Response<ResponseBody> {
+        let path = request.uri().path()[ADMIN_PREFIX.len()..].to_string();
+        if path == "health" {
+            return json_response(StatusCode::OK, &serde_json::json!({"status": "ok"}));
+        }
+        let Some(caller) = self.caller(&request) else {
+            return api_error(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "missing, wrong or revoked token (send `Authorization: Bearer <token>`)",
+            );
+        };
+        let query = request.uri().query().unwrap_or("").to_string();
+        let method = request.method().clone();
+        let segments: Vec<&str> = path.split('/').collect();
+        match (method, segments.as_slice()) {
+            (Method::GET, ["whoami"]) => json_response(
+                StatusCode::OK,
+                &serde_json::json!({"tenant": caller.tenant, "admin": caller.admin, "token_id": caller.token_id}),
+            ),
+            (Method::GET, ["tenants"]) if caller.admin => {
+                let tenants: Vec<_> = self.control().tenants.values().cloned().collect();
+                json_response(StatusCode::OK, &serde_json::json!({ "tenants": tenants }))
+            }
+            (Method::POST, ["tenants"]) if caller.admin => self.create_tenant(request).await,
+            (_, ["tenants"]) => forbidden_or_wrong_method(&caller),
+            (Method::GET, ["tokens"]) => self.list_tokens(&caller),
+            (Method::POST, ["tokens"]) => self.create_token(&caller, &query).await,
+            (Method::DELETE, ["tokens", id]) => self.revoke_token(&caller, id).await,
+            (Method::GET, ["deployments"]) => {
+                let control = self.control();
+                let active: Vec<&VersionRecord> = control
+                    .deployments
+                    .range((caller.tenant.clone(), String::new())..)
+                    .take_while(|((tenant, _), _)| *tenant == caller.tenant)
+                    .filter_map(|(_, e)| e.active())
+                    .collect();
+                json_response(StatusCode::OK, &serde_json::json!({ "deployments": active }))
+            }
+            (Method::GET, ["deployments", name]) => match self.entry(&caller, name).and_then(|e| e.active().cloned()) {
+                Some(active) => json_response(StatusCode::OK, &active),
+                None => not_found(name),
+            },
+            (Method::PUT, ["deployments", name]) => {
+                let name = name.to_string();
+                self.deploy(&caller, name, &query, request).await
+            }
+            (Method::DELETE, ["deployments", name]) => self.remove(&caller, name).await,
+            (Method::GET, ["deployments", name, "versions"]) => match self.entry(&caller, name) {
+                Some(entry) => json_response(
+                    StatusCode::OK,
+                    &serde_json::json!({
+                        "active": entry.state.active,
+                        "versions": entry.versions.values().collect::<Vec<_>>(),
+                    }),
+                ),
+                None => not_found(name),
+            },
+            (Method::POST, ["deployments", name, "rollback"]) => self.rollback(&caller, name, &query).await,
+            (_, ["deployments" | "tokens" | "whoami", ..]) => {
+                api_error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed here")
+            }
+            _ => api_error(StatusCode::NOT_FOUND, "not_found", "no such admin endpoint"),
+        }
+    }
+
+    fn caller<B>(&self, request: &Request<B>) -> Option<Caller> {
+        let token = request
+            .headers()
+            .get(header::AUTHORIZATION)?
+            .to_str()
+            .ok()?
+            .strip_prefix("Bearer ")?;
+        self.control().authenticate(token, &self.config.admin_token)
+    }
+
+    /// The caller's own deployment `name`, if it has one (active or not).
+    fn entry(&self, caller: &Caller, name: &str) -> Option<Entry> {
+        self.control().deployments.get(&(caller.tenant.clone(), name.to_string())).cloned()
+    }
+
+    async fn create_tenant(self: &Arc<Self>, request: Request<Incoming>) -> Response<ResponseBody> {
+        let body = match Limited::new(request.into_body(), 4096).collect().await {
+            Ok(body) => body.to_bytes(),
+            Err(e) => return api_error(StatusCode::BAD_REQUEST, "bad_request", &format!("reading the body: {e}")),
+        };
+        let name = match serde_json::from_slice::<serde_json::Value>(&body) {
+            Ok(v) => v["name"].as_str().map(str::to_string),
+            Err(_) => None,
+        };
+        let Some(name) = name else {
+            return api_error(StatusCode::BAD_REQUEST, "bad_request", r#"send {"name": "TENANT"}"#);
+        };
+        if let Err(e) = check_name(&name) {
+            return error_response(&e);
+        }
+        let _guard = self.changes.lock().await;
+        let mut control = (*self.control()).clone();
+        if control.tenants.contains_key(&name) {
+            return api_error(StatusCode::CONFLICT, "tenant_exists", &format!("tenant '{name}' already exists"));
+        }
+        let tenant = TenantRecord { name: name.clone(), created_at: now() };
+        let (token, record) = match new_token(&name, false, now()) {
+            Ok(t) => t,
+            Err(e) => return api_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", &format!("making a token: {e}")),
+        };
+        control.tenants.insert(name.clone(), tenant.clone());
+        control.tokens.insert(record.id.clone(), record.clone());
+        if let Err(e) = self.commit(&[Change::Tenant(tenant), Change::Token(record.clone())], control) {
+            return error_response(&e);
+        }
+        tracing::info!(tenant = %name, "tenant created");
+        json_response(StatusCode::CREATED, &serde_json::json!({"tenant": name, "token_id": record.id, "token": token}))
+    }
+
+    fn list_tokens(&self, caller: &Caller) -> Response<ResponseBody> {
+        let control = self.control();
+        let mut tokens: Vec<_> = control
+            .tokens
+            .values()
+            .filter(|t| t.tenant == caller.tenant)
+            .map(|t| {
+                serde_json::json!({"id": t.id, "tenant": t.tenant, "admin": t.admin,
+                                   "created_at": t.created_at, "revoked_at": t.revoked_at})
+            })
+            .collect();
+        tokens.sort_by_key(|t| t["created_at"].as_u64());
+        json_response(StatusCode::OK, &serde_json::json!({ "tokens": tokens }))
+    }
+
+    async fn create_token(self: &Arc<Self>, caller: &Caller, query: &str) -> Response<ResponseBody> {
+        let tenant = match query_value(query, "tenant") {
+            Some(t) if t != caller.tenant && !caller.admin => return forbidden(),
+            Some(t) => t.to_string(),
+            None => caller.tenant.clone(),
+        };
+        let _guard = self.changes.lock().await;
+        let mut control = (*self.control()).clone();
+        if !control.tenants.contains_key(&tenant) {
+            return api_error(StatusCode::NOT_FOUND, "not_found", &format!("no tenant named '{tenant}'"));
+        }
+        let (token, record) = match new_token(&tenant, false, now()) {
+            Ok(t) => t,
+            Err(e) => return api_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", &format!("making a token: {e}")),
+        };
+        control.tokens.insert(record.id.clone(), record.clone());
+        if let Err(e) = self.commit(&[Change::Token(record.clone())], control) {
+            return error_response(&e);
+        }
+        json_response(StatusCode::CREATED, &serde_json::json!({"tenant": tenant, "token_id": record.id, "token": token}))
+    }
+
+    async fn revoke_token(self: &Arc<Self>, caller: &Caller, id: &str) -> Response<ResponseBody> {
+        let _guard = self.changes.lock().await;
+        let mut control = (*self.control()).clone();
+        let Some(record) = control.tokens.get(id).filter(|t| caller.admin || t.tenant == caller.tenant) else {
+            return api_error(StatusCode::NOT_FOUND, "not_found", &format!("no token with id '{id}'"));
+        };
+        let mut record = record.clone();
+        record.revoked_at.get_or_insert(now());
+        control.tokens.insert(record.id.clone(), record.clone());
+        if let Err(e) = self.commit(&[Change::Token(record)], control) {
+            return error_response(&e);
+        }
+        json_response(StatusCode::OK, &serde_json::json!({ "revoked": id }))
+    }
+
+    async fn deploy(
+        self: &Arc<Self>,
+        caller: &Caller,
+        name: String,
+        query: &str,
+        request: Request<Incoming>,
+    ) -> Response<ResponseBody> {
+        if let Err(e) = check_name(&name) {
+            return error_response(&e);
+        }
+        let (limits, host, preinit) = match parse_deploy_query(query) {
+            Ok(v) => v,
+            Err(message) => return api_error(StatusCode::BAD_REQUEST, "invalid_limits", &message),
+        };
+        let max = self.config.max_upload_bytes;
+        let wasm = match Limited::new(request.into_body(), max).collect().await {
+            Ok(body) => body.to_bytes(),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                return api_error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "upload_too_large",
+                    &format!("component is larger than this server's upload limit of {max} bytes"),
+                );
+            }
+            Err(e) => return api_error(StatusCode::BAD_REQUEST, "bad_upload", &format!("reading the upload failed: {e}")),
+        };
+        let version = VersionRecord {
+            tenant: caller.tenant.clone(),
+            name: name.clone(),
+            version: 0,
+            sha256: String::new(),
+            snapshot_sha256: None,
+            size_bytes: wasm.len() as u64,
+            host,
+            limits,
+            deployed_at: now(),
+            deployed_by: caller.token_id.clone(),
+        };
+        let me = self.clone();
+        let built = tokio::task::spawn_blocking(move || -> Result<(VersionRecord, Deployment), Error> {
+            let snapshot = if preinit { me.runtime.preinitialize(&wasm, &version.limits)? } else { None };
+            let (version, component) = match snapshot {
+                None => {
+                    let (sha256, component) = me.artifacts.store(&me.runtime, &wasm)?;
+                    (VersionRecord { sha256, ..version }, component)
+                }
+                Some(snapshot) => {
+                    let (snapshot_sha256, component) = me.artifacts.store(&me.runtime, &snapshot)?;
+                    let sha256 = me.artifacts.put_source(&wasm)?;
+                    (VersionRecord { sha256, snapshot_sha256: Some(snapshot_sha256), ..version }, component)
+                }
+            };
+            let deployment = me.runtime.deployment(&version.name, &component, version.limits.clone())?;
+            Ok((version, deployment))
+        })
+        .await;
+        let (mut version, deployment) = match built {
+            Ok(Ok(built)) => built,
+            Ok(Err(e)) => return error_response(&e),
+            Err(e) => return api_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", &format!("deploy task failed: {e}")),
+        };
+        if let Err(e) = deployment.check().await {
+            return error_response(&e);
+        }
+
+        let _guard = self.changes.lock().await;
+        let mut control = (*self.control()).clone();
+        let key = (caller.tenant.clone(), name.clone());
+        if let Some(conflict) = host_conflict(&control, &key, version.host.as_deref()) {
+            return conflict;
+        }
+        let entry = control.deployments.entry(key).or_insert_with(|| Entry {
+            state: DeploymentState { tenant: caller.tenant.clone(), name: name.clone(), active: None, latest: 0 },
+            versions: Default::default(),
+            live: None,
+        });
+        version.version = entry.state.latest + 1;
+        let created = entry.state.active.is_none();
+        entry.state.latest = version.version;
+        entry.state.active = Some(version.version);
+        entry.versions.insert(version.version, version.clone());
+        entry.live = Some(Ok(deployment));
+        let changes = [Change::Version(version.clone()), Change::Deployment(entry.state.clone())];
+        if let Err(e) = self.commit(&changes, control) {
+            return error_response(&e);
+        }
+        tracing::info!(tenant = %version.tenant, deployment = %name, version = version.version, sha256 = %version.sha256, "deployed");
+        json_response(if created { StatusCode::CREATED } else { StatusCode::OK }, &version)
+    }
+
+    async fn remove(&self, caller: &Caller, name: &str) -> Response<ResponseBody> {
+        let _guard = self.changes.lock().await;
+        let mut control = (*self.control()).clone();
+        let Some(entry) = control.deployments.get_mut(&(caller.tenant.clone(), name.to_string())) else {
+            return not_found(name);
+        };
+        if entry.state.active.is_none() {
+            return not_found(name);
+        }
+        entry.state.active = None;
+        entry.live = None;
+        let change = Change::Deployment(entry.state.clone());
+        if let Err(e) = self.commit(&[change], control) {
+            return error_response(&e);
+        }
+        tracing::info!(tenant = %caller.tenant, deployment = %name, "removed");
+        json_response(StatusCode::OK, &serde_json::json!({ "removed": name }))
+    }
+
+    async fn rollback(self: &Arc<Self>, caller: &Caller, name: &str, query: &str) -> Response<ResponseBody> {
+        let Some(entry) = self.entry(caller, name) else { return not_found(name) };
+        let target = match query_value(query, "to") {
+            Some(v) => match v.parse::<u64>() {
+                Ok(v) => v,
+                Err(_) => return api_error(StatusCode::BAD_REQUEST, "bad_request", &format!("`to` must be a version number, got {v:?}")),
+            },
+            None => match entry.state.active.and_then(|a| entry.versions.range(..a).next_back()) {
+                Some((v, _)) => *v,
+                None => {
+                    let message = "there is no earlier version to roll back to (give one with `to`)";
+                    return api_error(StatusCode::CONFLICT, "no_earlier_version", message);
+                }
+            },
+        };
+        let Some(version) = entry.versions.get(&target).cloned() else {
+            return api_error(StatusCode::NOT_FOUND, "not_found", &format!("deployment '{name}' has no version {target}"));
+        };
+        let me = self.clone();
+        let v = version.clone();
+        let deployment = match tokio::task::spawn_blocking(move || me.build(&v)).await {
+            Ok(Ok(d)) => d,
+            Ok(Err(e)) => return error_response(&e),
+            Err(e) => return api_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", &format!("rollback task failed: {e}")),
+        };
+        let _guard = self.changes.lock().await;
+        let mut control = (*self.control()).clone();
+        let key = (caller.tenant.clone(), name.to_string());
+        if let Some(conflict) = host_conflict(&control, &key, version.host.as_deref()) {
+            return conflict;
+        }
+        let Some(entry) = control.deployments.get_mut(&key) else { return not_found(name) };
+        entry.state.active = Some(target);
+        entry.live = Some(Ok(deployment));
+        let change = Change::Deployment(entry.state.clone());
+        if let Err(e) = self.commit(&[change], control) {
+            return error_response(&e);
+        }
+        tracing::info!(tenant = %caller.tenant, deployment = %name, version = target, "rolled back");
+        json_response(StatusCode::OK, &version)
+    }
+}
+
+/// A `409` when `host` already routes to a deployment other than `key`.
+/// It does not say whose, so nothing leaks across tenants.
+fn host_conflict(control: &Control, key: &(String, String), host: Option<&str>) -> Option<Response<ResponseBody>> {
+    let host = host?;
+    control.host_owner(host).filter(|owner| *owner != key).map(|_| {
+        api_error(StatusCode::CONFLICT, "host_taken", &format!("host {host:?} is already routed to another deployment"))
+    })
+}
+
+fn forbidden() -> Response<ResponseBody> {
+    api_error(StatusCode::FORBIDDEN, "forbidden", "this needs an admin token")
+}
+
+fn forbidden_or_wrong_method(caller: &Caller) -> Response<ResponseBody> {
+    if caller.admin {
+        api_error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed here")
+    } else {
+        forbidden()
+    }
+}
+
+/// The value of `key` in a query string, if present.
+fn query_value<'q>(query: &'q str, key: &str) -> Option<&'q str> {
+    query.split('&').find_map(|pair| pair.strip_prefix(key)?.strip_prefix('='))
+}
+
+/// Parses `host=...`, `preinit=true|false` and limit fields from a deploy
+/// query string.
+fn parse_deploy_query(query: &str) -> Result<(Limits, Option<String>, bool), String> {
+    let mut limits = Limits::default();
+    let mut host = None;
+    let mut preinit = true;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').ok_or_else(|| format!("query parameter {pair:?} has no value"))?;
+        match key {
+            "host" => {
+                let h = value.to_ascii_lowercase();
+                if h.is_empty() || !h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-') {
+                    return Err(format!("invalid host {value:?}: use a plain DNS name"));
+                }
+                host = Some(h);
+            }
+            "preinit" => {
+                preinit = value.parse().map_err(|_| format!("preinit must be true or false, got {value:?}"))?;
+            }
+            _ => limits.set(key, value)?,
+        }
+    }
+    Ok((limits, host, preinit))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deploy_query() {
+        let (l, h, p) = parse_deploy_query("host=API.example.com&memory_mb=32&cpu_ms=100").unwrap();
+        assert_eq!((l.memory_mb, l.cpu_ms, h.as_deref(), p), (32, 100, Some("api.example.com"), true));
+        assert!(!parse_deploy_query("preinit=false").unwrap().2);
+        assert!(parse_deploy_query("preinit=no").unwrap_err().contains("preinit"));
+        assert!(parse_deploy_query("memory_mb").unwrap_err().contains("no value"));
+        assert!(parse_deploy_query("nope=1").unwrap_err().contains("unknown limit"));
+        assert!(parse_deploy_query("host=a/b").unwrap_err().contains("invalid host"));
+    }
+
+    #[test]
+    fn query_values() {
+        assert_eq!(query_value("to=3&x=1", "to"), Some("3"));
+        assert_eq!(query_value("tox=3", "to"), None);
+        assert_eq!(query_value("", "to"), None);
+    }
+}

@@ -1,0 +1,217 @@
+//! Durable control-plane state: tenants, API tokens, deployments and their
+//! immutable versions.
+//!
+//! [`ControlStore`] is the seam: the server keeps the state in memory for
+//! reads and sends every change through the store, atomically, before it
+//! takes effect. [`RedbStore`] (an embedded, transactional, crash-safe
+//! database file) is the single-node default; a PostgreSQL store for
+//! several nodes implements the same two methods.
+
+use crate::error::Error;
+use crate::limits::Limits;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use std::path::{Path, PathBuf};
+
+/// A tenant: a namespace of deployments with its own tokens.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TenantRecord {
+    /// The tenant's name, also the first segment of its routes.
+    pub name: String,
+    /// Seconds since the Unix epoch.
+    pub created_at: u64,
+}
+
+/// An API token. Only a SHA-256 of the token is stored.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    /// The public part of the token, used to find and revoke it.
+    pub id: String,
+    /// The tenant the token acts for.
+    pub tenant: String,
+    /// Hex SHA-256 of the whole token.
+    pub sha256: String,
+    /// Whether the token may manage tenants.
+    pub admin: bool,
+    /// Seconds since the Unix epoch.
+    pub created_at: u64,
+    /// When it was revoked, if it was.
+    pub revoked_at: Option<u64>,
+}
+
+/// One immutable version of a deployment.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionRecord {
+    /// Owning tenant.
+    pub tenant: String,
+    /// Deployment name.
+    pub name: String,
+    /// 1, 2, 3, ... per deployment.
+    pub version: u64,
+    /// SHA-256 of the uploaded component.
+    pub sha256: String,
+    /// SHA-256 of the pre-initialised snapshot that runs, if init ran.
+    pub snapshot_sha256: Option<String>,
+    /// Size of the uploaded component in bytes.
+    pub size_bytes: u64,
+    /// Host name routed to this deployment, if any.
+    pub host: Option<String>,
+    /// Limits its requests run under.
+    pub limits: Limits,
+    /// Seconds since the Unix epoch.
+    pub deployed_at: u64,
+    /// Id of the token that deployed it.
+    pub deployed_by: String,
+}
+
+/// Which version of a deployment serves traffic.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeploymentState {
+    /// Owning tenant.
+    pub tenant: String,
+    /// Deployment name.
+    pub name: String,
+    /// The version serving traffic; `None` once removed.
+    pub active: Option<u64>,
+    /// The highest version number handed out.
+    pub latest: u64,
+}
+
+/// Everything the store holds.
+#[derive(Debug, Default)]
+pub struct ControlState {
+    /// All tenants.
+    pub tenants: Vec<TenantRecord>,
+    /// All tokens, revoked ones too.
+    pub tokens: Vec<TokenRecord>,
+    /// All deployments.
+    pub deployments: Vec<DeploymentState>,
+    /// All versions of all deployments.
+    pub versions: Vec<VersionRecord>,
+}
+
+/// One change to the state; a commit applies several atomically.
+#[derive(Clone, Debug)]
+pub enum Change {
+    /// Create or replace a tenant.
+    Tenant(TenantRecord),
+    /// Create or replace a token (revocation replaces it).
+    Token(TokenRecord),
+    /// Add a version.
+    Version(VersionRecord),
+    /// Create or replace a deployment's state.
+    Deployment(DeploymentState),
+}
+
+/// Durable storage of the control-plane state.
+pub trait ControlStore: Send + Sync {
+    /// Reads the whole state (at startup).
+    fn load(&self) -> Result<ControlState, Error>;
+    /// Applies `changes` atomically and durably: all or none, and done
+    /// when this returns.
+    fn commit(&self, changes: &[Change]) -> Result<(), Error>;
+}
+
+const TENANTS: TableDefinition<&str, &[u8]> = TableDefinition::new("tenants");
+const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
+const DEPLOYMENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("deployments");
+const VERSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("versions");
+
+/// The embedded default: one redb database file.
+pub struct RedbStore {
+    db: Database,
+    path: PathBuf,
+}
+
+impl RedbStore {
+    /// Opens (or creates) the database at `path`.
+    pub fn open(path: &Path) -> Result<Self, Error> {
+        let db = Database::create(path).map_err(|e| corrupt(path, e))?;
+        let store = RedbStore { db, path: path.to_path_buf() };
+        // Create the tables so that reads of a fresh database find them.
+        let txn = store.db.begin_write().map_err(|e| store.err(e))?;
+        for table in [TENANTS, TOKENS, DEPLOYMENTS, VERSIONS] {
+            txn.open_table(table).map_err(|e| store.err(e))?;
+        }
+        txn.commit().map_err(|e| store.err(e))?;
+        Ok(store)
+    }
+
+    fn err(&self, e: impl std::fmt::Display) -> Error {
+        corrupt(&self.path, e)
+    }
+
+    fn read_all<T: DeserializeOwned>(&self, table: TableDefinition<&str, &[u8]>) -> Result<Vec<T>, Error> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = txn.open_table(table).map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(|e| self.err(e))? {
+            let (key, value) = entry.map_err(|e| self.err(e))?;
+            let record = serde_json::from_slice(value.value())
+                .map_err(|e| self.err(format!("record {:?}: {e}", key.value())))?;
+            out.push(record);
+        }
+        Ok(out)
+    }
+}
+
+fn corrupt(path: &Path, e: impl std::fmt::Display) -> Error {
+    Error::CorruptState { path: path.to_path_buf(), message: e.to_string() }
+}
+
+impl ControlStore for RedbStore {
+    fn load(&self) -> Result<ControlState, Error> {
+        Ok(ControlState {
+            tenants: self.read_all(TENANTS)?,
+            tokens: self.read_all(TOKENS)?,
+            deployments: self.read_all(DEPLOYMENTS)?,
+            versions: self.read_all(VERSIONS)?,
+        })
+    }
+
+    fn commit(&self, changes: &[Change]) -> Result<(), Error> {
+        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        for change in changes {
+            let (table, key, value) = match change {
+                Change::Tenant(t) => (TENANTS, t.name.clone(), serde_json::to_vec(t)),
+                Change::Token(t) => (TOKENS, t.id.clone(), serde_json::to_vec(t)),
+                Change::Deployment(d) => (DEPLOYMENTS, format!("{}/{}", d.tenant, d.name), serde_json::to_vec(d)),
+                Change::Version(v) => (VERSIONS, format!("{}/{}/{:020}", v.tenant, v.name, v.version), serde_json::to_vec(v)),
+            };
+            let value = value.expect("records serialise");
+            let mut table = txn.open_table(table).map_err(|e| self.err(e))?;
+            table.insert(key.as_str(), value.as_slice()).map_err(|e| self.err(e))?;
+        }
+        txn.commit().map_err(|e| self.err(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commits_are_durable_and_atomic_per_call() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        let tenant = TenantRecord { name: "acme".into(), created_at: 1 };
+        let deployment = DeploymentState { tenant: "acme".into(), name: "api".into(), active: Some(1), latest: 1 };
+        {
+            let store = RedbStore::open(&path).unwrap();
+            assert!(store.load().unwrap().tenants.is_empty());
+            store.commit(&[Change::Tenant(tenant.clone()), Change::Deployment(deployment.clone())]).unwrap();
+        }
+        let state = RedbStore::open(&path).unwrap().load().unwrap();
+        assert_eq!(state.tenants, vec![tenant]);
+        assert_eq!(state.deployments, vec![deployment]);
+    }
+
+    #[test]
+    fn a_garbage_file_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        std::fs::write(&path, b"not a database at all, not at all").unwrap();
+        let err = RedbStore::open(&path).err().expect("garbage must not open");
+        assert!(err.to_string().contains("state.redb"), "{err}");
+    }
+}
