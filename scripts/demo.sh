@@ -25,5 +25,5 @@ echo "\$ gpuwasm invoke hello /demo"
 "$gpuwasm" invoke hello /demo
 echo "\$ gpuwasm list"
 "$gpuwasm" list
-echo "\$ gpuwasm invoke hello /demo --include     # = GET $url/hello/demo"
+echo "\$ gpuwasm invoke hello /demo --include     # = GET $url/default/hello/demo"
 "$gpuwasm" invoke hello /demo --include
