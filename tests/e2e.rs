@@ -235,6 +235,61 @@ async fn a_guest_that_logs_megabytes_is_not_stopped_for_it() {
 }
 
 #[tokio::test]
+async fn a_manifest_sets_env_limits_and_the_outbound_allow_list() {
+    // An upstream on loopback for the allowed call.
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream_addr = upstream.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = upstream.accept().await.unwrap();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(|_req| async {
+                    Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(Bytes::from("upstream"))))
+                });
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+            });
+        }
+    });
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir);
+    let app = dir.path().join("app");
+    std::fs::create_dir_all(&app).unwrap();
+    std::fs::copy(wasm("behaviors"), app.join("handler.wasm")).unwrap();
+    std::fs::write(
+        app.join("gpuwasm.toml"),
+        format!(
+            "name = \"configured\"\n[limits]\ncpu_ms = 250\n[env]\nGREETING = \"grüße aus gpuwasm\"\n\
+             [outbound]\nallow = [\"{upstream_addr}\"]\n[models]\nallow = [\"minilm\"]\n"
+        ),
+    )
+    .unwrap();
+    let out = server.cli(&["deploy", app.join("handler.wasm").to_str().unwrap()]);
+    assert!(stdout_of(&out).starts_with("deployed default/configured version 1"));
+    let base = format!("{}/default/configured", server.url);
+    assert_eq!(get(&format!("{base}/env?GREETING")).await.body, "grüße aus gpuwasm");
+    assert_eq!(get(&format!("{base}/outbound?to={upstream_addr}")).await.body, "allowed: status 200");
+    assert_eq!(get(&format!("{base}/outbound?to=127.0.0.1:9")).await.body, "refused: ErrorCode::HttpRequestDenied");
+    let reply = get(&format!("{base}/loop")).await;
+    assert!(reply.body.contains("CPU time limit of 250 ms"), "{}", reply.body);
+    let listed: serde_json::Value = serde_json::from_str(&stdout_of(&server.cli(&["list", "--json"]))).unwrap();
+    assert_eq!(listed["deployments"][0]["models"], serde_json::json!(["minilm"]));
+
+    // Flags override the manifest.
+    let out = server.cli(&["deploy", app.join("handler.wasm").to_str().unwrap(), "--name", "other", "--cpu-ms", "100"]);
+    stdout_of(&out);
+    let reply = get(&format!("{}/default/other/loop", server.url)).await;
+    assert!(reply.body.contains("CPU time limit of 100 ms"), "{}", reply.body);
+
+    // A bad manifest is refused before anything is sent, naming field and line.
+    std::fs::write(app.join("gpuwasm.toml"), "name = \"configured\"\n\n[outbound]\nallow = [\"not a host\"]\n").unwrap();
+    let out = server.cli(&["deploy", app.join("handler.wasm").to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("gpuwasm.toml line 4: `outbound.allow`: invalid host \"not a host\""), "{stderr}");
+}
+
+#[tokio::test]
 async fn outbound_http_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(&dir);

@@ -21,6 +21,8 @@ mod output;
 mod preinit;
 mod request;
 mod runtime;
+mod sandbox;
+pub mod manifest;
 pub mod server;
 pub mod store;
 
@@ -28,3 +30,4 @@ pub use error::Error;
 pub use limits::Limits;
 pub use request::{BoxError, ResponseBody};
 pub use runtime::{Deployment, Runtime, RuntimeBuilder};
+pub use sandbox::Sandbox;

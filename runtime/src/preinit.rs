@@ -6,6 +6,7 @@ use crate::error::{Error, chain};
 use crate::limits::Limits;
 use crate::request::{Failure, RequestState};
 use crate::runtime::Runtime;
+use crate::sandbox::Sandbox;
 use wasmparser::{Parser, Payload};
 use wasmtime::Store;
 use wasmtime_wizer::Wizer;
@@ -44,11 +45,17 @@ pub(crate) fn init_export(wasm: &[u8]) -> Result<Option<&'static str>, Error> {
     Ok(found)
 }
 
-/// Runs `init_func` of `wasm` once under `limits` (memory) and
-/// [`INIT_CPU_MS`], and returns the snapshotted component. Blocking: call
+/// Runs `init_func` of `wasm` once under `limits` (memory), [`INIT_CPU_MS`]
+/// and `sandbox`, and returns the snapshotted component. Blocking: call
 /// it from a blocking thread inside a tokio runtime.
-pub(crate) fn snapshot(runtime: &Runtime, wasm: &[u8], init_func: &str, limits: &Limits) -> Result<Vec<u8>, Error> {
-    let mut store = runtime.new_store(limits.memory_bytes(), INIT_CPU_MS);
+pub(crate) fn snapshot(
+    runtime: &Runtime,
+    wasm: &[u8],
+    init_func: &str,
+    limits: &Limits,
+    sandbox: &Sandbox,
+) -> Result<Vec<u8>, Error> {
+    let mut store = runtime.new_store(limits.memory_bytes(), INIT_CPU_MS, sandbox, &Default::default());
     let mut wizer = Wizer::new();
     wizer.init_func(init_func);
     let linker = runtime.linker();

@@ -9,9 +9,9 @@ use wasmtime::component::ResourceTable;
 use wasmtime::{ResourceLimiter, Trap};
 use crate::output::GuestOutput;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
-use wasmtime_wasi_http::{
-    RequestOptions, WasiBody, WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView,
-};
+use crate::sandbox::{OutboundPolicy, Sandbox};
+use std::sync::Arc;
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 /// A boxed error, as carried by response bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -25,7 +25,7 @@ pub(crate) struct RequestState {
     wasi: WasiCtx,
     http: WasiHttpCtx,
     table: ResourceTable,
-    hooks: DenyOutbound,
+    hooks: OutboundPolicy,
     pub(crate) limiter: MemoryLimiter,
     output: GuestOutput,
     /// Epoch ticks observed while guest code ran.
@@ -34,10 +34,13 @@ pub(crate) struct RequestState {
 }
 
 impl RequestState {
-    pub(crate) fn new(memory_limit: usize) -> Self {
+    pub(crate) fn new(memory_limit: usize, sandbox: &Sandbox, outbound: &Arc<Vec<String>>) -> Self {
         let output = GuestOutput::default();
         let mut wasi = WasiCtx::builder();
         wasi.stdout(output.clone()).stderr(output.clone());
+        for (key, value) in &sandbox.env {
+            wasi.env(key, value);
+        }
         // No network: the default address check already refuses every
         // address; say so explicitly.
         wasi.allow_tcp(false).allow_udp(false).allow_ip_name_lookup(false);
@@ -45,7 +48,7 @@ impl RequestState {
             wasi: wasi.build(),
             http: WasiHttpCtx::new(),
             table: ResourceTable::new(),
-            hooks: DenyOutbound,
+            hooks: OutboundPolicy { allow: outbound.clone() },
             limiter: MemoryLimiter { limit: memory_limit, exceeded: false },
             output,
             cpu_ticks: 0,
@@ -101,28 +104,6 @@ impl WasiView for RequestState {
 impl WasiHttpView for RequestState {
     fn http(&mut self) -> WasiHttpCtxView<'_> {
         WasiHttpCtxView { ctx: &mut self.http, table: &mut self.table, hooks: &mut self.hooks }
-    }
-}
-
-/// Outbound HTTP is refused: no deployment has an allow-list yet.
-struct DenyOutbound;
-
-impl WasiHttpHooks for DenyOutbound {
-    fn send_request(
-        &mut self,
-        request: http::Request<WasiBody>,
-        _options: Option<RequestOptions>,
-        _io: Box<dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send>,
-    ) -> Box<
-        dyn Future<
-                Output = wasmtime_wasi_http::Result<(
-                    http::Response<WasiBody>,
-                    Box<dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send>,
-                )>,
-            > + Send,
-    > {
-        tracing::info!(uri = %request.uri(), "outbound HTTP request denied");
-        Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) })
     }
 }
 

@@ -6,6 +6,7 @@ use crate::error::{Error, chain};
 use crate::limits::Limits;
 use crate::preinit;
 use crate::request::{BoxError, Failure, RequestState, ResponseBody};
+use crate::sandbox::Sandbox;
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::BodyExt;
@@ -102,35 +103,50 @@ impl Runtime {
     ///
     /// The CPU-heavy parts run on tokio's blocking threads.
     pub async fn load(&self, name: &str, wasm: &[u8], limits: Limits) -> Result<Deployment, Error> {
+        self.load_with_sandbox(name, wasm, limits, Sandbox::default()).await
+    }
+
+    /// [`Runtime::load`] with environment variables and an outbound HTTP
+    /// allow-list (the default [`Sandbox`] allows nothing).
+    pub async fn load_with_sandbox(
+        &self,
+        name: &str,
+        wasm: &[u8],
+        limits: Limits,
+        sandbox: Sandbox,
+    ) -> Result<Deployment, Error> {
         let runtime = self.clone();
-        let (wasm, memory) = (wasm.to_vec(), limits.clone());
+        let (wasm, memory, env) = (wasm.to_vec(), limits.clone(), sandbox.clone());
         let component = tokio::task::spawn_blocking(move || -> Result<Component, Error> {
-            let wasm = runtime.preinitialize(&wasm, &memory)?.unwrap_or(wasm);
+            let wasm = runtime.preinitialize(&wasm, &memory, &env)?.unwrap_or(wasm);
             Component::new(runtime.engine(), &wasm).map_err(|e| Error::InvalidComponent(chain(&e)))
         })
         .await
         .map_err(|e| Error::Engine(format!("compile task failed: {e}")))??;
-        let deployment = self.deployment(name, &component, limits)?;
+        let deployment = self.deployment(name, &component, limits, sandbox)?;
         deployment.check().await?;
         Ok(deployment)
     }
 
-    /// When `wasm` exports an init function, runs it once and returns the
-    /// snapshotted component; `None` when there is nothing to run.
-    /// Blocking: call it from a blocking thread inside a tokio runtime.
-    pub(crate) fn preinitialize(&self, wasm: &[u8], limits: &Limits) -> Result<Option<Vec<u8>>, Error> {
+    /// When `wasm` exports an init function, runs it once (with the
+    /// sandbox's environment, without network) and returns the snapshotted
+    /// component; `None` when there is nothing to run. Blocking: call it
+    /// from a blocking thread inside a tokio runtime.
+    pub(crate) fn preinitialize(&self, wasm: &[u8], limits: &Limits, sandbox: &Sandbox) -> Result<Option<Vec<u8>>, Error> {
         check_header(wasm)?;
         limits.validate(self.max_memory_mb()).map_err(Error::InvalidLimits)?;
+        sandbox.validate().map_err(Error::InvalidLimits)?;
+        let env_only = Sandbox { env: sandbox.env.clone(), outbound: Vec::new() };
         match preinit::init_export(wasm)? {
-            Some(init_func) => preinit::snapshot(self, wasm, init_func, limits).map(Some),
+            Some(init_func) => preinit::snapshot(self, wasm, init_func, limits, &env_only).map(Some),
             None => Ok(None),
         }
     }
 
     /// A store for one instance: WASI context, memory limit, and an epoch
     /// callback that yields every tick and stops the guest after `cpu_ms`.
-    pub(crate) fn new_store(&self, memory_bytes: usize, cpu_ms: u64) -> Store<RequestState> {
-        let mut store = Store::new(&self.inner.engine, RequestState::new(memory_bytes));
+    pub(crate) fn new_store(&self, memory_bytes: usize, cpu_ms: u64, sandbox: &Sandbox, outbound: &Arc<Vec<String>>) -> Store<RequestState> {
+        let mut store = Store::new(&self.inner.engine, RequestState::new(memory_bytes, sandbox, outbound));
         store.limiter(|state| &mut state.limiter);
         let max_ticks = cpu_ms.div_ceil(TICK.as_millis() as u64).max(1);
         store.set_epoch_deadline(1);
@@ -175,8 +191,10 @@ impl Runtime {
         name: &str,
         component: &Component,
         limits: Limits,
+        sandbox: Sandbox,
     ) -> Result<Deployment, Error> {
         limits.validate(self.max_memory_mb()).map_err(Error::InvalidLimits)?;
+        sandbox.validate().map_err(Error::InvalidLimits)?;
         let instance_pre = self
             .inner
             .linker
@@ -189,6 +207,8 @@ impl Runtime {
                 slots: Arc::new(Semaphore::new(limits.concurrency as usize)),
                 queued: AtomicU32::new(0),
                 limits,
+                outbound: Arc::new(sandbox.outbound.clone()),
+                sandbox,
                 pre,
                 runtime: self.clone(),
             }),
@@ -223,6 +243,9 @@ pub struct Deployment {
 struct DeploymentInner {
     name: String,
     limits: Limits,
+    sandbox: Sandbox,
+    /// The sandbox's allow-list, shared by every request.
+    outbound: Arc<Vec<String>>,
     pre: ProxyPre<RequestState>,
     /// Instances of this deployment that may run at once.
     slots: Arc<Semaphore>,
@@ -251,12 +274,17 @@ impl Deployment {
         &self.inner.limits
     }
 
+    /// What its instances may reach: environment, outbound hosts.
+    pub fn sandbox(&self) -> &Sandbox {
+        &self.inner.sandbox
+    }
+
     /// Instantiates the component once, fresh, under its limits, and drops
     /// the instance: a component that cannot start (say, its initial memory
     /// is over the memory limit) is refused before it takes traffic.
     pub async fn check(&self) -> Result<(), Error> {
-        let limits = &self.inner.limits;
-        let mut store = self.inner.runtime.new_store(limits.memory_bytes(), limits.cpu_ms);
+        let (limits, inner) = (&self.inner.limits, &self.inner);
+        let mut store = inner.runtime.new_store(limits.memory_bytes(), limits.cpu_ms, &inner.sandbox, &inner.outbound);
         match self.inner.pre.instantiate_async(&mut store).await {
             Ok(_) => Ok(()),
             Err(err) => Err(Error::Instantiate(
@@ -317,7 +345,7 @@ impl Deployment {
         let deadline = Instant::now() + limits.timeout();
         let permits = self.admit().await?;
 
-        let mut store = me.runtime.new_store(limits.memory_bytes(), limits.cpu_ms);
+        let mut store = me.runtime.new_store(limits.memory_bytes(), limits.cpu_ms, &me.sandbox, &me.outbound);
 
         let body_too_large = Arc::new(AtomicBool::new(false));
         let request = limit_body(request, limits.max_body_bytes, body_too_large.clone());

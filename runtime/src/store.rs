@@ -9,6 +9,7 @@
 
 use crate::error::Error;
 use crate::limits::Limits;
+use crate::sandbox::Sandbox;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use std::path::{Path, PathBuf};
@@ -58,6 +59,12 @@ pub struct VersionRecord {
     pub host: Option<String>,
     /// Limits its requests run under.
     pub limits: Limits,
+    /// Environment and outbound allow-list.
+    #[serde(default)]
+    pub sandbox: Sandbox,
+    /// Models the handler may load (enforced by wasi-nn).
+    #[serde(default)]
+    pub models: Vec<String>,
     /// Seconds since the Unix epoch.
     pub deployed_at: u64,
     /// Id of the token that deployed it.

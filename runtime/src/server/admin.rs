@@ -9,6 +9,8 @@ use crate::error::Error;
 use crate::limits::Limits;
 use crate::request::ResponseBody;
 use crate::runtime::Deployment;
+use crate::sandbox::{Sandbox, check_host_pattern};
+use serde::Deserialize;
 use crate::store::{Change, DeploymentState, TenantRecord, VersionRecord};
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Limited};
@@ -193,9 +195,9 @@ impl ServerInner {
         if let Err(e) = check_name(&name) {
             return error_response(&e);
         }
-        let (limits, host, preinit) = match parse_deploy_query(query) {
-            Ok(v) => v,
-            Err(message) => return api_error(StatusCode::BAD_REQUEST, "invalid_limits", &message),
+        let spec = match DeploySpec::from_request(query, request.headers()) {
+            Ok(spec) => spec,
+            Err(message) => return api_error(StatusCode::BAD_REQUEST, "invalid_spec", &message),
         };
         let max = self.config.max_upload_bytes;
         let wasm = match Limited::new(request.into_body(), max).collect().await {
@@ -216,14 +218,16 @@ impl ServerInner {
             sha256: String::new(),
             snapshot_sha256: None,
             size_bytes: wasm.len() as u64,
-            host,
-            limits,
+            host: spec.host,
+            limits: spec.limits,
+            sandbox: spec.sandbox,
+            models: spec.models,
             deployed_at: now(),
             deployed_by: caller.token_id.clone(),
         };
         let me = self.clone();
         let built = tokio::task::spawn_blocking(move || -> Result<(VersionRecord, Deployment), Error> {
-            let snapshot = if preinit { me.runtime.preinitialize(&wasm, &version.limits)? } else { None };
+            let snapshot = if spec.preinit { me.runtime.preinitialize(&wasm, &version.limits, &version.sandbox)? } else { None };
             let (version, component) = match snapshot {
                 None => {
                     let (sha256, component) = me.artifacts.store(&me.runtime, &wasm)?;
@@ -235,7 +239,8 @@ impl ServerInner {
                     (VersionRecord { sha256, snapshot_sha256: Some(snapshot_sha256), ..version }, component)
                 }
             };
-            let deployment = me.runtime.deployment(&version.name, &component, version.limits.clone())?;
+            let deployment =
+                me.runtime.deployment(&version.name, &component, version.limits.clone(), version.sandbox.clone())?;
             Ok((version, deployment))
         })
         .await;
@@ -361,29 +366,64 @@ fn query_value<'q>(query: &'q str, key: &str) -> Option<&'q str> {
     query.split('&').find_map(|pair| pair.strip_prefix(key)?.strip_prefix('='))
 }
 
+/// The header carrying a deploy's settings as JSON (see [`DeploySpec`]).
+pub const SPEC_HEADER: &str = "gpuwasm-spec";
+
+/// A deploy's settings: from the `gpuwasm-spec` header (JSON, what the CLI
+/// sends from gpuwasm.toml and its flags) or from query parameters
+/// (`host`, `preinit` and limit fields; handy with curl).
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct DeploySpec {
+    host: Option<String>,
+    preinit: bool,
+    limits: Limits,
+    sandbox: Sandbox,
+    models: Vec<String>,
+}
+
+impl Default for DeploySpec {
+    fn default() -> Self {
+        DeploySpec { host: None, preinit: true, limits: Limits::default(), sandbox: Sandbox::default(), models: Vec::new() }
+    }
+}
+
+impl DeploySpec {
+    fn from_request(query: &str, headers: &http::HeaderMap) -> Result<DeploySpec, String> {
+        let mut spec = match headers.get(SPEC_HEADER) {
+            Some(json) => {
+                if !query.is_empty() {
+                    return Err(format!("give settings either in the {SPEC_HEADER} header or as query parameters, not both"));
+                }
+                let json = json.to_str().map_err(|_| format!("the {SPEC_HEADER} header must be ASCII JSON"))?;
+                serde_json::from_str(json).map_err(|e| format!("{SPEC_HEADER}: {e}"))?
+            }
+            None => parse_deploy_query(query)?,
+        };
+        if let Some(host) = &mut spec.host {
+            *host = host.to_ascii_lowercase();
+            check_host_pattern(host, false)?;
+        }
+        spec.sandbox.validate()?;
+        Ok(spec)
+    }
+}
+
 /// Parses `host=...`, `preinit=true|false` and limit fields from a deploy
 /// query string.
-fn parse_deploy_query(query: &str) -> Result<(Limits, Option<String>, bool), String> {
-    let mut limits = Limits::default();
-    let mut host = None;
-    let mut preinit = true;
+fn parse_deploy_query(query: &str) -> Result<DeploySpec, String> {
+    let mut spec = DeploySpec::default();
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (key, value) = pair.split_once('=').ok_or_else(|| format!("query parameter {pair:?} has no value"))?;
         match key {
-            "host" => {
-                let h = value.to_ascii_lowercase();
-                if h.is_empty() || !h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-') {
-                    return Err(format!("invalid host {value:?}: use a plain DNS name"));
-                }
-                host = Some(h);
-            }
+            "host" => spec.host = Some(value.to_string()),
             "preinit" => {
-                preinit = value.parse().map_err(|_| format!("preinit must be true or false, got {value:?}"))?;
+                spec.preinit = value.parse().map_err(|_| format!("preinit must be true or false, got {value:?}"))?;
             }
-            _ => limits.set(key, value)?,
+            _ => spec.limits.set(key, value)?,
         }
     }
-    Ok((limits, host, preinit))
+    Ok(spec)
 }
 
 #[cfg(test)]
@@ -391,14 +431,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn deploy_query() {
-        let (l, h, p) = parse_deploy_query("host=API.example.com&memory_mb=32&cpu_ms=100").unwrap();
-        assert_eq!((l.memory_mb, l.cpu_ms, h.as_deref(), p), (32, 100, Some("api.example.com"), true));
-        assert!(!parse_deploy_query("preinit=false").unwrap().2);
-        assert!(parse_deploy_query("preinit=no").unwrap_err().contains("preinit"));
-        assert!(parse_deploy_query("memory_mb").unwrap_err().contains("no value"));
-        assert!(parse_deploy_query("nope=1").unwrap_err().contains("unknown limit"));
-        assert!(parse_deploy_query("host=a/b").unwrap_err().contains("invalid host"));
+    fn deploy_settings() {
+        let none = http::HeaderMap::new();
+        let s = DeploySpec::from_request("host=API.example.com&memory_mb=32&cpu_ms=100", &none).unwrap();
+        assert_eq!((s.limits.memory_mb, s.limits.cpu_ms, s.host.as_deref(), s.preinit), (32, 100, Some("api.example.com"), true));
+        assert!(!DeploySpec::from_request("preinit=false", &none).unwrap().preinit);
+        assert!(DeploySpec::from_request("preinit=no", &none).unwrap_err().contains("preinit"));
+        assert!(DeploySpec::from_request("memory_mb", &none).unwrap_err().contains("no value"));
+        assert!(DeploySpec::from_request("nope=1", &none).unwrap_err().contains("unknown limit"));
+        assert!(DeploySpec::from_request("host=a/b", &none).unwrap_err().contains("invalid host"));
+
+        let mut headers = http::HeaderMap::new();
+        let json = r#"{"limits":{"memory_mb":16},"sandbox":{"env":{"A":"1"},"outbound":["x.com:8080"]},"models":["m"]}"#;
+        headers.insert(SPEC_HEADER, json.parse().unwrap());
+        let s = DeploySpec::from_request("", &headers).unwrap();
+        assert_eq!((s.limits.memory_mb, s.sandbox.env["A"].as_str(), s.models.len(), s.preinit), (16, "1", 1, true));
+        assert!(DeploySpec::from_request("memory_mb=3", &headers).unwrap_err().contains("not both"));
+        headers.insert(SPEC_HEADER, r#"{"sandbox":{"outbound":["bad host"]}}"#.parse().unwrap());
+        assert!(DeploySpec::from_request("", &headers).unwrap_err().contains("outbound allow-list"));
+        headers.insert(SPEC_HEADER, r#"{"limts":{}}"#.parse().unwrap());
+        assert!(DeploySpec::from_request("", &headers).unwrap_err().contains("unknown field `limts`"));
     }
 
     #[test]

@@ -18,6 +18,7 @@
 mod admin;
 mod control;
 
+pub use admin::SPEC_HEADER;
 pub use control::DEFAULT_TENANT;
 
 use crate::artifacts::ArtifactStore;
@@ -165,7 +166,7 @@ impl ServerInner {
     fn build(&self, version: &VersionRecord) -> Result<Deployment, Error> {
         let runs = version.snapshot_sha256.as_ref().unwrap_or(&version.sha256);
         let component = self.artifacts.component(&self.runtime, runs)?;
-        self.runtime.deployment(&version.name, &component, version.limits.clone())
+        self.runtime.deployment(&version.name, &component, version.limits.clone(), version.sandbox.clone())
     }
 
     /// Makes `changes` durable, then swaps in `control`. Called with

@@ -5,8 +5,10 @@ use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use clap::{Args, Parser, Subcommand};
 use gpuwasm::server::{Server, ServerConfig, serve_connections};
+use gpuwasm::manifest::Manifest;
+use gpuwasm::server::SPEC_HEADER;
 use gpuwasm::store::VersionRecord;
-use gpuwasm::{Limits, Runtime};
+use gpuwasm::{Limits, Runtime, Sandbox};
 use http::Method;
 use std::io::Write;
 use std::net::SocketAddr;
@@ -222,8 +224,13 @@ pub struct DeployArgs {
     /// The component (.wasm) to deploy.
     file: PathBuf,
     /// Deployment name: 1-63 of a-z, 0-9 and '-'. Requests to /TENANT/NAME/... reach it.
+    /// [default: `name` in the manifest]
     #[arg(long)]
-    name: String,
+    name: Option<String>,
+    /// The manifest [default: gpuwasm.toml beside FILE, if there is one].
+    /// Flags override what it says.
+    #[arg(long)]
+    manifest: Option<PathBuf>,
     /// Route requests whose Host header is HOST here (instead of by path).
     #[arg(long)]
     host: Option<String>,
@@ -410,16 +417,35 @@ async fn run_file(args: RunArgs) -> Result<ExitCode> {
 
 async fn deploy(args: DeployArgs) -> Result<ExitCode> {
     let wasm = read_component(&args.file)?;
-    let mut query: Vec<String> = args.limits.given().iter().map(|(k, v)| format!("{k}={v}")).collect();
-    if let Some(host) = &args.host {
-        query.push(format!("host={host}"));
+    let manifest_path = args.manifest.clone().or_else(|| {
+        let beside = args.file.parent().unwrap_or(Path::new(".")).join("gpuwasm.toml");
+        beside.exists().then_some(beside)
+    });
+    let manifest = match &manifest_path {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            Manifest::parse(&text, u64::MAX).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+        }
+        None => Manifest::default(),
+    };
+    let Some(name) = args.name.clone().or(manifest.name.clone()) else {
+        bail!("give the deployment a name: --name NAME, or `name = \"...\"` in gpuwasm.toml");
+    };
+    let mut limits = manifest.limits.clone();
+    for (field, value) in args.limits.given() {
+        limits.set(field, &value.to_string()).map_err(anyhow::Error::msg)?;
     }
-    if args.no_preinit {
-        query.push("preinit=false".into());
-    }
-    let path = format!("deployments/{}?{}", args.name, query.join("&"));
+    let spec = serde_json::json!({
+        "host": args.host.clone().or(manifest.host.clone()),
+        "preinit": !args.no_preinit,
+        "limits": limits,
+        "sandbox": Sandbox { env: manifest.env.clone(), outbound: manifest.outbound.clone() },
+        "models": manifest.models,
+    });
+    let path = format!("deployments/{name}");
     let api = args.server.api()?;
-    let v: VersionRecord = serde_json::from_value(api.admin(Method::PUT, &path, Bytes::from(wasm)).await?)
+    let header = (SPEC_HEADER.to_string(), ascii_json(&spec));
+    let v: VersionRecord = serde_json::from_value(api.admin_with(Method::PUT, &path, &[header], Bytes::from(wasm)).await?)
         .context("unexpected reply from the server")?;
     let route = match &v.host {
         Some(host) => format!("http://{host}/ (by Host header)"),
@@ -428,6 +454,23 @@ async fn deploy(args: DeployArgs) -> Result<ExitCode> {
     let snapshot = if v.snapshot_sha256.is_some() { ", pre-initialised" } else { "" };
     println!("deployed {}/{} version {} (sha256 {}{snapshot}) at {route}", v.tenant, v.name, v.version, short(&v.sha256));
     Ok(ExitCode::SUCCESS)
+}
+
+/// `value` as JSON with every non-ASCII character escaped, so that it fits
+/// in an HTTP header.
+fn ascii_json(value: &serde_json::Value) -> String {
+    let mut out = String::new();
+    for c in value.to_string().chars() {
+        if c.is_ascii() {
+            out.push(c);
+        } else {
+            let mut units = [0u16; 2];
+            for unit in c.encode_utf16(&mut units) {
+                out.push_str(&format!("\\u{unit:04x}"));
+            }
+        }
+    }
+    out
 }
 
 fn short(sha256: &str) -> &str {

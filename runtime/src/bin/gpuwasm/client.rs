@@ -57,7 +57,18 @@ impl Api {
     /// Calls the admin API and parses its JSON reply, turning API errors
     /// into readable ones.
     pub async fn admin(&self, method: Method, path: &str, body: Bytes) -> Result<serde_json::Value> {
-        let reply = self.send(method, &format!("{}{path}", gpuwasm::server::ADMIN_PREFIX), &[], body).await?;
+        self.admin_with(method, path, &[], body).await
+    }
+
+    /// [`Api::admin`] with extra request headers.
+    pub async fn admin_with(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(String, String)],
+        body: Bytes,
+    ) -> Result<serde_json::Value> {
+        let reply = self.send(method, &format!("{}{path}", gpuwasm::server::ADMIN_PREFIX), headers, body).await?;
         let json: serde_json::Value = serde_json::from_slice(&reply.body).map_err(|_| {
             anyhow!("unexpected reply (HTTP {}): {}", reply.status, String::from_utf8_lossy(&reply.body).trim())
         })?;

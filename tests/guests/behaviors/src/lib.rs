@@ -66,7 +66,14 @@ fn handle(request: Request) -> Response {
             wasip2::clocks::monotonic_clock::subscribe_duration(ms * 1_000_000).block();
             Response::text(200, "slept")
         }
-        "/outbound" => Response::text(200, outbound()),
+        "/outbound" => {
+            let to = request.query().and_then(|q| q.strip_prefix("to=").map(str::to_string));
+            Response::text(200, outbound(to.as_deref().unwrap_or("127.0.0.1:9")))
+        }
+        "/env" => {
+            let name = request.query().unwrap_or_default();
+            Response::text(200, std::env::var(&name).unwrap_or_else(|_| format!("{name} is not set")))
+        }
         // Logs 5 MB: the runtime keeps the tail and must not stop the guest.
         "/chatty" => {
             let line = "x".repeat(1023);
@@ -79,12 +86,12 @@ fn handle(request: Request) -> Response {
     }
 }
 
-/// Tries an outgoing HTTP request to loopback and reports what happened.
-fn outbound() -> String {
+/// Tries an outgoing HTTP request to `authority` and reports what happened.
+fn outbound(authority: &str) -> String {
     use wasip2::http::{outgoing_handler, types};
     let request = types::OutgoingRequest::new(types::Fields::new());
     let _ = request.set_scheme(Some(&types::Scheme::Http));
-    let _ = request.set_authority(Some("127.0.0.1:9"));
+    let _ = request.set_authority(Some(authority));
     let _ = request.set_path_with_query(Some("/"));
     let future = match outgoing_handler::handle(request, None) {
         Ok(future) => future,

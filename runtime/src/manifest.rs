@@ -1,0 +1,181 @@
+//! `gpuwasm.toml`: what a deployment declares beside its component.
+//!
+//! ```toml
+//! name = "api"                       # deployment name (--name overrides)
+//!
+//! [routes]
+//! host = "api.example.com"           # also route requests with this Host
+//!
+//! [limits]                           # any Limits field (flags override)
+//! memory_mb = 64
+//! cpu_ms = 1000
+//!
+//! [env]                              # environment variables of the handler
+//! GREETING = "hello"
+//!
+//! [outbound]                         # hosts the handler may call over HTTP(S)
+//! allow = ["api.example.com", "127.0.0.1:8080"]
+//!
+//! [models]                           # models it may load (enforced by wasi-nn)
+//! allow = ["minilm"]
+//! ```
+//!
+//! Errors name the field and the line.
+
+use crate::limits::Limits;
+use crate::sandbox::check_host_pattern;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use toml::Spanned;
+
+/// A parsed, checked manifest.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Deployment name.
+    pub name: Option<String>,
+    /// Host name routed to the deployment.
+    pub host: Option<String>,
+    /// Limits (defaults where not given).
+    pub limits: Limits,
+    /// Environment variables.
+    pub env: BTreeMap<String, String>,
+    /// Hosts (`host` or `host:port`) outbound HTTP may reach.
+    pub outbound: Vec<String>,
+    /// Models the handler may load.
+    pub models: Vec<String>,
+}
+
+/// What is wrong with a manifest, and where.
+#[derive(Debug, thiserror::Error)]
+#[error("gpuwasm.toml line {line}: {message}")]
+pub struct ManifestError {
+    /// 1-based line.
+    pub line: usize,
+    /// What is wrong, naming the field.
+    pub message: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    name: Option<Spanned<String>>,
+    #[serde(default)]
+    routes: Routes,
+    limits: Option<Spanned<Limits>>,
+    #[serde(default)]
+    env: BTreeMap<String, Spanned<String>>,
+    #[serde(default)]
+    outbound: Allow,
+    #[serde(default)]
+    models: Allow,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Routes {
+    host: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Allow {
+    #[serde(default)]
+    allow: Vec<Spanned<String>>,
+}
+
+impl Manifest {
+    /// Parses and checks `text`, the contents of a `gpuwasm.toml`.
+    pub fn parse(text: &str, max_memory_mb: u64) -> Result<Manifest, ManifestError> {
+        let line_of = |offset: usize| text[..offset.min(text.len())].matches('\n').count() + 1;
+        let err = |span: std::ops::Range<usize>, message: String| ManifestError { line: line_of(span.start), message };
+        let file: File = toml::from_str(text).map_err(|e| ManifestError {
+            line: e.span().map_or(1, |s| line_of(s.start)),
+            message: e.message().to_string(),
+        })?;
+        if let Some(name) = &file.name {
+            crate::server::check_name(name.get_ref()).map_err(|e| err(name.span(), format!("`name`: {e}")))?;
+        }
+        let host = match file.routes.host {
+            Some(host) => {
+                let h = host.get_ref().to_ascii_lowercase();
+                check_host_pattern(&h, false).map_err(|e| err(host.span(), format!("`routes.host`: {e}")))?;
+                Some(h)
+            }
+            None => None,
+        };
+        let limits = match file.limits {
+            Some(limits) => {
+                let span = limits.span();
+                let limits = limits.into_inner();
+                limits.validate(max_memory_mb).map_err(|e| err(span, format!("`limits`: {e}")))?;
+                limits
+            }
+            None => Limits::default(),
+        };
+        let mut env = BTreeMap::new();
+        for (key, value) in file.env {
+            let valid = !key.is_empty() && !key.contains('=') && !key.contains('\0') && !value.get_ref().contains('\0');
+            if !valid {
+                return Err(err(value.span(), format!("`env.{key}`: names must be non-empty without '=' or NUL")));
+            }
+            env.insert(key, value.into_inner());
+        }
+        let mut outbound = Vec::new();
+        for entry in file.outbound.allow {
+            check_host_pattern(entry.get_ref(), true).map_err(|e| err(entry.span(), format!("`outbound.allow`: {e}")))?;
+            outbound.push(entry.into_inner().to_ascii_lowercase());
+        }
+        let mut models = Vec::new();
+        for model in file.models.allow {
+            if model.get_ref().is_empty() {
+                return Err(err(model.span(), "`models.allow`: model names cannot be empty".into()));
+            }
+            models.push(model.into_inner());
+        }
+        Ok(Manifest { name: file.name.map(Spanned::into_inner), host, limits, env, outbound, models })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_manifest_parses() {
+        let m = Manifest::parse(
+            "name = \"api\"\n[routes]\nhost = \"API.example.com\"\n[limits]\nmemory_mb = 64\n\
+             [env]\nGREETING = \"hi\"\n[outbound]\nallow = [\"example.com\", \"127.0.0.1:8080\"]\n\
+             [models]\nallow = [\"minilm\"]\n",
+            1024,
+        )
+        .unwrap();
+        assert_eq!(m.name.as_deref(), Some("api"));
+        assert_eq!(m.host.as_deref(), Some("api.example.com"));
+        assert_eq!(m.limits.memory_mb, 64);
+        assert_eq!(m.limits.cpu_ms, Limits::default().cpu_ms);
+        assert_eq!(m.env["GREETING"], "hi");
+        assert_eq!(m.outbound, ["example.com", "127.0.0.1:8080"]);
+        assert_eq!(m.models, ["minilm"]);
+        assert_eq!(Manifest::parse("", 1024).unwrap(), Manifest::default());
+    }
+
+    #[test]
+    fn errors_name_the_field_and_line() {
+        let cases = [
+            ("name = \"api\"\n\n[limits]\nmemory_mb = \"lots\"\n", 4, "invalid type"),
+            ("name = \"api\"\ncolour = \"blue\"\n", 2, "unknown field `colour`"),
+            ("[limits]\nmemroy_mb = 3\n", 2, "unknown field `memroy_mb`"),
+            ("\n\nname = \"Not Valid\"\n", 3, "`name`"),
+            ("[routes]\n\nhost = \"a/b\"\n", 3, "`routes.host`"),
+            ("[outbound]\nallow = [\n  \"ok.com\",\n  \"bad host\",\n]\n", 4, "`outbound.allow`"),
+            ("[limits]\ncpu_ms = 0\n", 1, "`limits`: limit `cpu_ms` must be greater than 0"),
+            ("[limits]\nmemory_mb = 4096\n", 1, "exceeds this server's maximum"),
+            ("name = \n", 1, ""),
+        ];
+        for (text, line, needle) in cases {
+            let e = Manifest::parse(text, 1024).unwrap_err();
+            assert_eq!(e.line, line, "{text:?}: {e}");
+            assert!(e.to_string().contains(needle), "{text:?}: {e}");
+        }
+    }
+}
