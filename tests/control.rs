@@ -237,3 +237,56 @@ async fn kill_9_during_deploys_never_loses_or_half_applies_one() {
     assert!(!acknowledged.is_empty(), "no deploy finished before a kill; the test proves nothing");
     assert!(acknowledged.len() < 14, "every deploy finished before its kill; no kill landed mid-deploy");
 }
+
+#[tokio::test]
+async fn files_are_served_read_only_and_nothing_outside_them_is_reachable() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let server = Server::start_in(&data);
+    let app = dir.path().join("app");
+    std::fs::create_dir_all(app.join("static/sub")).unwrap();
+    std::fs::copy(wasm("behaviors"), app.join("handler.wasm")).unwrap();
+    std::fs::write(app.join("static/hello.txt"), "hi from a file").unwrap();
+    std::fs::write(app.join("static/sub/data.json"), "{}").unwrap();
+    std::fs::write(app.join("gpuwasm.toml"), "name = \"site\"\n[files]\ndir = \"static\"\n").unwrap();
+    stdout_of(&server.cli(&["deploy", app.join("handler.wasm").to_str().unwrap()]));
+
+    let read = |path: &str| {
+        let url = format!("{}/default/site/read?{path}", server.url);
+        async move { get(&url).await.body }
+    };
+    assert_eq!(read("/hello.txt").await, "hi from a file");
+    assert_eq!(read("/sub/data.json").await, "{}");
+    for outside in ["/../../../../etc/passwd", "/sub/../../etc/passwd", "/etc/passwd", "../hello.txt"] {
+        let body = read(outside).await;
+        assert!(body.starts_with("error:"), "{outside}: {body}");
+    }
+    let written = get(&format!("{}/default/site/write?/new.txt", server.url)).await.body;
+    assert!(written.starts_with("error:"), "the tree is read-only: {written}");
+
+    // A symlink planted inside the tree on the server's disk still cannot
+    // lead outside it.
+    let trees = data.join("files/trees/default");
+    let tree = std::fs::read_dir(&trees).unwrap().next().unwrap().unwrap().path();
+    std::os::unix::fs::symlink("/etc/passwd", tree.join("escape")).unwrap();
+    std::os::unix::fs::symlink("../../../../..", tree.join("up")).unwrap();
+    for path in ["/escape", "/up/etc/passwd"] {
+        let body = read(path).await;
+        assert!(body.starts_with("error:"), "{path}: {body}");
+    }
+
+    // Without [files] nothing is preopened at all.
+    assert_eq!(deploy(&server, TOKEN, "bare", "behaviors").await.0, 201);
+    let body = get(&format!("{}/default/bare/read?/etc/passwd", server.url)).await.body;
+    assert!(body.starts_with("error:"), "{body}");
+
+    // The files survive a restart.
+    server.kill();
+    let server = Server::start_in(&data);
+    assert_eq!(get(&format!("{}/default/site/read?/hello.txt", server.url)).await.body, "hi from a file");
+
+    // The CLI refuses to upload a symlink rather than follow it.
+    std::os::unix::fs::symlink("/etc/passwd", app.join("static/link")).unwrap();
+    let out = server.cli(&["deploy", app.join("handler.wasm").to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a regular file"), "{out:?}");
+}

@@ -31,6 +31,9 @@ pub enum Error {
     /// The component cannot be instantiated under its limits.
     #[error("component cannot be instantiated: {0}")]
     Instantiate(String),
+    /// A deployment's files are not usable.
+    #[error("invalid files: {0}")]
+    InvalidFiles(String),
     /// A deployment name is not usable.
     #[error("invalid deployment name {0:?}: use 1-63 characters of a-z, 0-9 and '-', starting with a letter or digit")]
     InvalidName(String),
@@ -80,6 +83,7 @@ impl Error {
                 | Error::Instantiate(_)
                 | Error::InvalidName(_)
                 | Error::InvalidLimits(_)
+                | Error::InvalidFiles(_)
         )
     }
 
@@ -95,6 +99,7 @@ impl Error {
             Error::Instantiate(_) => "instantiate_failed",
             Error::InvalidName(_) => "invalid_name",
             Error::InvalidLimits(_) => "invalid_limits",
+            Error::InvalidFiles(_) => "invalid_files",
             Error::Engine(_) => "engine",
             Error::Io { .. } => "io",
             Error::CorruptState { .. } => "corrupt_state",

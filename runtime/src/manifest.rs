@@ -16,6 +16,9 @@
 //! [outbound]                         # hosts the handler may call over HTTP(S)
 //! allow = ["api.example.com", "127.0.0.1:8080"]
 //!
+//! [files]                            # served read-only at / inside the sandbox
+//! dir = "static"                     # relative to gpuwasm.toml; uploaded on deploy
+//!
 //! [models]                           # models it may load (enforced by wasi-nn)
 //! allow = ["minilm"]
 //! ```
@@ -26,6 +29,7 @@ use crate::limits::Limits;
 use crate::sandbox::check_host_pattern;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use toml::Spanned;
 
 /// A parsed, checked manifest.
@@ -41,6 +45,8 @@ pub struct Manifest {
     pub env: BTreeMap<String, String>,
     /// Hosts (`host` or `host:port`) outbound HTTP may reach.
     pub outbound: Vec<String>,
+    /// Directory, relative to the manifest, served read-only at `/`.
+    pub files: Option<PathBuf>,
     /// Models the handler may load.
     pub models: Vec<String>,
 }
@@ -66,6 +72,7 @@ struct File {
     env: BTreeMap<String, Spanned<String>>,
     #[serde(default)]
     outbound: Allow,
+    files: Option<Files>,
     #[serde(default)]
     models: Allow,
 }
@@ -74,6 +81,12 @@ struct File {
 #[serde(deny_unknown_fields)]
 struct Routes {
     host: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Files {
+    dir: Spanned<PathBuf>,
 }
 
 #[derive(Deserialize, Default)]
@@ -125,6 +138,17 @@ impl Manifest {
             check_host_pattern(entry.get_ref(), true).map_err(|e| err(entry.span(), format!("`outbound.allow`: {e}")))?;
             outbound.push(entry.into_inner().to_ascii_lowercase());
         }
+        let files = match file.files {
+            Some(files) => {
+                let dir = files.dir.get_ref();
+                if dir.is_absolute() || dir.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+                    let message = format!("`files.dir` must be a folder inside the manifest's folder, got {}", dir.display());
+                    return Err(err(files.dir.span(), message));
+                }
+                Some(files.dir.into_inner())
+            }
+            None => None,
+        };
         let mut models = Vec::new();
         for model in file.models.allow {
             if model.get_ref().is_empty() {
@@ -132,7 +156,7 @@ impl Manifest {
             }
             models.push(model.into_inner());
         }
-        Ok(Manifest { name: file.name.map(Spanned::into_inner), host, limits, env, outbound, models })
+        Ok(Manifest { name: file.name.map(Spanned::into_inner), host, limits, env, outbound, files, models })
     }
 }
 
@@ -145,7 +169,7 @@ mod tests {
         let m = Manifest::parse(
             "name = \"api\"\n[routes]\nhost = \"API.example.com\"\n[limits]\nmemory_mb = 64\n\
              [env]\nGREETING = \"hi\"\n[outbound]\nallow = [\"example.com\", \"127.0.0.1:8080\"]\n\
-             [models]\nallow = [\"minilm\"]\n",
+             [files]\ndir = \"static\"\n[models]\nallow = [\"minilm\"]\n",
             1024,
         )
         .unwrap();
@@ -155,6 +179,7 @@ mod tests {
         assert_eq!(m.limits.cpu_ms, Limits::default().cpu_ms);
         assert_eq!(m.env["GREETING"], "hi");
         assert_eq!(m.outbound, ["example.com", "127.0.0.1:8080"]);
+        assert_eq!(m.files, Some(PathBuf::from("static")));
         assert_eq!(m.models, ["minilm"]);
         assert_eq!(Manifest::parse("", 1024).unwrap(), Manifest::default());
     }
@@ -170,6 +195,7 @@ mod tests {
             ("[outbound]\nallow = [\n  \"ok.com\",\n  \"bad host\",\n]\n", 4, "`outbound.allow`"),
             ("[limits]\ncpu_ms = 0\n", 1, "`limits`: limit `cpu_ms` must be greater than 0"),
             ("[limits]\nmemory_mb = 4096\n", 1, "exceeds this server's maximum"),
+            ("[files]\ndir = \"../etc\"\n", 2, "`files.dir`"),
             ("name = \n", 1, ""),
         ];
         for (text, line, needle) in cases {

@@ -55,7 +55,8 @@ pub(crate) fn snapshot(
     limits: &Limits,
     sandbox: &Sandbox,
 ) -> Result<Vec<u8>, Error> {
-    let mut store = runtime.new_store(limits.memory_bytes(), INIT_CPU_MS, sandbox, &Default::default());
+    let mut store =
+        runtime.new_store(limits.memory_bytes(), INIT_CPU_MS, sandbox, &Default::default()).map_err(Error::InitFailed)?;
     let mut wizer = Wizer::new();
     wizer.init_func(init_func);
     let linker = runtime.linker();

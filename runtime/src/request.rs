@@ -34,17 +34,21 @@ pub(crate) struct RequestState {
 }
 
 impl RequestState {
-    pub(crate) fn new(memory_limit: usize, sandbox: &Sandbox, outbound: &Arc<Vec<String>>) -> Self {
+    pub(crate) fn new(memory_limit: usize, sandbox: &Sandbox, outbound: &Arc<Vec<String>>) -> Result<Self, String> {
         let output = GuestOutput::default();
         let mut wasi = WasiCtx::builder();
         wasi.stdout(output.clone()).stderr(output.clone());
         for (key, value) in &sandbox.env {
             wasi.env(key, value);
         }
+        if let Some(dir) = &sandbox.files {
+            wasi.preopened_dir(dir, "/", wasmtime_wasi::FsPerms::ReadOnly)
+                .map_err(|e| format!("opening the deployment's files at {}: {e}", dir.display()))?;
+        }
         // No network: the default address check already refuses every
         // address; say so explicitly.
         wasi.allow_tcp(false).allow_udp(false).allow_ip_name_lookup(false);
-        Self {
+        Ok(Self {
             wasi: wasi.build(),
             http: WasiHttpCtx::new(),
             table: ResourceTable::new(),
@@ -53,7 +57,7 @@ impl RequestState {
             output,
             cpu_ticks: 0,
             cpu_exceeded: false,
-        }
+        })
     }
 
     /// Host resources the guest holds (streams, sockets, files, ...).

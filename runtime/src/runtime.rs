@@ -129,24 +129,30 @@ impl Runtime {
     }
 
     /// When `wasm` exports an init function, runs it once (with the
-    /// sandbox's environment, without network) and returns the snapshotted
+    /// sandbox's environment and files, without network) and returns the snapshotted
     /// component; `None` when there is nothing to run. Blocking: call it
     /// from a blocking thread inside a tokio runtime.
     pub(crate) fn preinitialize(&self, wasm: &[u8], limits: &Limits, sandbox: &Sandbox) -> Result<Option<Vec<u8>>, Error> {
         check_header(wasm)?;
         limits.validate(self.max_memory_mb()).map_err(Error::InvalidLimits)?;
         sandbox.validate().map_err(Error::InvalidLimits)?;
-        let env_only = Sandbox { env: sandbox.env.clone(), outbound: Vec::new() };
+        let no_network = Sandbox { outbound: Vec::new(), ..sandbox.clone() };
         match preinit::init_export(wasm)? {
-            Some(init_func) => preinit::snapshot(self, wasm, init_func, limits, &env_only).map(Some),
+            Some(init_func) => preinit::snapshot(self, wasm, init_func, limits, &no_network).map(Some),
             None => Ok(None),
         }
     }
 
     /// A store for one instance: WASI context, memory limit, and an epoch
     /// callback that yields every tick and stops the guest after `cpu_ms`.
-    pub(crate) fn new_store(&self, memory_bytes: usize, cpu_ms: u64, sandbox: &Sandbox, outbound: &Arc<Vec<String>>) -> Store<RequestState> {
-        let mut store = Store::new(&self.inner.engine, RequestState::new(memory_bytes, sandbox, outbound));
+    pub(crate) fn new_store(
+        &self,
+        memory_bytes: usize,
+        cpu_ms: u64,
+        sandbox: &Sandbox,
+        outbound: &Arc<Vec<String>>,
+    ) -> Result<Store<RequestState>, String> {
+        let mut store = Store::new(&self.inner.engine, RequestState::new(memory_bytes, sandbox, outbound)?);
         store.limiter(|state| &mut state.limiter);
         let max_ticks = cpu_ms.div_ceil(TICK.as_millis() as u64).max(1);
         store.set_epoch_deadline(1);
@@ -159,7 +165,7 @@ impl Runtime {
             }
             Ok(UpdateDeadline::Yield(1))
         });
-        store
+        Ok(store)
     }
 
     pub(crate) fn linker(&self) -> &Linker<RequestState> {
@@ -284,7 +290,10 @@ impl Deployment {
     /// is over the memory limit) is refused before it takes traffic.
     pub async fn check(&self) -> Result<(), Error> {
         let (limits, inner) = (&self.inner.limits, &self.inner);
-        let mut store = inner.runtime.new_store(limits.memory_bytes(), limits.cpu_ms, &inner.sandbox, &inner.outbound);
+        let mut store = inner
+            .runtime
+            .new_store(limits.memory_bytes(), limits.cpu_ms, &inner.sandbox, &inner.outbound)
+            .map_err(Error::Instantiate)?;
         match self.inner.pre.instantiate_async(&mut store).await {
             Ok(_) => Ok(()),
             Err(err) => Err(Error::Instantiate(
@@ -345,7 +354,10 @@ impl Deployment {
         let deadline = Instant::now() + limits.timeout();
         let permits = self.admit().await?;
 
-        let mut store = me.runtime.new_store(limits.memory_bytes(), limits.cpu_ms, &me.sandbox, &me.outbound);
+        let mut store = me
+            .runtime
+            .new_store(limits.memory_bytes(), limits.cpu_ms, &me.sandbox, &me.outbound)
+            .map_err(Failure::Trap)?;
 
         let body_too_large = Arc::new(AtomicBool::new(false));
         let request = limit_body(request, limits.max_body_bytes, body_too_large.clone());

@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use wasmtime_wasi_http::{RequestOptions, WasiBody, WasiHttpHooks};
 
@@ -15,6 +16,10 @@ pub struct Sandbox {
     /// Hosts outbound HTTP(S) may reach: `host` (any port) or `host:port`.
     /// Everything else is refused with `HTTP-request-denied`.
     pub outbound: Vec<String>,
+    /// A host directory the handler sees, read-only, at `/` (cap-std:
+    /// nothing outside it is reachable, through `..` or symlinks).
+    #[serde(skip)]
+    pub files: Option<PathBuf>,
 }
 
 impl Sandbox {

@@ -12,6 +12,7 @@ use crate::limits::Limits;
 use crate::sandbox::Sandbox;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// A tenant: a namespace of deployments with its own tokens.
@@ -65,6 +66,9 @@ pub struct VersionRecord {
     /// Models the handler may load (enforced by wasi-nn).
     #[serde(default)]
     pub models: Vec<String>,
+    /// Files it sees read-only at `/`: guest path -> SHA-256.
+    #[serde(default)]
+    pub files: BTreeMap<String, String>,
     /// Seconds since the Unix epoch.
     pub deployed_at: u64,
     /// Id of the token that deployed it.

@@ -15,6 +15,7 @@ use crate::store::{Change, DeploymentState, TenantRecord, VersionRecord};
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 impl ServerInner {
@@ -47,6 +48,10 @@ impl ServerInner {
             (Method::GET, ["tokens"]) => self.list_tokens(&caller),
             (Method::POST, ["tokens"]) => self.create_token(&caller, &query).await,
             (Method::DELETE, ["tokens", id]) => self.revoke_token(&caller, id).await,
+            (Method::PUT, ["files", sha256]) => {
+                let sha256 = sha256.to_string();
+                self.upload_file(&caller, &sha256, request).await
+            }
             (Method::GET, ["deployments"]) => {
                 let control = self.control();
                 let active: Vec<&VersionRecord> = control
@@ -77,7 +82,7 @@ impl ServerInner {
                 None => not_found(name),
             },
             (Method::POST, ["deployments", name, "rollback"]) => self.rollback(&caller, name, &query).await,
-            (_, ["deployments" | "tokens" | "whoami", ..]) => {
+            (_, ["deployments" | "tokens" | "whoami" | "files", ..]) => {
                 api_error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed here")
             }
             _ => api_error(StatusCode::NOT_FOUND, "not_found", "no such admin endpoint"),
@@ -185,6 +190,22 @@ impl ServerInner {
         json_response(StatusCode::OK, &serde_json::json!({ "revoked": id }))
     }
 
+    async fn upload_file(&self, caller: &Caller, sha256: &str, request: Request<Incoming>) -> Response<ResponseBody> {
+        let max = self.config.max_upload_bytes;
+        let bytes = match Limited::new(request.into_body(), max).collect().await {
+            Ok(body) => body.to_bytes(),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                let message = format!("file is larger than this server's upload limit of {max} bytes");
+                return api_error(StatusCode::PAYLOAD_TOO_LARGE, "upload_too_large", &message);
+            }
+            Err(e) => return api_error(StatusCode::BAD_REQUEST, "bad_upload", &format!("reading the upload failed: {e}")),
+        };
+        match self.files.put_blob(&caller.tenant, sha256, &bytes) {
+            Ok(()) => json_response(StatusCode::CREATED, &serde_json::json!({ "sha256": sha256 })),
+            Err(message) => api_error(StatusCode::BAD_REQUEST, "bad_file", &message),
+        }
+    }
+
     async fn deploy(
         self: &Arc<Self>,
         caller: &Caller,
@@ -222,12 +243,15 @@ impl ServerInner {
             limits: spec.limits,
             sandbox: spec.sandbox,
             models: spec.models,
+            files: spec.files,
             deployed_at: now(),
             deployed_by: caller.token_id.clone(),
         };
         let me = self.clone();
         let built = tokio::task::spawn_blocking(move || -> Result<(VersionRecord, Deployment), Error> {
-            let snapshot = if spec.preinit { me.runtime.preinitialize(&wasm, &version.limits, &version.sandbox)? } else { None };
+            me.files.check(&version.tenant, &version.files).map_err(Error::InvalidFiles)?;
+            let sandbox = me.sandbox(&version)?;
+            let snapshot = if spec.preinit { me.runtime.preinitialize(&wasm, &version.limits, &sandbox)? } else { None };
             let (version, component) = match snapshot {
                 None => {
                     let (sha256, component) = me.artifacts.store(&me.runtime, &wasm)?;
@@ -239,8 +263,7 @@ impl ServerInner {
                     (VersionRecord { sha256, snapshot_sha256: Some(snapshot_sha256), ..version }, component)
                 }
             };
-            let deployment =
-                me.runtime.deployment(&version.name, &component, version.limits.clone(), version.sandbox.clone())?;
+            let deployment = me.runtime.deployment(&version.name, &component, version.limits.clone(), sandbox)?;
             Ok((version, deployment))
         })
         .await;
@@ -380,11 +403,19 @@ struct DeploySpec {
     limits: Limits,
     sandbox: Sandbox,
     models: Vec<String>,
+    files: BTreeMap<String, String>,
 }
 
 impl Default for DeploySpec {
     fn default() -> Self {
-        DeploySpec { host: None, preinit: true, limits: Limits::default(), sandbox: Sandbox::default(), models: Vec::new() }
+        DeploySpec {
+            host: None,
+            preinit: true,
+            limits: Limits::default(),
+            sandbox: Sandbox::default(),
+            models: Vec::new(),
+            files: BTreeMap::new(),
+        }
     }
 }
 

@@ -17,6 +17,7 @@
 
 mod admin;
 mod control;
+mod files;
 
 pub use admin::SPEC_HEADER;
 pub use control::DEFAULT_TENANT;
@@ -28,6 +29,7 @@ use crate::runtime::{Deployment, Runtime};
 use crate::store::{Change, ControlStore, RedbStore, TenantRecord, VersionRecord};
 use bytes::Bytes;
 use control::{Control, Entry};
+use files::FileStore;
 use http::{Request, Response, StatusCode, Uri, header};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -63,6 +65,7 @@ pub struct Server {
 struct ServerInner {
     runtime: Runtime,
     artifacts: ArtifactStore,
+    files: FileStore,
     store: Box<dyn ControlStore>,
     config: ServerConfig,
     control: RwLock<Arc<Control>>,
@@ -89,6 +92,7 @@ impl Server {
         store: Box<dyn ControlStore>,
     ) -> Result<Server, Error> {
         let artifacts = ArtifactStore::open(config.data_dir.join("artifacts"), &runtime)?;
+        let files = FileStore::open(config.data_dir.join("files"))?;
         let mut state = store.load()?;
         if !state.tenants.iter().any(|t| t.name == DEFAULT_TENANT) {
             let tenant = TenantRecord { name: DEFAULT_TENANT.into(), created_at: now() };
@@ -98,6 +102,7 @@ impl Server {
         let inner = Arc::new(ServerInner {
             runtime,
             artifacts,
+            files,
             store,
             config,
             control: RwLock::new(Arc::default()),
@@ -166,7 +171,14 @@ impl ServerInner {
     fn build(&self, version: &VersionRecord) -> Result<Deployment, Error> {
         let runs = version.snapshot_sha256.as_ref().unwrap_or(&version.sha256);
         let component = self.artifacts.component(&self.runtime, runs)?;
-        self.runtime.deployment(&version.name, &component, version.limits.clone(), version.sandbox.clone())
+        let sandbox = self.sandbox(version)?;
+        self.runtime.deployment(&version.name, &component, version.limits.clone(), sandbox)
+    }
+
+    /// The version's sandbox, with its files' directory assembled.
+    fn sandbox(&self, version: &VersionRecord) -> Result<crate::Sandbox, Error> {
+        let files = self.files.tree(&version.tenant, &version.files)?;
+        Ok(crate::Sandbox { files, ..version.sandbox.clone() })
     }
 
     /// Makes `changes` durable, then swaps in `control`. Called with

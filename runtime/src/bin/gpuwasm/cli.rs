@@ -10,6 +10,8 @@ use gpuwasm::server::SPEC_HEADER;
 use gpuwasm::store::VersionRecord;
 use gpuwasm::{Limits, Runtime, Sandbox};
 use http::Method;
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -435,15 +437,22 @@ async fn deploy(args: DeployArgs) -> Result<ExitCode> {
     for (field, value) in args.limits.given() {
         limits.set(field, &value.to_string()).map_err(anyhow::Error::msg)?;
     }
+    let api = args.server.api()?;
+    let files = match (&manifest.files, &manifest_path) {
+        (Some(dir), Some(manifest_path)) => {
+            upload_files(&api, &manifest_path.parent().unwrap_or(Path::new(".")).join(dir)).await?
+        }
+        _ => BTreeMap::new(),
+    };
     let spec = serde_json::json!({
+        "files": files,
         "host": args.host.clone().or(manifest.host.clone()),
         "preinit": !args.no_preinit,
         "limits": limits,
-        "sandbox": Sandbox { env: manifest.env.clone(), outbound: manifest.outbound.clone() },
+        "sandbox": Sandbox { env: manifest.env.clone(), outbound: manifest.outbound.clone(), files: None },
         "models": manifest.models,
     });
     let path = format!("deployments/{name}");
-    let api = args.server.api()?;
     let header = (SPEC_HEADER.to_string(), ascii_json(&spec));
     let v: VersionRecord = serde_json::from_value(api.admin_with(Method::PUT, &path, &[header], Bytes::from(wasm)).await?)
         .context("unexpected reply from the server")?;
@@ -454,6 +463,37 @@ async fn deploy(args: DeployArgs) -> Result<ExitCode> {
     let snapshot = if v.snapshot_sha256.is_some() { ", pre-initialised" } else { "" };
     println!("deployed {}/{} version {} (sha256 {}{snapshot}) at {route}", v.tenant, v.name, v.version, short(&v.sha256));
     Ok(ExitCode::SUCCESS)
+}
+
+/// Uploads every file under `dir` and returns their map (path -> SHA-256).
+/// Only regular files and folders are allowed: a symlink is refused, not
+/// followed.
+async fn upload_files(api: &Api, dir: &Path) -> Result<BTreeMap<String, String>> {
+    let mut files = BTreeMap::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(folder) = pending.pop() {
+        let entries = std::fs::read_dir(&folder).with_context(|| format!("reading {} ([files] dir)", folder.display()))?;
+        for entry in entries {
+            let path = entry?.path();
+            let kind = std::fs::symlink_metadata(&path)?.file_type();
+            if kind.is_dir() {
+                pending.push(path);
+                continue;
+            }
+            if !kind.is_file() {
+                bail!("{} is not a regular file (symlinks are not uploaded; copy the file itself)", path.display());
+            }
+            let relative = path.strip_prefix(dir).expect("walked from dir");
+            let name = relative.to_str().with_context(|| format!("{} is not UTF-8", path.display()))?.to_string();
+            let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            let sha256: String = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+            api.admin(Method::PUT, &format!("files/{sha256}"), Bytes::from(bytes))
+                .await
+                .with_context(|| format!("uploading {}", path.display()))?;
+            files.insert(name, sha256);
+        }
+    }
+    Ok(files)
 }
 
 /// `value` as JSON with every non-ASCII character escaped, so that it fits

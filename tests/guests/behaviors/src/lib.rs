@@ -70,6 +70,21 @@ fn handle(request: Request) -> Response {
             let to = request.query().and_then(|q| q.strip_prefix("to=").map(str::to_string));
             Response::text(200, outbound(to.as_deref().unwrap_or("127.0.0.1:9")))
         }
+        // Reads a file of the deployment's read-only tree.
+        "/read" => {
+            let path = request.query().unwrap_or_default();
+            match std::fs::read_to_string(&path) {
+                Ok(text) => Response::text(200, text),
+                Err(e) => Response::text(200, format!("error: {e}")),
+            }
+        }
+        "/write" => {
+            let path = request.query().unwrap_or_default();
+            match std::fs::write(&path, b"x") {
+                Ok(()) => Response::text(200, "written"),
+                Err(e) => Response::text(200, format!("error: {e}")),
+            }
+        }
         "/env" => {
             let name = request.query().unwrap_or_default();
             Response::text(200, std::env::var(&name).unwrap_or_else(|_| format!("{name} is not set")))

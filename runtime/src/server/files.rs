@@ -1,0 +1,124 @@
+//! Files a deployment serves read-only (`[files]` in gpuwasm.toml):
+//! uploaded by a tenant as content-addressed blobs, assembled into a
+//! directory tree named by the hash of its file map, and preopened
+//! read-only at `/` for every instance.
+
+use crate::artifacts::{sha256_hex, write_atomic};
+use crate::error::Error;
+use std::collections::BTreeMap;
+use std::path::{Component, Path, PathBuf};
+
+pub(crate) struct FileStore {
+    root: PathBuf,
+}
+
+impl FileStore {
+    pub fn open(root: PathBuf) -> Result<Self, Error> {
+        std::fs::create_dir_all(&root).map_err(|e| Error::io("creating the files directory", &root, e))?;
+        Ok(FileStore { root })
+    }
+
+    fn blob_path(&self, tenant: &str, sha256: &str) -> PathBuf {
+        self.root.join("blobs").join(tenant).join(sha256)
+    }
+
+    /// Stores `bytes` for `tenant` under `expected` (its SHA-256), once.
+    pub fn put_blob(&self, tenant: &str, expected: &str, bytes: &[u8]) -> Result<(), String> {
+        let actual = sha256_hex(bytes);
+        if actual != expected {
+            return Err(format!("content has SHA-256 {actual}, not {expected}"));
+        }
+        let path = self.blob_path(tenant, expected);
+        if path.exists() {
+            return Ok(());
+        }
+        let dir = path.parent().expect("blob paths have a parent");
+        std::fs::create_dir_all(dir).map_err(|e| format!("storing the file: {e}"))?;
+        write_atomic(&path, bytes).map_err(|e| e.to_string())
+    }
+
+    /// Checks `files` (guest path -> SHA-256): sane paths, and every blob
+    /// uploaded by `tenant`.
+    pub fn check(&self, tenant: &str, files: &BTreeMap<String, String>) -> Result<(), String> {
+        for (path, sha256) in files {
+            check_file_path(path)?;
+            if !self.blob_path(tenant, sha256).is_file() {
+                return Err(format!("file {path:?}: content {sha256} was not uploaded (PUT /_gpuwasm/v1/files/SHA256 first)"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The directory holding `files`, assembled from `tenant`'s blobs if
+    /// it is not there yet; `None` for no files.
+    pub fn tree(&self, tenant: &str, files: &BTreeMap<String, String>) -> Result<Option<PathBuf>, Error> {
+        if files.is_empty() {
+            return Ok(None);
+        }
+        let id = sha256_hex(serde_json::to_string(files).expect("file maps serialise").as_bytes());
+        let dest = self.root.join("trees").join(tenant).join(&id);
+        if dest.is_dir() {
+            return Ok(Some(dest));
+        }
+        let tmp = self.root.join("trees").join(tenant).join(format!(".{id}.tmp-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        let build = || -> std::io::Result<()> {
+            for (path, sha256) in files {
+                let target = tmp.join(path);
+                std::fs::create_dir_all(target.parent().unwrap_or(&tmp))?;
+                let blob = self.blob_path(tenant, sha256);
+                if std::fs::hard_link(&blob, &target).is_err() {
+                    std::fs::copy(&blob, &target)?;
+                }
+            }
+            std::fs::create_dir_all(&tmp)?;
+            std::fs::rename(&tmp, &dest)
+        };
+        build().map_err(|e| {
+            let _ = std::fs::remove_dir_all(&tmp);
+            Error::io("assembling the deployment's files", &dest, e)
+        })?;
+        Ok(Some(dest))
+    }
+}
+
+/// A file path inside the tree: relative, plain names only, no `..`.
+pub(crate) fn check_file_path(path: &str) -> Result<(), String> {
+    let p = Path::new(path);
+    let plain = !path.is_empty()
+        && path.len() <= 1024
+        && !path.contains('\0')
+        && p.components().all(|c| matches!(c, Component::Normal(_)));
+    if plain { Ok(()) } else { Err(format!("invalid file path {path:?}: use a relative path without `..`")) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths() {
+        for ok in ["a.txt", "dir/b.json", "x/y/z"] {
+            assert!(check_file_path(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "/etc/passwd", "../x", "a/../../x", "./a", "a/./b"] {
+            assert!(check_file_path(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn blobs_are_verified_and_trees_assembled() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path().to_path_buf()).unwrap();
+        let sha = sha256_hex(b"hi");
+        assert!(store.put_blob("t", &sha256_hex(b"other"), b"hi").unwrap_err().contains("not"));
+        store.put_blob("t", &sha, b"hi").unwrap();
+        let files = BTreeMap::from([("a/b.txt".to_string(), sha.clone())]);
+        assert!(store.check("t", &files).is_ok());
+        assert!(store.check("u", &files).unwrap_err().contains("was not uploaded"), "blobs are per tenant");
+        let tree = store.tree("t", &files).unwrap().unwrap();
+        assert_eq!(std::fs::read(tree.join("a/b.txt")).unwrap(), b"hi");
+        assert_eq!(store.tree("t", &files).unwrap().unwrap(), tree);
+        assert_eq!(store.tree("t", &BTreeMap::new()).unwrap(), None);
+    }
+}
