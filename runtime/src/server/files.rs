@@ -6,7 +6,7 @@
 use crate::artifacts::{sha256_hex, write_atomic};
 use crate::error::Error;
 use std::collections::BTreeMap;
-use std::path::{Component, Path, PathBuf};
+use std::path::PathBuf;
 
 pub(crate) struct FileStore {
     root: PathBuf,
@@ -82,13 +82,13 @@ impl FileStore {
     }
 }
 
-/// A file path inside the tree: relative, plain names only, no `..`.
+/// A file path inside the tree: relative, `/`-separated plain names only
+/// (no empty, `.` or `..` segments).
 pub(crate) fn check_file_path(path: &str) -> Result<(), String> {
-    let p = Path::new(path);
     let plain = !path.is_empty()
         && path.len() <= 1024
         && !path.contains('\0')
-        && p.components().all(|c| matches!(c, Component::Normal(_)));
+        && path.split('/').all(|seg| !seg.is_empty() && seg != "." && seg != ".." && !seg.contains('\\'));
     if plain { Ok(()) } else { Err(format!("invalid file path {path:?}: use a relative path without `..`")) }
 }
 
@@ -101,7 +101,7 @@ mod tests {
         for ok in ["a.txt", "dir/b.json", "x/y/z"] {
             assert!(check_file_path(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "/etc/passwd", "../x", "a/../../x", "./a", "a/./b"] {
+        for bad in ["", "/etc/passwd", "../x", "a/../../x", "./a", "a/./b", "a//b", "a/"] {
             assert!(check_file_path(bad).is_err(), "{bad}");
         }
     }
