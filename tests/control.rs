@@ -290,3 +290,57 @@ async fn files_are_served_read_only_and_nothing_outside_them_is_reachable() {
     let out = server.cli(&["deploy", app.join("handler.wasm").to_str().unwrap()]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not a regular file"), "{out:?}");
 }
+
+/// docs/openapi.json and the server agree: every documented operation
+/// exists and answers only with documented statuses, errors have the
+/// documented shape, other methods on documented paths get 405, and every
+/// `$ref` resolves.
+#[tokio::test]
+async fn the_openapi_document_matches_the_server() {
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/openapi.json")).unwrap()).unwrap();
+    fn refs<'a>(v: &'a serde_json::Value, out: &mut Vec<&'a str>) {
+        match v {
+            serde_json::Value::Object(map) => {
+                for (k, v) in map {
+                    match (k.as_str(), v.as_str()) {
+                        ("$ref", Some(r)) => out.push(r),
+                        _ => refs(v, out),
+                    }
+                }
+            }
+            serde_json::Value::Array(items) => items.iter().for_each(|v| refs(v, out)),
+            _ => {}
+        }
+    }
+    let mut all = Vec::new();
+    refs(&doc, &mut all);
+    assert!(!all.is_empty());
+    for r in all {
+        assert!(doc.pointer(r.trim_start_matches('#')).is_some(), "dangling $ref {r}");
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir);
+    let empty_sha = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+    let methods = ["get", "post", "put", "delete", "patch"];
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        let concrete = path.replace("{name}", "probe").replace("{id}", "probe").replace("{sha256}", empty_sha);
+        let url = format!("{}/_gpuwasm/v1{concrete}", server.url);
+        for method in methods {
+            let reply = send(&method.to_uppercase(), &url, &[("authorization", &format!("Bearer {TOKEN}"))], Bytes::new()).await;
+            let json: serde_json::Value = serde_json::from_str(&reply.body).unwrap_or_else(|_| panic!("{method} {path}: {}", reply.body));
+            if reply.status >= 400 {
+                assert!(json["error"]["code"].is_string() && json["error"]["message"].is_string(), "{method} {path}: {json}");
+            }
+            match item.get(method) {
+                Some(op) => {
+                    let documented = op["responses"].as_object().unwrap();
+                    assert!(documented.contains_key(&reply.status.to_string()), "{method} {path} answered undocumented {}: {json}", reply.status);
+                    assert_ne!(json["error"]["message"], "no such admin endpoint", "{method} {path}");
+                }
+                None => assert_eq!((reply.status, json["error"]["code"].as_str()), (405, Some("method_not_allowed")), "{method} {path}"),
+            }
+        }
+    }
+}

@@ -22,7 +22,10 @@ impl ServerInner {
     pub(super) async fn admin(self: &Arc<Self>, request: Request<Incoming>) -> Response<ResponseBody> {
         let path = request.uri().path()[ADMIN_PREFIX.len()..].to_string();
         if path == "health" {
-            return json_response(StatusCode::OK, &serde_json::json!({"status": "ok"}));
+            return match *request.method() {
+                Method::GET => json_response(StatusCode::OK, &serde_json::json!({"status": "ok"})),
+                _ => api_error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed here"),
+            };
         }
         let Some(caller) = self.caller(&request) else {
             return api_error(
