@@ -1,13 +1,14 @@
-//! Content-addressed storage of uploaded components and their compiled
-//! (AOT) artifacts, with atomic, durable writes.
+//! Components and their compiled (AOT) artifacts. Components live in a
+//! [`BlobStore`] as `components/<sha256>.wasm`; compiled artifacts are a
+//! local cache, rebuilt from the blob when missing or unusable.
 //!
-//! Layout under the artifact directory:
-//! - `<sha256>.wasm`: the component as uploaded;
-//! - `<sha256>-<engine>.cwasm`: it compiled by an engine whose compatibility
+//! Layout of the cache directory:
+//! - `<sha256>-<engine>.cwasm`: a component compiled by an engine whose compatibility
 //!   hash is `<engine>`, mmapped on load;
 //! - `<sha256>-<engine>.cwasm.sha256`: the compiled file's own digest,
 //!   checked before every load so a corrupted artifact is rebuilt, never run.
 
+use crate::blobs::BlobStore;
 use crate::error::{Error, chain};
 use crate::runtime::Runtime;
 use sha2::{Digest, Sha256};
@@ -15,12 +16,14 @@ use std::fs;
 use std::hash::{Hash, Hasher};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use wasmtime::component::Component;
 
 pub(crate) struct ArtifactStore {
     dir: PathBuf,
     engine_key: String,
+    sources: Arc<dyn BlobStore>,
 }
 
 /// Lower-case hex SHA-256 of `bytes`.
@@ -29,11 +32,11 @@ pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 impl ArtifactStore {
-    pub(crate) fn open(dir: PathBuf, runtime: &Runtime) -> Result<Self, Error> {
+    pub(crate) fn open(dir: PathBuf, runtime: &Runtime, sources: Arc<dyn BlobStore>) -> Result<Self, Error> {
         fs::create_dir_all(&dir).map_err(|e| Error::io("creating the artifact directory", &dir, e))?;
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         runtime.engine().precompile_compatibility_hash().hash(&mut hasher);
-        Ok(Self { dir, engine_key: format!("{:016x}", hasher.finish()) })
+        Ok(Self { dir, engine_key: format!("{:016x}", hasher.finish()), sources })
     }
 
     /// Validates and compiles `wasm`, then stores it and its compiled
@@ -52,10 +55,7 @@ impl ArtifactStore {
     /// Stores `wasm` under its content hash, once, and returns the hash.
     pub(crate) fn put_source(&self, wasm: &[u8]) -> Result<String, Error> {
         let hash = sha256_hex(wasm);
-        let source = self.source_path(&hash);
-        if !source.exists() {
-            write_atomic(&source, wasm)?;
-        }
+        self.sources.put(&source_key(&hash), wasm)?;
         Ok(hash)
     }
 
@@ -66,8 +66,10 @@ impl ArtifactStore {
         if let Some(component) = self.cached(runtime, hash) {
             return Ok(component);
         }
-        let source = self.source_path(hash);
-        let wasm = fs::read(&source).map_err(|e| Error::io("reading a stored component", &source, e))?;
+        let wasm = self.sources.get(&source_key(hash))?.ok_or_else(|| Error::CorruptState {
+            path: self.dir.clone(),
+            message: format!("component {hash} is missing from the blob store"),
+        })?;
         self.compile(runtime, hash, &wasm)
     }
 
@@ -117,9 +119,10 @@ impl ArtifactStore {
             .map_err(|e| chain(&e))
     }
 
-    fn source_path(&self, hash: &str) -> PathBuf {
-        self.dir.join(format!("{hash}.wasm"))
-    }
+}
+
+fn source_key(hash: &str) -> String {
+    format!("components/{hash}.wasm")
 }
 
 /// Writes `bytes` to `path` durably: a temporary file in the same

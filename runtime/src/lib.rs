@@ -14,6 +14,7 @@
 //!   ([`store`]).
 
 mod artifacts;
+pub mod blobs;
 mod engine;
 mod error;
 mod limits;

@@ -1,25 +1,30 @@
 //! Files a deployment serves read-only (`[files]` in gpuwasm.toml):
-//! uploaded by a tenant as content-addressed blobs, assembled into a
-//! directory tree named by the hash of its file map, and preopened
-//! read-only at `/` for every instance.
+//! uploaded by a tenant as content-addressed blobs (`files/<tenant>/<sha256>`
+//! in the [`BlobStore`]), assembled on this node into a directory tree named
+//! by the hash of its file map, and preopened read-only at `/` for every
+//! instance.
 
-use crate::artifacts::{sha256_hex, write_atomic};
+use crate::artifacts::sha256_hex;
+use crate::blobs::BlobStore;
 use crate::error::Error;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 pub(crate) struct FileStore {
+    /// Where trees are assembled.
     root: PathBuf,
+    blobs: Arc<dyn BlobStore>,
 }
 
 impl FileStore {
-    pub fn open(root: PathBuf) -> Result<Self, Error> {
+    pub fn open(root: PathBuf, blobs: Arc<dyn BlobStore>) -> Result<Self, Error> {
         std::fs::create_dir_all(&root).map_err(|e| Error::io("creating the files directory", &root, e))?;
-        Ok(FileStore { root })
+        Ok(FileStore { root, blobs })
     }
 
-    fn blob_path(&self, tenant: &str, sha256: &str) -> PathBuf {
-        self.root.join("blobs").join(tenant).join(sha256)
+    fn blob_key(tenant: &str, sha256: &str) -> String {
+        format!("files/{tenant}/{sha256}")
     }
 
     /// Stores `bytes` for `tenant` under `expected` (its SHA-256), once.
@@ -28,13 +33,7 @@ impl FileStore {
         if actual != expected {
             return Err(format!("content has SHA-256 {actual}, not {expected}"));
         }
-        let path = self.blob_path(tenant, expected);
-        if path.exists() {
-            return Ok(());
-        }
-        let dir = path.parent().expect("blob paths have a parent");
-        std::fs::create_dir_all(dir).map_err(|e| format!("storing the file: {e}"))?;
-        write_atomic(&path, bytes).map_err(|e| e.to_string())
+        self.blobs.put(&Self::blob_key(tenant, expected), bytes).map_err(|e| e.to_string())
     }
 
     /// Checks `files` (guest path -> SHA-256): sane paths, and every blob
@@ -42,7 +41,7 @@ impl FileStore {
     pub fn check(&self, tenant: &str, files: &BTreeMap<String, String>) -> Result<(), String> {
         for (path, sha256) in files {
             check_file_path(path)?;
-            if !self.blob_path(tenant, sha256).is_file() {
+            if !self.blobs.contains(&Self::blob_key(tenant, sha256)).map_err(|e| e.to_string())? {
                 return Err(format!("file {path:?}: content {sha256} was not uploaded (PUT /_gpuwasm/v1/files/SHA256 first)"));
             }
         }
@@ -60,23 +59,27 @@ impl FileStore {
         if dest.is_dir() {
             return Ok(Some(dest));
         }
-        let tmp = self.root.join("trees").join(tenant).join(format!(".{id}.tmp-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&tmp);
-        let build = || -> std::io::Result<()> {
+        let unique = super::control::random_hex(8).map_err(|e| Error::io("assembling the deployment's files", &dest, e))?;
+        let tmp = self.root.join("trees").join(tenant).join(format!(".{id}.tmp-{unique}"));
+        let build = || -> Result<(), Error> {
+            let io = |e| Error::io("assembling the deployment's files", &dest, e);
             for (path, sha256) in files {
                 let target = tmp.join(path);
-                std::fs::create_dir_all(target.parent().unwrap_or(&tmp))?;
-                let blob = self.blob_path(tenant, sha256);
-                if std::fs::hard_link(&blob, &target).is_err() {
-                    std::fs::copy(&blob, &target)?;
-                }
+                std::fs::create_dir_all(target.parent().unwrap_or(&tmp)).map_err(io)?;
+                let bytes = self.blobs.get(&Self::blob_key(tenant, sha256))?.ok_or_else(|| Error::CorruptState {
+                    path: dest.clone(),
+                    message: format!("file {path:?} ({sha256}) is missing from the blob store"),
+                })?;
+                std::fs::write(&target, bytes).map_err(io)?;
             }
-            std::fs::create_dir_all(&tmp)?;
-            std::fs::rename(&tmp, &dest)
+            match std::fs::rename(&tmp, &dest) {
+                // Assembled concurrently by another deploy: theirs is the same.
+                Err(_) if dest.is_dir() => Ok(std::fs::remove_dir_all(&tmp).map_err(io)?),
+                result => result.map_err(io),
+            }
         };
-        build().map_err(|e| {
+        build().inspect_err(|_| {
             let _ = std::fs::remove_dir_all(&tmp);
-            Error::io("assembling the deployment's files", &dest, e)
         })?;
         Ok(Some(dest))
     }
@@ -109,7 +112,8 @@ mod tests {
     #[test]
     fn blobs_are_verified_and_trees_assembled() {
         let dir = tempfile::tempdir().unwrap();
-        let store = FileStore::open(dir.path().to_path_buf()).unwrap();
+        let blobs = Arc::new(crate::blobs::LocalBlobStore::open(dir.path().join("blobs")).unwrap());
+        let store = FileStore::open(dir.path().join("trees"), blobs).unwrap();
         let sha = sha256_hex(b"hi");
         assert!(store.put_blob("t", &sha256_hex(b"other"), b"hi").unwrap_err().contains("not"));
         store.put_blob("t", &sha, b"hi").unwrap();

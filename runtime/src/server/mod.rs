@@ -12,8 +12,8 @@
 //! Every deploy creates a new immutable version; traffic switches
 //! atomically, and requests already running finish on the version they
 //! started on. State lives in a [`ControlStore`] (by default a redb
-//! database in the data directory), artifacts content-addressed beside it;
-//! both survive restarts and crashes.
+//! database in the data directory), uploads in a [`BlobStore`] (by default
+//! content-addressed files beside it); both survive restarts and crashes.
 
 mod admin;
 mod control;
@@ -23,6 +23,7 @@ pub use admin::SPEC_HEADER;
 pub use control::DEFAULT_TENANT;
 
 use crate::artifacts::ArtifactStore;
+use crate::blobs::{BlobStore, LocalBlobStore};
 use crate::error::Error;
 use crate::request::{ResponseBody, full_body, text_response};
 use crate::runtime::{Deployment, Runtime};
@@ -80,19 +81,22 @@ impl Server {
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| Error::io("creating the data directory", &config.data_dir, e))?;
         let store = RedbStore::open(&config.data_dir.join("state.redb"))?;
-        Self::open_with_store(runtime, config, Box::new(store)).await
+        let blobs = LocalBlobStore::open(config.data_dir.join("blobs"))?;
+        Self::open_with_stores(runtime, config, Box::new(store), Arc::new(blobs)).await
     }
 
-    /// Like [`Server::open`], with state kept in `store`. A deployment that
-    /// fails to load is logged and answers `503` until it is deployed or
-    /// rolled back; the others serve.
-    pub async fn open_with_store(
+    /// Like [`Server::open`], with state kept in `store` and blobs in
+    /// `blobs` (the data directory still holds this node's caches). A
+    /// deployment that fails to load is logged and answers `503` until it
+    /// is deployed or rolled back; the others serve.
+    pub async fn open_with_stores(
         runtime: Runtime,
         config: ServerConfig,
         store: Box<dyn ControlStore>,
+        blobs: Arc<dyn BlobStore>,
     ) -> Result<Server, Error> {
-        let artifacts = ArtifactStore::open(config.data_dir.join("artifacts"), &runtime)?;
-        let files = FileStore::open(config.data_dir.join("files"))?;
+        let artifacts = ArtifactStore::open(config.data_dir.join("artifacts"), &runtime, blobs.clone())?;
+        let files = FileStore::open(config.data_dir.join("files"), blobs)?;
         let mut state = store.load()?;
         if !state.tenants.iter().any(|t| t.name == DEFAULT_TENANT) {
             let tenant = TenantRecord { name: DEFAULT_TENANT.into(), created_at: now() };
