@@ -108,9 +108,9 @@ impl ServerInner {
     }
 
     async fn create_tenant(self: &Arc<Self>, request: Request<Incoming>) -> Response<ResponseBody> {
-        let body = match Limited::new(request.into_body(), 4096).collect().await {
-            Ok(body) => body.to_bytes(),
-            Err(e) => return api_error(StatusCode::BAD_REQUEST, "bad_request", &format!("reading the body: {e}")),
+        let body = match read_upload(request, 4096, "request body").await {
+            Ok(body) => body,
+            Err(response) => return response,
         };
         let name = match serde_json::from_slice::<serde_json::Value>(&body) {
             Ok(v) => v["name"].as_str().map(str::to_string),
@@ -194,14 +194,9 @@ impl ServerInner {
     }
 
     async fn upload_file(&self, caller: &Caller, sha256: &str, request: Request<Incoming>) -> Response<ResponseBody> {
-        let max = self.config.max_upload_bytes;
-        let bytes = match Limited::new(request.into_body(), max).collect().await {
-            Ok(body) => body.to_bytes(),
-            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-                let message = format!("file is larger than this server's upload limit of {max} bytes");
-                return api_error(StatusCode::PAYLOAD_TOO_LARGE, "upload_too_large", &message);
-            }
-            Err(e) => return api_error(StatusCode::BAD_REQUEST, "bad_upload", &format!("reading the upload failed: {e}")),
+        let bytes = match read_upload(request, self.config.max_upload_bytes, "file").await {
+            Ok(body) => body,
+            Err(response) => return response,
         };
         match self.files.put_blob(&caller.tenant, sha256, &bytes) {
             Ok(()) => json_response(StatusCode::CREATED, &serde_json::json!({ "sha256": sha256 })),
@@ -223,17 +218,9 @@ impl ServerInner {
             Ok(spec) => spec,
             Err(message) => return api_error(StatusCode::BAD_REQUEST, "invalid_spec", &message),
         };
-        let max = self.config.max_upload_bytes;
-        let wasm = match Limited::new(request.into_body(), max).collect().await {
-            Ok(body) => body.to_bytes(),
-            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-                return api_error(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "upload_too_large",
-                    &format!("component is larger than this server's upload limit of {max} bytes"),
-                );
-            }
-            Err(e) => return api_error(StatusCode::BAD_REQUEST, "bad_upload", &format!("reading the upload failed: {e}")),
+        let wasm = match read_upload(request, self.config.max_upload_bytes, "component").await {
+            Ok(body) => body,
+            Err(response) => return response,
         };
         let version = VersionRecord {
             tenant: caller.tenant.clone(),
@@ -363,6 +350,18 @@ impl ServerInner {
         }
         tracing::info!(tenant = %caller.tenant, deployment = %name, version = target, "rolled back");
         json_response(StatusCode::OK, &version)
+    }
+}
+
+/// Reads a request body of at most `max` bytes, or the error answer.
+async fn read_upload(request: Request<Incoming>, max: usize, what: &str) -> Result<bytes::Bytes, Response<ResponseBody>> {
+    match Limited::new(request.into_body(), max).collect().await {
+        Ok(body) => Ok(body.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            let message = format!("{what} is larger than this server's limit of {max} bytes");
+            Err(api_error(StatusCode::PAYLOAD_TOO_LARGE, "upload_too_large", &message))
+        }
+        Err(e) => Err(api_error(StatusCode::BAD_REQUEST, "bad_upload", &format!("reading the {what} failed: {e}"))),
     }
 }
 
