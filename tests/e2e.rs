@@ -490,6 +490,16 @@ async fn init_state_is_in_every_request_and_request_changes_never_leak() {
 }
 
 #[tokio::test]
+async fn the_wizer_convention_is_pre_initialised_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir);
+    server.deploy("wz", "wizer_convention", &[]);
+    assert_eq!(get(&format!("{}/default/wz/", server.url)).await.body, "set by wizer-initialize");
+    server.deploy("raw", "wizer_convention", &["--no-preinit"]);
+    assert_eq!(get(&format!("{}/default/raw/", server.url)).await.body, "not initialised");
+}
+
+#[tokio::test]
 async fn a_20_mb_heap_built_by_init_is_served_from_the_snapshot() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(&dir);

@@ -58,7 +58,10 @@ pub(crate) fn snapshot(
     let mut store =
         runtime.new_store(limits.memory_bytes(), INIT_CPU_MS, sandbox, &Default::default()).map_err(Error::InitFailed)?;
     let mut wizer = Wizer::new();
-    wizer.init_func(init_func);
+    // Keep the export: removing it from the core module (Wizer's default)
+    // leaves the component lifting a function that is gone, an invalid
+    // component, for a `wizer-initialize` export. It is never called again.
+    wizer.init_func(init_func).keep_init_func(true);
     let linker = runtime.linker();
     let run = wizer.run_component(&mut store, wasm, async |store: &mut Store<RequestState>, component| {
         linker.instantiate_async(store, component).await
