@@ -90,18 +90,26 @@ fn stats(label: &str, mut values: Vec<f64>, unit: &str) {
 async fn instantiation(hello: &[u8], bigheap: &[u8], n: usize) -> Result<()> {
     println!("\n1. instantiate from snapshot, in-process (fresh store + instance, dropped)");
     let runtime = Runtime::builder().build()?;
-    for (name, wasm) in [("hello", hello), ("bigheap (20 MB heap built by init)", bigheap)] {
-        let deployment = runtime.load("bench", wasm, Limits::default()).await?;
-        for _ in 0..n / 10 {
-            deployment.check().await?;
+    let names = ["hello", "bigheap (20 MB heap built by init)"];
+    let deployments = [
+        runtime.load("hello", hello, Limits::default()).await?,
+        runtime.load("bigheap", bigheap, Limits::default()).await?,
+    ];
+    // Ten rounds, alternating, so drift on a shared machine hits both alike.
+    let mut us: [Vec<f64>; 2] = [Vec::with_capacity(n), Vec::with_capacity(n)];
+    for round in 0..=10 {
+        for (deployment, samples) in deployments.iter().zip(us.iter_mut()) {
+            for _ in 0..n / 10 {
+                let t = Instant::now();
+                deployment.check().await?;
+                if round > 0 {
+                    samples.push(t.elapsed().as_secs_f64() * 1e6);
+                }
+            }
         }
-        let mut us = Vec::with_capacity(n);
-        for _ in 0..n {
-            let t = Instant::now();
-            deployment.check().await?;
-            us.push(t.elapsed().as_secs_f64() * 1e6);
-        }
-        stats(name, us, "µs");
+    }
+    for (name, samples) in names.into_iter().zip(us) {
+        stats(name, samples, "µs");
     }
     Ok(())
 }
