@@ -433,18 +433,42 @@ async fn the_admin_api_requires_the_token() {
 
 #[tokio::test]
 async fn run_serves_one_file_without_state() {
-    let mut child = gpuwasm()
-        .args(["run", wasm("hello").to_str().unwrap(), "--listen", "127.0.0.1:0"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
-    let url = line.trim().strip_prefix("gpuwasm listening on ").unwrap().to_string();
+    let start = |file: &std::path::Path| {
+        let mut child = gpuwasm()
+            .arg("run")
+            .arg(file)
+            .args(["--listen", "127.0.0.1:0"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
+        (child, line.trim().strip_prefix("gpuwasm listening on ").unwrap().to_string())
+    };
+    let (mut child, url) = start(&wasm("hello"));
     let reply = get(&format!("{url}/any/path")).await;
     let _ = child.kill();
     let _ = child.wait();
     assert_eq!(reply.body, "hello from gpuwasm! you asked for GET /any/path\n");
+
+    // A gpuwasm.toml beside the file applies: env, limits and local files.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("static")).unwrap();
+    std::fs::copy(wasm("behaviors"), dir.path().join("handler.wasm")).unwrap();
+    std::fs::write(dir.path().join("static/hello.txt"), "local file").unwrap();
+    std::fs::write(
+        dir.path().join("gpuwasm.toml"),
+        "[env]\nGREETING = \"from the manifest\"\n[limits]\ncpu_ms = 200\n[files]\ndir = \"static\"\n",
+    )
+    .unwrap();
+    let (mut child, url) = start(&dir.path().join("handler.wasm"));
+    let env = get(&format!("{url}/env?GREETING")).await.body;
+    let file = get(&format!("{url}/read?/hello.txt")).await.body;
+    let looped = get(&format!("{url}/loop")).await.body;
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!((env.as_str(), file.as_str()), ("from the manifest", "local file"));
+    assert!(looped.contains("CPU time limit of 200 ms"), "{looped}");
 }
 
 #[tokio::test]

@@ -37,7 +37,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the server: deployments, routing and the admin API.
     Serve(ServeArgs),
-    /// Serve one component on every path, with no server state (like `wasmtime serve`).
+    /// Serve one component on every path, with no server state (like `wasmtime
+    /// serve`); a gpuwasm.toml beside it sets limits, env, outbound hosts and files.
     #[command(after_help = default_limits_help())]
     Run(RunArgs),
     /// Upload a component as a new version of a deployment, routed at /TENANT/NAME/.
@@ -157,12 +158,12 @@ impl LimitArgs {
         .collect()
     }
 
-    pub fn to_limits(&self) -> Result<Limits> {
-        let mut limits = Limits::default();
+    /// `base` with the limits given on the command line set over it.
+    pub fn over(&self, mut base: Limits) -> Result<Limits> {
         for (name, value) in self.given() {
-            limits.set(name, &value.to_string()).map_err(anyhow::Error::msg)?;
+            base.set(name, &value.to_string()).map_err(anyhow::Error::msg)?;
         }
-        Ok(limits)
+        Ok(base)
     }
 }
 
@@ -404,10 +405,18 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
 async fn run_file(args: RunArgs) -> Result<ExitCode> {
     let wasm = read_component(&args.file)?;
     let runtime = args.pool.runtime()?;
-    let limits = args.limits.to_limits()?;
+    let (manifest, manifest_dir) = load_manifest(&args.file, None)?;
+    let limits = args.limits.over(manifest.limits)?;
+    let sandbox = Sandbox {
+        env: manifest.env,
+        outbound: manifest.outbound,
+        files: manifest.files.map(|dir| manifest_dir.join(dir)),
+    };
     let name = args.file.file_stem().and_then(|s| s.to_str()).unwrap_or("component").to_string();
-    let deployment =
-        runtime.load(&name, &wasm, limits).await.with_context(|| format!("loading {}", args.file.display()))?;
+    let deployment = runtime
+        .load_with_sandbox(&name, &wasm, limits, sandbox)
+        .await
+        .with_context(|| format!("loading {}", args.file.display()))?;
     let listener = bind(args.listen).await?;
     announce(&listener)?;
     until_signal(serve_connections(listener, move |req| {
@@ -417,32 +426,31 @@ async fn run_file(args: RunArgs) -> Result<ExitCode> {
     .await
 }
 
+/// The manifest for `file`: `explicit`, else gpuwasm.toml beside it, else
+/// none; with the folder it is in (its paths are relative to that).
+fn load_manifest(file: &Path, explicit: Option<&Path>) -> Result<(Manifest, PathBuf)> {
+    let beside = file.parent().unwrap_or(Path::new(".")).join("gpuwasm.toml");
+    let path = match explicit {
+        Some(path) => path.to_path_buf(),
+        None if beside.exists() => beside,
+        None => return Ok((Manifest::default(), PathBuf::from("."))),
+    };
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let manifest = Manifest::parse(&text, u64::MAX).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Ok((manifest, path.parent().unwrap_or(Path::new(".")).to_path_buf()))
+}
+
 async fn deploy(args: DeployArgs) -> Result<ExitCode> {
     let wasm = read_component(&args.file)?;
-    let manifest_path = args.manifest.clone().or_else(|| {
-        let beside = args.file.parent().unwrap_or(Path::new(".")).join("gpuwasm.toml");
-        beside.exists().then_some(beside)
-    });
-    let manifest = match &manifest_path {
-        Some(path) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-            Manifest::parse(&text, u64::MAX).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
-        }
-        None => Manifest::default(),
-    };
+    let (manifest, manifest_dir) = load_manifest(&args.file, args.manifest.as_deref())?;
     let Some(name) = args.name.clone().or(manifest.name.clone()) else {
         bail!("give the deployment a name: --name NAME, or `name = \"...\"` in gpuwasm.toml");
     };
-    let mut limits = manifest.limits.clone();
-    for (field, value) in args.limits.given() {
-        limits.set(field, &value.to_string()).map_err(anyhow::Error::msg)?;
-    }
+    let limits = args.limits.over(manifest.limits.clone())?;
     let api = args.server.api()?;
-    let files = match (&manifest.files, &manifest_path) {
-        (Some(dir), Some(manifest_path)) => {
-            upload_files(&api, &manifest_path.parent().unwrap_or(Path::new(".")).join(dir)).await?
-        }
-        _ => BTreeMap::new(),
+    let files = match &manifest.files {
+        Some(dir) => upload_files(&api, &manifest_dir.join(dir)).await?,
+        None => BTreeMap::new(),
     };
     let spec = serde_json::json!({
         "files": files,

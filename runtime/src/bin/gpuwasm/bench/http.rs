@@ -8,7 +8,7 @@ use crate::cli::{LimitArgs, read_component};
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use clap::Args;
-use gpuwasm::Runtime;
+use gpuwasm::{Limits, Runtime};
 use gpuwasm::server::serve_connections;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
@@ -44,7 +44,7 @@ pub async fn run(args: HttpArgs) -> Result<ExitCode> {
         (_, Some(url)) => (url.clone(), url.clone()),
         (Some(file), None) => {
             let wasm = read_component(file)?;
-            let mut limits = args.limits.to_limits()?;
+            let mut limits = args.limits.over(Limits::default())?;
             limits.concurrency = limits.concurrency.max(max_c as u32);
             let runtime = Runtime::builder().max_instances((max_c as u32).max(256)).build()?;
             let deployment = runtime.load("bench", &wasm, limits).await?;
