@@ -54,6 +54,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// Another process holds the state database.
+    #[error("the state database {} is in use by another process (is another `gpuwasm serve` using this data directory?)", .0.display())]
+    StateInUse(PathBuf),
     /// Persisted state could not be read back.
     #[error("corrupt state file {}: {message}", path.display())]
     CorruptState {
@@ -102,6 +105,7 @@ impl Error {
             Error::InvalidFiles(_) => "invalid_files",
             Error::Engine(_) => "engine",
             Error::Io { .. } => "io",
+            Error::StateInUse(_) => "state_in_use",
             Error::CorruptState { .. } => "corrupt_state",
         }
     }

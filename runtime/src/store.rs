@@ -137,7 +137,12 @@ pub struct RedbStore {
 impl RedbStore {
     /// Opens (or creates) the database at `path`.
     pub fn open(path: &Path) -> Result<Self, Error> {
-        let db = Database::create(path).map_err(|e| corrupt(path, e))?;
+        let db = Database::create(path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen | redb::DatabaseError::LockProtocolMismatch => {
+                Error::StateInUse(path.to_path_buf())
+            }
+            e => corrupt(path, e),
+        })?;
         let store = RedbStore { db, path: path.to_path_buf() };
         // Create the tables so that reads of a fresh database find them.
         let txn = store.db.begin_write().map_err(|e| store.err(e))?;
@@ -215,6 +220,16 @@ mod tests {
         let state = RedbStore::open(&path).unwrap().load().unwrap();
         assert_eq!(state.tenants, vec![tenant]);
         assert_eq!(state.deployments, vec![deployment]);
+    }
+
+    #[test]
+    fn a_database_in_use_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        let _held = RedbStore::open(&path).unwrap();
+        let err = RedbStore::open(&path).err().expect("a second open must fail");
+        assert!(matches!(err, Error::StateInUse(_)), "{err}");
+        assert!(err.to_string().contains("another `gpuwasm serve`"), "{err}");
     }
 
     #[test]

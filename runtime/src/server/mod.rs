@@ -22,7 +22,7 @@ mod files;
 pub use admin::SPEC_HEADER;
 pub use control::DEFAULT_TENANT;
 
-use crate::artifacts::ArtifactStore;
+use crate::artifacts::{ArtifactStore, sweep_temporaries};
 use crate::blobs::{BlobStore, LocalBlobStore};
 use crate::error::Error;
 use crate::request::{ResponseBody, full_body, text_response};
@@ -81,6 +81,8 @@ impl Server {
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| Error::io("creating the data directory", &config.data_dir, e))?;
         let store = RedbStore::open(&config.data_dir.join("state.redb"))?;
+        // The database is ours now: no other server writes here.
+        sweep_temporaries(&config.data_dir);
         let blobs = LocalBlobStore::open(config.data_dir.join("blobs"))?;
         Self::open_with_stores(runtime, config, Box::new(store), Arc::new(blobs)).await
     }
