@@ -65,16 +65,23 @@ impl http_body::Body for ChannelBody {
     }
 }
 
+/// One HTTP/1.1 connection to `server` for requests with a [`ChannelBody`],
+/// and the authority to send as `Host`.
+async fn streaming_connection(server: &Server) -> (hyper::client::conn::http1::SendRequest<ChannelBody>, String) {
+    let authority = server.url.strip_prefix("http://").unwrap().to_string();
+    let stream = tokio::net::TcpStream::connect(&authority).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(conn);
+    (sender, authority)
+}
+
 #[tokio::test]
 async fn request_and_response_bodies_stream_both_ways() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(&dir);
     server.deploy("beh", "behaviors", &[]);
 
-    let authority = server.url.strip_prefix("http://").unwrap().to_string();
-    let stream = tokio::net::TcpStream::connect(&authority).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
-    tokio::spawn(conn);
+    let (mut sender, authority) = streaming_connection(&server).await;
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     let request = http::Request::post("/default/beh/echo").header("host", &authority).body(ChannelBody(rx)).unwrap();
     tx.send(Bytes::from_static(b"first chunk;")).await.unwrap();
@@ -208,10 +215,7 @@ async fn request_bodies_over_the_limit_get_413() {
     assert!(reply.body.contains("exceeds the limit of 1000 bytes"), "{}", reply.body);
 
     // Streamed without a length: cut off once it passes the limit.
-    let authority = server.url.strip_prefix("http://").unwrap().to_string();
-    let stream = tokio::net::TcpStream::connect(&authority).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
-    tokio::spawn(conn);
+    let (mut sender, authority) = streaming_connection(&server).await;
     let (tx, rx) = tokio::sync::mpsc::channel(8);
     let request = http::Request::post("/default/beh/body-length").header("host", &authority).body(ChannelBody(rx)).unwrap();
     tokio::spawn(async move {
