@@ -1,0 +1,320 @@
+//! GGUF, llama.cpp's model file: metadata, a tensor directory and aligned
+//! tensor data. Every count, length and offset is checked against the
+//! bytes actually present before it is used, so a hostile file cannot make
+//! the parser allocate more than the file's own size.
+
+use crate::error::{Error, invalid_model};
+use crate::tensor::{element_count, f16_to_f32};
+use std::collections::BTreeMap;
+
+/// A metadata value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    /// Any unsigned integer type.
+    UInt(u64),
+    /// Any signed integer type.
+    Int(i64),
+    /// `f32` or `f64`.
+    Float(f64),
+    /// A boolean.
+    Bool(bool),
+    /// A UTF-8 string.
+    Str(String),
+    /// An array of values.
+    Array(Vec<Value>),
+}
+
+/// Tensor element encodings this engine knows the size of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GgmlType(pub u32);
+
+impl GgmlType {
+    /// (elements per block, bytes per block), or `None` for unknown types.
+    fn block(self) -> Option<(usize, usize)> {
+        Some(match self.0 {
+            0 => (1, 4),      // F32
+            1 | 30 => (1, 2), // F16, BF16
+            2 => (32, 18),    // Q4_0
+            3 => (32, 20),    // Q4_1
+            6 => (32, 22),    // Q5_0
+            7 => (32, 24),    // Q5_1
+            8 => (32, 34),    // Q8_0
+            10 => (256, 84),  // Q2_K
+            11 => (256, 110), // Q3_K
+            12 => (256, 144), // Q4_K
+            13 => (256, 176), // Q5_K
+            14 => (256, 210), // Q6_K
+            24 => (1, 1),     // I8
+            25 => (1, 2),     // I16
+            26 => (1, 4),     // I32
+            27 | 28 => (1, 8), // I64, F64
+            _ => return None,
+        })
+    }
+
+    /// Its llama.cpp name.
+    pub fn name(self) -> String {
+        let names = [(0, "F32"), (1, "F16"), (2, "Q4_0"), (3, "Q4_1"), (6, "Q5_0"), (7, "Q5_1"), (8, "Q8_0"), (10, "Q2_K"),
+            (11, "Q3_K"), (12, "Q4_K"), (13, "Q5_K"), (14, "Q6_K"), (24, "I8"), (25, "I16"), (26, "I32"), (27, "I64"), (28, "F64"), (30, "BF16")];
+        names.iter().find(|(id, _)| *id == self.0).map_or(format!("type {}", self.0), |(_, n)| n.to_string())
+    }
+}
+
+/// One tensor in the directory.
+#[derive(Debug, Clone)]
+pub struct TensorInfo {
+    /// Dimensions, innermost first (GGUF order).
+    pub dims: Vec<usize>,
+    /// Encoding.
+    pub ty: GgmlType,
+    /// Byte range in the file.
+    pub range: std::ops::Range<usize>,
+}
+
+/// A parsed GGUF file borrowing its bytes.
+#[derive(Debug)]
+pub struct Gguf<'a> {
+    /// Format version (2 or 3).
+    pub version: u32,
+    /// Metadata by key.
+    pub metadata: BTreeMap<String, Value>,
+    /// Tensors by name.
+    pub tensors: BTreeMap<String, TensorInfo>,
+    bytes: &'a [u8],
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], Error> {
+        let end = self.at.checked_add(n).filter(|&e| e <= self.bytes.len()).ok_or_else(|| {
+            invalid_model(format!("gguf: truncated: {n} bytes needed at offset {}, file has {}", self.at, self.bytes.len()))
+        })?;
+        let out = &self.bytes[self.at..end];
+        self.at = end;
+        Ok(out)
+    }
+    fn u32(&mut self) -> Result<u32, Error> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().unwrap()))
+    }
+    fn u64(&mut self) -> Result<u64, Error> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap()))
+    }
+    /// A count of items each at least `min_size` bytes long: never more than could fit.
+    fn count(&mut self, min_size: usize, what: &str) -> Result<usize, Error> {
+        let n = self.u64()?;
+        let room = (self.bytes.len() - self.at) / min_size.max(1);
+        if n > room as u64 {
+            return Err(invalid_model(format!("gguf: {what} count {n} cannot fit in the rest of the file")));
+        }
+        Ok(n as usize)
+    }
+    fn string(&mut self) -> Result<String, Error> {
+        let n = self.count(1, "string length")?;
+        String::from_utf8(self.take(n)?.to_vec()).map_err(|_| invalid_model("gguf: a string is not UTF-8"))
+    }
+    fn value(&mut self, ty: u32, depth: u32) -> Result<Value, Error> {
+        Ok(match ty {
+            0 => Value::UInt(self.take(1)?[0] as u64),
+            1 => Value::Int(self.take(1)?[0] as i8 as i64),
+            2 => Value::UInt(u16::from_le_bytes(self.take(2)?.try_into().unwrap()) as u64),
+            3 => Value::Int(i16::from_le_bytes(self.take(2)?.try_into().unwrap()) as i64),
+            4 => Value::UInt(self.u32()? as u64),
+            5 => Value::Int(self.u32()? as i32 as i64),
+            6 => Value::Float(f32::from_bits(self.u32()?) as f64),
+            7 => Value::Bool(self.take(1)?[0] != 0),
+            8 => Value::Str(self.string()?),
+            9 if depth < 2 => {
+                let elem = self.u32()?;
+                let n = self.count(1, "array")?;
+                let mut items = Vec::with_capacity(n.min(1 << 16));
+                for _ in 0..n {
+                    items.push(self.value(elem, depth + 1)?);
+                }
+                Value::Array(items)
+            }
+            10 => Value::UInt(self.u64()?),
+            11 => Value::Int(self.u64()? as i64),
+            12 => Value::Float(f64::from_bits(self.u64()?)),
+            other => return Err(invalid_model(format!("gguf: unknown or too deeply nested value type {other}"))),
+        })
+    }
+}
+
+impl<'a> Gguf<'a> {
+    /// Parses and checks a GGUF file.
+    pub fn parse(bytes: &'a [u8]) -> Result<Gguf<'a>, Error> {
+        let mut r = Reader { bytes, at: 0 };
+        if r.take(4).ok() != Some(b"GGUF".as_slice()) {
+            return Err(invalid_model("not a GGUF file (no GGUF magic)"));
+        }
+        let version = r.u32()?;
+        if !(2..=3).contains(&version) {
+            return Err(Error::Unsupported(format!("GGUF version {version} (2 and 3 are supported)")));
+        }
+        // A tensor entry takes at least 4+8+4+8+4 bytes, a key-value pair 8+4+1.
+        let tensor_count = r.u64()?;
+        let kv_count = r.count(13, "metadata")?;
+        let mut metadata = BTreeMap::new();
+        for _ in 0..kv_count {
+            let key = r.string()?;
+            let ty = r.u32()?;
+            metadata.insert(key, r.value(ty, 0)?);
+        }
+        if tensor_count > ((bytes.len() - r.at) / 28) as u64 {
+            return Err(invalid_model(format!("gguf: tensor count {tensor_count} cannot fit in the rest of the file")));
+        }
+        let mut raw = Vec::with_capacity(tensor_count as usize);
+        for _ in 0..tensor_count {
+            let name = r.string()?;
+            let n_dims = r.u32()?;
+            if n_dims == 0 || n_dims > 4 {
+                return Err(invalid_model(format!("gguf: tensor {name:?} has {n_dims} dimensions")));
+            }
+            let dims = (0..n_dims)
+                .map(|_| r.u64().map(|d| usize::try_from(d).unwrap_or(usize::MAX)))
+                .collect::<Result<Vec<_>, _>>()?;
+            let ty = GgmlType(r.u32()?);
+            let offset = r.u64()?;
+            raw.push((name, dims, ty, offset));
+        }
+        let alignment = match metadata.get("general.alignment") {
+            None => 32,
+            Some(Value::UInt(a)) if a.is_power_of_two() && *a <= 1 << 16 => *a as usize,
+            Some(other) => return Err(invalid_model(format!("gguf: bad general.alignment {other:?}"))),
+        };
+        let data_start = r.at.div_ceil(alignment) * alignment;
+        let mut tensors = BTreeMap::new();
+        for (name, dims, ty, offset) in raw {
+            let (per_block, block_bytes) =
+                ty.block().ok_or_else(|| Error::Unsupported(format!("gguf: tensor {name:?} has unknown type {}", ty.0)))?;
+            let count = element_count(&dims);
+            let size = count.filter(|n| n % per_block == 0).and_then(|n| (n / per_block).checked_mul(block_bytes));
+            let start = usize::try_from(offset).ok().and_then(|o| o.checked_add(data_start));
+            let range = match (size, start) {
+                (Some(size), Some(start)) if start.checked_add(size).is_some_and(|end| end <= bytes.len()) => start..start + size,
+                _ => {
+                    return Err(invalid_model(format!(
+                        "gguf: tensor {name:?} ({dims:?} of {}) at offset {offset} does not fit in the {}-byte file",
+                        ty.name(),
+                        bytes.len()
+                    )));
+                }
+            };
+            if tensors.insert(name.clone(), TensorInfo { dims, ty, range }).is_some() {
+                return Err(invalid_model(format!("gguf: tensor {name:?} appears twice")));
+            }
+        }
+        Ok(Gguf { version, metadata, tensors, bytes })
+    }
+
+    /// `general.architecture` (`llama`, ...).
+    pub fn architecture(&self) -> Option<&str> {
+        match self.metadata.get("general.architecture") {
+            Some(Value::Str(s)) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// A one-line description.
+    pub fn describe(&self) -> String {
+        let params: usize = self.tensors.values().filter_map(|t| element_count(&t.dims)).sum();
+        format!(
+            "GGUF v{}, {} architecture, {} tensors, {:.1}M parameters",
+            self.version,
+            self.architecture().unwrap_or("unknown"),
+            self.tensors.len(),
+            params as f64 / 1e6
+        )
+    }
+
+    /// Tensor `name` dequantised to floats (F32, F16, BF16, Q4_0, Q4_1, Q8_0).
+    pub fn f32(&self, name: &str) -> Result<Vec<f32>, Error> {
+        let info = self.tensors.get(name).ok_or_else(|| invalid_model(format!("gguf: no tensor {name:?}")))?;
+        let b = &self.bytes[info.range.clone()];
+        let half = |c: &[u8]| f16_to_f32(u16::from_le_bytes([c[0], c[1]]));
+        Ok(match info.ty.0 {
+            0 => b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(),
+            1 => b.chunks_exact(2).map(half).collect(),
+            30 => b.chunks_exact(2).map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16)).collect(),
+            2 | 3 => {
+                let with_min = info.ty.0 == 3;
+                let block = if with_min { 20 } else { 18 };
+                let mut out = Vec::with_capacity(b.len() / block * 32);
+                for blk in b.chunks_exact(block) {
+                    let d = half(&blk[0..2]);
+                    let (m, qs) = if with_min { (half(&blk[2..4]), &blk[4..]) } else { (-8.0 * d, &blk[2..]) };
+                    out.extend(qs.iter().map(|q| (q & 0x0f) as f32 * d + m));
+                    out.extend(qs.iter().map(|q| (q >> 4) as f32 * d + m));
+                }
+                out
+            }
+            8 => b.chunks_exact(34).flat_map(|blk| {
+                let d = half(&blk[0..2]);
+                blk[2..].iter().map(move |&q| q as i8 as f32 * d)
+            }).collect(),
+            _ => return Err(Error::Unsupported(format!("gguf: dequantising {} (tensor {name:?})", info.ty.name()))),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A GGUF v3 file with one string metadata entry and one F32 tensor.
+    pub(crate) fn tiny(dims: &[u64], offset: u64, data: &[f32]) -> Vec<u8> {
+        let mut b = b"GGUF".to_vec();
+        b.extend(3u32.to_le_bytes());
+        b.extend(1u64.to_le_bytes());
+        b.extend(1u64.to_le_bytes());
+        let key = "general.architecture";
+        b.extend((key.len() as u64).to_le_bytes());
+        b.extend(key.as_bytes());
+        b.extend(8u32.to_le_bytes());
+        b.extend(5u64.to_le_bytes());
+        b.extend(b"llama");
+        b.extend(1u64.to_le_bytes());
+        b.extend(b"w");
+        b.extend((dims.len() as u32).to_le_bytes());
+        dims.iter().for_each(|d| b.extend(d.to_le_bytes()));
+        b.extend(0u32.to_le_bytes());
+        b.extend(offset.to_le_bytes());
+        while b.len() % 32 != 0 {
+            b.push(0);
+        }
+        data.iter().for_each(|x| b.extend(x.to_le_bytes()));
+        b
+    }
+
+    #[test]
+    fn parses_and_reads() {
+        let file = tiny(&[2, 2], 0, &[1.0, 2.0, 3.0, 4.0]);
+        let g = Gguf::parse(&file).unwrap();
+        assert_eq!(g.architecture(), Some("llama"));
+        assert_eq!(g.f32("w").unwrap(), vec![1.0, 2.0, 3.0, 4.0]);
+    }
+
+    #[test]
+    fn refuses_hostile_files() {
+        let cases = [
+            tiny(&[2, 2], 64, &[1.0; 4]),                      // offset past the end
+            tiny(&[u64::MAX, u64::MAX], 0, &[1.0; 4]),         // dimensions overflow
+            tiny(&[1 << 40], 0, &[1.0; 4]),                    // far bigger than the file
+            tiny(&[2, 2], 0, &[1.0; 4])[..60].to_vec(),        // truncated
+        ];
+        for file in &cases {
+            assert!(matches!(Gguf::parse(file), Err(Error::InvalidModel(_))), "{:?}", Gguf::parse(file).err());
+        }
+        // Claims 2^60 metadata entries: refused before any allocation.
+        let mut huge = b"GGUF".to_vec();
+        huge.extend(3u32.to_le_bytes());
+        huge.extend(0u64.to_le_bytes());
+        huge.extend((1u64 << 60).to_le_bytes());
+        assert!(Gguf::parse(&huge).is_err());
+        assert!(Gguf::parse(b"GGML....").is_err());
+    }
+}

@@ -1,0 +1,32 @@
+//! gpuwasm's tensor engine.
+//!
+//! Models arrive as bytes in one of three formats ([`Format`]) and become a
+//! [`Graph`]: named tensors in, named tensors out. Loading parses and
+//! checks everything up front (sizes, offsets, shapes, operators), so a
+//! corrupt or hostile file fails with [`Error::InvalidModel`] before any
+//! large allocation, and running a graph only fails on bad input
+//! ([`Error::InvalidInput`]).
+//!
+//! - [`bert`]: BERT-style sentence encoders from `model.safetensors`,
+//!   `config.json` and `tokenizer.json` (sentence-transformers layout):
+//!   text in, pooled embeddings out.
+//! - [`onnx`]: an interpreter for ONNX graphs with the operators small
+//!   classifiers use.
+//! - [`gguf`]: GGUF (llama.cpp) files: metadata, tensor directory and
+//!   dequantisation, for the text-generation engine.
+//!
+//! The kernels run on the CPU ([`cpu`]); the GPU backends plug in below the
+//! same [`Graph`] interface.
+
+pub mod bert;
+pub mod cpu;
+mod error;
+pub mod gguf;
+mod model;
+pub mod onnx;
+pub mod safetensors;
+mod tensor;
+
+pub use error::Error;
+pub use model::{Format, Graph, ModelFiles, check, load};
+pub use tensor::{DType, Data, Tensor};

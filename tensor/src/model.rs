@@ -1,0 +1,102 @@
+//! Model formats and the graph interface every model presents.
+
+use crate::error::{Error, invalid_model};
+use crate::tensor::Tensor;
+use crate::{bert, gguf, onnx};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// The formats models are pushed in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// A BERT-style encoder: `model.safetensors`, `config.json`,
+    /// `tokenizer.json` (and optionally the sentence-transformers files
+    /// `modules.json`, `sentence_bert_config.json`, `1_Pooling/config.json`).
+    Safetensors,
+    /// One `.onnx` file.
+    Onnx,
+    /// One `.gguf` file (llama.cpp).
+    Gguf,
+}
+
+impl Format {
+    /// Every format, by name.
+    pub const ALL: [Format; 3] = [Format::Safetensors, Format::Onnx, Format::Gguf];
+
+    /// Its lower-case name, as the CLI and API spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Safetensors => "safetensors",
+            Format::Onnx => "onnx",
+            Format::Gguf => "gguf",
+        }
+    }
+
+    /// The format called `name`.
+    pub fn from_name(name: &str) -> Option<Format> {
+        Format::ALL.into_iter().find(|f| f.name() == name)
+    }
+
+    /// The files of a model of this format that matter, relative to its
+    /// directory; `None` means the model is a single file.
+    pub fn files(self) -> Option<&'static [&'static str]> {
+        match self {
+            Format::Safetensors => Some(bert::FILES),
+            Format::Onnx | Format::Gguf => None,
+        }
+    }
+}
+
+/// A model's files: relative path to contents. Single-file formats hold
+/// exactly one entry.
+pub type ModelFiles = BTreeMap<String, Vec<u8>>;
+
+/// A loaded model: named tensors in, named tensors out. Shared by every
+/// instance that uses it; `run` may be called from many threads at once.
+pub trait Graph: Send + Sync {
+    /// What the graph takes and gives, in one line (for errors and logs).
+    fn signature(&self) -> String;
+
+    /// Runs one inference.
+    fn run(&self, inputs: Vec<(String, Tensor)>) -> Result<Vec<(String, Tensor)>, Error>;
+
+    /// Runs several independent inferences, merged into one pass where the
+    /// graph can; one result per request, in order. The default runs them
+    /// one by one.
+    fn run_batch(&self, requests: Vec<Vec<(String, Tensor)>>) -> Vec<Result<Vec<(String, Tensor)>, Error>> {
+        requests.into_iter().map(|inputs| self.run(inputs)).collect()
+    }
+}
+
+/// The single file of a one-file model.
+pub(crate) fn single_file(files: &ModelFiles) -> Result<&[u8], Error> {
+    match files.values().collect::<Vec<_>>().as_slice() {
+        [only] => Ok(only),
+        _ => Err(invalid_model(format!("expected one file, got {}", files.len()))),
+    }
+}
+
+/// Loads a model into a runnable graph, checking everything about it.
+pub fn load(format: Format, files: &ModelFiles) -> Result<Arc<dyn Graph>, Error> {
+    match format {
+        Format::Safetensors => Ok(Arc::new(bert::Bert::load(files)?)),
+        Format::Onnx => Ok(Arc::new(onnx::Model::load(single_file(files)?)?)),
+        Format::Gguf => {
+            let file = gguf::Gguf::parse(single_file(files)?)?;
+            Err(Error::Unsupported(format!(
+                "a GGUF model ({} architecture) generates text; wasi-nn graphs cannot run it",
+                file.architecture().unwrap_or("unknown")
+            )))
+        }
+    }
+}
+
+/// Checks a model without keeping it: what `gpuwasm model push` runs
+/// before accepting one. Returns a one-line description.
+pub fn check(format: Format, files: &ModelFiles) -> Result<String, Error> {
+    match format {
+        Format::Gguf => gguf::Gguf::parse(single_file(files)?).map(|g| g.describe()),
+        _ => load(format, files).map(|g| g.signature()),
+    }
+}

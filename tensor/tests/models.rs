@@ -1,0 +1,130 @@
+//! The engine against real models: all-MiniLM-L6-v2 against
+//! sentence-transformers' embeddings, SmolLM2's GGUF file.
+
+use gpuwasm_tensor::{Format, ModelFiles, Tensor, bert, gguf};
+use std::path::{Path, PathBuf};
+
+/// The test models, fetched once into the cache by the shared script.
+fn model_path(name: &str) -> PathBuf {
+    let shared = std::env::var_os("GPUWASM_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared"));
+    let script = shared.join("tools/fetch-test-models.sh");
+    let out = std::process::Command::new(&script).output().unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
+    assert!(out.status.success(), "{} failed: {}", script.display(), String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let line = stdout.lines().find_map(|l| l.strip_prefix(&format!("{name}="))).unwrap_or_else(|| panic!("no {name} in {stdout}"));
+    PathBuf::from(line)
+}
+
+fn minilm_files() -> ModelFiles {
+    let dir = model_path("minilm");
+    bert::FILES
+        .iter()
+        .filter_map(|f| std::fs::read(dir.join(f)).ok().map(|bytes| (f.to_string(), bytes)))
+        .collect()
+}
+
+#[derive(serde::Deserialize)]
+struct Fixture {
+    sentences: Vec<String>,
+    embeddings: Vec<Vec<f32>>,
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    dot / (norm(a) * norm(b))
+}
+
+fn text_tensor(texts: &[&str]) -> Tensor {
+    let width = texts.iter().map(|t| t.len()).max().unwrap_or(0).max(1);
+    let mut bytes = vec![0u8; texts.len() * width];
+    for (row, t) in bytes.chunks_exact_mut(width).zip(texts) {
+        row[..t.len()].copy_from_slice(t.as_bytes());
+    }
+    Tensor::from_bytes(vec![texts.len(), width], gpuwasm_tensor::DType::U8, &bytes).unwrap()
+}
+
+#[test]
+fn minilm_matches_sentence_transformers() {
+    let fixture: Fixture =
+        serde_json::from_str(include_str!("../../tests/fixtures/minilm-embeddings.json")).expect("fixture parses");
+    assert!(fixture.sentences.len() >= 50);
+    let graph = gpuwasm_tensor::load(Format::Safetensors, &minilm_files()).expect("MiniLM loads");
+    let texts: Vec<&str> = fixture.sentences.iter().map(String::as_str).collect();
+
+    // All at once (one packed batch) and a few alone must agree with the reference.
+    let out = graph.run(vec![("text".into(), text_tensor(&texts))]).unwrap();
+    assert_eq!(out[0].0, "embeddings");
+    assert_eq!(out[0].1.shape(), &[texts.len(), 384]);
+    let vectors = out[0].1.as_f32("embeddings").unwrap();
+    let mut worst = 1.0f32;
+    for (i, reference) in fixture.embeddings.iter().enumerate() {
+        let c = cosine(&vectors[i * 384..(i + 1) * 384], reference);
+        assert!(c >= 0.999, "sentence {i} {:?}: cosine {c}", texts[i]);
+        worst = worst.min(c);
+    }
+    eprintln!("worst cosine over {} sentences: {worst:.6}", texts.len());
+    for i in [0, 37, 49] {
+        let alone = graph.run(vec![("text".into(), text_tensor(&texts[i..=i]))]).unwrap();
+        let c = cosine(alone[0].1.as_f32("e").unwrap(), &fixture.embeddings[i]);
+        assert!(c >= 0.999, "sentence {i} alone: cosine {c}");
+    }
+    // The long sentence was truncated to the model's 256 tokens.
+    let counts = match out[1].1.data() {
+        gpuwasm_tensor::Data::I64(c) => c.clone(),
+        other => panic!("token counts are {other:?}"),
+    };
+    assert_eq!(counts[49], 256);
+    assert_eq!(counts[37], 3, "`ok` is [CLS] ok [SEP]");
+}
+
+#[test]
+fn minilm_rejects_bad_inputs() {
+    let graph = gpuwasm_tensor::load(Format::Safetensors, &minilm_files()).unwrap();
+    let f32_text = Tensor::from_bytes(vec![1], gpuwasm_tensor::DType::F32, &[0; 4]).unwrap();
+    let cases = [
+        (vec![("text".to_string(), f32_text)], "must be a U8 tensor"),
+        (vec![("words".to_string(), text_tensor(&["a"]))], "unknown input \"words\""),
+        (vec![], "takes one input"),
+        (vec![("text".to_string(), Tensor::from_bytes(vec![1, 1, 1], gpuwasm_tensor::DType::U8, &[65]).unwrap())], "rank 1 or 2"),
+        (vec![("text".to_string(), Tensor::from_bytes(vec![2], gpuwasm_tensor::DType::U8, &[0xff, 0xfe]).unwrap())], "not UTF-8"),
+    ];
+    for (inputs, want) in cases {
+        let err = graph.run(inputs).unwrap_err();
+        assert!(matches!(err, gpuwasm_tensor::Error::InvalidInput(_)) && err.to_string().contains(want), "{err}");
+    }
+}
+
+#[test]
+fn minilm_files_are_checked() {
+    let mut files = minilm_files();
+    let weights = files.get_mut("model.safetensors").unwrap();
+    weights.truncate(weights.len() / 2);
+    let err = gpuwasm_tensor::check(Format::Safetensors, &files).unwrap_err();
+    assert!(matches!(err, gpuwasm_tensor::Error::InvalidModel(_)), "{err}");
+    let mut files = minilm_files();
+    files.remove("tokenizer.json");
+    assert!(gpuwasm_tensor::check(Format::Safetensors, &files).unwrap_err().to_string().contains("missing tokenizer.json"));
+}
+
+#[test]
+fn smollm2_gguf_parses_and_dequantises() {
+    let bytes = std::fs::read(model_path("smollm2")).unwrap();
+    let file = gguf::Gguf::parse(&bytes).expect("SmolLM2 GGUF parses");
+    assert_eq!(file.architecture(), Some("llama"));
+    assert_eq!(file.tensors.len(), 272);
+    let summary = gpuwasm_tensor::check(Format::Gguf, &[("m.gguf".to_string(), bytes.clone())].into()).unwrap();
+    assert!(summary.contains("llama") && summary.contains("272 tensors"), "{summary}");
+    // A Q4_1 weight dequantises to the right count of finite, varied values.
+    let (name, info) = file.tensors.iter().find(|(_, t)| t.ty.0 == 3).expect("a Q4_1 tensor");
+    let values = file.f32(name).unwrap();
+    assert_eq!(values.len(), info.dims.iter().product::<usize>());
+    assert!(values.iter().all(|v| v.is_finite()));
+    let mean = values.iter().sum::<f32>() / values.len() as f32;
+    let var = values.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / values.len() as f32;
+    assert!(var > 1e-6 && var < 1.0, "variance {var}");
+    // Cut in half, the file is refused.
+    assert!(gguf::Gguf::parse(&bytes[..bytes.len() / 2]).is_err());
+}
