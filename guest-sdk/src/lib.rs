@@ -32,6 +32,8 @@
 //!
 //! Build it with `crate-type = ["cdylib"]` for the `wasm32-wasip2` target
 //! (`scripts/build-guests.sh` in the gpuwasm repository shows how).
+//! Models are reached through [`nn`] (wasi-nn): `nn::Graph::load_by_name`.
+//!
 //! Request bodies can be read whole ([`Request::body`]) or streamed
 //! ([`Request::body_reader`]); responses can carry bytes or be streamed as
 //! they are produced ([`Response::stream`]).
@@ -44,6 +46,8 @@ use wasip2::io::streams::{InputStream, OutputStream};
 
 #[doc(hidden)]
 pub use wasip2 as __wasip2;
+
+pub mod nn;
 
 /// Bindings for the `gpuwasm:runtime/init` export (wit/init.wit).
 #[doc(hidden)]

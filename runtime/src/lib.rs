@@ -18,6 +18,7 @@ pub mod blobs;
 mod engine;
 mod error;
 mod limits;
+pub mod nn;
 mod output;
 mod preinit;
 mod request;

@@ -11,6 +11,8 @@ use crate::output::GuestOutput;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use crate::sandbox::{OutboundPolicy, Sandbox};
 use std::sync::Arc;
+use crate::nn::Models;
+use crate::nn::host::{NnCtx, NnView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 /// A boxed error, as carried by response bodies.
@@ -26,6 +28,7 @@ pub(crate) struct RequestState {
     http: WasiHttpCtx,
     table: ResourceTable,
     hooks: OutboundPolicy,
+    nn: NnCtx,
     pub(crate) limiter: MemoryLimiter,
     output: GuestOutput,
     /// Epoch ticks observed while guest code ran.
@@ -34,7 +37,12 @@ pub(crate) struct RequestState {
 }
 
 impl RequestState {
-    pub(crate) fn new(memory_limit: usize, sandbox: &Sandbox, outbound: &Arc<Vec<String>>) -> Result<Self, String> {
+    pub(crate) fn new(
+        memory_limit: usize,
+        sandbox: &Sandbox,
+        outbound: &Arc<Vec<String>>,
+        models: &Models,
+    ) -> Result<Self, String> {
         let output = GuestOutput::default();
         let mut wasi = WasiCtx::builder();
         wasi.stdout(output.clone()).stderr(output.clone());
@@ -53,11 +61,17 @@ impl RequestState {
             http: WasiHttpCtx::new(),
             table: ResourceTable::new(),
             hooks: OutboundPolicy { allow: outbound.clone() },
+            nn: NnCtx::new(models.clone(), sandbox.models.clone()),
             limiter: MemoryLimiter { limit: memory_limit, exceeded: false },
             output,
             cpu_ticks: 0,
             cpu_exceeded: false,
         })
+    }
+
+    /// The wasi-nn view of this request's state.
+    pub(crate) fn nn(&mut self) -> NnView<'_> {
+        NnView { ctx: &mut self.nn, table: &mut self.table }
     }
 
     /// Host resources the guest holds (streams, sockets, files, ...).

@@ -4,6 +4,7 @@
 use crate::engine::{self, PoolSettings, TICK};
 use crate::error::{Error, chain};
 use crate::limits::Limits;
+use crate::nn::{BatchSettings, Models};
 use crate::preinit;
 use crate::request::{BoxError, Failure, RequestState, ResponseBody};
 use crate::sandbox::Sandbox;
@@ -25,6 +26,8 @@ use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 #[derive(Clone, Debug)]
 pub struct RuntimeBuilder {
     pool: PoolSettings,
+    model_idle: std::time::Duration,
+    batch: BatchSettings,
 }
 
 impl RuntimeBuilder {
@@ -43,12 +46,27 @@ impl RuntimeBuilder {
         self
     }
 
+    /// How long a model stays loaded after its last use (default 10
+    /// minutes): the scale-down window of inference. It is loaded again on
+    /// the next request that asks for it.
+    pub fn model_idle_timeout(mut self, idle: std::time::Duration) -> Self {
+        self.model_idle = idle;
+        self
+    }
+
+    /// How concurrent inference calls on one model are batched.
+    pub fn batching(mut self, batch: BatchSettings) -> Self {
+        self.batch = batch;
+        self
+    }
+
     /// Creates the engine, its instance pool and its epoch ticker.
     pub fn build(self) -> Result<Runtime, Error> {
         let engine = engine::new_engine(&self.pool).map_err(|e| Error::Engine(chain(&e)))?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
             .and_then(|()| wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker))
+            .and_then(|()| crate::nn::host::add_to_linker(&mut linker, RequestState::nn))
             .map_err(|e| Error::Engine(chain(&e)))?;
         engine::start_ticker(&engine);
         Ok(Runtime {
@@ -56,6 +74,7 @@ impl RuntimeBuilder {
                 instances: Arc::new(Semaphore::new(self.pool.max_instances as usize)),
                 engine,
                 linker,
+                models: Models::new(self.model_idle, self.batch),
                 pool: self.pool,
             }),
         })
@@ -88,12 +107,17 @@ struct RuntimeInner {
     /// the pool is full.
     instances: Arc<Semaphore>,
     pool: PoolSettings,
+    models: Models,
 }
 
 impl Runtime {
     /// A builder with the default settings.
     pub fn builder() -> RuntimeBuilder {
-        RuntimeBuilder { pool: PoolSettings { max_instances: 256, max_memory_mb: 1024 } }
+        RuntimeBuilder {
+            pool: PoolSettings { max_instances: 256, max_memory_mb: 1024 },
+            model_idle: std::time::Duration::from_secs(600),
+            batch: BatchSettings::default(),
+        }
     }
 
     /// Validates `wasm`, a component targeting the `wasi:http/proxy` world,
@@ -152,7 +176,8 @@ impl Runtime {
         sandbox: &Sandbox,
         outbound: &Arc<Vec<String>>,
     ) -> Result<Store<RequestState>, String> {
-        let mut store = Store::new(&self.inner.engine, RequestState::new(memory_bytes, sandbox, outbound)?);
+        let state = RequestState::new(memory_bytes, sandbox, outbound, &self.inner.models)?;
+        let mut store = Store::new(&self.inner.engine, state);
         store.limiter(|state| &mut state.limiter);
         let max_ticks = cpu_ms.div_ceil(TICK.as_millis() as u64).max(1);
         store.set_epoch_deadline(1);
@@ -166,6 +191,11 @@ impl Runtime {
             Ok(UpdateDeadline::Yield(1))
         });
         Ok(store)
+    }
+
+    /// The node's model cache, shared by every deployment.
+    pub fn models(&self) -> &Models {
+        &self.inner.models
     }
 
     pub(crate) fn linker(&self) -> &Linker<RequestState> {

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
+use crate::nn::ModelAccess;
 use wasmtime_wasi_http::{RequestOptions, WasiBody, WasiHttpHooks};
 
 /// Per-deployment sandbox settings. The default allows nothing.
@@ -20,6 +21,9 @@ pub struct Sandbox {
     /// nothing outside it is reachable, through `..` or symlinks).
     #[serde(skip)]
     pub files: Option<PathBuf>,
+    /// The models `wasi:nn` may load, and where their names resolve.
+    #[serde(skip)]
+    pub models: ModelAccess,
 }
 
 impl Sandbox {

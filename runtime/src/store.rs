@@ -88,6 +88,25 @@ pub struct DeploymentState {
     pub latest: u64,
 }
 
+/// A model in the registry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelRecord {
+    /// The owning tenant, or `public` for models every tenant may load.
+    pub namespace: String,
+    /// The name handlers load it by.
+    pub name: String,
+    /// `safetensors`, `onnx` or `gguf`.
+    pub format: gpuwasm_tensor::Format,
+    /// Its files: path inside the model -> SHA-256 of the content.
+    pub files: BTreeMap<String, String>,
+    /// Total size of the files in bytes.
+    pub size_bytes: u64,
+    /// What the engine found when it checked the model.
+    pub summary: String,
+    /// Seconds since the Unix epoch.
+    pub pushed_at: u64,
+}
+
 /// Everything the store holds.
 #[derive(Debug, Default)]
 pub struct ControlState {
@@ -99,6 +118,8 @@ pub struct ControlState {
     pub deployments: Vec<DeploymentState>,
     /// All versions of all deployments.
     pub versions: Vec<VersionRecord>,
+    /// All models.
+    pub models: Vec<ModelRecord>,
 }
 
 /// One change to the state; a commit applies several atomically.
@@ -112,6 +133,10 @@ pub enum Change {
     Version(VersionRecord),
     /// Create or replace a deployment's state.
     Deployment(DeploymentState),
+    /// Create or replace a model.
+    Model(ModelRecord),
+    /// Remove a model: (namespace, name).
+    RemoveModel(String, String),
 }
 
 /// Durable storage of the control-plane state.
@@ -127,6 +152,7 @@ const TENANTS: TableDefinition<&str, &[u8]> = TableDefinition::new("tenants");
 const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
 const DEPLOYMENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("deployments");
 const VERSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("versions");
+const MODELS: TableDefinition<&str, &[u8]> = TableDefinition::new("models");
 
 /// The embedded default: one redb database file.
 pub struct RedbStore {
@@ -146,7 +172,7 @@ impl RedbStore {
         let store = RedbStore { db, path: path.to_path_buf() };
         // Create the tables so that reads of a fresh database find them.
         let txn = store.db.begin_write().map_err(|e| store.err(e))?;
-        for table in [TENANTS, TOKENS, DEPLOYMENTS, VERSIONS] {
+        for table in [TENANTS, TOKENS, DEPLOYMENTS, VERSIONS, MODELS] {
             txn.open_table(table).map_err(|e| store.err(e))?;
         }
         txn.commit().map_err(|e| store.err(e))?;
@@ -182,6 +208,7 @@ impl ControlStore for RedbStore {
             tokens: self.read_all(TOKENS)?,
             deployments: self.read_all(DEPLOYMENTS)?,
             versions: self.read_all(VERSIONS)?,
+            models: self.read_all(MODELS)?,
         })
     }
 
@@ -193,6 +220,12 @@ impl ControlStore for RedbStore {
                 Change::Token(t) => (TOKENS, t.id.clone(), serde_json::to_vec(t)),
                 Change::Deployment(d) => (DEPLOYMENTS, format!("{}/{}", d.tenant, d.name), serde_json::to_vec(d)),
                 Change::Version(v) => (VERSIONS, format!("{}/{}/{:020}", v.tenant, v.name, v.version), serde_json::to_vec(v)),
+                Change::Model(m) => (MODELS, format!("{}/{}", m.namespace, m.name), serde_json::to_vec(m)),
+                Change::RemoveModel(namespace, name) => {
+                    let mut table = txn.open_table(MODELS).map_err(|e| self.err(e))?;
+                    table.remove(format!("{namespace}/{name}").as_str()).map_err(|e| self.err(e))?;
+                    continue;
+                }
             };
             let value = value.expect("records serialise");
             let mut table = txn.open_table(table).map_err(|e| self.err(e))?;

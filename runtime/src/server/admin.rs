@@ -85,6 +85,9 @@ impl ServerInner {
                 None => not_found(name),
             },
             (Method::POST, ["deployments", name, "rollback"]) => self.rollback(&caller, name, &query).await,
+            (method, ["models" | "model-files", ..]) => {
+                self.models_api(&caller, method, segments.as_slice(), &query, request).await
+            }
             (_, ["deployments" | "tokens" | "whoami" | "files", ..]) => {
                 api_error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed here")
             }
@@ -121,6 +124,9 @@ impl ServerInner {
         };
         if let Err(e) = check_name(&name) {
             return error_response(&e);
+        }
+        if name == crate::nn::PUBLIC {
+            return api_error(StatusCode::BAD_REQUEST, "invalid_name", "'public' is reserved for models every tenant can load");
         }
         let _guard = self.changes.lock().await;
         let mut control = (*self.control()).clone();
@@ -354,7 +360,7 @@ impl ServerInner {
 }
 
 /// Reads a request body of at most `max` bytes, or the error answer.
-async fn read_upload(request: Request<Incoming>, max: usize, what: &str) -> Result<bytes::Bytes, Response<ResponseBody>> {
+pub(super) async fn read_upload(request: Request<Incoming>, max: usize, what: &str) -> Result<bytes::Bytes, Response<ResponseBody>> {
     match Limited::new(request.into_body(), max).collect().await {
         Ok(body) => Ok(body.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
@@ -387,7 +393,7 @@ fn forbidden_or_wrong_method(caller: &Caller) -> Response<ResponseBody> {
 }
 
 /// The value of `key` in a query string, if present.
-fn query_value<'q>(query: &'q str, key: &str) -> Option<&'q str> {
+pub(super) fn query_value<'q>(query: &'q str, key: &str) -> Option<&'q str> {
     query.split('&').find_map(|pair| pair.strip_prefix(key)?.strip_prefix('='))
 }
 

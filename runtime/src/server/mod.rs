@@ -18,6 +18,7 @@
 mod admin;
 mod control;
 mod files;
+mod models;
 
 pub use admin::SPEC_HEADER;
 pub use control::DEFAULT_TENANT;
@@ -53,6 +54,8 @@ pub struct ServerConfig {
     pub admin_token: String,
     /// Largest component upload accepted, in bytes.
     pub max_upload_bytes: usize,
+    /// Largest model file accepted, in bytes.
+    pub max_model_bytes: usize,
 }
 
 /// The gpuwasm HTTP server: routing, admin API and durable state.
@@ -67,6 +70,7 @@ struct ServerInner {
     runtime: Runtime,
     artifacts: ArtifactStore,
     files: FileStore,
+    models: Arc<models::Registry>,
     store: Box<dyn ControlStore>,
     config: ServerConfig,
     control: RwLock<Arc<Control>>,
@@ -98,8 +102,9 @@ impl Server {
         blobs: Arc<dyn BlobStore>,
     ) -> Result<Server, Error> {
         let artifacts = ArtifactStore::open(config.data_dir.join("artifacts"), &runtime, blobs.clone())?;
-        let files = FileStore::open(config.data_dir.join("files"), blobs)?;
+        let files = FileStore::open(config.data_dir.join("files"), blobs.clone())?;
         let mut state = store.load()?;
+        let models = Arc::new(models::Registry::new(std::mem::take(&mut state.models), blobs));
         if !state.tenants.iter().any(|t| t.name == DEFAULT_TENANT) {
             let tenant = TenantRecord { name: DEFAULT_TENANT.into(), created_at: now() };
             store.commit(&[Change::Tenant(tenant.clone())])?;
@@ -109,6 +114,7 @@ impl Server {
             runtime,
             artifacts,
             files,
+            models,
             store,
             config,
             control: RwLock::new(Arc::default()),
@@ -184,7 +190,12 @@ impl ServerInner {
     /// The version's sandbox, with its files' directory assembled.
     fn sandbox(&self, version: &VersionRecord) -> Result<crate::Sandbox, Error> {
         let files = self.files.tree(&version.tenant, &version.files)?;
-        Ok(crate::Sandbox { files, ..version.sandbox.clone() })
+        let models = crate::nn::ModelAccess {
+            tenant: version.tenant.clone(),
+            allow: version.models.clone(),
+            catalog: Some(self.models.clone()),
+        };
+        Ok(crate::Sandbox { files, models, ..version.sandbox.clone() })
     }
 
     /// Makes `changes` durable, then swaps in `control`. Called with

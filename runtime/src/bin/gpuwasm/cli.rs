@@ -58,6 +58,9 @@ pub enum Command {
     /// API tokens of your tenant.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Models handlers load through wasi-nn: push, list, remove.
+    #[command(subcommand)]
+    Model(ModelCommand),
     /// Show which tenant your token acts for.
     Whoami(ServerArgs),
     /// Send one HTTP request to a deployment and print the response body.
@@ -84,6 +87,9 @@ pub struct ServeArgs {
     /// Largest component upload accepted, in MiB.
     #[arg(long, default_value_t = 64)]
     max_upload_mb: usize,
+    /// Largest model file accepted by `model push`, in MiB.
+    #[arg(long, default_value_t = 4096)]
+    max_model_mb: usize,
 }
 
 #[derive(Args)]
@@ -94,11 +100,19 @@ struct PoolArgs {
     /// Largest memory limit, in MiB, any deployment may be given.
     #[arg(long, default_value_t = 1024)]
     max_memory_mb: u64,
+    /// Seconds a model stays loaded after its last use (it loads again on
+    /// the next request that needs it).
+    #[arg(long, default_value_t = 600)]
+    model_idle_secs: u64,
 }
 
 impl PoolArgs {
     fn runtime(&self) -> Result<Runtime> {
-        Ok(Runtime::builder().max_instances(self.max_instances).max_memory_mb(self.max_memory_mb).build()?)
+        Ok(Runtime::builder()
+            .max_instances(self.max_instances)
+            .max_memory_mb(self.max_memory_mb)
+            .model_idle_timeout(std::time::Duration::from_secs(self.model_idle_secs))
+            .build()?)
     }
 }
 
@@ -109,10 +123,41 @@ pub struct RunArgs {
     /// Address to listen on (port 0 picks a free port).
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
+    /// A model handlers may load by name, as NAME=PATH (repeatable): a
+    /// directory for safetensors models, a .onnx or .gguf file otherwise.
+    #[arg(long = "model", value_name = "NAME=PATH")]
+    models: Vec<String>,
     #[command(flatten)]
     limits: LimitArgs,
     #[command(flatten)]
     pool: PoolArgs,
+}
+
+#[derive(Subcommand)]
+pub enum ModelCommand {
+    /// Upload a model to your tenant (or to public/ with the admin token);
+    /// the server checks it before accepting it.
+    Push(PushArgs),
+    /// List the models your handlers can load: your tenant's and public ones.
+    List(ListArgs),
+    /// Remove a model (NAME, or public/NAME with the admin token).
+    Rm(NameArgs),
+}
+
+#[derive(Args)]
+pub struct PushArgs {
+    /// The name handlers load it by: 1-63 of a-z, 0-9 and '-'; public/NAME
+    /// makes it loadable by every tenant (admin token only).
+    pub name: String,
+    /// A directory with model.safetensors, config.json and tokenizer.json
+    /// (a sentence-transformers layout), or a .onnx or .gguf file.
+    pub path: PathBuf,
+    /// The model format [default: from PATH: a directory is safetensors,
+    /// otherwise the file extension].
+    #[arg(long, value_parser = ["safetensors", "onnx", "gguf"])]
+    pub format: Option<String>,
+    #[command(flatten)]
+    pub server: ServerArgs,
 }
 
 /// Per-deployment limits; each one not given keeps its default (see the help footer).
@@ -192,7 +237,7 @@ struct ConfigFile {
 }
 
 impl ServerArgs {
-    fn api(&self) -> Result<Api> {
+    pub fn api(&self) -> Result<Api> {
         let config = read_config_file()?;
         let server = self
             .server
@@ -251,17 +296,17 @@ pub struct DeployArgs {
 pub struct ListArgs {
     /// Print the JSON the server returned.
     #[arg(long)]
-    json: bool,
+    pub json: bool,
     #[command(flatten)]
-    server: ServerArgs,
+    pub server: ServerArgs,
 }
 
 #[derive(Args)]
 pub struct NameArgs {
-    /// The deployment.
-    name: String,
+    /// The name.
+    pub name: String,
     #[command(flatten)]
-    server: ServerArgs,
+    pub server: ServerArgs,
 }
 
 #[derive(Args)]
@@ -371,6 +416,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Rollback(args) => rollback(args).await,
         Command::Tenant(cmd) => tenant(cmd).await,
         Command::Token(cmd) => token(cmd).await,
+        Command::Model(cmd) => crate::models::run(cmd).await,
         Command::Whoami(server) => {
             let me = server.api()?.admin(Method::GET, "whoami", Bytes::new()).await?;
             println!("tenant {} (token {}{})", me["tenant"].as_str().unwrap_or("?"), me["token_id"].as_str().unwrap_or("?"), if me["admin"].as_bool() == Some(true) { ", admin" } else { "" });
@@ -392,6 +438,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
         data_dir: args.data_dir.clone(),
         admin_token,
         max_upload_bytes: args.max_upload_mb.saturating_mul(1 << 20),
+        max_model_bytes: args.max_model_mb.saturating_mul(1 << 20),
     };
     let server = Server::open(args.pool.runtime()?, config)
         .await
@@ -407,10 +454,12 @@ async fn run_file(args: RunArgs) -> Result<ExitCode> {
     let runtime = args.pool.runtime()?;
     let (manifest, manifest_dir) = load_manifest(&args.file, None)?;
     let limits = args.limits.over(manifest.limits)?;
+    let models = crate::models::local(&args.models, manifest.models)?;
     let sandbox = Sandbox {
         env: manifest.env,
         outbound: manifest.outbound,
         files: manifest.files.map(|dir| manifest_dir.join(dir)),
+        models,
     };
     let name = args.file.file_stem().and_then(|s| s.to_str()).unwrap_or("component").to_string();
     let deployment = runtime
@@ -457,7 +506,7 @@ async fn deploy(args: DeployArgs) -> Result<ExitCode> {
         "host": args.host.clone().or(manifest.host.clone()),
         "preinit": !args.no_preinit,
         "limits": limits,
-        "sandbox": Sandbox { env: manifest.env.clone(), outbound: manifest.outbound.clone(), files: None },
+        "sandbox": Sandbox { env: manifest.env.clone(), outbound: manifest.outbound.clone(), ..Sandbox::default() },
         "models": manifest.models,
     });
     let path = format!("deployments/{name}");
@@ -526,7 +575,7 @@ fn short(sha256: &str) -> &str {
 }
 
 /// Prints `json` and returns true when `--json` was given.
-fn print_json(json: bool, value: &serde_json::Value) -> Result<bool> {
+pub fn print_json(json: bool, value: &serde_json::Value) -> Result<bool> {
     if json {
         println!("{}", serde_json::to_string_pretty(value)?);
     }

@@ -3,7 +3,10 @@
 use anyhow::{Context, Result, anyhow};
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, StatusCode, header};
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use std::io::Write;
+use std::pin::Pin;
+use std::task::{Context as TaskContext, Poll};
 use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use hyper_util::rt::TokioExecutor;
 
@@ -18,7 +21,7 @@ pub struct Reply {
 pub struct Api {
     base: String,
     token: Option<String>,
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<HttpConnector, BoxBody<Bytes, std::convert::Infallible>>,
 }
 
 impl Api {
@@ -37,6 +40,25 @@ impl Api {
 
     /// Sends a request to `path` (which starts with `/`) and reads the reply.
     pub async fn send(&self, method: Method, path: &str, headers: &[(String, String)], body: Bytes) -> Result<Reply> {
+        self.send_body(method, path, headers, Full::new(body).boxed()).await
+    }
+
+    /// Uploads `bytes` with `PUT` to the admin API at `path`, drawing a
+    /// progress bar for `label` on stderr as the server takes them.
+    pub async fn upload(&self, path: &str, bytes: Bytes, label: &str) -> Result<serde_json::Value> {
+        let body = Progress { total: bytes.len(), rest: bytes, label: label.to_string(), shown: usize::MAX }.boxed();
+        let reply = self.send_body(Method::PUT, &format!("{}{path}", gpuwasm::server::ADMIN_PREFIX), &[], body).await;
+        eprintln!();
+        parse_admin_reply(reply?)
+    }
+
+    async fn send_body(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(String, String)],
+        body: BoxBody<Bytes, std::convert::Infallible>,
+    ) -> Result<Reply> {
         let url = format!("{}{path}", self.base);
         let mut builder = Request::builder().method(method).uri(&url);
         if let Some(token) = &self.token {
@@ -45,7 +67,7 @@ impl Api {
         for (name, value) in headers {
             builder = builder.header(name.as_str(), value.as_str());
         }
-        let request = builder.body(Full::new(body)).with_context(|| format!("invalid request to {url}"))?;
+        let request = builder.body(body).with_context(|| format!("invalid request to {url}"))?;
         let response = self.client.request(request).await.map_err(|e| {
             anyhow!("cannot reach the gpuwasm server at {}: {e} (is `gpuwasm serve` running? see --server)", self.base)
         })?;
@@ -69,14 +91,55 @@ impl Api {
         body: Bytes,
     ) -> Result<serde_json::Value> {
         let reply = self.send(method, &format!("{}{path}", gpuwasm::server::ADMIN_PREFIX), headers, body).await?;
-        let json: serde_json::Value = serde_json::from_slice(&reply.body).map_err(|_| {
-            anyhow!("unexpected reply (HTTP {}): {}", reply.status, String::from_utf8_lossy(&reply.body).trim())
-        })?;
-        if reply.status.is_success() {
-            return Ok(json);
+        parse_admin_reply(reply)
+    }
+}
+
+/// An admin API reply as JSON, or its error as a readable one.
+fn parse_admin_reply(reply: Reply) -> Result<serde_json::Value> {
+    let json: serde_json::Value = serde_json::from_slice(&reply.body).map_err(|_| {
+        anyhow!("unexpected reply (HTTP {}): {}", reply.status, String::from_utf8_lossy(&reply.body).trim())
+    })?;
+    if reply.status.is_success() {
+        return Ok(json);
+    }
+    let message = json["error"]["message"].as_str().unwrap_or("(no message)");
+    let code = json["error"]["code"].as_str().unwrap_or("unknown");
+    Err(anyhow!("{message} [{code}, HTTP {}]", reply.status.as_u16()))
+}
+
+/// A request body handed out in 1 MiB chunks, drawing progress as they go.
+struct Progress {
+    rest: Bytes,
+    total: usize,
+    label: String,
+    /// The percentage last drawn.
+    shown: usize,
+}
+
+impl http_body::Body for Progress {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(mut self: Pin<&mut Self>, _cx: &mut TaskContext<'_>) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        let sent = self.total - self.rest.len();
+        let percent = if self.total == 0 { 100 } else { sent * 100 / self.total };
+        if percent != self.shown {
+            self.shown = percent;
+            let bar: String = (0..30).map(|i| if i * 100 < percent * 30 { '#' } else { '.' }).collect();
+            let mut err = std::io::stderr().lock();
+            let _ = write!(err, "\r  {} [{bar}] {percent:>3}%", self.label);
+            let _ = err.flush();
         }
-        let message = json["error"]["message"].as_str().unwrap_or("(no message)");
-        let code = json["error"]["code"].as_str().unwrap_or("unknown");
-        Err(anyhow!("{message} [{code}, HTTP {}]", reply.status.as_u16()))
+        if self.rest.is_empty() {
+            return Poll::Ready(None);
+        }
+        let n = self.rest.len().min(1 << 20);
+        let chunk = self.rest.split_to(n);
+        Poll::Ready(Some(Ok(http_body::Frame::data(chunk))))
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.rest.len() as u64)
     }
 }

@@ -1,0 +1,217 @@
+//! Batching: compute calls on one graph from many instances are merged
+//! into one pass of the engine, on a thread of the graph's own, so
+//! inference never blocks tokio's workers.
+//!
+//! A call waits at most [`BatchSettings::max_wait`] for company, and only
+//! while other instances hold execution contexts on the same graph (a lone
+//! caller runs at once). Batches take calls round-robin over tenants, so
+//! a tenant flooding a shared public model delays another tenant's call by
+//! at most one turn per batch.
+
+use gpuwasm_tensor::{Error, Graph, Tensor};
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+
+/// Named tensors, as graphs take and give them.
+pub(crate) type Tensors = Vec<(String, Tensor)>;
+
+/// How calls are batched.
+#[derive(Clone, Debug)]
+pub struct BatchSettings {
+    /// The longest a call waits for others to join its batch (default 2 ms).
+    pub max_wait: Duration,
+    /// The most calls in one batch (default 32).
+    pub max_calls: usize,
+}
+
+impl Default for BatchSettings {
+    fn default() -> Self {
+        BatchSettings { max_wait: Duration::from_millis(2), max_calls: 32 }
+    }
+}
+
+struct Job {
+    tenant: Arc<str>,
+    inputs: Tensors,
+    reply: oneshot::Sender<Result<Tensors, Error>>,
+}
+
+/// The front of one graph's scheduler thread.
+pub(crate) struct Batcher {
+    jobs: Sender<Job>,
+    graph: Arc<dyn Graph>,
+    /// Execution contexts instances hold on this graph: callers that may
+    /// compute soon.
+    pub(crate) contexts: Arc<AtomicUsize>,
+    /// Batches run and calls in them.
+    pub(crate) stats: Arc<BatchStats>,
+}
+
+/// Counters of one batcher.
+#[derive(Default, Debug)]
+pub(crate) struct BatchStats {
+    batches: AtomicUsize,
+    calls: AtomicUsize,
+    largest: AtomicUsize,
+}
+
+/// What a loaded model has done since it was loaded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ModelStatus {
+    /// Engine passes run.
+    pub batches: usize,
+    /// Compute calls answered.
+    pub calls: usize,
+    /// The most calls merged into one pass.
+    pub largest_batch: usize,
+}
+
+impl BatchStats {
+    pub(crate) fn status(&self) -> ModelStatus {
+        ModelStatus {
+            batches: self.batches.load(Ordering::Relaxed),
+            calls: self.calls.load(Ordering::Relaxed),
+            largest_batch: self.largest.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl Batcher {
+    /// Starts the scheduler thread of `graph`; it ends when the batcher is dropped.
+    pub(crate) fn start(graph: Arc<dyn Graph>, settings: BatchSettings) -> Batcher {
+        let (jobs, rx) = channel();
+        let stats = Arc::new(BatchStats::default());
+        let contexts = Arc::new(AtomicUsize::new(0));
+        let (g, s, c) = (graph.clone(), stats.clone(), contexts.clone());
+        std::thread::Builder::new()
+            .name("gpuwasm-nn-batch".into())
+            .spawn(move || run(g, rx, settings, s, c))
+            .expect("spawning a batch thread");
+        Batcher { jobs, graph, contexts, stats }
+    }
+
+    /// What the graph takes and gives.
+    pub(crate) fn signature(&self) -> String {
+        self.graph.signature()
+    }
+
+    /// Queues one call for `tenant` and waits for its answer.
+    pub(crate) async fn compute(&self, tenant: Arc<str>, inputs: Tensors) -> Result<Tensors, Error> {
+        let (reply, answer) = oneshot::channel();
+        if self.jobs.send(Job { tenant, inputs, reply }).is_err() {
+            return Err(Error::Unsupported("the model's scheduler stopped".into()));
+        }
+        answer.await.unwrap_or_else(|_| Err(Error::Unsupported("the model's scheduler stopped".into())))
+    }
+}
+
+/// The scheduler loop: gather a batch, run it, answer, repeat.
+fn run(graph: Arc<dyn Graph>, rx: Receiver<Job>, settings: BatchSettings, stats: Arc<BatchStats>, contexts: Arc<AtomicUsize>) {
+    let mut queues: BTreeMap<Arc<str>, VecDeque<Job>> = BTreeMap::new();
+    let mut queued = 0usize;
+    // The tenant served first in the last batch; the next starts after it.
+    let mut last_first: Option<Arc<str>> = None;
+    loop {
+        if queued == 0 {
+            match rx.recv() {
+                Ok(job) => {
+                    queues.entry(job.tenant.clone()).or_default().push_back(job);
+                    queued += 1;
+                }
+                Err(_) => return,
+            }
+        }
+        // Wait for company only while other instances hold contexts.
+        let deadline = Instant::now() + settings.max_wait;
+        while queued < settings.max_calls.min(contexts.load(Ordering::Relaxed)) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(job) => {
+                    queues.entry(job.tenant.clone()).or_default().push_back(job);
+                    queued += 1;
+                }
+                Err(RecvTimeoutError::Timeout) => break,
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        while let Ok(job) = rx.try_recv() {
+            queues.entry(job.tenant.clone()).or_default().push_back(job);
+            queued += 1;
+        }
+        let batch = take_round_robin(&mut queues, &mut last_first, settings.max_calls);
+        queued -= batch.len();
+        let (inputs, replies): (Vec<Tensors>, Vec<_>) = batch.into_iter().map(|j| (j.inputs, j.reply)).unzip();
+        stats.batches.fetch_add(1, Ordering::Relaxed);
+        stats.calls.fetch_add(inputs.len(), Ordering::Relaxed);
+        stats.largest.fetch_max(inputs.len(), Ordering::Relaxed);
+        let results = graph.run_batch(inputs);
+        for (reply, result) in replies.into_iter().zip(results) {
+            let _ = reply.send(result);
+        }
+    }
+}
+
+/// Up to `max` jobs, one per tenant per turn, starting after the tenant
+/// that went first last time.
+fn take_round_robin(queues: &mut BTreeMap<Arc<str>, VecDeque<Job>>, last_first: &mut Option<Arc<str>>, max: usize) -> Vec<Job> {
+    let mut tenants: Vec<Arc<str>> = queues.keys().cloned().collect();
+    if let Some(last) = last_first.as_ref() {
+        let split = tenants.iter().position(|t| t > last).unwrap_or(0);
+        tenants.rotate_left(split);
+    }
+    *last_first = tenants.first().cloned();
+    let mut batch = Vec::new();
+    'turns: loop {
+        let mut took = false;
+        for tenant in &tenants {
+            if batch.len() == max {
+                break 'turns;
+            }
+            if let Some(job) = queues.get_mut(tenant).and_then(VecDeque::pop_front) {
+                batch.push(job);
+                took = true;
+            }
+        }
+        if !took {
+            break;
+        }
+    }
+    queues.retain(|_, q| !q.is_empty());
+    batch
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(tenant: &str, n: u8) -> Job {
+        let tensor = Tensor::from_bytes(vec![1], gpuwasm_tensor::DType::U8, &[n]).unwrap();
+        Job { tenant: tenant.into(), inputs: vec![("x".into(), tensor)], reply: oneshot::channel().0 }
+    }
+
+    fn tag(job: &Job) -> u8 {
+        match job.inputs[0].1.data() {
+            gpuwasm_tensor::Data::U8(v) => v[0],
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn batches_alternate_between_tenants() {
+        let mut queues: BTreeMap<Arc<str>, VecDeque<Job>> = BTreeMap::new();
+        for n in 0..10 {
+            queues.entry("busy".into()).or_default().push_back(job("busy", n));
+        }
+        queues.entry("quiet".into()).or_default().push_back(job("quiet", 100));
+        let mut last = None;
+        let first = take_round_robin(&mut queues, &mut last, 4);
+        // The quiet tenant's one call is in the first batch, not after the flood.
+        assert_eq!(first.iter().map(tag).collect::<Vec<_>>(), vec![0, 100, 1, 2]);
+        let second = take_round_robin(&mut queues, &mut last, 4);
+        assert_eq!(second.iter().map(tag).collect::<Vec<_>>(), vec![3, 4, 5, 6]);
+    }
+}

@@ -1,0 +1,277 @@
+//! The host side of `wasi:nn@0.2.0-rc-2024-10-28`, generated as async
+//! bindings from the vendored WIT (wit/deps/nn.wit): loading and compute
+//! await the model cache and the batching scheduler, never blocking a
+//! tokio worker.
+
+use super::batch::{BatchSettings, Batcher, Tensors};
+use super::models::{LoadError, Loaded, ModelAccess, Models};
+use gpuwasm_tensor::{DType, Format, Tensor};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
+
+mod generated {
+    wasmtime::component::bindgen!({
+        path: "../wit/deps/nn.wit",
+        world: "ml",
+        imports: { default: async | trappable },
+        with: {
+            "wasi:nn/graph.graph": super::GraphResource,
+            "wasi:nn/tensor.tensor": super::TensorResource,
+            "wasi:nn/inference.graph-execution-context": super::ContextResource,
+            "wasi:nn/errors.error": super::ErrorResource,
+        },
+    });
+}
+
+use generated::wasi::nn::{errors, graph, inference, tensor};
+use errors::ErrorCode;
+use graph::{ExecutionTarget, GraphEncoding};
+use tensor::TensorType;
+
+/// A graph a guest holds: a shared model (or one it loaded from bytes).
+pub struct GraphResource(Arc<Loaded>);
+
+/// A tensor a guest built or received.
+pub struct TensorResource {
+    dims: Vec<u32>,
+    ty: TensorType,
+    data: Vec<u8>,
+}
+
+/// An execution context: counts towards the graph's expected company
+/// while it lives.
+pub struct ContextResource(Arc<Loaded>);
+
+impl Drop for ContextResource {
+    fn drop(&mut self) {
+        self.0.batcher.contexts.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// An error with its wasi-nn code and a message for the guest.
+pub struct ErrorResource {
+    code: ErrorCode,
+    message: String,
+}
+
+/// Per-instance wasi-nn state: the node's model cache and what this
+/// deployment may load.
+pub(crate) struct NnCtx {
+    pub models: Models,
+    pub access: ModelAccess,
+    pub tenant: Arc<str>,
+}
+
+impl NnCtx {
+    pub(crate) fn new(models: Models, access: ModelAccess) -> NnCtx {
+        let tenant = access.tenant.as_str().into();
+        NnCtx { models, access, tenant }
+    }
+}
+
+/// What the generated traits are implemented on.
+pub(crate) struct NnView<'a> {
+    pub ctx: &'a mut NnCtx,
+    pub table: &'a mut ResourceTable,
+}
+
+struct HasNn;
+
+impl HasData for HasNn {
+    type Data<'a> = NnView<'a>;
+}
+
+/// Adds wasi-nn to `linker`, with `view` finding the state in a store.
+pub(crate) fn add_to_linker<T: Send + 'static>(
+    linker: &mut Linker<T>,
+    view: fn(&mut T) -> NnView<'_>,
+) -> wasmtime::Result<()> {
+    graph::add_to_linker::<T, HasNn>(linker, view)?;
+    tensor::add_to_linker::<T, HasNn>(linker, view)?;
+    inference::add_to_linker::<T, HasNn>(linker, view)?;
+    errors::add_to_linker::<T, HasNn>(linker, view)?;
+    Ok(())
+}
+
+type Fallible<T> = wasmtime::Result<Result<T, Resource<ErrorResource>>>;
+
+impl NnView<'_> {
+    fn fail<T>(&mut self, code: ErrorCode, message: String) -> Fallible<T> {
+        tracing::debug!(?code, %message, "wasi-nn error for the guest");
+        Ok(Err(self.table.push(ErrorResource { code, message })?))
+    }
+
+    fn engine_error<T>(&mut self, err: gpuwasm_tensor::Error) -> Fallible<T> {
+        let code = match err {
+            gpuwasm_tensor::Error::InvalidInput(_) => ErrorCode::InvalidArgument,
+            gpuwasm_tensor::Error::InvalidModel(_) => ErrorCode::InvalidEncoding,
+            gpuwasm_tensor::Error::Unsupported(_) => ErrorCode::UnsupportedOperation,
+        };
+        self.fail(code, err.to_string())
+    }
+}
+
+impl graph::Host for NnView<'_> {
+    async fn load(
+        &mut self,
+        builders: Vec<Vec<u8>>,
+        encoding: GraphEncoding,
+        _target: ExecutionTarget,
+    ) -> Fallible<Resource<GraphResource>> {
+        let format = match encoding {
+            GraphEncoding::Onnx | GraphEncoding::Autodetect => Format::Onnx,
+            GraphEncoding::Ggml => {
+                return self.fail(ErrorCode::UnsupportedOperation, "GGUF models load by name from the registry".into());
+            }
+            other => return self.fail(ErrorCode::InvalidEncoding, format!("no backend for {other:?} graphs; ONNX is supported")),
+        };
+        let mut builders = builders;
+        let (Some(bytes), None) = (builders.pop(), builders.pop()) else {
+            return self.fail(ErrorCode::InvalidArgument, "an ONNX graph is one builder: the model file's bytes".into());
+        };
+        let loaded = tokio::task::spawn_blocking(move || gpuwasm_tensor::load(format, &[("model.onnx".into(), bytes)].into())).await?;
+        match loaded {
+            Ok(graph) => {
+                let loaded = Arc::new(Loaded::unshared(Batcher::start(graph, BatchSettings::default())));
+                Ok(Ok(self.table.push(GraphResource(loaded))?))
+            }
+            Err(err) => self.engine_error(err),
+        }
+    }
+
+    async fn load_by_name(&mut self, name: String) -> Fallible<Resource<GraphResource>> {
+        match self.ctx.models.get(&self.ctx.access, &name).await {
+            Ok(loaded) => Ok(Ok(self.table.push(GraphResource(loaded))?)),
+            Err(LoadError::Denied(m)) => self.fail(ErrorCode::Security, m),
+            Err(LoadError::NotFound(m)) => self.fail(ErrorCode::NotFound, m),
+            Err(LoadError::Io(m)) => self.fail(ErrorCode::RuntimeError, format!("model '{name}': {m}")),
+            Err(LoadError::Failed(e)) => self.engine_error(e),
+        }
+    }
+}
+
+impl graph::HostGraph for NnView<'_> {
+    async fn init_execution_context(&mut self, graph: Resource<GraphResource>) -> Fallible<Resource<ContextResource>> {
+        let loaded = self.table.get(&graph)?.0.clone();
+        loaded.batcher.contexts.fetch_add(1, Ordering::Relaxed);
+        Ok(Ok(self.table.push(ContextResource(loaded))?))
+    }
+
+    async fn drop(&mut self, graph: Resource<GraphResource>) -> wasmtime::Result<()> {
+        self.table.delete(graph)?;
+        Ok(())
+    }
+}
+
+fn dtype(ty: TensorType) -> DType {
+    match ty {
+        TensorType::Fp16 => DType::F16,
+        TensorType::Fp32 => DType::F32,
+        TensorType::Fp64 => DType::F64,
+        TensorType::Bf16 => DType::BF16,
+        TensorType::U8 => DType::U8,
+        TensorType::I32 => DType::I32,
+        TensorType::I64 => DType::I64,
+    }
+}
+
+fn tensor_type(ty: DType) -> TensorType {
+    match ty {
+        DType::F16 => TensorType::Fp16,
+        DType::F32 => TensorType::Fp32,
+        DType::F64 => TensorType::Fp64,
+        DType::BF16 => TensorType::Bf16,
+        DType::U8 => TensorType::U8,
+        DType::I32 => TensorType::I32,
+        DType::I64 => TensorType::I64,
+    }
+}
+
+impl inference::Host for NnView<'_> {}
+
+impl inference::HostGraphExecutionContext for NnView<'_> {
+    async fn compute(
+        &mut self,
+        context: Resource<ContextResource>,
+        inputs: Vec<(String, Resource<TensorResource>)>,
+    ) -> Fallible<Vec<(String, Resource<TensorResource>)>> {
+        let loaded = self.table.get(&context)?.0.clone();
+        let mut tensors: Tensors = Vec::with_capacity(inputs.len());
+        for (name, resource) in inputs {
+            let t = self.table.delete(resource)?;
+            let dims = t.dims.iter().map(|&d| d as usize).collect();
+            match Tensor::from_bytes(dims, dtype(t.ty), &t.data) {
+                Ok(tensor) => tensors.push((name, tensor)),
+                Err(err) => {
+                    let message = format!("input {name:?}: {err}; the graph takes {}", loaded.batcher.signature());
+                    return self.fail(ErrorCode::InvalidArgument, message);
+                }
+            }
+        }
+        self.ctx.models.touch(&loaded);
+        match loaded.batcher.compute(self.ctx.tenant.clone(), tensors).await {
+            Ok(outputs) => {
+                let mut named = Vec::with_capacity(outputs.len());
+                for (name, tensor) in outputs {
+                    let (ty, data) = tensor.to_bytes();
+                    let dims = tensor.shape().iter().map(|&d| d as u32).collect();
+                    named.push((name, self.table.push(TensorResource { dims, ty: tensor_type(ty), data })?));
+                }
+                Ok(Ok(named))
+            }
+            Err(err @ gpuwasm_tensor::Error::InvalidInput(_)) => {
+                let message = format!("{err}; the graph takes {}", loaded.batcher.signature());
+                self.fail(ErrorCode::InvalidArgument, message)
+            }
+            Err(err) => self.engine_error(err),
+        }
+    }
+
+    async fn drop(&mut self, context: Resource<ContextResource>) -> wasmtime::Result<()> {
+        self.table.delete(context)?;
+        Ok(())
+    }
+}
+
+impl tensor::Host for NnView<'_> {}
+
+impl tensor::HostTensor for NnView<'_> {
+    async fn new(&mut self, dims: Vec<u32>, ty: TensorType, data: Vec<u8>) -> wasmtime::Result<Resource<TensorResource>> {
+        Ok(self.table.push(TensorResource { dims, ty, data })?)
+    }
+
+    async fn dimensions(&mut self, tensor: Resource<TensorResource>) -> wasmtime::Result<Vec<u32>> {
+        Ok(self.table.get(&tensor)?.dims.clone())
+    }
+
+    async fn ty(&mut self, tensor: Resource<TensorResource>) -> wasmtime::Result<TensorType> {
+        Ok(self.table.get(&tensor)?.ty)
+    }
+
+    async fn data(&mut self, tensor: Resource<TensorResource>) -> wasmtime::Result<Vec<u8>> {
+        Ok(self.table.get(&tensor)?.data.clone())
+    }
+
+    async fn drop(&mut self, tensor: Resource<TensorResource>) -> wasmtime::Result<()> {
+        self.table.delete(tensor)?;
+        Ok(())
+    }
+}
+
+impl errors::Host for NnView<'_> {}
+
+impl errors::HostError for NnView<'_> {
+    async fn code(&mut self, error: Resource<ErrorResource>) -> wasmtime::Result<ErrorCode> {
+        Ok(self.table.get(&error)?.code)
+    }
+
+    async fn data(&mut self, error: Resource<ErrorResource>) -> wasmtime::Result<String> {
+        Ok(self.table.get(&error)?.message.clone())
+    }
+
+    async fn drop(&mut self, error: Resource<ErrorResource>) -> wasmtime::Result<()> {
+        self.table.delete(error)?;
+        Ok(())
+    }
+}
