@@ -42,10 +42,16 @@ impl Server {
 
     /// Starts a server on `data_dir` (which may hold earlier state).
     pub fn start_in(data_dir: &Path) -> Server {
+        Self::start_with(data_dir, &[])
+    }
+
+    /// Starts a server on `data_dir` with extra `gpuwasm serve` flags.
+    pub fn start_with(data_dir: &Path, flags: &[&str]) -> Server {
         let mut child = gpuwasm()
             .args(["serve", "--listen", "127.0.0.1:0", "--max-instances", "300", "--admin-token", TOKEN])
             .arg("--data-dir")
             .arg(data_dir)
+            .args(flags)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

@@ -2,20 +2,10 @@
 //! sentence-transformers' embeddings, SmolLM2's GGUF file.
 
 use gpuwasm_tensor::{Format, ModelFiles, Tensor, bert, gguf};
-use std::path::{Path, PathBuf};
 
-/// The test models, fetched once into the cache by the shared script.
-fn model_path(name: &str) -> PathBuf {
-    let shared = std::env::var_os("GPUWASM_SHARED")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared"));
-    let script = shared.join("tools/fetch-test-models.sh");
-    let out = std::process::Command::new(&script).output().unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
-    assert!(out.status.success(), "{} failed: {}", script.display(), String::from_utf8_lossy(&out.stderr));
-    let stdout = String::from_utf8(out.stdout).unwrap();
-    let line = stdout.lines().find_map(|l| l.strip_prefix(&format!("{name}="))).unwrap_or_else(|| panic!("no {name} in {stdout}"));
-    PathBuf::from(line)
-}
+#[path = "../../tests/test_models.rs"]
+mod test_models;
+use test_models::model_path;
 
 fn minilm_files() -> ModelFiles {
     let dir = model_path("minilm");

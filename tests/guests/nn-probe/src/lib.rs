@@ -1,0 +1,38 @@
+//! Exercises wasi-nn from a guest and answers what happened, as
+//! `ok ...` or `error CODE: MESSAGE`, for the inference tests.
+//!
+//! - `/load?NAME`: load-by-name.
+//! - `/embed?NAME`: embed the text "hello world"; answers the token count.
+//! - `/wrong-type?NAME`: send `text` as FP32.
+//! - `/wrong-size?NAME`: a tensor whose data is shorter than its dimensions.
+//! - `/wrong-name?NAME`: an input the graph does not take.
+//! - `/onnx-garbage`: load bytes that are not ONNX.
+
+use gpuwasm_guest::nn::{Error, Graph, Tensor, TensorType};
+use gpuwasm_guest::{Request, Response};
+
+fn probe(path: &str, name: &str) -> Result<String, Error> {
+    let compute = |inputs: &[(&str, Tensor)]| Graph::load_by_name(name)?.compute(inputs).map(|_| ());
+    match path {
+        "/load" => Graph::load_by_name(name).map(|_| "loaded".into()),
+        "/embed" => {
+            let out = Graph::load_by_name(name)?.compute(&[("text", Tensor::texts(&["hello world"])?)])?;
+            Ok(format!("tokens {}", out.get("token_counts")?.to_i64()?[0]))
+        }
+        "/wrong-type" => compute(&[("text", Tensor::f32(&[2], &[1.0, 2.0]))]).map(|()| "computed".into()),
+        "/wrong-size" => compute(&[("text", Tensor::new(vec![4, 4], TensorType::U8, vec![65; 3]))]).map(|()| "computed".into()),
+        "/wrong-name" => compute(&[("words", Tensor::texts(&["x"])?)]).map(|()| "computed".into()),
+        "/onnx-garbage" => Graph::load_onnx(b"this is not a model").map(|_| "loaded".into()),
+        _ => Ok("unknown probe".into()),
+    }
+}
+
+fn handle(request: Request) -> Response {
+    let name = request.query().unwrap_or_default();
+    match probe(&request.path(), &name) {
+        Ok(what) => Response::text(200, format!("ok {what}")),
+        Err(e) => Response::text(200, format!("error {}: {}", e.code, e.message)),
+    }
+}
+
+gpuwasm_guest::export!(handle);
