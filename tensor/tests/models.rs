@@ -118,3 +118,86 @@ fn smollm2_gguf_parses_and_dequantises() {
     // Cut in half, the file is refused.
     assert!(gguf::Gguf::parse(&bytes[..bytes.len() / 2]).is_err());
 }
+
+#[derive(serde::Deserialize)]
+struct Digits {
+    images: Vec<Vec<f32>>,
+    labels: Vec<usize>,
+    probabilities: Vec<Vec<f32>>,
+}
+
+#[test]
+fn digits_onnx_matches_onnxruntime() {
+    let reference: Digits = serde_json::from_str(include_str!("../../tests/fixtures/digits-reference.json")).unwrap();
+    let model = gpuwasm_tensor::load(Format::Onnx, &[("digits.onnx".to_string(), include_bytes!("../../examples/classify/digits.onnx").to_vec())].into())
+        .expect("the classifier loads");
+    let n = reference.images.len();
+    let pixels: Vec<f32> = reference.images.concat();
+    let input = Tensor::new(vec![n, 1, 8, 8], gpuwasm_tensor::Data::F32(pixels)).unwrap();
+    let out = model.run(vec![("pixels".into(), input)]).unwrap();
+    assert_eq!(out[0].0, "probabilities");
+    assert_eq!(out[0].1.shape(), &[n, 10]);
+    let probs = out[0].1.as_f32("probabilities").unwrap();
+    let mut worst = 0.0f32;
+    let mut correct = 0;
+    for (i, want) in reference.probabilities.iter().enumerate() {
+        let row = &probs[i * 10..(i + 1) * 10];
+        worst = row.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(worst, f32::max);
+        let class = row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
+        let want_class = want.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
+        assert_eq!(class, want_class, "digit {i}");
+        correct += (class == reference.labels[i]) as usize;
+    }
+    assert!(worst < 1e-5, "largest difference from onnxruntime: {worst}");
+    assert!(correct >= 56, "only {correct} of {n} held-out digits right");
+    eprintln!("max |gpuwasm - onnxruntime| = {worst:e}; {correct}/{n} correct");
+}
+
+#[test]
+fn onnx_inputs_and_files_are_checked() {
+    let bytes = include_bytes!("../../examples/classify/digits.onnx").to_vec();
+    let model = gpuwasm_tensor::load(Format::Onnx, &[("d.onnx".to_string(), bytes.clone())].into()).unwrap();
+    let f32s = |shape: Vec<usize>| Tensor::new(shape.clone(), gpuwasm_tensor::Data::F32(vec![0.0; shape.iter().product()])).unwrap();
+    for (inputs, want) in [
+        (vec![("pixels".to_string(), f32s(vec![1, 1, 8, 9]))], "must have dimensions [?, 1, 8, 8], not [1, 1, 8, 9]"),
+        (vec![("pixels".to_string(), f32s(vec![64]))], "must have dimensions"),
+        (vec![("image".to_string(), f32s(vec![1, 1, 8, 8]))], "unknown input \"image\""),
+        (vec![], "missing input \"pixels\""),
+        (vec![("pixels".to_string(), text_tensor(&["x"]))], "must be FP32, not U8"),
+    ] {
+        let err = model.run(inputs).unwrap_err();
+        assert!(matches!(err, gpuwasm_tensor::Error::InvalidInput(_)) && err.to_string().contains(want), "{err}");
+    }
+    // Every prefix of the file is refused cleanly (no panic, no huge allocation).
+    for cut in (0..bytes.len()).step_by(97) {
+        assert!(gpuwasm_tensor::check(Format::Onnx, &[("d.onnx".to_string(), bytes[..cut].to_vec())].into()).is_err(), "cut at {cut}");
+    }
+    // Flipping bytes never panics.
+    for i in (0..bytes.len()).step_by(13) {
+        let mut broken = bytes.clone();
+        broken[i] ^= 0x5a;
+        let _ = gpuwasm_tensor::check(Format::Onnx, &[("d.onnx".to_string(), broken)].into());
+    }
+}
+
+#[test]
+fn onnx_calls_batch_into_one_pass_with_the_same_results() {
+    let reference: Digits = serde_json::from_str(include_str!("../../tests/fixtures/digits-reference.json")).unwrap();
+    let model = gpuwasm_tensor::load(Format::Onnx, &[("d.onnx".to_string(), include_bytes!("../../examples/classify/digits.onnx").to_vec())].into()).unwrap();
+    let request = |i: usize, n: usize| {
+        let pixels = reference.images[i..i + n].concat();
+        vec![("pixels".to_string(), Tensor::new(vec![n, 1, 8, 8], gpuwasm_tensor::Data::F32(pixels)).unwrap())]
+    };
+    let batched = model.run_batch(vec![request(0, 1), request(1, 3), request(4, 2)]);
+    for (result, (i, n)) in batched.into_iter().zip([(0, 1), (1, 3), (4, 2)]) {
+        let alone = model.run(request(i, n)).unwrap();
+        let result = result.unwrap();
+        assert_eq!(result[0].1.shape(), &[n, 10]);
+        let (a, b) = (result[0].1.as_f32("").unwrap(), alone[0].1.as_f32("").unwrap());
+        assert!(a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-6));
+    }
+    // A bad request in a batch fails alone.
+    let bad = vec![("pixels".to_string(), Tensor::new(vec![1, 1, 8, 7], gpuwasm_tensor::Data::F32(vec![0.0; 56])).unwrap())];
+    let mixed = model.run_batch(vec![request(0, 1), bad]);
+    assert!(mixed[0].is_ok() && mixed[1].is_err());
+}

@@ -148,7 +148,10 @@ fn run(graph: Arc<dyn Graph>, rx: Receiver<Job>, settings: BatchSettings, stats:
         stats.batches.fetch_add(1, Ordering::Relaxed);
         stats.calls.fetch_add(inputs.len(), Ordering::Relaxed);
         stats.largest.fetch_max(inputs.len(), Ordering::Relaxed);
-        let results = graph.run_batch(inputs);
+        let count = inputs.len();
+        // A panic in the engine is a bug; it fails this batch, not the model.
+        let results = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| graph.run_batch(inputs)))
+            .unwrap_or_else(|_| (0..count).map(|_| Err(Error::Unsupported("the engine failed on this input".into()))).collect());
         for (reply, result) in replies.into_iter().zip(results) {
             let _ = reply.send(result);
         }

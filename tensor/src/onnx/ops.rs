@@ -1,0 +1,565 @@
+//! The operators of the ONNX interpreter, on row-major `f32` tensors
+//! (shapes as `i64`). Opset 13+ semantics; 2-D convolution and pooling
+//! in NCHW layout.
+
+use super::{Attr, Node};
+use crate::cpu::{View, gemm, layer_norm, softmax_rows};
+use crate::error::{Error, invalid_input};
+use crate::tensor::{Data, Tensor, element_count};
+
+/// The operators the interpreter runs.
+pub const OPERATORS: &[&str] = &[
+    "Add", "Sub", "Mul", "Div", "MatMul", "Gemm", "Conv", "Relu", "Sigmoid", "Tanh", "Gelu", "Erf", "Softmax",
+    "Reshape", "Flatten", "Transpose", "LayerNormalization", "MaxPool", "AveragePool", "GlobalAveragePool",
+    "Identity", "Constant",
+];
+
+fn unsupported(node: &Node, what: &str) -> Error {
+    Error::Unsupported(format!("onnx: {} with {what}", node.op))
+}
+
+fn int(node: &Node, name: &str, default: i64) -> i64 {
+    match node.attrs.get(name) {
+        Some(Attr::Int(v)) => *v,
+        _ => default,
+    }
+}
+
+fn float(node: &Node, name: &str, default: f32) -> f32 {
+    match node.attrs.get(name) {
+        Some(Attr::Float(v)) => *v,
+        _ => default,
+    }
+}
+
+fn ints(node: &Node, name: &str) -> Option<Vec<i64>> {
+    match node.attrs.get(name) {
+        Some(Attr::Ints(v)) => Some(v.clone()),
+        _ => None,
+    }
+}
+
+fn string<'a>(node: &'a Node, name: &str, default: &'a str) -> &'a str {
+    match node.attrs.get(name) {
+        Some(Attr::Str(s)) => s,
+        _ => default,
+    }
+}
+
+fn arg<'a>(args: &[Option<&'a Tensor>], i: usize) -> Result<&'a Tensor, Error> {
+    args.get(i).copied().flatten().ok_or_else(|| invalid_input(format!("input {i} is missing")))
+}
+
+/// An axis attribute, possibly negative, as an index below `rank`.
+fn axis(value: i64, rank: usize) -> Result<usize, Error> {
+    let a = if value < 0 { value + rank as i64 } else { value };
+    usize::try_from(a).ok().filter(|&a| a < rank.max(1)).ok_or_else(|| invalid_input(format!("axis {value} outside rank {rank}")))
+}
+
+/// Runs one node.
+pub(crate) fn apply(node: &Node, args: &[Option<&Tensor>]) -> Result<Vec<Tensor>, Error> {
+    let x = || arg(args, 0);
+    let out = match node.op.as_str() {
+        "Add" => binary(x()?, arg(args, 1)?, |a, b| a + b)?,
+        "Sub" => binary(x()?, arg(args, 1)?, |a, b| a - b)?,
+        "Mul" => binary(x()?, arg(args, 1)?, |a, b| a * b)?,
+        "Div" => binary(x()?, arg(args, 1)?, |a, b| a / b)?,
+        "Relu" => unary(x()?, |v| v.max(0.0))?,
+        "Sigmoid" => unary(x()?, |v| 1.0 / (1.0 + (-v).exp()))?,
+        "Tanh" => unary(x()?, f32::tanh)?,
+        "Erf" => unary(x()?, libm::erff)?,
+        "Gelu" => match string(node, "approximate", "none") {
+            "none" => unary(x()?, |v| 0.5 * v * (1.0 + libm::erff(v * std::f32::consts::FRAC_1_SQRT_2)))?,
+            "tanh" => unary(x()?, |v| 0.5 * v * (1.0 + (0.797_884_6 * (v + 0.044715 * v * v * v)).tanh()))?,
+            other => return Err(unsupported(node, &format!("approximate={other:?}"))),
+        },
+        "Softmax" => softmax(x()?, int(node, "axis", -1))?,
+        "MatMul" => matmul(x()?, arg(args, 1)?)?,
+        "Gemm" => gemm_op(node, x()?, arg(args, 1)?, args.get(2).copied().flatten())?,
+        "Conv" => conv(node, x()?, arg(args, 1)?, args.get(2).copied().flatten())?,
+        "MaxPool" | "AveragePool" => {
+            if node.outputs.len() > 1 {
+                return Err(unsupported(node, "an Indices output"));
+            }
+            pool(node, x()?)?
+        }
+        "GlobalAveragePool" => global_average_pool(x()?)?,
+        "Reshape" => reshape(x()?, arg(args, 1)?, int(node, "allowzero", 0) != 0)?,
+        "Flatten" => {
+            let t = x()?;
+            let a = if t.shape().is_empty() { 0 } else { axis(int(node, "axis", 1), t.shape().len() + 1)? };
+            let shape = vec![t.shape()[..a].iter().product(), t.shape()[a..].iter().product()];
+            Tensor::new(shape, t.data().clone())?
+        }
+        "Transpose" => transpose(x()?, ints(node, "perm"))?,
+        "LayerNormalization" => {
+            if node.outputs.len() > 1 {
+                return Err(unsupported(node, "Mean or InvStdDev outputs"));
+            }
+            layer_norm_op(x()?, arg(args, 1)?, args.get(2).copied().flatten(), int(node, "axis", -1), float(node, "epsilon", 1e-5))?
+        }
+        "Identity" => x()?.clone(),
+        "Constant" => constant(node)?,
+        other => return Err(Error::Unsupported(format!("onnx: operator {other}"))),
+    };
+    Ok(vec![out])
+}
+
+fn constant(node: &Node) -> Result<Tensor, Error> {
+    let attr = |n: &str| node.attrs.get(n);
+    Ok(match (attr("value"), attr("value_float"), attr("value_floats"), attr("value_int"), attr("value_ints")) {
+        (Some(Attr::Tensor(t)), ..) => t.clone(),
+        (_, Some(Attr::Float(v)), ..) => Tensor::f32(vec![], vec![*v]),
+        (_, _, Some(Attr::Floats(v)), ..) => Tensor::f32(vec![v.len()], v.clone()),
+        (_, _, _, Some(Attr::Int(v)), _) => Tensor::new(vec![], Data::I64(vec![*v]))?,
+        (_, _, _, _, Some(Attr::Ints(v))) => Tensor::new(vec![v.len()], Data::I64(v.clone()))?,
+        _ => return Err(unsupported(node, "no value attribute")),
+    })
+}
+
+fn unary(t: &Tensor, f: impl Fn(f32) -> f32) -> Result<Tensor, Error> {
+    let v = t.as_f32("the input")?;
+    Ok(Tensor::f32(t.shape().to_vec(), v.iter().map(|&x| f(x)).collect()))
+}
+
+/// Numpy-style broadcasting of two shapes.
+fn broadcast_shape(a: &[usize], b: &[usize]) -> Result<Vec<usize>, Error> {
+    let rank = a.len().max(b.len());
+    (0..rank)
+        .map(|i| {
+            let da = if i + a.len() >= rank { a[i + a.len() - rank] } else { 1 };
+            let db = if i + b.len() >= rank { b[i + b.len() - rank] } else { 1 };
+            match (da, db) {
+                (x, y) if x == y => Ok(x),
+                (1, y) => Ok(y),
+                (x, 1) => Ok(x),
+                _ => Err(invalid_input(format!("shapes {a:?} and {b:?} do not broadcast"))),
+            }
+        })
+        .collect()
+}
+
+/// Strides of `shape` seen inside `out` (0 along broadcast dimensions).
+fn broadcast_strides(shape: &[usize], out: &[usize]) -> Vec<usize> {
+    let mut strides = vec![0; out.len()];
+    let mut step = 1;
+    for i in (0..shape.len()).rev() {
+        let o = i + out.len() - shape.len();
+        strides[o] = if shape[i] == 1 { 0 } else { step };
+        step *= shape[i];
+    }
+    strides
+}
+
+fn binary(a: &Tensor, b: &Tensor, f: fn(f32, f32) -> f32) -> Result<Tensor, Error> {
+    let (av, bv) = (a.as_f32("the first input")?, b.as_f32("the second input")?);
+    if a.shape() == b.shape() {
+        return Ok(Tensor::f32(a.shape().to_vec(), av.iter().zip(bv).map(|(&x, &y)| f(x, y)).collect()));
+    }
+    let shape = broadcast_shape(a.shape(), b.shape())?;
+    let (sa, sb) = (broadcast_strides(a.shape(), &shape), broadcast_strides(b.shape(), &shape));
+    let n = element_count(&shape).unwrap_or(0);
+    let mut out = Vec::with_capacity(n);
+    let mut index = vec![0usize; shape.len()];
+    let (mut ia, mut ib) = (0usize, 0usize);
+    for _ in 0..n {
+        out.push(f(av[ia], bv[ib]));
+        // Advance the multi-index like an odometer.
+        for d in (0..shape.len()).rev() {
+            index[d] += 1;
+            ia += sa[d];
+            ib += sb[d];
+            if index[d] < shape[d] {
+                break;
+            }
+            ia -= sa[d] * shape[d];
+            ib -= sb[d] * shape[d];
+            index[d] = 0;
+        }
+    }
+    Ok(Tensor::f32(shape, out))
+}
+
+fn softmax(t: &Tensor, axis_attr: i64) -> Result<Tensor, Error> {
+    let a = axis(axis_attr, t.shape().len())?;
+    let mut v = t.as_f32("the input")?.to_vec();
+    let (len, inner) = (t.shape()[a], t.shape()[a + 1..].iter().product::<usize>());
+    if inner == 1 {
+        softmax_rows(&mut v, len.max(1));
+    } else {
+        let mut column = vec![0.0; len];
+        for block in v.chunks_exact_mut(len * inner) {
+            for j in 0..inner {
+                (0..len).for_each(|i| column[i] = block[i * inner + j]);
+                softmax_rows(&mut column, len);
+                (0..len).for_each(|i| block[i * inner + j] = column[i]);
+            }
+        }
+    }
+    Ok(Tensor::f32(t.shape().to_vec(), v))
+}
+
+fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor, Error> {
+    let (av, bv) = (a.as_f32("A")?, b.as_f32("B")?);
+    let (sa, sb) = (a.shape(), b.shape());
+    if sa.len() < 2 || sb.len() < 2 {
+        return Err(invalid_input(format!("MatMul of {sa:?} and {sb:?}: both need rank 2 or more")));
+    }
+    let (m, k, k2, n) = (sa[sa.len() - 2], sa[sa.len() - 1], sb[sb.len() - 2], sb[sb.len() - 1]);
+    let (batch_a, batch_b) = (&sa[..sa.len() - 2], &sb[..sb.len() - 2]);
+    let nb_b: usize = batch_b.iter().product();
+    if k != k2 || (nb_b != 1 && batch_a != batch_b) {
+        return Err(invalid_input(format!("MatMul of {sa:?} and {sb:?}: inner or batch dimensions differ")));
+    }
+    let batches: usize = batch_a.iter().product();
+    let mut out = vec![0.0; batches * m * n];
+    if nb_b == 1 {
+        // One right-hand matrix: fold the batch into the rows.
+        gemm(1.0, av, View::dense(batches * m, k, 0), bv, View::dense(k, n, 0), 0.0, &mut out, View::dense(batches * m, n, 0));
+    } else {
+        for i in 0..batches {
+            gemm(1.0, av, View::dense(m, k, i * m * k), bv, View::dense(k, n, i * k * n), 0.0, &mut out, View::dense(m, n, i * m * n));
+        }
+    }
+    let mut shape = batch_a.to_vec();
+    shape.extend([m, n]);
+    Ok(Tensor::f32(shape, out))
+}
+
+fn gemm_op(node: &Node, a: &Tensor, b: &Tensor, c: Option<&Tensor>) -> Result<Tensor, Error> {
+    let (sa, sb) = (a.shape(), b.shape());
+    if sa.len() != 2 || sb.len() != 2 {
+        return Err(invalid_input(format!("Gemm needs matrices, got {sa:?} and {sb:?}")));
+    }
+    let mut av = View::dense(sa[0], sa[1], 0);
+    let mut bv = View::dense(sb[0], sb[1], 0);
+    if int(node, "transA", 0) != 0 {
+        av = av.t();
+    }
+    if int(node, "transB", 0) != 0 {
+        bv = bv.t();
+    }
+    if av.cols != bv.rows {
+        return Err(invalid_input(format!("Gemm of {sa:?} and {sb:?}: inner dimensions differ")));
+    }
+    let (m, n) = (av.rows, bv.cols);
+    let (alpha, beta) = (float(node, "alpha", 1.0), float(node, "beta", 1.0));
+    let mut y = match c {
+        Some(c) => {
+            let filled = binary(&Tensor::f32(vec![m, n], vec![0.0; m * n]), c, |_, c| c)?;
+            if filled.shape() != [m, n] {
+                return Err(invalid_input(format!("Gemm bias {:?} does not broadcast to [{m}, {n}]", c.shape())));
+            }
+            filled.as_f32("C")?.iter().map(|v| v * beta).collect()
+        }
+        None => vec![0.0; m * n],
+    };
+    gemm(alpha, a.as_f32("A")?, av, b.as_f32("B")?, bv, 1.0, &mut y, View::dense(m, n, 0));
+    Ok(Tensor::f32(vec![m, n], y))
+}
+
+/// Spatial settings of a 2-D convolution or pooling window.
+struct Window {
+    kernel: [usize; 2],
+    strides: [usize; 2],
+    dilations: [usize; 2],
+    /// Top, left, bottom, right.
+    pads: [usize; 4],
+}
+
+impl Window {
+    fn of(node: &Node, kernel: [usize; 2]) -> Result<Window, Error> {
+        let pair = |name: &str| -> Result<[usize; 2], Error> {
+            match ints(node, name).as_deref() {
+                None => Ok([1, 1]),
+                Some([a, b]) if *a > 0 && *b > 0 => Ok([*a as usize, *b as usize]),
+                Some(other) => Err(unsupported(node, &format!("{name}={other:?}"))),
+            }
+        };
+        let pads = match (ints(node, "pads").as_deref(), string(node, "auto_pad", "NOTSET")) {
+            (None, "NOTSET" | "VALID") => [0; 4],
+            (Some(&[t, l, b, r]), "NOTSET") if [t, l, b, r].iter().all(|v| (0..=64).contains(v)) => {
+                [t, l, b, r].map(|v| v as usize)
+            }
+            (p, auto) => return Err(unsupported(node, &format!("pads={p:?} auto_pad={auto}"))),
+        };
+        if int(node, "ceil_mode", 0) != 0 {
+            return Err(unsupported(node, "ceil_mode=1"));
+        }
+        Ok(Window { kernel, strides: pair("strides")?, dilations: pair("dilations")?, pads })
+    }
+
+    /// Output height and width for an input of `h` x `w`.
+    fn output(&self, h: usize, w: usize) -> Result<[usize; 2], Error> {
+        let dim = |size: usize, i: usize| {
+            let span = (self.kernel[i] - 1) * self.dilations[i] + 1;
+            let padded = size + self.pads[i] + self.pads[i + 2];
+            (padded >= span).then(|| (padded - span) / self.strides[i] + 1)
+        };
+        match (dim(h, 0), dim(w, 1)) {
+            (Some(oh), Some(ow)) => Ok([oh, ow]),
+            _ => Err(invalid_input(format!("a {h}x{w} input is smaller than the {:?} window", self.kernel))),
+        }
+    }
+
+    /// The input row and column read by output (oy, ox) at kernel (ky, kx), if inside.
+    fn source(&self, oy: usize, ox: usize, ky: usize, kx: usize, h: usize, w: usize) -> Option<(usize, usize)> {
+        let y = (oy * self.strides[0] + ky * self.dilations[0]).checked_sub(self.pads[0])?;
+        let x = (ox * self.strides[1] + kx * self.dilations[1]).checked_sub(self.pads[1])?;
+        (y < h && x < w).then_some((y, x))
+    }
+}
+
+fn nchw(t: &Tensor) -> Result<[usize; 4], Error> {
+    match t.shape() {
+        &[n, c, h, w] => Ok([n, c, h, w]),
+        other => Err(invalid_input(format!("expected an NCHW tensor, got dimensions {other:?}"))),
+    }
+}
+
+fn conv(node: &Node, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor, Error> {
+    let [n, c, h, wd] = nchw(x)?;
+    let [m, cg, kh, kw] = nchw(w)?;
+    let group = int(node, "group", 1).max(1) as usize;
+    if c != cg * group || m % group != 0 {
+        return Err(invalid_input(format!("Conv of {:?} with weights {:?} in {group} groups: channels differ", x.shape(), w.shape())));
+    }
+    let win = Window::of(node, [kh, kw])?;
+    let [oh, ow] = win.output(h, wd)?;
+    let (xv, wv) = (x.as_f32("X")?, w.as_f32("W")?);
+    let mg = m / group;
+    let patch = cg * kh * kw;
+    let mut out = vec![0.0; n * m * oh * ow];
+    let mut cols = vec![0.0; patch * oh * ow];
+    for b in 0..n {
+        for g in 0..group {
+            // im2col: one column per output position.
+            for ci in 0..cg {
+                let plane = &xv[((b * c) + g * cg + ci) * h * wd..][..h * wd];
+                for ky in 0..kh {
+                    for kx in 0..kw {
+                        let row = &mut cols[((ci * kh + ky) * kw + kx) * oh * ow..][..oh * ow];
+                        for oy in 0..oh {
+                            for ox in 0..ow {
+                                row[oy * ow + ox] = win.source(oy, ox, ky, kx, h, wd).map_or(0.0, |(y, x)| plane[y * wd + x]);
+                            }
+                        }
+                    }
+                }
+            }
+            let offset = (b * m + g * mg) * oh * ow;
+            gemm(1.0, wv, View::dense(mg, patch, g * mg * patch), &cols, View::dense(patch, oh * ow, 0), 0.0, &mut out, View::dense(mg, oh * ow, offset));
+        }
+    }
+    if let Some(bias) = bias {
+        let bv = bias.as_f32("B")?;
+        if bv.len() != m {
+            return Err(invalid_input(format!("Conv bias has {} values for {m} channels", bv.len())));
+        }
+        for (i, plane) in out.chunks_exact_mut(oh * ow).enumerate() {
+            plane.iter_mut().for_each(|v| *v += bv[i % m]);
+        }
+    }
+    Ok(Tensor::f32(vec![n, m, oh, ow], out))
+}
+
+fn pool(node: &Node, x: &Tensor) -> Result<Tensor, Error> {
+    let [n, c, h, w] = nchw(x)?;
+    let kernel = match ints(node, "kernel_shape").as_deref() {
+        Some([a, b]) if *a > 0 && *b > 0 => [*a as usize, *b as usize],
+        other => return Err(unsupported(node, &format!("kernel_shape={other:?}"))),
+    };
+    let win = Window::of(node, kernel)?;
+    let [oh, ow] = win.output(h, w)?;
+    let max = node.op == "MaxPool";
+    let count_pad = int(node, "count_include_pad", 0) != 0;
+    let xv = x.as_f32("X")?;
+    let mut out = Vec::with_capacity(n * c * oh * ow);
+    for plane in xv.chunks_exact(h * w) {
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let (mut acc, mut count) = (if max { f32::NEG_INFINITY } else { 0.0 }, 0);
+                for ky in 0..kernel[0] {
+                    for kx in 0..kernel[1] {
+                        if let Some((y, x)) = win.source(oy, ox, ky, kx, h, w) {
+                            let v = plane[y * w + x];
+                            acc = if max { acc.max(v) } else { acc + v };
+                            count += 1;
+                        }
+                    }
+                }
+                let divisor = if count_pad { kernel[0] * kernel[1] } else { count.max(1) };
+                out.push(if max { acc } else { acc / divisor as f32 });
+            }
+        }
+    }
+    Ok(Tensor::f32(vec![n, c, oh, ow], out))
+}
+
+fn global_average_pool(x: &Tensor) -> Result<Tensor, Error> {
+    let [n, c, h, w] = nchw(x)?;
+    let out = x.as_f32("X")?.chunks_exact((h * w).max(1)).map(|p| p.iter().sum::<f32>() / (h * w).max(1) as f32).collect();
+    Ok(Tensor::f32(vec![n, c, 1, 1], out))
+}
+
+fn reshape(x: &Tensor, shape: &Tensor, allow_zero: bool) -> Result<Tensor, Error> {
+    let Data::I64(spec) = shape.data() else {
+        return Err(invalid_input("the shape input must be INT64"));
+    };
+    let total = element_count(x.shape()).unwrap_or(0);
+    let mut out = Vec::with_capacity(spec.len());
+    let mut infer = None;
+    for (i, &d) in spec.iter().enumerate() {
+        out.push(match d {
+            0 if !allow_zero => *x.shape().get(i).ok_or_else(|| invalid_input(format!("shape {spec:?} copies a dimension {i} the input lacks")))?,
+            -1 if infer.is_none() => {
+                infer = Some(i);
+                1
+            }
+            d if d >= 0 => d as usize,
+            _ => return Err(invalid_input(format!("invalid shape {spec:?}"))),
+        });
+    }
+    let known = element_count(&out).unwrap_or(usize::MAX);
+    if let Some(i) = infer {
+        if known == 0 || total % known != 0 {
+            return Err(invalid_input(format!("cannot reshape {:?} to {spec:?}", x.shape())));
+        }
+        out[i] = total / known;
+    }
+    if element_count(&out) != Some(total) {
+        return Err(invalid_input(format!("cannot reshape {:?} to {spec:?}", x.shape())));
+    }
+    Tensor::new(out, x.data().clone())
+}
+
+fn transpose(x: &Tensor, perm: Option<Vec<i64>>) -> Result<Tensor, Error> {
+    let rank = x.shape().len();
+    let perm: Vec<usize> = match perm {
+        Some(p) => p.iter().map(|&a| axis(a, rank)).collect::<Result<_, _>>()?,
+        None => (0..rank).rev().collect(),
+    };
+    let mut seen = perm.clone();
+    seen.sort_unstable();
+    if seen != (0..rank).collect::<Vec<_>>() {
+        return Err(invalid_input(format!("perm {perm:?} is not a permutation of rank {rank}")));
+    }
+    let shape: Vec<usize> = perm.iter().map(|&p| x.shape()[p]).collect();
+    let in_strides = broadcast_strides(x.shape(), x.shape());
+    let strides: Vec<usize> = perm.iter().map(|&p| in_strides[p]).collect();
+    let gather = |read: &mut dyn FnMut(usize)| {
+        let n = element_count(&shape).unwrap_or(0);
+        let mut index = vec![0usize; rank];
+        let mut at = 0usize;
+        for _ in 0..n {
+            read(at);
+            for d in (0..rank).rev() {
+                index[d] += 1;
+                at += strides[d];
+                if index[d] < shape[d] {
+                    break;
+                }
+                at -= strides[d] * shape[d];
+                index[d] = 0;
+            }
+        }
+    };
+    let data = match x.data() {
+        Data::F32(v) => {
+            let mut out = Vec::with_capacity(v.len());
+            gather(&mut |i| out.push(v[i]));
+            Data::F32(out)
+        }
+        Data::I64(v) => {
+            let mut out = Vec::with_capacity(v.len());
+            gather(&mut |i| out.push(v[i]));
+            Data::I64(out)
+        }
+        Data::U8(v) => {
+            let mut out = Vec::with_capacity(v.len());
+            gather(&mut |i| out.push(v[i]));
+            Data::U8(out)
+        }
+    };
+    Tensor::new(shape, data)
+}
+
+fn layer_norm_op(x: &Tensor, scale: &Tensor, bias: Option<&Tensor>, axis_attr: i64, eps: f32) -> Result<Tensor, Error> {
+    let a = axis(axis_attr, x.shape().len())?;
+    let width: usize = x.shape()[a..].iter().product();
+    let gamma = scale.as_f32("Scale")?;
+    let beta = match bias {
+        Some(b) => b.as_f32("B")?.to_vec(),
+        None => vec![0.0; width],
+    };
+    if gamma.len() != width || beta.len() != width {
+        return Err(invalid_input(format!("LayerNormalization over {width} values has a scale of {} and a bias of {}", gamma.len(), beta.len())));
+    }
+    let mut v = x.as_f32("X")?.to_vec();
+    layer_norm(&mut v, gamma, &beta, eps);
+    Ok(Tensor::f32(x.shape().to_vec(), v))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn node(op: &str, attrs: &[(&str, Attr)]) -> Node {
+        Node {
+            op: op.into(),
+            inputs: vec![],
+            outputs: vec!["y".into()],
+            attrs: attrs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect::<HashMap<_, _>>(),
+        }
+    }
+
+    fn t(shape: &[usize], v: &[f32]) -> Tensor {
+        Tensor::f32(shape.to_vec(), v.to_vec())
+    }
+
+    fn run(n: &Node, args: &[&Tensor]) -> Tensor {
+        let args: Vec<Option<&Tensor>> = args.iter().map(|a| Some(*a)).collect();
+        apply(n, &args).unwrap().remove(0)
+    }
+
+    #[test]
+    fn broadcasting_arithmetic() {
+        let a = t(&[2, 3], &[1., 2., 3., 4., 5., 6.]);
+        let b = t(&[3], &[10., 20., 30.]);
+        assert_eq!(run(&node("Add", &[]), &[&a, &b]).data(), &Data::F32(vec![11., 22., 33., 14., 25., 36.]));
+        let col = t(&[2, 1], &[1., 2.]);
+        assert_eq!(run(&node("Mul", &[]), &[&a, &col]).data(), &Data::F32(vec![1., 2., 3., 8., 10., 12.]));
+        assert!(apply(&node("Add", &[]), &[Some(&a), Some(&t(&[2], &[1., 2.]))]).is_err());
+    }
+
+    #[test]
+    fn conv_and_pools_match_hand_computed_values() {
+        // 1x1x3x3 input, 1x1x2x2 kernel of ones, pad 1 on the left/top only via pads.
+        let x = t(&[1, 1, 3, 3], &[1., 2., 3., 4., 5., 6., 7., 8., 9.]);
+        let w = t(&[1, 1, 2, 2], &[1., 1., 1., 1.]);
+        let y = run(&node("Conv", &[]), &[&x, &w]);
+        assert_eq!((y.shape(), y.data()), (&[1, 1, 2, 2][..], &Data::F32(vec![12., 16., 24., 28.])));
+        let padded = run(&node("Conv", &[("pads", Attr::Ints(vec![1, 1, 0, 0]))]), &[&x, &w]);
+        assert_eq!(padded.as_f32("").unwrap()[..4], [1., 3., 5., 5.]);
+        let k = ("kernel_shape", Attr::Ints(vec![2, 2]));
+        assert_eq!(run(&node("MaxPool", &[k.clone()]), &[&x]).data(), &Data::F32(vec![5., 6., 8., 9.]));
+        assert_eq!(run(&node("AveragePool", &[k]), &[&x]).data(), &Data::F32(vec![3., 4., 6., 7.]));
+        assert_eq!(run(&node("GlobalAveragePool", &[]), &[&x]).data(), &Data::F32(vec![5.]));
+    }
+
+    #[test]
+    fn shapes_and_transposes() {
+        let x = t(&[2, 3], &[1., 2., 3., 4., 5., 6.]);
+        let y = run(&node("Transpose", &[]), &[&x]);
+        assert_eq!((y.shape(), y.data()), (&[3, 2][..], &Data::F32(vec![1., 4., 2., 5., 3., 6.])));
+        let shape = Tensor::new(vec![2], Data::I64(vec![-1, 2])).unwrap();
+        assert_eq!(run(&node("Reshape", &[]), &[&x, &shape]).shape(), &[3, 2]);
+        let bad = Tensor::new(vec![1], Data::I64(vec![4])).unwrap();
+        assert!(apply(&node("Reshape", &[]), &[Some(&x), Some(&bad)]).is_err());
+        let g = run(&node("Gemm", &[("transB", Attr::Int(1))]), &[&x, &x]);
+        assert_eq!(g.data(), &Data::F32(vec![14., 32., 32., 77.]));
+        let s = run(&node("Softmax", &[("axis", Attr::Int(0))]), &[&t(&[2, 1], &[0., 0.])]);
+        assert_eq!(s.data(), &Data::F32(vec![0.5, 0.5]));
+    }
+}
