@@ -207,7 +207,7 @@ async fn bad_tensors_get_invalid_argument_with_a_message() {
         ("/wrong-size?minilm", "error invalid-argument: input \"text\": invalid input: dimensions [4, 4] of U8 need 16 bytes, the data has 3"),
         ("/wrong-name?minilm", "error invalid-argument: invalid input: unknown input \"words\""),
         ("/load?absent", "error not-found: no model named 'absent'"),
-        ("/onnx-garbage", "error invalid-encoding: invalid model: onnx"),
+        ("/onnx-garbage", "error invalid-encoding: invalid model: onnx:"),
     ] {
         let body = get(&probe(path)).await.body;
         assert!(body.starts_with(want), "{path}: {body}");
@@ -254,7 +254,7 @@ async fn corrupt_truncated_and_hostile_model_files_fail_the_push_cleanly() {
         ("truncated", &truncated, "do not hold shape"),
         ("hostile", &hostile, "do not hold shape [1073741824, 1073741824]"),
         ("huge", &gguf, "tensor count 4611686018427387904 cannot fit"),
-        ("noise", &onnx, "invalid model: onnx"),
+        ("noise", &onnx, "invalid model: onnx:"),
     ] {
         let out = server.cli(&["model", "push", name, path.to_str().unwrap()]);
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -314,4 +314,32 @@ async fn futures_join<T>(handles: impl Iterator<Item = tokio::task::JoinHandle<T
         out.push(handle.await.unwrap());
     }
     out
+}
+
+#[tokio::test]
+async fn the_onnx_classifier_matches_onnxruntime_over_http() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir);
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/classify/digits.onnx");
+    let pushed = stdout_of(&server.cli(&["model", "push", "digits", model.to_str().unwrap()]));
+    assert!(pushed.contains("pushed model digits (onnx): ONNX graph of 15 nodes"), "{pushed}");
+    server.deploy("classify", "classify", &["--manifest", manifest("classify").to_str().unwrap()]);
+    let reference: Value = serde_json::from_str(include_str!("fixtures/digits-reference.json")).unwrap();
+    let url = format!("{}/default/classify/classify", server.url);
+    let reply = send("POST", &url, &[], json!({"images": reference["images"]}).to_string()).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let predictions: Value = serde_json::from_str(&reply.body).unwrap();
+    let predictions = predictions["predictions"].as_array().unwrap();
+    assert_eq!(predictions.len(), 64);
+    let mut correct = 0;
+    for (i, (p, want)) in predictions.iter().zip(reference["probabilities"].as_array().unwrap()).enumerate() {
+        let (got, want) = (floats(&p["probabilities"]), floats(want));
+        let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(diff < 1e-5, "digit {i}: differs from onnxruntime by {diff}");
+        correct += (p["digit"] == reference["labels"][i]) as usize;
+    }
+    assert!(correct >= 56, "{correct}/64");
+    // One bad image: a clear 400.
+    let bad = send("POST", &url, &[], json!({"images": [[1, 2, 3]]}).to_string()).await;
+    assert_eq!(bad.status, 400, "{}", bad.body);
 }
