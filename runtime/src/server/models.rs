@@ -113,6 +113,7 @@ impl ServerInner {
                     .collect();
                 json_response(StatusCode::OK, &serde_json::json!({ "models": visible }))
             }
+            (_, ["models"]) => api_error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed here"),
             (Method::PUT, ["model-files", sha256]) => {
                 let namespace = if super::admin::query_value(query, "namespace") == Some(PUBLIC) { PUBLIC } else { &caller.tenant };
                 if namespace == PUBLIC && !caller.admin {
