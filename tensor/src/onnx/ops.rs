@@ -69,7 +69,11 @@ pub(crate) fn apply(node: &Node, args: &[Option<&Tensor>]) -> Result<Vec<Tensor>
         "Tanh" => unary(x()?, f32::tanh)?,
         "Erf" => unary(x()?, libm::erff)?,
         "Gelu" => match string(node, "approximate", "none") {
-            "none" => unary(x()?, |v| 0.5 * v * (1.0 + libm::erff(v * std::f32::consts::FRAC_1_SQRT_2)))?,
+            "none" => {
+                let mut y = x()?.as_f32("the input")?.to_vec();
+                crate::cpu::gelu(&mut y);
+                Tensor::f32(x()?.shape().to_vec(), y)
+            }
             "tanh" => unary(x()?, |v| 0.5 * v * (1.0 + (0.797_884_6 * (v + 0.044715 * v * v * v)).tanh()))?,
             other => return Err(unsupported(node, &format!("approximate={other:?}"))),
         },

@@ -7,11 +7,13 @@
 //! - `/wrong-size?NAME`: a tensor whose data is shorter than its dimensions.
 //! - `/wrong-name?NAME`: an input the graph does not take.
 //! - `/onnx-garbage`: load bytes that are not ONNX.
+//! - `POST /embed-lines?NAME`: embed each line of the body in one call
+//!   (the benchmark's wasi-nn path); answers the token count.
 
 use gpuwasm_guest::nn::{Error, Graph, Tensor, TensorType};
 use gpuwasm_guest::{Request, Response};
 
-fn probe(path: &str, name: &str) -> Result<String, Error> {
+fn probe(path: &str, name: &str, body: &[u8]) -> Result<String, Error> {
     let compute = |inputs: &[(&str, Tensor)]| Graph::load_by_name(name)?.compute(inputs).map(|_| ());
     match path {
         "/load" => Graph::load_by_name(name).map(|_| "loaded".into()),
@@ -22,14 +24,21 @@ fn probe(path: &str, name: &str) -> Result<String, Error> {
         "/wrong-type" => compute(&[("text", Tensor::f32(&[2], &[1.0, 2.0]))]).map(|()| "computed".into()),
         "/wrong-size" => compute(&[("text", Tensor::new(vec![4, 4], TensorType::U8, vec![65; 3]))]).map(|()| "computed".into()),
         "/wrong-name" => compute(&[("words", Tensor::texts(&["x"])?)]).map(|()| "computed".into()),
+        "/embed-lines" => {
+            let text = String::from_utf8_lossy(body);
+            let lines: Vec<&str> = text.lines().collect();
+            let out = Graph::load_by_name(name)?.compute(&[("text", Tensor::texts(&lines)?)])?;
+            Ok(format!("tokens {}", out.get("token_counts")?.to_i64()?.iter().sum::<i64>()))
+        }
         "/onnx-garbage" => Graph::load_onnx(b"this is not a model").map(|_| "loaded".into()),
         _ => Ok("unknown probe".into()),
     }
 }
 
 fn handle(request: Request) -> Response {
-    let name = request.query().unwrap_or_default();
-    match probe(&request.path(), &name) {
+    let (name, path) = (request.query().unwrap_or_default(), request.path());
+    let body = request.body().unwrap_or_default();
+    match probe(&path, &name, &body) {
         Ok(what) => Response::text(200, format!("ok {what}")),
         Err(e) => Response::text(200, format!("error {}: {}", e.code, e.message)),
     }
