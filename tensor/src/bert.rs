@@ -34,6 +34,11 @@ pub const FILES: &[&str] = &[
 /// Texts one call may carry.
 pub const MAX_TEXTS: usize = 2048;
 
+/// Tokens one pass of the encoder takes at most; longer batches run in
+/// several passes, so the host's working memory stays bounded (about
+/// 100 MiB for MiniLM) whatever a guest sends.
+const PASS_TOKENS: usize = 8192;
+
 #[derive(Deserialize)]
 struct Config {
     hidden_size: usize,
@@ -343,7 +348,20 @@ impl Bert {
     pub fn embed(&self, texts: &[&str]) -> Result<(Vec<f32>, Vec<usize>), Error> {
         let seqs = self.tokenize(texts)?;
         let counts = seqs.iter().map(Vec::len).collect();
-        Ok((self.embed_tokens(&seqs)?, counts))
+        let mut vectors = Vec::with_capacity(seqs.len() * self.hidden);
+        let mut rest = seqs.as_slice();
+        while !rest.is_empty() {
+            // As many sequences as fit in one pass (at least one).
+            let mut tokens = 0;
+            let take = rest.iter().take_while(|s| {
+                tokens += s.len();
+                tokens <= PASS_TOKENS
+            });
+            let n = take.count().max(1);
+            vectors.extend(self.embed_tokens(&rest[..n])?);
+            rest = &rest[n..];
+        }
+        Ok((vectors, counts))
     }
 }
 

@@ -201,3 +201,18 @@ fn onnx_calls_batch_into_one_pass_with_the_same_results() {
     let mixed = model.run_batch(vec![request(0, 1), bad]);
     assert!(mixed[0].is_ok() && mixed[1].is_err());
 }
+
+#[test]
+fn minilm_batches_larger_than_one_pass_agree_with_single_texts() {
+    let bert = bert::Bert::load(&minilm_files()).unwrap();
+    let long = "A very long sentence follows. ".repeat(60);
+    let mut texts: Vec<&str> = vec![long.as_str(); 40]; // 40 x 256 tokens: two passes
+    texts.push("short one");
+    let (vectors, counts) = bert.embed(&texts).unwrap();
+    assert_eq!(counts.iter().sum::<usize>(), 40 * 256 + 4);
+    let (alone, _) = bert.embed(&["short one"]).unwrap();
+    let last = &vectors[40 * 384..];
+    assert!(last.iter().zip(&alone).all(|(a, b)| (a - b).abs() < 1e-5));
+    let (first, _) = bert.embed(&[long.as_str()]).unwrap();
+    assert!(vectors[..384].iter().zip(&first).all(|(a, b)| (a - b).abs() < 1e-5));
+}

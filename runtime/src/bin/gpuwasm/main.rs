@@ -8,6 +8,7 @@ mod models;
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
+    keep_tensor_buffers_in_the_heap();
     let cli = cli::Cli::parse();
     let default_level = if matches!(cli.command, cli::Command::Serve(_) | cli::Command::Run(_)) { "info" } else { "warn" };
     tracing_subscriber::fmt()
@@ -30,5 +31,20 @@ fn main() -> std::process::ExitCode {
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// Inference allocates and frees buffers of a few MiB per layer on each
+/// model's scheduler thread. With glibc's defaults such buffers are mapped
+/// and unmapped (or trimmed) every time, and refaulting their pages cost
+/// 10-20% of an embedding pass in `gpuwasm bench nn`; serving buffers up
+/// to 32 MiB from the heap and trimming only past 128 MiB removes that.
+fn keep_tensor_buffers_in_the_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator tuning; it is called before
+    // any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 128 << 20);
     }
 }
