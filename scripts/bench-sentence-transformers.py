@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The baseline of scripts/bench-nn.sh: sentence-transformers embeddings/s.
 
-Usage: bench-sentence-transformers.py MODEL_DIR SENTENCES_FILE SECONDS
+Usage: bench-sentence-transformers.py MODEL_DIR SENTENCES_FILE SECONDS (per figure)
 Prints `key st_b1=...` and `key st_b32=...` (embeddings per second at batch
 1 and 32) on the CPU, with PyTorch's default threads (all cores).
 """
