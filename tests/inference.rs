@@ -208,6 +208,7 @@ async fn bad_tensors_get_invalid_argument_with_a_message() {
         ("/wrong-name?minilm", "error invalid-argument: invalid input: unknown input \"words\""),
         ("/load?absent", "error not-found: no model named 'absent'"),
         ("/onnx-garbage", "error invalid-encoding: invalid model: onnx:"),
+        ("/onnx-bytes", "ok 10 probabilities summing to 1.000"),
     ] {
         let body = get(&probe(path)).await.body;
         assert!(body.starts_with(want), "{path}: {body}");

@@ -40,9 +40,11 @@ struct Job {
     reply: oneshot::Sender<Result<Tensors, Error>>,
 }
 
-/// The front of one graph's scheduler thread.
+/// The front of one graph's scheduler thread (or, for a graph one
+/// instance loaded for itself, of tokio's blocking pool).
 pub(crate) struct Batcher {
-    jobs: Sender<Job>,
+    /// `None` for a graph that runs each call on a blocking thread.
+    jobs: Option<Sender<Job>>,
     graph: Arc<dyn Graph>,
     /// Execution contexts instances hold on this graph: callers that may
     /// compute soon.
@@ -91,7 +93,13 @@ impl Batcher {
             .name("gpuwasm-nn-batch".into())
             .spawn(move || run(g, rx, settings, s, c))
             .expect("spawning a batch thread");
-        Batcher { jobs, graph, contexts, stats }
+        Batcher { jobs: Some(jobs), graph, contexts, stats }
+    }
+
+    /// A graph one instance loaded from bytes: no thread of its own (an
+    /// instance may load many), each call runs on tokio's blocking pool.
+    pub(crate) fn unbatched(graph: Arc<dyn Graph>) -> Batcher {
+        Batcher { jobs: None, graph, contexts: Arc::default(), stats: Arc::default() }
     }
 
     /// What the graph takes and gives.
@@ -101,8 +109,14 @@ impl Batcher {
 
     /// Queues one call for `tenant` and waits for its answer.
     pub(crate) async fn compute(&self, tenant: Arc<str>, inputs: Tensors) -> Result<Tensors, Error> {
+        let Some(jobs) = &self.jobs else {
+            let graph = self.graph.clone();
+            return tokio::task::spawn_blocking(move || graph.run(inputs))
+                .await
+                .unwrap_or_else(|_| Err(Error::Unsupported("the engine failed on this input".into())));
+        };
         let (reply, answer) = oneshot::channel();
-        if self.jobs.send(Job { tenant, inputs, reply }).is_err() {
+        if jobs.send(Job { tenant, inputs, reply }).is_err() {
             return Err(Error::Unsupported("the model's scheduler stopped".into()));
         }
         answer.await.unwrap_or_else(|_| Err(Error::Unsupported("the model's scheduler stopped".into())))

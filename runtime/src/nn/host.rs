@@ -3,7 +3,7 @@
 //! await the model cache and the batching scheduler, never blocking a
 //! tokio worker.
 
-use super::batch::{BatchSettings, Batcher, Tensors};
+use super::batch::{Batcher, Tensors};
 use super::models::{LoadError, Loaded, ModelAccess, Models};
 use gpuwasm_tensor::{DType, Format, Tensor};
 use std::sync::Arc;
@@ -133,7 +133,7 @@ impl graph::Host for NnView<'_> {
         let loaded = tokio::task::spawn_blocking(move || gpuwasm_tensor::load(format, &[("model.onnx".into(), bytes)].into())).await?;
         match loaded {
             Ok(graph) => {
-                let loaded = Arc::new(Loaded::unshared(Batcher::start(graph, BatchSettings::default())));
+                let loaded = Arc::new(Loaded::unshared(Batcher::unbatched(graph)));
                 Ok(Ok(self.table.push(GraphResource(loaded))?))
             }
             Err(err) => self.engine_error(err),

@@ -7,6 +7,8 @@
 //! - `/wrong-size?NAME`: a tensor whose data is shorter than its dimensions.
 //! - `/wrong-name?NAME`: an input the graph does not take.
 //! - `/onnx-garbage`: load bytes that are not ONNX.
+//! - `/onnx-bytes`: load examples/classify/digits.onnx from bytes built
+//!   into the component and classify an empty image.
 //! - `POST /embed-lines?NAME`: embed each line of the body in one call
 //!   (the benchmark's wasi-nn path); answers the token count.
 
@@ -29,6 +31,12 @@ fn probe(path: &str, name: &str, body: &[u8]) -> Result<String, Error> {
             let lines: Vec<&str> = text.lines().collect();
             let out = Graph::load_by_name(name)?.compute(&[("text", Tensor::texts(&lines)?)])?;
             Ok(format!("tokens {}", out.get("token_counts")?.to_i64()?.iter().sum::<i64>()))
+        }
+        "/onnx-bytes" => {
+            let model = Graph::load_onnx(include_bytes!("../../../../examples/classify/digits.onnx"))?;
+            let out = model.compute(&[("pixels", Tensor::f32(&[1, 1, 8, 8], &[0.0; 64]))])?;
+            let p = out.get("probabilities")?.to_f32()?;
+            Ok(format!("{} probabilities summing to {:.3}", p.len(), p.iter().sum::<f32>()))
         }
         "/onnx-garbage" => Graph::load_onnx(b"this is not a model").map(|_| "loaded".into()),
         _ => Ok("unknown probe".into()),
