@@ -344,3 +344,28 @@ async fn the_onnx_classifier_matches_onnxruntime_over_http() {
     let bad = send("POST", &url, &[], json!({"images": [[1, 2, 3]]}).to_string()).await;
     assert_eq!(bad.status, 400, "{}", bad.body);
 }
+
+#[tokio::test]
+async fn run_serves_local_models_named_on_the_command_line() {
+    let minilm = model_path("minilm");
+    let mut child = support::gpuwasm()
+        .arg("run")
+        .arg(support::wasm("nn_probe"))
+        .args(["--listen", "127.0.0.1:0", "--model"])
+        .arg(format!("minilm={}", minilm.display()))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
+    let url = line.trim().strip_prefix("gpuwasm listening on ").unwrap().to_string();
+    let embedded = get(&format!("{url}/embed?minilm")).await.body;
+    let other = get(&format!("{url}/load?other")).await.body;
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(embedded, "ok tokens 4");
+    assert!(other.starts_with("error security:"), "{other}");
+    // A bad flag is a clear error.
+    let out = support::gpuwasm().args(["run", "x.wasm", "--model", "minilm"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--model \"minilm\": use NAME=PATH"), "{out:?}");
+}

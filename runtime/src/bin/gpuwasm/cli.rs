@@ -450,11 +450,11 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
 }
 
 async fn run_file(args: RunArgs) -> Result<ExitCode> {
-    let wasm = read_component(&args.file)?;
-    let runtime = args.pool.runtime()?;
     let (manifest, manifest_dir) = load_manifest(&args.file, None)?;
     let limits = args.limits.over(manifest.limits)?;
     let models = crate::models::local(&args.models, manifest.models)?;
+    let wasm = read_component(&args.file)?;
+    let runtime = args.pool.runtime()?;
     let sandbox = Sandbox {
         env: manifest.env,
         outbound: manifest.outbound,
