@@ -41,7 +41,7 @@ reply=$("$gpuwasm" invoke embeddings /v1/embeddings -d '{"model": "minilm", "inp
 python3 -c '
 import json, sys
 r = json.loads(sys.argv[1])
-e = r["data"][0]["embedding"]
-print(f"{len(e)}-dimensional embedding [{e[0]:.4f}, {e[1]:.4f}, {e[2]:.4f}, ...], usage {r[\"usage\"]}")' "$reply"
+e, usage = r["data"][0]["embedding"], r["usage"]
+print(f"{len(e)}-dimensional embedding [{e[0]:.4f}, {e[1]:.4f}, {e[2]:.4f}, ...], usage {usage}")' "$reply"
 echo "\$ gpuwasm model list"
 "$gpuwasm" model list

@@ -4,7 +4,7 @@ use anyhow::{Context, Result, anyhow};
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, StatusCode, header};
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::pin::Pin;
 use std::task::{Context as TaskContext, Poll};
 use hyper_util::client::legacy::{Client, connect::HttpConnector};
@@ -44,11 +44,17 @@ impl Api {
     }
 
     /// Uploads `bytes` with `PUT` to the admin API at `path`, drawing a
-    /// progress bar for `label` on stderr as the server takes them.
+    /// progress bar for `label` on stderr as the server takes them (on a
+    /// terminal; elsewhere one line when done).
     pub async fn upload(&self, path: &str, bytes: Bytes, label: &str) -> Result<serde_json::Value> {
-        let body = Progress { total: bytes.len(), rest: bytes, label: label.to_string(), shown: usize::MAX }.boxed();
+        let terminal = std::io::stderr().is_terminal();
+        let body = Progress { total: bytes.len(), rest: bytes, label: label.to_string(), shown: None, terminal }.boxed();
         let reply = self.send_body(Method::PUT, &format!("{}{path}", gpuwasm::server::ADMIN_PREFIX), &[], body).await;
-        eprintln!();
+        if terminal {
+            eprintln!();
+        } else if reply.is_ok() {
+            eprintln!("  {label}: sent");
+        }
         parse_admin_reply(reply?)
     }
 
@@ -114,7 +120,9 @@ struct Progress {
     total: usize,
     label: String,
     /// The percentage last drawn.
-    shown: usize,
+    shown: Option<usize>,
+    /// Whether stderr is a terminal (else nothing is drawn).
+    terminal: bool,
 }
 
 impl http_body::Body for Progress {
@@ -122,20 +130,21 @@ impl http_body::Body for Progress {
     type Error = std::convert::Infallible;
 
     fn poll_frame(mut self: Pin<&mut Self>, _cx: &mut TaskContext<'_>) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
-        let sent = self.total - self.rest.len();
-        let percent = if self.total == 0 { 100 } else { sent * 100 / self.total };
-        if percent != self.shown {
-            self.shown = percent;
-            let bar: String = (0..30).map(|i| if i * 100 < percent * 30 { '#' } else { '.' }).collect();
-            let mut err = std::io::stderr().lock();
-            let _ = write!(err, "\r  {} [{bar}] {percent:>3}%", self.label);
-            let _ = err.flush();
-        }
         if self.rest.is_empty() {
             return Poll::Ready(None);
         }
         let n = self.rest.len().min(1 << 20);
         let chunk = self.rest.split_to(n);
+        // Handed to the connection: counted as sent.
+        let sent = self.total - self.rest.len();
+        let percent = sent * 100 / self.total.max(1);
+        if self.terminal && self.shown != Some(percent) {
+            self.shown = Some(percent);
+            let bar: String = (0..30).map(|i| if i * 100 < percent * 30 { '#' } else { '.' }).collect();
+            let mut err = std::io::stderr().lock();
+            let _ = write!(err, "\r  {} [{bar}] {percent:>3}%", self.label);
+            let _ = err.flush();
+        }
         Poll::Ready(Some(Ok(http_body::Frame::data(chunk))))
     }
 
