@@ -24,8 +24,29 @@ use std::sync::{Arc, RwLock};
 
 /// The registry's records, readable by deployments through [`ModelCatalog`].
 pub(crate) struct Registry {
-    records: RwLock<BTreeMap<(String, String), ModelRecord>>,
+    records: RwLock<BTreeMap<(String, String), Registered>>,
     blobs: Arc<dyn BlobStore>,
+}
+
+/// A record with the key of its content, computed once.
+#[derive(Clone)]
+struct Registered {
+    record: ModelRecord,
+    key: String,
+}
+
+impl Registered {
+    fn new(record: ModelRecord) -> Registered {
+        Registered { key: content_key(&record), record }
+    }
+}
+
+/// Why a model's files could not be read.
+enum ReadError {
+    /// File `path` with content `sha256` is not in the blob store.
+    Missing { path: String, sha256: String },
+    /// The blob store failed.
+    Store(String),
 }
 
 fn blob_key(namespace: &str, sha256: &str) -> String {
@@ -40,12 +61,41 @@ fn content_key(record: &ModelRecord) -> String {
 
 impl Registry {
     pub fn new(records: Vec<ModelRecord>, blobs: Arc<dyn BlobStore>) -> Registry {
-        let records = records.into_iter().map(|r| ((r.namespace.clone(), r.name.clone()), r)).collect();
+        let records = records.into_iter().map(|r| ((r.namespace.clone(), r.name.clone()), Registered::new(r))).collect();
         Registry { records: RwLock::new(records), blobs }
     }
 
-    fn get(&self, namespace: &str, name: &str) -> Option<ModelRecord> {
+    fn get(&self, namespace: &str, name: &str) -> Option<Registered> {
         self.records.read().unwrap().get(&(namespace.to_string(), name.to_string())).cloned()
+    }
+
+    fn insert(&self, record: ModelRecord) {
+        let key = (record.namespace.clone(), record.name.clone());
+        self.records.write().unwrap().insert(key, Registered::new(record));
+    }
+
+    fn remove(&self, namespace: &str, name: &str) {
+        self.records.write().unwrap().remove(&(namespace.to_string(), name.to_string()));
+    }
+
+    /// The models `tenant` can see: its own and public ones.
+    fn visible(&self, tenant: &str) -> Vec<Registered> {
+        let records = self.records.read().unwrap();
+        records.values().filter(|r| r.record.namespace == tenant || r.record.namespace == PUBLIC).cloned().collect()
+    }
+
+    /// The contents of `files` (path -> SHA-256) uploaded to `namespace` (blocking).
+    fn read_files(&self, namespace: &str, files: &BTreeMap<String, String>) -> Result<ModelFiles, ReadError> {
+        let mut contents = ModelFiles::new();
+        for (path, sha256) in files {
+            let bytes = self
+                .blobs
+                .get(&blob_key(namespace, sha256))
+                .map_err(|e| ReadError::Store(e.to_string()))?
+                .ok_or_else(|| ReadError::Missing { path: path.clone(), sha256: sha256.clone() })?;
+            contents.insert(path.clone(), bytes);
+        }
+        Ok(contents)
     }
 }
 
@@ -55,7 +105,7 @@ impl ModelCatalog for Registry {
             Some(public) => self.get(PUBLIC, public),
             None => self.get(tenant, name).or_else(|| self.get(PUBLIC, name)),
         };
-        Ok(found.map(|r| ModelEntry { key: content_key(&r), format: r.format }))
+        Ok(found.map(|r| ModelEntry { key: r.key, format: r.record.format }))
     }
 
     fn read(&self, entry: &ModelEntry) -> Result<ModelFiles, String> {
@@ -64,19 +114,13 @@ impl ModelCatalog for Registry {
             .read()
             .unwrap()
             .values()
-            .find(|r| content_key(r) == entry.key)
-            .cloned()
+            .find(|r| r.key == entry.key)
+            .map(|r| r.record.clone())
             .ok_or_else(|| "the model was removed or replaced while loading".to_string())?;
-        let mut files = ModelFiles::new();
-        for (path, sha256) in &record.files {
-            let bytes = self
-                .blobs
-                .get(&blob_key(&record.namespace, sha256))
-                .map_err(|e| e.to_string())?
-                .ok_or_else(|| format!("file {path} ({sha256}) is missing from the blob store"))?;
-            files.insert(path.clone(), bytes);
-        }
-        Ok(files)
+        self.read_files(&record.namespace, &record.files).map_err(|e| match e {
+            ReadError::Missing { path, sha256 } => format!("file {path} ({sha256}) is missing from the blob store"),
+            ReadError::Store(message) => message,
+        })
     }
 }
 
@@ -105,12 +149,8 @@ impl ServerInner {
         };
         match (method, segments) {
             (Method::GET, ["models"]) => {
-                let records = self.models.records.read().unwrap();
-                let visible: Vec<serde_json::Value> = records
-                    .values()
-                    .filter(|r| r.namespace == caller.tenant || r.namespace == PUBLIC)
-                    .map(|r| self.with_status(r))
-                    .collect();
+                let visible: Vec<serde_json::Value> =
+                    self.models.visible(&caller.tenant).iter().map(|r| self.with_status(r)).collect();
                 json_response(StatusCode::OK, &serde_json::json!({ "models": visible }))
             }
             (_, ["models"]) => api_error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed here"),
@@ -132,7 +172,7 @@ impl ServerInner {
                     Method::PUT => self.push_model(namespace, name, request).await,
                     Method::DELETE => self.remove_model(namespace, name).await,
                     _ => match self.models.get(&namespace, &name) {
-                        Some(record) => json_response(StatusCode::OK, &self.with_status(&record)),
+                        Some(registered) => json_response(StatusCode::OK, &self.with_status(&registered)),
                         None => model_not_found(&name),
                     },
                 }
@@ -142,9 +182,9 @@ impl ServerInner {
     }
 
     /// A record with `loaded`: this node's counters while it is resident, else null.
-    fn with_status(&self, record: &ModelRecord) -> serde_json::Value {
-        let mut json = serde_json::to_value(record).expect("records serialise");
-        json["loaded"] = serde_json::to_value(self.runtime.models().status(&content_key(record))).expect("status serialises");
+    fn with_status(&self, registered: &Registered) -> serde_json::Value {
+        let mut json = serde_json::to_value(&registered.record).expect("records serialise");
+        json["loaded"] = serde_json::to_value(self.runtime.models().status(&registered.key)).expect("status serialises");
         json
     }
 
@@ -184,16 +224,15 @@ impl ServerInner {
             return api_error(StatusCode::BAD_REQUEST, "invalid_model", &message);
         }
         // Read the files back and let the engine check the whole model.
-        let (blobs, ns, files) = (self.models.blobs.clone(), namespace.clone(), spec.files.clone());
+        let (registry, ns, files) = (self.models.clone(), namespace.clone(), spec.files.clone());
         let checked = tokio::task::spawn_blocking(move || -> Result<(u64, String), (StatusCode, String)> {
-            let mut contents = ModelFiles::new();
-            for (path, sha256) in &files {
-                let bytes = blobs
-                    .get(&blob_key(&ns, sha256))
-                    .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-                    .ok_or_else(|| (StatusCode::BAD_REQUEST, format!("file {path}: content {sha256} was not uploaded (PUT model-files/SHA256 first)")))?;
-                contents.insert(path.clone(), bytes);
-            }
+            let contents = registry.read_files(&ns, &files).map_err(|e| match e {
+                ReadError::Missing { path, sha256 } => (
+                    StatusCode::BAD_REQUEST,
+                    format!("file {path}: content {sha256} was not uploaded (PUT model-files/SHA256 first)"),
+                ),
+                ReadError::Store(message) => (StatusCode::INTERNAL_SERVER_ERROR, message),
+            })?;
             let size = contents.values().map(|b| b.len() as u64).sum();
             let summary = gpuwasm_tensor::check(format, &contents).map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()))?;
             Ok((size, summary))
@@ -209,7 +248,7 @@ impl ServerInner {
         if let Err(e) = self.store.commit(&[Change::Model(record.clone())]) {
             return error_response(&e);
         }
-        self.models.records.write().unwrap().insert((record.namespace.clone(), record.name.clone()), record.clone());
+        self.models.insert(record.clone());
         tracing::info!(namespace = %record.namespace, model = %record.name, format = record.format.name(), summary = %record.summary, "model pushed");
         json_response(StatusCode::CREATED, &record)
     }
@@ -222,7 +261,7 @@ impl ServerInner {
         if let Err(e) = self.store.commit(&[Change::RemoveModel(namespace.clone(), name.clone())]) {
             return error_response(&e);
         }
-        self.models.records.write().unwrap().remove(&(namespace.clone(), name.clone()));
+        self.models.remove(&namespace, &name);
         tracing::info!(%namespace, model = %name, "model removed");
         json_response(StatusCode::OK, &serde_json::json!({ "removed": name }))
     }
