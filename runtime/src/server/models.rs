@@ -270,10 +270,10 @@ impl ServerInner {
 /// Checks the files a push names fit its format.
 fn check_layout(format: Format, files: &BTreeMap<String, String>) -> Result<(), String> {
     for (path, sha256) in files {
-        let plain = !path.is_empty() && path.split('/').all(|s| !s.is_empty() && s != "." && s != "..");
+        super::files::check_file_path(path)?;
         let hex = sha256.len() == 64 && sha256.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-        if !plain || !hex {
-            return Err(format!("bad file entry {path:?}: {sha256:?}"));
+        if !hex {
+            return Err(format!("file {path:?}: {sha256:?} is not a SHA-256 in lower-case hex"));
         }
     }
     match format.files() {
