@@ -543,7 +543,7 @@ async fn upload_files(api: &Api, dir: &Path) -> Result<BTreeMap<String, String>>
             let relative = path.strip_prefix(dir).expect("walked from dir");
             let name = relative.to_str().with_context(|| format!("{} is not UTF-8", path.display()))?.to_string();
             let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-            let sha256: String = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+            let sha256 = sha256_hex(&bytes);
             api.admin(Method::PUT, &format!("files/{sha256}"), Bytes::from(bytes))
                 .await
                 .with_context(|| format!("uploading {}", path.display()))?;
@@ -551,6 +551,11 @@ async fn upload_files(api: &Api, dir: &Path) -> Result<BTreeMap<String, String>>
         }
     }
     Ok(files)
+}
+
+/// Lower-case hex SHA-256 of `bytes`, as the server names uploads.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// `value` as JSON with every non-ASCII character escaped, so that it fits

@@ -1,12 +1,11 @@
 //! `gpuwasm model push|list|rm`, and the local models of `gpuwasm run`.
 
-use crate::cli::{ModelCommand, PushArgs, print_json};
+use crate::cli::{ModelCommand, PushArgs, print_json, sha256_hex};
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use gpuwasm::nn::{LocalModels, ModelAccess, read_model_files};
 use gpuwasm_tensor::Format;
 use http::Method;
-use sha2::{Digest, Sha256};
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -76,7 +75,7 @@ async fn push(args: PushArgs) -> Result<ExitCode> {
     let query = if public { "?namespace=public" } else { "" };
     let mut manifest = serde_json::Map::new();
     for (path, bytes) in files {
-        let sha256: String = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+        let sha256 = sha256_hex(&bytes);
         let label = format!("{path} ({:.1} MiB)", bytes.len() as f64 / (1 << 20) as f64);
         api.upload(&format!("model-files/{sha256}{query}"), Bytes::from(bytes), &label)
             .await
