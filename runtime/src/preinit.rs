@@ -6,7 +6,8 @@ use crate::error::{Error, chain};
 use crate::limits::Limits;
 use crate::request::{Failure, RequestState};
 use crate::runtime::Runtime;
-use crate::sandbox::Sandbox;
+use crate::sandbox::{Sandbox, SharedSandbox};
+use std::sync::Arc;
 use wasmparser::{Parser, Payload};
 use wasmtime::Store;
 use wasmtime_wizer::Wizer;
@@ -55,8 +56,9 @@ pub(crate) fn snapshot(
     limits: &Limits,
     sandbox: &Sandbox,
 ) -> Result<Vec<u8>, Error> {
-    let mut store =
-        runtime.new_store(limits.memory_bytes(), INIT_CPU_MS, sandbox, &Default::default()).map_err(Error::InitFailed)?;
+    // No outbound hosts at init, whatever the sandbox says.
+    let shared = SharedSandbox { models: Arc::new(sandbox.models.clone()), ..SharedSandbox::default() };
+    let mut store = runtime.new_store(limits.memory_bytes(), INIT_CPU_MS, sandbox, &shared).map_err(Error::InitFailed)?;
     let mut wizer = Wizer::new();
     // Keep the export: removing it from the core module (Wizer's default)
     // leaves the component lifting a function that is gone, an invalid

@@ -9,8 +9,7 @@ use wasmtime::component::ResourceTable;
 use wasmtime::{ResourceLimiter, Trap};
 use crate::output::GuestOutput;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
-use crate::sandbox::{OutboundPolicy, Sandbox};
-use std::sync::Arc;
+use crate::sandbox::{OutboundPolicy, Sandbox, SharedSandbox};
 use crate::nn::Models;
 use crate::nn::host::{NnCtx, NnView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
@@ -40,7 +39,7 @@ impl RequestState {
     pub(crate) fn new(
         memory_limit: usize,
         sandbox: &Sandbox,
-        outbound: &Arc<Vec<String>>,
+        shared: &SharedSandbox,
         models: &Models,
     ) -> Result<Self, String> {
         let output = GuestOutput::default();
@@ -60,8 +59,8 @@ impl RequestState {
             wasi: wasi.build(),
             http: WasiHttpCtx::new(),
             table: ResourceTable::new(),
-            hooks: OutboundPolicy { allow: outbound.clone() },
-            nn: NnCtx::new(models.clone(), sandbox.models.clone()),
+            hooks: OutboundPolicy { allow: shared.outbound.clone() },
+            nn: NnCtx { models: models.clone(), access: shared.models.clone() },
             limiter: MemoryLimiter { limit: memory_limit, exceeded: false },
             output,
             cpu_ticks: 0,

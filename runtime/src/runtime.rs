@@ -7,7 +7,7 @@ use crate::limits::Limits;
 use crate::nn::{BatchSettings, Models};
 use crate::preinit;
 use crate::request::{BoxError, Failure, RequestState, ResponseBody};
-use crate::sandbox::Sandbox;
+use crate::sandbox::{Sandbox, SharedSandbox};
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::BodyExt;
@@ -174,9 +174,9 @@ impl Runtime {
         memory_bytes: usize,
         cpu_ms: u64,
         sandbox: &Sandbox,
-        outbound: &Arc<Vec<String>>,
+        shared: &SharedSandbox,
     ) -> Result<Store<RequestState>, String> {
-        let state = RequestState::new(memory_bytes, sandbox, outbound, &self.inner.models)?;
+        let state = RequestState::new(memory_bytes, sandbox, shared, &self.inner.models)?;
         let mut store = Store::new(&self.inner.engine, state);
         store.limiter(|state| &mut state.limiter);
         let max_ticks = cpu_ms.div_ceil(TICK.as_millis() as u64).max(1);
@@ -243,7 +243,7 @@ impl Runtime {
                 slots: Arc::new(Semaphore::new(limits.concurrency as usize)),
                 queued: AtomicU32::new(0),
                 limits,
-                outbound: Arc::new(sandbox.outbound.clone()),
+                shared: SharedSandbox::of(&sandbox),
                 sandbox,
                 pre,
                 runtime: self.clone(),
@@ -280,8 +280,8 @@ struct DeploymentInner {
     name: String,
     limits: Limits,
     sandbox: Sandbox,
-    /// The sandbox's allow-list, shared by every request.
-    outbound: Arc<Vec<String>>,
+    /// The sandbox's allow-list and model access, shared by every request.
+    shared: SharedSandbox,
     pre: ProxyPre<RequestState>,
     /// Instances of this deployment that may run at once.
     slots: Arc<Semaphore>,
@@ -322,7 +322,7 @@ impl Deployment {
         let (limits, inner) = (&self.inner.limits, &self.inner);
         let mut store = inner
             .runtime
-            .new_store(limits.memory_bytes(), limits.cpu_ms, &inner.sandbox, &inner.outbound)
+            .new_store(limits.memory_bytes(), limits.cpu_ms, &inner.sandbox, &inner.shared)
             .map_err(Error::Instantiate)?;
         match self.inner.pre.instantiate_async(&mut store).await {
             Ok(_) => Ok(()),
@@ -386,7 +386,7 @@ impl Deployment {
 
         let mut store = me
             .runtime
-            .new_store(limits.memory_bytes(), limits.cpu_ms, &me.sandbox, &me.outbound)
+            .new_store(limits.memory_bytes(), limits.cpu_ms, &me.sandbox, &me.shared)
             .map_err(Failure::Trap)?;
 
         let body_too_large = Arc::new(AtomicBool::new(false));

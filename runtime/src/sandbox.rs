@@ -41,6 +41,22 @@ impl Sandbox {
     }
 }
 
+/// What every instance of a deployment shares from its sandbox, built once
+/// per deployment so that a request only clones two `Arc`s.
+#[derive(Clone, Default)]
+pub(crate) struct SharedSandbox {
+    /// The outbound allow-list.
+    pub outbound: Arc<Vec<String>>,
+    /// The models wasi-nn may load.
+    pub models: Arc<ModelAccess>,
+}
+
+impl SharedSandbox {
+    pub(crate) fn of(sandbox: &Sandbox) -> SharedSandbox {
+        SharedSandbox { outbound: Arc::new(sandbox.outbound.clone()), models: Arc::new(sandbox.models.clone()) }
+    }
+}
+
 /// Checks a host name (and, when `port_allowed`, an optional `:port`).
 pub(crate) fn check_host_pattern(pattern: &str, port_allowed: bool) -> Result<(), String> {
     let (host, port) = match pattern.rsplit_once(':') {

@@ -56,18 +56,10 @@ pub struct ErrorResource {
 }
 
 /// Per-instance wasi-nn state: the node's model cache and what this
-/// deployment may load.
+/// deployment may load (shared by its instances).
 pub(crate) struct NnCtx {
     pub models: Models,
-    pub access: ModelAccess,
-    pub tenant: Arc<str>,
-}
-
-impl NnCtx {
-    pub(crate) fn new(models: Models, access: ModelAccess) -> NnCtx {
-        let tenant = access.tenant.as_str().into();
-        NnCtx { models, access, tenant }
-    }
+    pub access: Arc<ModelAccess>,
 }
 
 /// What the generated traits are implemented on.
@@ -210,7 +202,7 @@ impl inference::HostGraphExecutionContext for NnView<'_> {
             }
         }
         self.ctx.models.touch(&loaded);
-        match loaded.batcher.compute(self.ctx.tenant.clone(), tensors).await {
+        match loaded.batcher.compute(self.ctx.access.tenant.as_str().into(), tensors).await {
             Ok(outputs) => {
                 let mut named = Vec::with_capacity(outputs.len());
                 for (name, tensor) in outputs {
