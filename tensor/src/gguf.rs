@@ -28,35 +28,42 @@ pub enum Value {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GgmlType(pub u32);
 
+/// Every encoding this engine knows: id, llama.cpp name, elements per
+/// block, bytes per block.
+const TYPES: &[(u32, &str, usize, usize)] = &[
+    (0, "F32", 1, 4),
+    (1, "F16", 1, 2),
+    (2, "Q4_0", 32, 18),
+    (3, "Q4_1", 32, 20),
+    (6, "Q5_0", 32, 22),
+    (7, "Q5_1", 32, 24),
+    (8, "Q8_0", 32, 34),
+    (10, "Q2_K", 256, 84),
+    (11, "Q3_K", 256, 110),
+    (12, "Q4_K", 256, 144),
+    (13, "Q5_K", 256, 176),
+    (14, "Q6_K", 256, 210),
+    (24, "I8", 1, 1),
+    (25, "I16", 1, 2),
+    (26, "I32", 1, 4),
+    (27, "I64", 1, 8),
+    (28, "F64", 1, 8),
+    (30, "BF16", 1, 2),
+];
+
 impl GgmlType {
+    fn known(self) -> Option<&'static (u32, &'static str, usize, usize)> {
+        TYPES.iter().find(|t| t.0 == self.0)
+    }
+
     /// (elements per block, bytes per block), or `None` for unknown types.
     fn block(self) -> Option<(usize, usize)> {
-        Some(match self.0 {
-            0 => (1, 4),      // F32
-            1 | 30 => (1, 2), // F16, BF16
-            2 => (32, 18),    // Q4_0
-            3 => (32, 20),    // Q4_1
-            6 => (32, 22),    // Q5_0
-            7 => (32, 24),    // Q5_1
-            8 => (32, 34),    // Q8_0
-            10 => (256, 84),  // Q2_K
-            11 => (256, 110), // Q3_K
-            12 => (256, 144), // Q4_K
-            13 => (256, 176), // Q5_K
-            14 => (256, 210), // Q6_K
-            24 => (1, 1),     // I8
-            25 => (1, 2),     // I16
-            26 => (1, 4),     // I32
-            27 | 28 => (1, 8), // I64, F64
-            _ => return None,
-        })
+        self.known().map(|&(_, _, elements, bytes)| (elements, bytes))
     }
 
     /// Its llama.cpp name.
     pub fn name(self) -> String {
-        let names = [(0, "F32"), (1, "F16"), (2, "Q4_0"), (3, "Q4_1"), (6, "Q5_0"), (7, "Q5_1"), (8, "Q8_0"), (10, "Q2_K"),
-            (11, "Q3_K"), (12, "Q4_K"), (13, "Q5_K"), (14, "Q6_K"), (24, "I8"), (25, "I16"), (26, "I32"), (27, "I64"), (28, "F64"), (30, "BF16")];
-        names.iter().find(|(id, _)| *id == self.0).map_or(format!("type {}", self.0), |(_, n)| n.to_string())
+        self.known().map_or(format!("type {}", self.0), |t| t.1.to_string())
     }
 }
 
