@@ -94,6 +94,17 @@ impl Tensor {
         Tensor::new(shape, Data::F32(data)).expect("engine-made tensor has a consistent shape")
     }
 
+    /// Texts as an encoder's `text` input: `U8 [n, width]`, one UTF-8
+    /// text per row padded with zero bytes.
+    pub fn texts(texts: &[&str]) -> Tensor {
+        let width = texts.iter().map(|t| t.len()).max().unwrap_or(0).max(1);
+        let mut bytes = vec![0u8; texts.len() * width];
+        for (row, text) in bytes.chunks_exact_mut(width).zip(texts) {
+            row[..text.len()].copy_from_slice(text.as_bytes());
+        }
+        Tensor { shape: vec![texts.len(), width], data: Data::U8(bytes) }
+    }
+
     /// Its dimensions.
     pub fn shape(&self) -> &[usize] {
         &self.shape

@@ -27,15 +27,6 @@ fn cosine(a: &[f32], b: &[f32]) -> f32 {
     dot / (norm(a) * norm(b))
 }
 
-fn text_tensor(texts: &[&str]) -> Tensor {
-    let width = texts.iter().map(|t| t.len()).max().unwrap_or(0).max(1);
-    let mut bytes = vec![0u8; texts.len() * width];
-    for (row, t) in bytes.chunks_exact_mut(width).zip(texts) {
-        row[..t.len()].copy_from_slice(t.as_bytes());
-    }
-    Tensor::from_bytes(vec![texts.len(), width], gpuwasm_tensor::DType::U8, &bytes).unwrap()
-}
-
 #[test]
 fn minilm_matches_sentence_transformers() {
     let fixture: Fixture =
@@ -45,7 +36,7 @@ fn minilm_matches_sentence_transformers() {
     let texts: Vec<&str> = fixture.sentences.iter().map(String::as_str).collect();
 
     // All at once (one packed batch) and a few alone must agree with the reference.
-    let out = graph.run(vec![("text".into(), text_tensor(&texts))]).unwrap();
+    let out = graph.run(vec![("text".into(), Tensor::texts(&texts))]).unwrap();
     assert_eq!(out[0].0, "embeddings");
     assert_eq!(out[0].1.shape(), &[texts.len(), 384]);
     let vectors = out[0].1.as_f32("embeddings").unwrap();
@@ -57,7 +48,7 @@ fn minilm_matches_sentence_transformers() {
     }
     eprintln!("worst cosine over {} sentences: {worst:.6}", texts.len());
     for i in [0, 37, 49] {
-        let alone = graph.run(vec![("text".into(), text_tensor(&texts[i..=i]))]).unwrap();
+        let alone = graph.run(vec![("text".into(), Tensor::texts(&texts[i..=i]))]).unwrap();
         let c = cosine(alone[0].1.as_f32("e").unwrap(), &fixture.embeddings[i]);
         assert!(c >= 0.999, "sentence {i} alone: cosine {c}");
     }
@@ -76,7 +67,7 @@ fn minilm_rejects_bad_inputs() {
     let f32_text = Tensor::from_bytes(vec![1], gpuwasm_tensor::DType::F32, &[0; 4]).unwrap();
     let cases = [
         (vec![("text".to_string(), f32_text)], "must be a U8 tensor"),
-        (vec![("words".to_string(), text_tensor(&["a"]))], "unknown input \"words\""),
+        (vec![("words".to_string(), Tensor::texts(&["a"]))], "unknown input \"words\""),
         (vec![], "takes one input"),
         (vec![("text".to_string(), Tensor::from_bytes(vec![1, 1, 1], gpuwasm_tensor::DType::U8, &[65]).unwrap())], "rank 1 or 2"),
         (vec![("text".to_string(), Tensor::from_bytes(vec![2], gpuwasm_tensor::DType::U8, &[0xff, 0xfe]).unwrap())], "not UTF-8"),
@@ -163,7 +154,7 @@ fn onnx_inputs_and_files_are_checked() {
         (vec![("pixels".to_string(), f32s(vec![64]))], "must have dimensions"),
         (vec![("image".to_string(), f32s(vec![1, 1, 8, 8]))], "unknown input \"image\""),
         (vec![], "missing input \"pixels\""),
-        (vec![("pixels".to_string(), text_tensor(&["x"]))], "must be FP32, not U8"),
+        (vec![("pixels".to_string(), Tensor::texts(&["x"]))], "must be FP32, not U8"),
     ] {
         let err = model.run(inputs).unwrap_err();
         assert!(matches!(err, gpuwasm_tensor::Error::InvalidInput(_)) && err.to_string().contains(want), "{err}");

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use clap::Args;
 use gpuwasm::nn::{LocalModels, ModelAccess, read_model_files};
 use gpuwasm::{Limits, Runtime, Sandbox};
-use gpuwasm_tensor::{DType, Format, Graph, Tensor};
+use gpuwasm_tensor::{Format, Graph, Tensor};
 use http_body_util::{BodyExt, Full};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -47,15 +47,6 @@ async fn rate<F: AsyncFnMut() -> Result<()>>(seconds: f64, mut call: F) -> Resul
         calls += 1;
     }
     Ok(calls as f64 / start.elapsed().as_secs_f64())
-}
-
-fn texts_tensor(texts: &[&str]) -> Tensor {
-    let width = texts.iter().map(|t| t.len()).max().unwrap_or(1).max(1);
-    let mut bytes = vec![0u8; texts.len() * width];
-    for (row, t) in bytes.chunks_exact_mut(width).zip(texts) {
-        row[..t.len()].copy_from_slice(t.as_bytes());
-    }
-    Tensor::from_bytes(vec![texts.len(), width], DType::U8, &bytes).expect("consistent sizes")
 }
 
 fn median_ms(mut runs: Vec<Duration>) -> f64 {
@@ -126,7 +117,7 @@ pub async fn run(args: NnArgs) -> Result<ExitCode> {
     let (mut i, mut j) = (0, 0);
     for _ in 0..args.rounds {
         let native_1 = rate(args.seconds, async || {
-            graph.run(vec![("text".into(), texts_tensor(&sentences[i % sentences.len()..][..1]))])?;
+            graph.run(vec![("text".into(), Tensor::texts(&sentences[i % sentences.len()..][..1]))])?;
             i += 1;
             Ok(())
         })
@@ -137,7 +128,7 @@ pub async fn run(args: NnArgs) -> Result<ExitCode> {
             call(line).await
         })
         .await?;
-        let native_32 = 32.0 * rate(args.seconds, async || Ok(graph.run(vec![("text".into(), texts_tensor(batch))]).map(drop)?)).await?;
+        let native_32 = 32.0 * rate(args.seconds, async || Ok(graph.run(vec![("text".into(), Tensor::texts(batch))]).map(drop)?)).await?;
         let wasi_32 = 32.0 * rate(args.seconds, async || call(joined.clone()).await).await?;
         figures.push([native_1, wasi_1, native_32, wasi_32]);
     }
