@@ -9,7 +9,7 @@ mod test_models;
 
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
-use support::{Server, get, send, stdout_of};
+use support::{Server, get, python, send, stdout_of};
 use test_models::model_path;
 
 fn manifest(example: &str) -> PathBuf {
@@ -130,10 +130,7 @@ except NotFoundError:
     pass
 print("openai client ok")
 "#;
-    let out = std::process::Command::new("python3")
-        .args(["-c", script, &format!("{}/default/embeddings/v1", server.url)])
-        .output()
-        .expect("running python3 (scripts/test.sh installs the openai package)");
+    let out = python().args(["-c", script, &format!("{}/default/embeddings/v1", server.url)]).output().expect("running python");
     assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("openai client ok"));
 }

@@ -23,6 +23,15 @@ pub fn wasm(name: &str) -> PathBuf {
     path
 }
 
+/// The Python of the project's virtual environment (`target/venv`, made by
+/// scripts/python-env.sh with the test tools), or `$GPUWASM_PYTHON`.
+pub fn python() -> Command {
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/venv/bin/python");
+    let python = std::env::var_os("GPUWASM_PYTHON").map(PathBuf::from).unwrap_or(venv);
+    assert!(python.exists(), "{} is missing: run scripts/python-env.sh first (scripts/test.sh does)", python.display());
+    Command::new(python)
+}
+
 pub fn gpuwasm() -> Command {
     Command::new(env!("CARGO_BIN_EXE_gpuwasm"))
 }

@@ -15,20 +15,29 @@ use sha2::{Digest, Sha256};
 use std::fs;
 use std::hash::{Hash, Hasher};
 use std::io::Write;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use wasmtime::component::Component;
 
 pub(crate) struct ArtifactStore {
     dir: PathBuf,
     engine_key: String,
     sources: Arc<dyn BlobStore>,
+    /// Components loaded on this node by content hash: every deployment of
+    /// the same component shares one mapping (and one open file).
+    loaded: Mutex<HashMap<String, Component>>,
 }
 
 /// Lower-case hex SHA-256 of `bytes`.
 pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+    hex(&Sha256::digest(bytes))
+}
+
+/// Lower-case hex of `bytes`.
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl ArtifactStore {
@@ -36,7 +45,17 @@ impl ArtifactStore {
         fs::create_dir_all(&dir).map_err(|e| Error::io("creating the artifact directory", &dir, e))?;
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         runtime.engine().precompile_compatibility_hash().hash(&mut hasher);
-        Ok(Self { dir, engine_key: format!("{:016x}", hasher.finish()), sources })
+        Ok(Self { dir, engine_key: format!("{:016x}", hasher.finish()), sources, loaded: Mutex::default() })
+    }
+
+    /// Forgets loaded components whose hash is not in `keep` (the ones
+    /// active deployments run); they are mapped again when needed.
+    pub(crate) fn retain_loaded(&self, keep: &HashSet<&str>) {
+        self.loaded.lock().unwrap().retain(|hash, _| keep.contains(hash.as_str()));
+    }
+
+    fn remember(&self, hash: &str, component: Component) -> Component {
+        self.loaded.lock().unwrap().entry(hash.to_string()).or_insert(component).clone()
     }
 
     /// Validates and compiles `wasm`, then stores it and its compiled
@@ -49,7 +68,7 @@ impl ArtifactStore {
             None => self.compile(runtime, &hash, wasm)?,
         };
         self.put_source(wasm)?;
-        Ok((hash, component))
+        Ok((hash.clone(), self.remember(&hash, component)))
     }
 
     /// Stores `wasm` under its content hash, once, and returns the hash.
@@ -63,14 +82,18 @@ impl ArtifactStore {
     /// intact and made by this engine, otherwise compiled again from the
     /// stored source.
     pub(crate) fn component(&self, runtime: &Runtime, hash: &str) -> Result<Component, Error> {
+        if let Some(component) = self.loaded.lock().unwrap().get(hash) {
+            return Ok(component.clone());
+        }
         if let Some(component) = self.cached(runtime, hash) {
-            return Ok(component);
+            return Ok(self.remember(hash, component));
         }
         let wasm = self.sources.get(&source_key(hash))?.ok_or_else(|| Error::CorruptState {
             path: self.dir.clone(),
             message: format!("component {hash} is missing from the blob store"),
         })?;
-        self.compile(runtime, hash, &wasm)
+        let component = self.compile(runtime, hash, &wasm)?;
+        Ok(self.remember(hash, component))
     }
 
     fn compile(&self, runtime: &Runtime, hash: &str, wasm: &[u8]) -> Result<Component, Error> {
@@ -121,7 +144,7 @@ impl ArtifactStore {
 
 }
 
-fn source_key(hash: &str) -> String {
+pub(crate) fn source_key(hash: &str) -> String {
     format!("components/{hash}.wasm")
 }
 

@@ -34,9 +34,14 @@ pub enum Error {
     /// A deployment's files are not usable.
     #[error("invalid files: {0}")]
     InvalidFiles(String),
-    /// A deployment name is not usable.
-    #[error("invalid deployment name {0:?}: use 1-63 characters of a-z, 0-9 and '-', starting with a letter or digit")]
-    InvalidName(String),
+    /// A deployment, tenant or model name is not usable.
+    #[error("invalid {kind} name {name:?}: use 1-63 characters of a-z, 0-9 and '-', starting with a letter or digit")]
+    InvalidName {
+        /// What the name is for: `deployment`, `tenant` or `model`.
+        kind: &'static str,
+        /// The name given.
+        name: String,
+    },
     /// A limit is out of range.
     #[error("invalid limits: {0}")]
     InvalidLimits(String),
@@ -84,7 +89,7 @@ impl Error {
                 | Error::NotAHandler(_)
                 | Error::InitFailed(_)
                 | Error::Instantiate(_)
-                | Error::InvalidName(_)
+                | Error::InvalidName { .. }
                 | Error::InvalidLimits(_)
                 | Error::InvalidFiles(_)
         )
@@ -100,7 +105,7 @@ impl Error {
             Error::NotAHandler(_) => "not_a_handler",
             Error::InitFailed(_) => "init_failed",
             Error::Instantiate(_) => "instantiate_failed",
-            Error::InvalidName(_) => "invalid_name",
+            Error::InvalidName { .. } => "invalid_name",
             Error::InvalidLimits(_) => "invalid_limits",
             Error::InvalidFiles(_) => "invalid_files",
             Error::Engine(_) => "engine",

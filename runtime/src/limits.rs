@@ -48,24 +48,47 @@ impl Default for Limits {
 }
 
 impl Limits {
-    /// Checks that every limit is usable and within what the runtime's
-    /// instance pool can hold (`max_memory_mb`).
-    pub fn validate(&self, max_memory_mb: u64) -> Result<(), String> {
-        let positive = [
+    /// The highest limits a deployment may ask for unless the runtime is
+    /// configured otherwise ([`RuntimeBuilder::max_limits`](crate::RuntimeBuilder::max_limits)):
+    /// 1 GiB of memory, a minute of CPU, ten minutes of wall clock (long
+    /// enough for streamed responses), 1 GiB bodies, 256 instances, a
+    /// queue of 4096 waiting a minute at most.
+    pub fn default_ceilings() -> Limits {
+        Limits {
+            memory_mb: 1024,
+            cpu_ms: 60_000,
+            timeout_ms: 600_000,
+            max_body_bytes: 1 << 30,
+            concurrency: 256,
+            queue: 4096,
+            queue_timeout_ms: 60_000,
+        }
+    }
+
+    /// Every field as a (name, value) pair, in the serialised names.
+    fn fields(&self) -> [(&'static str, u64); 7] {
+        [
             ("memory_mb", self.memory_mb),
             ("cpu_ms", self.cpu_ms),
             ("timeout_ms", self.timeout_ms),
+            ("max_body_bytes", self.max_body_bytes),
             ("concurrency", u64::from(self.concurrency)),
+            ("queue", u64::from(self.queue)),
             ("queue_timeout_ms", self.queue_timeout_ms),
-        ];
-        if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
-            return Err(format!("limit `{name}` must be greater than 0"));
-        }
-        if self.memory_mb > max_memory_mb {
-            return Err(format!(
-                "limit `memory_mb` = {} exceeds this server's maximum of {max_memory_mb} MiB",
-                self.memory_mb
-            ));
+        ]
+    }
+
+    /// Checks that every limit is usable and at most the runtime's
+    /// `ceilings` (the server's maxima), naming the first that is not.
+    pub fn validate(&self, ceilings: &Limits) -> Result<(), String> {
+        for ((name, value), (_, max)) in self.fields().into_iter().zip(ceilings.fields()) {
+            let must_be_positive = !matches!(name, "max_body_bytes" | "queue");
+            if must_be_positive && value == 0 {
+                return Err(format!("limit `{name}` must be greater than 0"));
+            }
+            if value > max {
+                return Err(format!("limit `{name}` = {value} exceeds this server's maximum of {max}"));
+            }
         }
         Ok(())
     }
@@ -123,12 +146,19 @@ mod tests {
 
     #[test]
     fn validate_names_the_bad_field() {
+        let ceilings = Limits { memory_mb: 512, ..Limits::default_ceilings() };
         let mut l = Limits::default();
-        assert!(l.validate(512).is_ok());
+        assert!(l.validate(&ceilings).is_ok());
         l.cpu_ms = 0;
-        assert!(l.validate(512).unwrap_err().contains("cpu_ms"));
+        assert!(l.validate(&ceilings).unwrap_err().contains("cpu_ms"));
         l.cpu_ms = 10;
         l.memory_mb = 1024;
-        assert!(l.validate(512).unwrap_err().contains("512"));
+        assert!(l.validate(&ceilings).unwrap_err().contains("`memory_mb` = 1024 exceeds this server's maximum of 512"));
+        // The attack from the security review: limits at their type's maximum.
+        let greedy = Limits { timeout_ms: u64::MAX, concurrency: 1000, ..Limits::default() };
+        assert!(greedy.validate(&ceilings).unwrap_err().contains("`timeout_ms` = 18446744073709551615 exceeds"));
+        let greedy = Limits { concurrency: 1000, ..Limits::default() };
+        assert!(greedy.validate(&ceilings).unwrap_err().contains("`concurrency` = 1000 exceeds this server's maximum of 256"));
+        assert!(Limits::default().validate(&Limits::default_ceilings()).is_ok(), "the defaults fit the default ceilings");
     }
 }

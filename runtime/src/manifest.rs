@@ -97,8 +97,9 @@ struct Allow {
 }
 
 impl Manifest {
-    /// Parses and checks `text`, the contents of a `gpuwasm.toml`.
-    pub fn parse(text: &str, max_memory_mb: u64) -> Result<Manifest, ManifestError> {
+    /// Parses and checks `text`, the contents of a `gpuwasm.toml`, with
+    /// limits at most `ceilings`.
+    pub fn parse(text: &str, ceilings: &Limits) -> Result<Manifest, ManifestError> {
         let line_of = |offset: usize| text[..offset.min(text.len())].matches('\n').count() + 1;
         let err = |span: std::ops::Range<usize>, message: String| ManifestError { line: line_of(span.start), message };
         let file: File = toml::from_str(text).map_err(|e| ManifestError {
@@ -106,7 +107,7 @@ impl Manifest {
             message: e.message().to_string(),
         })?;
         if let Some(name) = &file.name {
-            crate::server::check_name(name.get_ref()).map_err(|e| err(name.span(), format!("`name`: {e}")))?;
+            crate::server::check_name("deployment", name.get_ref()).map_err(|e| err(name.span(), format!("`name`: {e}")))?;
         }
         let host = match file.routes.host {
             Some(host) => {
@@ -120,7 +121,7 @@ impl Manifest {
             Some(limits) => {
                 let span = limits.span();
                 let limits = limits.into_inner();
-                limits.validate(max_memory_mb).map_err(|e| err(span, format!("`limits`: {e}")))?;
+                limits.validate(ceilings).map_err(|e| err(span, format!("`limits`: {e}")))?;
                 limits
             }
             None => Limits::default(),
@@ -129,7 +130,7 @@ impl Manifest {
         for (key, value) in file.env {
             let valid = !key.is_empty() && !key.contains('=') && !key.contains('\0') && !value.get_ref().contains('\0');
             if !valid {
-                return Err(err(value.span(), format!("`env.{key}`: names must be non-empty without '=' or NUL")));
+                return Err(err(value.span(), format!("`env.{key}`: names must be non-empty without '=' or NUL, values without NUL")));
             }
             env.insert(key, value.into_inner());
         }
@@ -170,7 +171,7 @@ mod tests {
             "name = \"api\"\n[routes]\nhost = \"API.example.com\"\n[limits]\nmemory_mb = 64\n\
              [env]\nGREETING = \"hi\"\n[outbound]\nallow = [\"example.com\", \"127.0.0.1:8080\"]\n\
              [files]\ndir = \"static\"\n[models]\nallow = [\"minilm\"]\n",
-            1024,
+            &Limits::default_ceilings(),
         )
         .unwrap();
         assert_eq!(m.name.as_deref(), Some("api"));
@@ -181,7 +182,7 @@ mod tests {
         assert_eq!(m.outbound, ["example.com", "127.0.0.1:8080"]);
         assert_eq!(m.files, Some(PathBuf::from("static")));
         assert_eq!(m.models, ["minilm"]);
-        assert_eq!(Manifest::parse("", 1024).unwrap(), Manifest::default());
+        assert_eq!(Manifest::parse("", &Limits::default_ceilings()).unwrap(), Manifest::default());
     }
 
     #[test]
@@ -195,11 +196,13 @@ mod tests {
             ("[outbound]\nallow = [\n  \"ok.com\",\n  \"bad host\",\n]\n", 4, "`outbound.allow`"),
             ("[limits]\ncpu_ms = 0\n", 1, "`limits`: limit `cpu_ms` must be greater than 0"),
             ("[limits]\nmemory_mb = 4096\n", 1, "exceeds this server's maximum"),
+            ("[limits]\ntimeout_ms = 18446744073709551615\n", 1, "`limits`: limit `timeout_ms` = 18446744073709551615 exceeds"),
+            ("[env]\nA = \"x\\u0000y\"\n", 2, "`env.A`"),
             ("[files]\ndir = \"../etc\"\n", 2, "`files.dir`"),
             ("name = \n", 1, ""),
         ];
         for (text, line, needle) in cases {
-            let e = Manifest::parse(text, 1024).unwrap_err();
+            let e = Manifest::parse(text, &Limits::default_ceilings()).unwrap_err();
             assert_eq!(e.line, line, "{text:?}: {e}");
             assert!(e.to_string().contains(needle), "{text:?}: {e}");
         }

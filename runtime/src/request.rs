@@ -162,11 +162,26 @@ impl ResourceLimiter for MemoryLimiter {
     }
 }
 
+/// Which pool of instances stayed full.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Saturated {
+    /// The deployment's own concurrency limit.
+    Deployment(u32),
+    /// The tenant's share of the node's instances.
+    Tenant(u32),
+    /// The node's whole instance pool.
+    Node(u32),
+}
+
 /// Why a request did not get the guest's response.
 #[derive(Debug)]
 pub(crate) enum Failure {
     /// No instance became free in time (or the queue is full).
-    Busy,
+    Busy(Saturated),
+    /// The deployment was taken out of service.
+    Stopped,
+    /// Reading the request body failed.
+    BadBody(String),
     /// The request body is larger than the deployment allows.
     BodyTooLarge(u64),
     /// The wall-clock limit ran out.
@@ -200,10 +215,22 @@ impl Failure {
     /// The HTTP answer for this failure of deployment `name`.
     pub(crate) fn into_response(self, name: &str) -> Response<ResponseBody> {
         let (status, message) = match &self {
-            Failure::Busy => (
+            Failure::Busy(Saturated::Deployment(n)) => (
                 StatusCode::SERVICE_UNAVAILABLE,
-                format!("deployment '{name}' is at its concurrency limit; retry shortly"),
+                format!("deployment '{name}' is at its concurrency limit of {n} and its queue is full or waited too long; retry shortly"),
             ),
+            Failure::Busy(Saturated::Tenant(n)) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("the tenant of deployment '{name}' already runs {n} instances, its share of this node; retry shortly"),
+            ),
+            Failure::Busy(Saturated::Node(n)) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("all {n} instances of this node are in use; retry shortly"),
+            ),
+            Failure::Stopped => {
+                (StatusCode::SERVICE_UNAVAILABLE, format!("deployment '{name}' was removed while this request ran"))
+            }
+            Failure::BadBody(why) => (StatusCode::BAD_REQUEST, format!("reading the request body failed: {why}")),
             Failure::BodyTooLarge(max) => (
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!("request body exceeds the limit of {max} bytes for deployment '{name}'"),
@@ -234,7 +261,7 @@ impl Failure {
             ),
         };
         let mut resp = text_response(status, message);
-        if matches!(self, Failure::Busy) {
+        if matches!(self, Failure::Busy(_)) {
             resp.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"));
         }
         resp

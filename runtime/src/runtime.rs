@@ -4,17 +4,21 @@
 use crate::engine::{self, PoolSettings, TICK};
 use crate::error::{Error, chain};
 use crate::limits::Limits;
-use crate::nn::{BatchSettings, Models};
+use crate::nn::{BatchSettings, InferenceMemory, Models};
 use crate::preinit;
-use crate::request::{BoxError, Failure, RequestState, ResponseBody};
+use crate::request::{BoxError, Failure, RequestState, ResponseBody, Saturated};
 use crate::sandbox::{Sandbox, SharedSandbox};
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::BodyExt;
 use http_body_util::{LengthLimitError, Limited};
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::task::AbortHandle;
 use tokio::time::{Instant, timeout_at};
 use wasmtime::component::{Component, Linker};
 use wasmtime::{Engine, Store, UpdateDeadline};
@@ -26,8 +30,11 @@ use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 #[derive(Clone, Debug)]
 pub struct RuntimeBuilder {
     pool: PoolSettings,
+    ceilings: Limits,
+    tenant_instances: Option<u32>,
     model_idle: std::time::Duration,
     batch: BatchSettings,
+    inference: InferenceMemory,
 }
 
 impl RuntimeBuilder {
@@ -38,11 +45,31 @@ impl RuntimeBuilder {
         self
     }
 
-    /// The largest linear memory, in MiB, any deployment may be given
-    /// (default 1024). Every memory slot of the pool is sized for it (as
-    /// reserved address space, not resident memory).
-    pub fn max_memory_mb(mut self, mb: u64) -> Self {
-        self.pool.max_memory_mb = mb.max(1);
+    /// Instances one tenant's deployments may hold at once (default: half
+    /// of [`max_instances`](Self::max_instances)), so that one tenant
+    /// cannot fill the node. The tenant of a deployment is the one its
+    /// [`Sandbox`]'s model access names.
+    pub fn max_instances_per_tenant(mut self, n: u32) -> Self {
+        self.tenant_instances = Some(n.max(1));
+        self
+    }
+
+    /// The highest limits any deployment may be given (default
+    /// [`Limits::default_ceilings`]); deployments asking for more are
+    /// refused, naming the limit. Every memory slot of the instance pool
+    /// is sized for `memory_mb` (as reserved address space, not resident
+    /// memory).
+    pub fn max_limits(mut self, ceilings: Limits) -> Self {
+        self.pool.max_memory_mb = ceilings.memory_mb.max(1);
+        self.ceilings = ceilings;
+        self
+    }
+
+    /// Host memory inference may allocate: per call and over the node
+    /// (defaults 512 MiB and 4 GiB). A call that would need more fails
+    /// with wasi-nn `too-large`; nothing else is affected.
+    pub fn inference_memory(mut self, memory: InferenceMemory) -> Self {
+        self.inference = memory;
         self
     }
 
@@ -69,13 +96,17 @@ impl RuntimeBuilder {
             .and_then(|()| crate::nn::host::add_to_linker(&mut linker, RequestState::nn))
             .map_err(|e| Error::Engine(chain(&e)))?;
         engine::start_ticker(&engine);
+        let per_tenant = self.tenant_instances.unwrap_or(self.pool.max_instances.div_ceil(2)).min(self.pool.max_instances);
         Ok(Runtime {
             inner: Arc::new(RuntimeInner {
                 instances: Arc::new(Semaphore::new(self.pool.max_instances as usize)),
+                tenants: Mutex::default(),
+                per_tenant,
                 engine,
                 linker,
-                models: Models::new(self.model_idle, self.batch),
+                models: Models::new(self.model_idle, self.batch, self.inference),
                 pool: self.pool,
+                ceilings: self.ceilings,
             }),
         })
     }
@@ -106,17 +137,25 @@ struct RuntimeInner {
     /// One permit per pool slot, so requests queue rather than fail when
     /// the pool is full.
     instances: Arc<Semaphore>,
+    /// Each tenant's share of the pool: `per_tenant` permits.
+    tenants: Mutex<HashMap<String, Arc<Semaphore>>>,
+    per_tenant: u32,
     pool: PoolSettings,
+    ceilings: Limits,
     models: Models,
 }
 
 impl Runtime {
     /// A builder with the default settings.
     pub fn builder() -> RuntimeBuilder {
+        let ceilings = Limits::default_ceilings();
         RuntimeBuilder {
-            pool: PoolSettings { max_instances: 256, max_memory_mb: 1024 },
+            pool: PoolSettings { max_instances: 256, max_memory_mb: ceilings.memory_mb },
+            ceilings,
+            tenant_instances: None,
             model_idle: std::time::Duration::from_secs(600),
             batch: BatchSettings::default(),
+            inference: InferenceMemory::default(),
         }
     }
 
@@ -158,13 +197,24 @@ impl Runtime {
     /// from a blocking thread inside a tokio runtime.
     pub(crate) fn preinitialize(&self, wasm: &[u8], limits: &Limits, sandbox: &Sandbox) -> Result<Option<Vec<u8>>, Error> {
         check_header(wasm)?;
-        limits.validate(self.max_memory_mb()).map_err(Error::InvalidLimits)?;
+        limits.validate(self.max_limits()).map_err(Error::InvalidLimits)?;
         sandbox.validate().map_err(Error::InvalidLimits)?;
         let no_network = Sandbox { outbound: Vec::new(), ..sandbox.clone() };
         match preinit::init_export(wasm)? {
             Some(init_func) => preinit::snapshot(self, wasm, init_func, limits, &no_network).map(Some),
             None => Ok(None),
         }
+    }
+
+    /// Checks that `wasm` is a well-formed, valid component, without
+    /// compiling it: what a deploy checks before it builds or stores
+    /// anything. (Compiling checks again, with this engine's exact features.)
+    pub fn validate(&self, wasm: &[u8]) -> Result<(), Error> {
+        check_header(wasm)?;
+        wasmparser::Validator::new_with_features(wasmparser::WasmFeatures::all())
+            .validate_all(wasm)
+            .map(drop)
+            .map_err(|e| Error::InvalidComponent(e.to_string()))
     }
 
     /// A store for one instance: WASI context, memory limit, and an epoch
@@ -202,9 +252,15 @@ impl Runtime {
         &self.inner.linker
     }
 
-    /// The largest memory limit a deployment may ask for, in MiB.
-    pub fn max_memory_mb(&self) -> u64 {
-        self.inner.pool.max_memory_mb
+    /// The highest limits a deployment may ask for.
+    pub fn max_limits(&self) -> &Limits {
+        &self.inner.ceilings
+    }
+
+    /// The permits of `tenant`'s share of the instance pool.
+    fn tenant_slots(&self, tenant: &str) -> Arc<Semaphore> {
+        let mut tenants = self.inner.tenants.lock().unwrap();
+        tenants.entry(tenant.to_string()).or_insert_with(|| Arc::new(Semaphore::new(self.inner.per_tenant as usize))).clone()
     }
 
     pub(crate) fn engine(&self) -> &Engine {
@@ -229,7 +285,7 @@ impl Runtime {
         limits: Limits,
         sandbox: Sandbox,
     ) -> Result<Deployment, Error> {
-        limits.validate(self.max_memory_mb()).map_err(Error::InvalidLimits)?;
+        limits.validate(self.max_limits()).map_err(Error::InvalidLimits)?;
         sandbox.validate().map_err(Error::InvalidLimits)?;
         let instance_pre = self
             .inner
@@ -241,7 +297,9 @@ impl Runtime {
             inner: Arc::new(DeploymentInner {
                 name: name.to_string(),
                 slots: Arc::new(Semaphore::new(limits.concurrency as usize)),
+                tenant_slots: self.tenant_slots(&sandbox.models.tenant),
                 queued: AtomicU32::new(0),
+                stop: watch::Sender::new(false),
                 limits,
                 shared: SharedSandbox::of(&sandbox),
                 sandbox,
@@ -285,8 +343,12 @@ struct DeploymentInner {
     pre: ProxyPre<RequestState>,
     /// Instances of this deployment that may run at once.
     slots: Arc<Semaphore>,
+    /// Its tenant's share of the instance pool.
+    tenant_slots: Arc<Semaphore>,
     /// Requests waiting for a slot.
     queued: AtomicU32,
+    /// Set once by [`Deployment::stop`].
+    stop: watch::Sender<bool>,
     runtime: Runtime,
 }
 
@@ -313,6 +375,14 @@ impl Deployment {
     /// What its instances may reach: environment, outbound hosts.
     pub fn sandbox(&self) -> &Sandbox {
         &self.inner.sandbox
+    }
+
+    /// Stops every request running on this deployment now (their guests
+    /// are interrupted and their instances freed) and answers any later
+    /// request with `503`. For a deployment taken out of service; requests
+    /// keep running on a deployment that is merely replaced.
+    pub fn stop(&self) {
+        self.inner.stop.send_replace(true);
     }
 
     /// Instantiates the component once, fresh, under its limits, and drops
@@ -380,8 +450,11 @@ impl Deployment {
         if declared.is_some_and(|len| len > limits.max_body_bytes) {
             return Err(Failure::BodyTooLarge(limits.max_body_bytes));
         }
-        let request = with_authority(request);
+        if *me.stop.borrow() {
+            return Err(Failure::Stopped);
+        }
         let deadline = Instant::now() + limits.timeout();
+        let request = with_authority(small_body_first(request, declared, limits, deadline).await?);
         let permits = self.admit().await?;
 
         let mut store = me
@@ -408,13 +481,20 @@ impl Deployment {
 
         let name = me.name.clone();
         let timeout_ms = limits.timeout_ms;
+        let mut stopped = me.stop.subscribe();
         let guest = tokio::spawn(async move {
             let _permits = permits;
             let call = proxy.wasi_http_incoming_handler().call_handle(&mut store, req, out);
-            let result = match timeout_at(deadline, call).await {
-                Err(_) => Err(Failure::Timeout(timeout_ms)),
-                Ok(Err(err)) => Err(Failure::from_call(store.data(), &err, cpu_ms, memory_mb)),
-                Ok(Ok(())) => Ok(()),
+            // The guest yields to the executor at every epoch tick, so
+            // dropping `call` (timeout, stop, or an abort of this task when
+            // the client leaves) interrupts it within a tick.
+            let result = tokio::select! {
+                called = timeout_at(deadline, call) => match called {
+                    Err(_) => Err(Failure::Timeout(timeout_ms)),
+                    Ok(Err(err)) => Err(Failure::from_call(store.data(), &err, cpu_ms, memory_mb)),
+                    Ok(Ok(())) => Ok(()),
+                },
+                _ = stopped.wait_for(|&stop| stop) => Err(Failure::Stopped),
             };
             let output = store.data().output_text();
             match &result {
@@ -425,12 +505,16 @@ impl Deployment {
             result
         });
 
+        // Until the response is complete, the guest lives only as long as
+        // someone waits for it: a client that leaves (this future or the
+        // response body dropped) stops it.
+        let guard = AbortOnDrop(Some(guest.abort_handle()));
         let too_large = || Failure::BodyTooLarge(me.limits.max_body_bytes);
         match timeout_at(deadline, rx).await {
             // A guest that answers after its request body was cut off at
             // the limit answered a truncated request: the client learns why.
             Ok(Ok(_)) if body_too_large.load(Ordering::Relaxed) => Err(too_large()),
-            Ok(Ok(Ok(response))) => Ok(response.map(|body| body.map_err(BoxError::from).boxed_unsync())),
+            Ok(Ok(Ok(response))) => Ok(response.map(|body| GuestBody { body, guard }.boxed_unsync())),
             Ok(Ok(Err(code))) => Err(Failure::Guest(format!("{code:?}"))),
             Ok(Err(_)) => match guest.await {
                 _ if body_too_large.load(Ordering::Relaxed) => Err(too_large()),
@@ -445,31 +529,115 @@ impl Deployment {
         }
     }
 
-    /// Waits for a slot of this deployment and of the shared pool, or
-    /// fails with [`Failure::Busy`] when the queue is full or the wait ends.
-    async fn admit(&self) -> Result<[OwnedSemaphorePermit; 2], Failure> {
+    /// Waits for a slot of this deployment, of its tenant's share and of
+    /// the shared pool, or fails with [`Failure::Busy`] naming the one
+    /// that stayed full when the queue is full or the wait ends.
+    async fn admit(&self) -> Result<[OwnedSemaphorePermit; 3], Failure> {
         let me = &self.inner;
         let wait_until = Instant::now() + me.limits.queue_timeout();
+        let deployment_full = Saturated::Deployment(me.limits.concurrency);
         let slot = match me.slots.clone().try_acquire_owned() {
             Ok(permit) => permit,
             Err(_) => {
                 if me.queued.fetch_add(1, Ordering::Relaxed) >= me.limits.queue {
                     me.queued.fetch_sub(1, Ordering::Relaxed);
-                    return Err(Failure::Busy);
+                    return Err(Failure::Busy(deployment_full));
                 }
                 let _ticket = QueueTicket(&me.queued);
-                acquire_until(&me.slots, wait_until).await?
+                acquire_until(&me.slots, wait_until, deployment_full).await?
             }
         };
-        let instance = acquire_until(&me.runtime.inner.instances, wait_until).await?;
-        Ok([slot, instance])
+        let runtime = &me.runtime.inner;
+        let tenant = acquire_until(&me.tenant_slots, wait_until, Saturated::Tenant(runtime.per_tenant)).await?;
+        let instance = acquire_until(&runtime.instances, wait_until, Saturated::Node(runtime.pool.max_instances)).await?;
+        Ok([slot, tenant, instance])
     }
 }
 
-async fn acquire_until(sem: &Arc<Semaphore>, until: Instant) -> Result<OwnedSemaphorePermit, Failure> {
+async fn acquire_until(sem: &Arc<Semaphore>, until: Instant, full: Saturated) -> Result<OwnedSemaphorePermit, Failure> {
     match timeout_at(until, sem.clone().acquire_owned()).await {
         Ok(Ok(permit)) => Ok(permit),
-        _ => Err(Failure::Busy),
+        _ => Err(Failure::Busy(full)),
+    }
+}
+
+/// Aborts a guest's task when dropped, unless disarmed.
+struct AbortOnDrop(Option<AbortHandle>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(handle) = self.0.take() {
+            handle.abort();
+        }
+    }
+}
+
+/// A guest's response body. Dropped before its end (the client went
+/// away), it stops the guest; once it has ended, the guest may finish
+/// what it does after responding, within its limits.
+struct GuestBody<B> {
+    body: B,
+    guard: AbortOnDrop,
+}
+
+impl<B> http_body::Body for GuestBody<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx).map_err(Into::into);
+        if let Poll::Ready(None) = polled {
+            self.guard.0 = None;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// Bodies of unknown length (chunked) are read whole before the guest
+/// starts when the deployment's body limit is at most this: a body over the
+/// limit then gets a clean `413` instead of a response cut off midway.
+/// Larger limits stream, and a body that outgrows one ends the guest's
+/// body stream with a body-size error.
+const READ_FIRST_LIMIT: u64 = 64 << 10;
+
+/// The request with its body boxed; read whole first when its length is
+/// unknown and the limit is small (see [`READ_FIRST_LIMIT`]).
+async fn small_body_first<B>(
+    request: Request<B>,
+    declared: Option<u64>,
+    limits: &Limits,
+    deadline: Instant,
+) -> Result<Request<http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>>, Failure>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let (parts, body) = request.into_parts();
+    let max = limits.max_body_bytes;
+    if declared.is_some() || max > READ_FIRST_LIMIT || body.is_end_stream() {
+        return Ok(Request::from_parts(parts, body.map_err(Into::into).boxed_unsync()));
+    }
+    let limited = Limited::new(body, max as usize);
+    match timeout_at(deadline, limited.collect()).await {
+        Err(_) => Err(Failure::Timeout(limits.timeout_ms)),
+        Ok(Err(e)) if e.is::<LengthLimitError>() => Err(Failure::BodyTooLarge(max)),
+        Ok(Err(e)) => Err(Failure::BadBody(e.to_string())),
+        Ok(Ok(collected)) => {
+            let full = http_body_util::Full::new(collected.to_bytes()).map_err(|never| match never {});
+            Ok(Request::from_parts(parts, full.boxed_unsync()))
+        }
     }
 }
 

@@ -29,9 +29,12 @@ pub struct Sandbox {
 impl Sandbox {
     /// Checks every entry, naming the bad one.
     pub fn validate(&self) -> Result<(), String> {
-        for key in self.env.keys() {
+        for (key, value) in &self.env {
             if key.is_empty() || key.contains('=') || key.contains('\0') {
                 return Err(format!("invalid environment variable name {key:?}"));
+            }
+            if value.contains('\0') {
+                return Err(format!("environment variable {key}: the value contains a NUL byte"));
             }
         }
         for entry in &self.outbound {
@@ -57,7 +60,8 @@ impl SharedSandbox {
     }
 }
 
-/// Checks a host name (and, when `port_allowed`, an optional `:port`).
+/// Checks a host name (and, when `port_allowed`, an optional `:port`):
+/// dot-separated labels of 1-63 letters, digits and `-`.
 pub(crate) fn check_host_pattern(pattern: &str, port_allowed: bool) -> Result<(), String> {
     let (host, port) = match pattern.rsplit_once(':') {
         Some((h, p)) if port_allowed => (h, Some(p)),
@@ -65,7 +69,13 @@ pub(crate) fn check_host_pattern(pattern: &str, port_allowed: bool) -> Result<()
     };
     let host_ok = !host.is_empty()
         && host.len() <= 253
-        && host.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-');
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
     let port_ok = port.is_none_or(|p| p.parse::<u16>().is_ok_and(|p| p > 0));
     if host_ok && port_ok {
         Ok(())
@@ -148,5 +158,8 @@ mod tests {
         assert!(check_host_pattern("example.com:0", true).is_err());
         assert!(check_host_pattern("a b", true).is_err());
         assert!(check_host_pattern("", true).is_err());
+        for bad in ["a..b", ".a", "a.", "-a.com", "a-.com", &format!("{}.com", "x".repeat(64))] {
+            assert!(check_host_pattern(bad, false).is_err(), "{bad}");
+        }
     }
 }

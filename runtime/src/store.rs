@@ -22,6 +22,10 @@ pub struct TenantRecord {
     pub name: String,
     /// Seconds since the Unix epoch.
     pub created_at: u64,
+    /// Domains whose names (the domain and its subdomains) the tenant's
+    /// deployments may claim as hosts; set by the admin.
+    #[serde(default)]
+    pub domains: Vec<String>,
 }
 
 /// An API token. Only a SHA-256 of the token is stored.
@@ -243,7 +247,7 @@ mod tests {
     fn commits_are_durable_and_atomic_per_call() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.redb");
-        let tenant = TenantRecord { name: "acme".into(), created_at: 1 };
+        let tenant = TenantRecord { name: "acme".into(), created_at: 1, domains: vec!["acme.example".into()] };
         let deployment = DeploymentState { tenant: "acme".into(), name: "api".into(), active: Some(1), latest: 1 };
         {
             let store = RedbStore::open(&path).unwrap();

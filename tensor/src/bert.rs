@@ -12,6 +12,7 @@
 //! text at once, and attention runs per text, so a batch of mixed lengths
 //! costs what its tokens cost.
 
+use crate::budget::Budget;
 use crate::cpu::{View, gelu, gemm, layer_norm, linear, softmax_rows};
 use crate::error::{Error, invalid_input, invalid_model};
 use crate::model::{Graph, ModelFiles};
@@ -236,10 +237,24 @@ impl Bert {
         Ok(encodings.into_iter().map(|e| e.get_ids().to_vec()).collect())
     }
 
-    /// Embeds token sequences: `[n, dimension]`, row-major.
-    pub fn embed_tokens(&self, seqs: &[Vec<u32>]) -> Result<Vec<f32>, Error> {
+    /// Host memory one pass over `seqs` allocates at its peak: the
+    /// per-token activations of a layer (input, query/key/value, context,
+    /// attention output, the feed-forward inner layer) and the attention
+    /// scores of as many sequence-heads as run at once.
+    fn pass_bytes(&self, seqs: &[Vec<u32>]) -> u64 {
+        let total: u64 = seqs.iter().map(|s| s.len() as u64).sum();
+        let longest = seqs.iter().map(|s| s.len() as u64).max().unwrap_or(0);
+        let inner = self.layers.first().map_or(0, |l| l.up.out) as u64;
+        let per_token = 6 * self.hidden as u64 + inner;
+        let threads = rayon::current_num_threads() as u64;
+        4 * (total * per_token + threads * longest * longest)
+    }
+
+    /// Embeds token sequences: `[n, dimension]`, row-major, within `budget`.
+    pub fn embed_tokens(&self, seqs: &[Vec<u32>], budget: &Budget) -> Result<Vec<f32>, Error> {
         let h = self.hidden;
         let total: usize = seqs.iter().map(Vec::len).sum();
+        let _pass = budget.reserve(self.pass_bytes(seqs), || format!("an encoder pass over {total} tokens"))?;
         let mut x = vec![0.0f32; total * h];
         let mut rows = x.chunks_exact_mut(h);
         for seq in seqs {
@@ -344,8 +359,8 @@ impl Bert {
         out
     }
 
-    /// Embeds `texts`: `[n, dimension]` and the tokens of each.
-    pub fn embed(&self, texts: &[&str]) -> Result<(Vec<f32>, Vec<usize>), Error> {
+    /// Embeds `texts` within `budget`: `[n, dimension]` and the tokens of each.
+    pub fn embed(&self, texts: &[&str], budget: &Budget) -> Result<(Vec<f32>, Vec<usize>), Error> {
         let seqs = self.tokenize(texts)?;
         let counts = seqs.iter().map(Vec::len).collect();
         let mut vectors = Vec::with_capacity(seqs.len() * self.hidden);
@@ -358,7 +373,7 @@ impl Bert {
                 tokens <= PASS_TOKENS
             });
             let n = take.count().max(1);
-            vectors.extend(self.embed_tokens(&rest[..n])?);
+            vectors.extend(self.embed_tokens(&rest[..n], budget)?);
             rest = &rest[n..];
         }
         Ok((vectors, counts))
@@ -442,14 +457,14 @@ impl Graph for Bert {
         )
     }
 
-    fn run(&self, inputs: Vec<(String, Tensor)>) -> Result<Vec<(String, Tensor)>, Error> {
-        self.run_batch(vec![inputs]).pop().expect("one result per request")
+    fn run(&self, inputs: Vec<(String, Tensor)>, budget: &Budget) -> Result<Vec<(String, Tensor)>, Error> {
+        self.run_batch(vec![inputs], budget).pop().expect("one result per request")
     }
 
-    fn run_batch(&self, requests: Vec<Vec<(String, Tensor)>>) -> Vec<Result<Vec<(String, Tensor)>, Error>> {
+    fn run_batch(&self, requests: Vec<Vec<(String, Tensor)>>, budget: &Budget) -> Vec<Result<Vec<(String, Tensor)>, Error>> {
         let parsed: Vec<Result<Vec<String>, Error>> = requests.iter().map(|r| texts_of(r)).collect();
         let all: Vec<&str> = parsed.iter().flatten().flatten().map(String::as_str).collect();
-        let embedded = self.embed(&all);
+        let embedded = self.embed(&all, budget);
         let (h, mut at) = (self.hidden, 0);
         parsed
             .into_iter()

@@ -10,6 +10,10 @@ pub enum Error {
     /// The inputs given to a graph do not fit it (names, shapes, types).
     #[error("invalid input: {0}")]
     InvalidInput(String),
+    /// The work would need more host memory than its budget allows (see
+    /// [`Budget`](crate::Budget)).
+    #[error("too large: {0}")]
+    TooLarge(String),
 }
 
 pub(crate) fn invalid_model(message: impl Into<String>) -> Error {

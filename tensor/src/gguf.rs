@@ -20,9 +20,27 @@ pub enum Value {
     Bool(bool),
     /// A UTF-8 string.
     Str(String),
-    /// An array of values.
-    Array(Vec<Value>),
+    /// An array, kept where it lies in the file (see [`Gguf::array`]).
+    Array(Array),
 }
+
+/// An array value as the bytes it occupies in the file: parsing one costs
+/// no memory whatever its length (a vocabulary of 150k strings included),
+/// and reading it decodes items one at a time.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Array {
+    /// The GGUF value type of the items.
+    pub item_type: u32,
+    /// Number of items.
+    pub len: usize,
+    /// Where the items lie in the file.
+    range: std::ops::Range<usize>,
+}
+
+/// Metadata entries a file may hold (real files hold a few dozen).
+const MAX_METADATA: usize = 1 << 16;
+/// Tensors a file may hold (the largest published models hold a few thousand).
+const MAX_TENSORS: usize = 1 << 16;
 
 /// Tensor element encodings this engine knows the size of.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,7 +141,21 @@ impl<'a> Reader<'a> {
         let n = self.count(1, "string length")?;
         String::from_utf8(self.take(n)?.to_vec()).map_err(|_| invalid_model("gguf: a string is not UTF-8"))
     }
-    fn value(&mut self, ty: u32, depth: u32) -> Result<Value, Error> {
+    fn value(&mut self, ty: u32) -> Result<Value, Error> {
+        Ok(match ty {
+            8 => Value::Str(self.string()?),
+            9 => {
+                let item_type = self.u32()?;
+                let len = self.count(1, "array")?;
+                let start = self.at;
+                self.skip_items(item_type, len, 1)?;
+                Value::Array(Array { item_type, len, range: start..self.at })
+            }
+            scalar => self.scalar(scalar)?,
+        })
+    }
+    /// A value that is neither a string nor an array.
+    fn scalar(&mut self, ty: u32) -> Result<Value, Error> {
         Ok(match ty {
             0 => Value::UInt(self.take(1)?[0] as u64),
             1 => Value::Int(self.take(1)?[0] as i8 as i64),
@@ -133,21 +165,38 @@ impl<'a> Reader<'a> {
             5 => Value::Int(self.u32()? as i32 as i64),
             6 => Value::Float(f32::from_bits(self.u32()?) as f64),
             7 => Value::Bool(self.take(1)?[0] != 0),
-            8 => Value::Str(self.string()?),
-            9 if depth < 2 => {
-                let elem = self.u32()?;
-                let n = self.count(1, "array")?;
-                let mut items = Vec::with_capacity(n.min(1 << 16));
-                for _ in 0..n {
-                    items.push(self.value(elem, depth + 1)?);
-                }
-                Value::Array(items)
-            }
             10 => Value::UInt(self.u64()?),
             11 => Value::Int(self.u64()? as i64),
             12 => Value::Float(f64::from_bits(self.u64()?)),
-            other => return Err(invalid_model(format!("gguf: unknown or too deeply nested value type {other}"))),
+            other => return Err(invalid_model(format!("gguf: unknown value type {other}"))),
         })
+    }
+    /// Checks `len` items of `item_type` and moves past them, allocating
+    /// nothing: strings are checked for UTF-8 in place.
+    fn skip_items(&mut self, item_type: u32, len: usize, depth: u32) -> Result<(), Error> {
+        for _ in 0..len {
+            match item_type {
+                8 => {
+                    let n = self.count(1, "string length")?;
+                    std::str::from_utf8(self.take(n)?).map_err(|_| invalid_model("gguf: a string is not UTF-8"))?;
+                }
+                9 if depth < 2 => {
+                    let inner = self.u32()?;
+                    let n = self.count(1, "array")?;
+                    self.skip_items(inner, n, depth + 1)?;
+                }
+                9 => return Err(invalid_model("gguf: arrays nested more than two deep")),
+                scalar => {
+                    self.scalar(scalar)?;
+                }
+            }
+        }
+        Ok(())
+    }
+    /// A string the parse already checked, borrowed from the file.
+    fn checked_str(&mut self) -> &'a str {
+        let n = self.u64().expect("checked at parse") as usize;
+        std::str::from_utf8(self.take(n).expect("checked at parse")).expect("checked at parse")
     }
 }
 
@@ -165,14 +214,20 @@ impl<'a> Gguf<'a> {
         // A tensor entry takes at least 4+8+4+8+4 bytes, a key-value pair 8+4+1.
         let tensor_count = r.u64()?;
         let kv_count = r.count(13, "metadata")?;
+        if kv_count > MAX_METADATA {
+            return Err(invalid_model(format!("gguf: {kv_count} metadata entries; at most {MAX_METADATA} are accepted")));
+        }
         let mut metadata = BTreeMap::new();
         for _ in 0..kv_count {
             let key = r.string()?;
             let ty = r.u32()?;
-            metadata.insert(key, r.value(ty, 0)?);
+            metadata.insert(key, r.value(ty)?);
         }
         if tensor_count > ((bytes.len() - r.at) / 28) as u64 {
             return Err(invalid_model(format!("gguf: tensor count {tensor_count} cannot fit in the rest of the file")));
+        }
+        if tensor_count > MAX_TENSORS as u64 {
+            return Err(invalid_model(format!("gguf: {tensor_count} tensors; at most {MAX_TENSORS} are accepted")));
         }
         let mut raw = Vec::with_capacity(tensor_count as usize);
         for _ in 0..tensor_count {
@@ -224,6 +279,33 @@ impl<'a> Gguf<'a> {
             Some(Value::Str(s)) => Some(s),
             _ => None,
         }
+    }
+
+    /// The array under `key`, if the metadata holds one.
+    pub fn array(&self, key: &str) -> Option<&Array> {
+        match self.metadata.get(key) {
+            Some(Value::Array(a)) => Some(a),
+            _ => None,
+        }
+    }
+
+    /// The items of a string array, borrowed from the file; `None` when
+    /// its items are not strings.
+    pub fn strings(&self, array: &Array) -> Option<impl Iterator<Item = &'a str> + use<'a>> {
+        (array.item_type == 8).then(|| {
+            let mut r = Reader { bytes: &self.bytes[..array.range.end], at: array.range.start };
+            (0..array.len).map(move |_| r.checked_str())
+        })
+    }
+
+    /// The items of an array of numbers or booleans; `None` for arrays of
+    /// strings or arrays.
+    pub fn values(&self, array: &Array) -> Option<impl Iterator<Item = Value> + use<'a>> {
+        let item_type = array.item_type;
+        (item_type != 8 && item_type != 9).then(|| {
+            let mut r = Reader { bytes: &self.bytes[..array.range.end], at: array.range.start };
+            (0..array.len).map(move |_| r.scalar(item_type).expect("checked at parse"))
+        })
     }
 
     /// A one-line description.
@@ -323,5 +405,70 @@ mod tests {
         huge.extend((1u64 << 60).to_le_bytes());
         assert!(Gguf::parse(&huge).is_err());
         assert!(Gguf::parse(b"GGML....").is_err());
+    }
+
+    /// A GGUF v3 file with no tensors and the metadata entries `kvs`
+    /// (key, type, encoded value).
+    fn with_metadata(kvs: &[(&str, u32, Vec<u8>)]) -> Vec<u8> {
+        let mut b = b"GGUF".to_vec();
+        b.extend(3u32.to_le_bytes());
+        b.extend(0u64.to_le_bytes());
+        b.extend((kvs.len() as u64).to_le_bytes());
+        for (key, ty, value) in kvs {
+            b.extend((key.len() as u64).to_le_bytes());
+            b.extend(key.as_bytes());
+            b.extend(ty.to_le_bytes());
+            b.extend(value);
+        }
+        b
+    }
+
+    fn array(item_type: u32, len: u64, items: &[u8]) -> Vec<u8> {
+        let mut v = item_type.to_le_bytes().to_vec();
+        v.extend(len.to_le_bytes());
+        v.extend(items);
+        v
+    }
+
+    fn strings(items: &[&[u8]]) -> Vec<u8> {
+        items.iter().flat_map(|s| (s.len() as u64).to_le_bytes().into_iter().chain(s.iter().copied())).collect()
+    }
+
+    #[test]
+    fn arrays_stay_in_the_file_and_decode_on_demand() {
+        // The amplification attack: one array of 4M u8 values. Parsed, it
+        // is an offset and a length, not 4M enum values.
+        let n = 4 << 20;
+        let file = with_metadata(&[
+            ("big", 9, array(0, n, &vec![7u8; n as usize])),
+            ("tokens", 9, array(8, 2, &strings(&[b"a", "\u{e9}t\u{e9}".as_bytes()]))),
+            ("scores", 9, array(6, 2, &[0, 0, 128, 63, 0, 0, 0, 64])),
+        ]);
+        let g = Gguf::parse(&file).unwrap();
+        let big = g.array("big").unwrap();
+        assert_eq!((big.item_type, big.len, big.range.len()), (0, n as usize, n as usize));
+        assert_eq!(g.values(big).unwrap().nth(12345), Some(Value::UInt(7)));
+        assert_eq!(g.strings(g.array("tokens").unwrap()).unwrap().collect::<Vec<_>>(), ["a", "\u{e9}t\u{e9}"]);
+        assert_eq!(g.values(g.array("scores").unwrap()).unwrap().collect::<Vec<_>>(), [Value::Float(1.0), Value::Float(2.0)]);
+        assert!(g.strings(big).is_none() && g.values(g.array("tokens").unwrap()).is_none());
+
+        // Items are still checked at parse: bad UTF-8, a truncated array,
+        // arrays nested three deep.
+        let bad_utf8 = with_metadata(&[("t", 9, array(8, 1, &strings(&[&[0xff, 0xfe]])))]);
+        assert!(Gguf::parse(&bad_utf8).unwrap_err().to_string().contains("not UTF-8"));
+        let truncated = with_metadata(&[("t", 9, array(4, 10, &[0; 12]))]);
+        assert!(Gguf::parse(&truncated).unwrap_err().to_string().contains("truncated"));
+        let deep = with_metadata(&[("t", 9, array(9, 1, &array(9, 1, &array(0, 1, &[1]))))]);
+        assert!(Gguf::parse(&deep).unwrap_err().to_string().contains("nested"));
+        let two_deep = with_metadata(&[("t", 9, array(9, 1, &array(0, 1, &[1])))]);
+        assert!(Gguf::parse(&two_deep).is_ok());
+    }
+
+    #[test]
+    fn entry_counts_are_capped() {
+        let kvs: Vec<(String, u32, Vec<u8>)> = (0..=MAX_METADATA).map(|i| (format!("k{i}"), 0, vec![1])).collect();
+        let kvs: Vec<(&str, u32, Vec<u8>)> = kvs.iter().map(|(k, t, v)| (k.as_str(), *t, v.clone())).collect();
+        let err = Gguf::parse(&with_metadata(&kvs)).unwrap_err();
+        assert!(err.to_string().contains("at most 65536"), "{err}");
     }
 }

@@ -17,8 +17,14 @@
 //!
 //! The kernels run on the CPU ([`cpu`]); the GPU backends plug in below the
 //! same [`Graph`] interface.
+//!
+//! Every pass runs under a [`Budget`] of host memory: buffers are reserved
+//! before they are allocated, so a model whose shapes ask for more than the
+//! budget fails that call with [`Error::TooLarge`] instead of exhausting
+//! the host.
 
 pub mod bert;
+mod budget;
 pub mod cpu;
 mod error;
 pub mod gguf;
@@ -27,6 +33,7 @@ pub mod onnx;
 pub mod safetensors;
 mod tensor;
 
+pub use budget::{Budget, MemoryPool, Reservation};
 pub use error::Error;
 pub use model::{Format, Graph, ModelFiles, check, load};
 pub use tensor::{DType, Data, Tensor};

@@ -1,5 +1,6 @@
 //! Model formats and the graph interface every model presents.
 
+use crate::budget::Budget;
 use crate::error::{Error, invalid_model};
 use crate::tensor::Tensor;
 use crate::{bert, gguf, onnx};
@@ -54,18 +55,21 @@ pub type ModelFiles = BTreeMap<String, Vec<u8>>;
 
 /// A loaded model: named tensors in, named tensors out. Shared by every
 /// instance that uses it; `run` may be called from many threads at once.
+///
+/// Every run reserves the host memory it allocates from `budget` first and
+/// fails with [`Error::TooLarge`] when it does not fit.
 pub trait Graph: Send + Sync {
     /// What the graph takes and gives, in one line (for errors and logs).
     fn signature(&self) -> String;
 
     /// Runs one inference.
-    fn run(&self, inputs: Vec<(String, Tensor)>) -> Result<Vec<(String, Tensor)>, Error>;
+    fn run(&self, inputs: Vec<(String, Tensor)>, budget: &Budget) -> Result<Vec<(String, Tensor)>, Error>;
 
     /// Runs several independent inferences, merged into one pass where the
     /// graph can; one result per request, in order. The default runs them
-    /// one by one.
-    fn run_batch(&self, requests: Vec<Vec<(String, Tensor)>>) -> Vec<Result<Vec<(String, Tensor)>, Error>> {
-        requests.into_iter().map(|inputs| self.run(inputs)).collect()
+    /// one by one, each under the whole `budget`.
+    fn run_batch(&self, requests: Vec<Vec<(String, Tensor)>>, budget: &Budget) -> Vec<Result<Vec<(String, Tensor)>, Error>> {
+        requests.into_iter().map(|inputs| self.run(inputs, budget)).collect()
     }
 }
 
@@ -94,9 +98,19 @@ pub fn load(format: Format, files: &ModelFiles) -> Result<Arc<dyn Graph>, Error>
 
 /// Checks a model without keeping it: what `gpuwasm model push` runs
 /// before accepting one. Returns a one-line description.
-pub fn check(format: Format, files: &ModelFiles) -> Result<String, Error> {
+///
+/// An ONNX graph also runs once on zeros at its declared input shapes
+/// (symbolic dimensions at 1), under `budget`: a graph whose smallest run
+/// needs more memory than a call may have is refused here rather than
+/// failing every call later.
+pub fn check(format: Format, files: &ModelFiles, budget: &Budget) -> Result<String, Error> {
     match format {
         Format::Gguf => gguf::Gguf::parse(single_file(files)?).map(|g| g.describe()),
-        _ => load(format, files).map(|g| g.signature()),
+        Format::Onnx => {
+            let model = onnx::Model::load(single_file(files)?)?;
+            model.smallest_run(budget)?;
+            Ok(model.signature())
+        }
+        Format::Safetensors => load(format, files).map(|g| g.signature()),
     }
 }

@@ -1,7 +1,12 @@
 //! The engine against real models: all-MiniLM-L6-v2 against
 //! sentence-transformers' embeddings, SmolLM2's GGUF file.
 
-use gpuwasm_tensor::{Format, ModelFiles, Tensor, bert, gguf};
+use gpuwasm_tensor::{Budget, Format, ModelFiles, Tensor, bert, gguf};
+
+/// Trusted test models run without a memory limit.
+fn unlimited() -> Budget {
+    Budget::unlimited()
+}
 
 #[path = "../../tests/test_models.rs"]
 mod test_models;
@@ -36,7 +41,7 @@ fn minilm_matches_sentence_transformers() {
     let texts: Vec<&str> = fixture.sentences.iter().map(String::as_str).collect();
 
     // All at once (one packed batch) and a few alone must agree with the reference.
-    let out = graph.run(vec![("text".into(), Tensor::texts(&texts))]).unwrap();
+    let out = graph.run(vec![("text".into(), Tensor::texts(&texts))], &unlimited()).unwrap();
     assert_eq!(out[0].0, "embeddings");
     assert_eq!(out[0].1.shape(), &[texts.len(), 384]);
     let vectors = out[0].1.as_f32("embeddings").unwrap();
@@ -48,7 +53,7 @@ fn minilm_matches_sentence_transformers() {
     }
     eprintln!("worst cosine over {} sentences: {worst:.6}", texts.len());
     for i in [0, 37, 49] {
-        let alone = graph.run(vec![("text".into(), Tensor::texts(&texts[i..=i]))]).unwrap();
+        let alone = graph.run(vec![("text".into(), Tensor::texts(&texts[i..=i]))], &unlimited()).unwrap();
         let c = cosine(alone[0].1.as_f32("e").unwrap(), &fixture.embeddings[i]);
         assert!(c >= 0.999, "sentence {i} alone: cosine {c}");
     }
@@ -73,7 +78,7 @@ fn minilm_rejects_bad_inputs() {
         (vec![("text".to_string(), Tensor::from_bytes(vec![2], gpuwasm_tensor::DType::U8, &[0xff, 0xfe]).unwrap())], "not UTF-8"),
     ];
     for (inputs, want) in cases {
-        let err = graph.run(inputs).unwrap_err();
+        let err = graph.run(inputs, &unlimited()).unwrap_err();
         assert!(matches!(err, gpuwasm_tensor::Error::InvalidInput(_)) && err.to_string().contains(want), "{err}");
     }
 }
@@ -83,11 +88,11 @@ fn minilm_files_are_checked() {
     let mut files = minilm_files();
     let weights = files.get_mut("model.safetensors").unwrap();
     weights.truncate(weights.len() / 2);
-    let err = gpuwasm_tensor::check(Format::Safetensors, &files).unwrap_err();
+    let err = gpuwasm_tensor::check(Format::Safetensors, &files, &unlimited()).unwrap_err();
     assert!(matches!(err, gpuwasm_tensor::Error::InvalidModel(_)), "{err}");
     let mut files = minilm_files();
     files.remove("tokenizer.json");
-    assert!(gpuwasm_tensor::check(Format::Safetensors, &files).unwrap_err().to_string().contains("missing tokenizer.json"));
+    assert!(gpuwasm_tensor::check(Format::Safetensors, &files, &unlimited()).unwrap_err().to_string().contains("missing tokenizer.json"));
 }
 
 #[test]
@@ -96,7 +101,7 @@ fn smollm2_gguf_parses_and_dequantises() {
     let file = gguf::Gguf::parse(&bytes).expect("SmolLM2 GGUF parses");
     assert_eq!(file.architecture(), Some("llama"));
     assert_eq!(file.tensors.len(), 272);
-    let summary = gpuwasm_tensor::check(Format::Gguf, &[("m.gguf".to_string(), bytes.clone())].into()).unwrap();
+    let summary = gpuwasm_tensor::check(Format::Gguf, &[("m.gguf".to_string(), bytes.clone())].into(), &unlimited()).unwrap();
     assert!(summary.contains("llama") && summary.contains("272 tensors"), "{summary}");
     // A Q4_1 weight dequantises to the right count of finite, varied values.
     let (name, info) = file.tensors.iter().find(|(_, t)| t.ty.0 == 3).expect("a Q4_1 tensor");
@@ -125,7 +130,7 @@ fn digits_onnx_matches_onnxruntime() {
     let n = reference.images.len();
     let pixels: Vec<f32> = reference.images.concat();
     let input = Tensor::new(vec![n, 1, 8, 8], gpuwasm_tensor::Data::F32(pixels)).unwrap();
-    let out = model.run(vec![("pixels".into(), input)]).unwrap();
+    let out = model.run(vec![("pixels".into(), input)], &unlimited()).unwrap();
     assert_eq!(out[0].0, "probabilities");
     assert_eq!(out[0].1.shape(), &[n, 10]);
     let probs = out[0].1.as_f32("probabilities").unwrap();
@@ -156,18 +161,18 @@ fn onnx_inputs_and_files_are_checked() {
         (vec![], "missing input \"pixels\""),
         (vec![("pixels".to_string(), Tensor::texts(&["x"]))], "must be FP32, not U8"),
     ] {
-        let err = model.run(inputs).unwrap_err();
+        let err = model.run(inputs, &unlimited()).unwrap_err();
         assert!(matches!(err, gpuwasm_tensor::Error::InvalidInput(_)) && err.to_string().contains(want), "{err}");
     }
     // Every prefix of the file is refused cleanly (no panic, no huge allocation).
     for cut in (0..bytes.len()).step_by(97) {
-        assert!(gpuwasm_tensor::check(Format::Onnx, &[("d.onnx".to_string(), bytes[..cut].to_vec())].into()).is_err(), "cut at {cut}");
+        assert!(gpuwasm_tensor::check(Format::Onnx, &[("d.onnx".to_string(), bytes[..cut].to_vec())].into(), &unlimited()).is_err(), "cut at {cut}");
     }
     // Flipping bytes never panics.
     for i in (0..bytes.len()).step_by(13) {
         let mut broken = bytes.clone();
         broken[i] ^= 0x5a;
-        let _ = gpuwasm_tensor::check(Format::Onnx, &[("d.onnx".to_string(), broken)].into());
+        let _ = gpuwasm_tensor::check(Format::Onnx, &[("d.onnx".to_string(), broken)].into(), &unlimited());
     }
 }
 
@@ -179,9 +184,9 @@ fn onnx_calls_batch_into_one_pass_with_the_same_results() {
         let pixels = reference.images[i..i + n].concat();
         vec![("pixels".to_string(), Tensor::new(vec![n, 1, 8, 8], gpuwasm_tensor::Data::F32(pixels)).unwrap())]
     };
-    let batched = model.run_batch(vec![request(0, 1), request(1, 3), request(4, 2)]);
+    let batched = model.run_batch(vec![request(0, 1), request(1, 3), request(4, 2)], &unlimited());
     for (result, (i, n)) in batched.into_iter().zip([(0, 1), (1, 3), (4, 2)]) {
-        let alone = model.run(request(i, n)).unwrap();
+        let alone = model.run(request(i, n), &unlimited()).unwrap();
         let result = result.unwrap();
         assert_eq!(result[0].1.shape(), &[n, 10]);
         let (a, b) = (result[0].1.as_f32("").unwrap(), alone[0].1.as_f32("").unwrap());
@@ -189,7 +194,7 @@ fn onnx_calls_batch_into_one_pass_with_the_same_results() {
     }
     // A bad request in a batch fails alone.
     let bad = vec![("pixels".to_string(), Tensor::new(vec![1, 1, 8, 7], gpuwasm_tensor::Data::F32(vec![0.0; 56])).unwrap())];
-    let mixed = model.run_batch(vec![request(0, 1), bad]);
+    let mixed = model.run_batch(vec![request(0, 1), bad], &unlimited());
     assert!(mixed[0].is_ok() && mixed[1].is_err());
 }
 
@@ -199,11 +204,11 @@ fn minilm_batches_larger_than_one_pass_agree_with_single_texts() {
     let long = "A very long sentence follows. ".repeat(60);
     let mut texts: Vec<&str> = vec![long.as_str(); 40]; // 40 x 256 tokens: two passes
     texts.push("short one");
-    let (vectors, counts) = bert.embed(&texts).unwrap();
+    let (vectors, counts) = bert.embed(&texts, &unlimited()).unwrap();
     assert_eq!(counts.iter().sum::<usize>(), 40 * 256 + 4);
-    let (alone, _) = bert.embed(&["short one"]).unwrap();
+    let (alone, _) = bert.embed(&["short one"], &unlimited()).unwrap();
     let last = &vectors[40 * 384..];
     assert!(last.iter().zip(&alone).all(|(a, b)| (a - b).abs() < 1e-5));
-    let (first, _) = bert.embed(&[long.as_str()]).unwrap();
+    let (first, _) = bert.embed(&[long.as_str()], &unlimited()).unwrap();
     assert!(vectors[..384].iter().zip(&first).all(|(a, b)| (a - b).abs() < 1e-5));
 }

@@ -8,7 +8,7 @@
 //! a tenant flooding a shared public model delays another tenant's call by
 //! at most one turn per batch.
 
-use gpuwasm_tensor::{Error, Graph, Tensor};
+use gpuwasm_tensor::{Budget, Error, Graph, MemoryPool, Tensor};
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -34,6 +34,40 @@ impl Default for BatchSettings {
     }
 }
 
+/// Host memory inference may allocate (see [`gpuwasm_tensor::Budget`]).
+#[derive(Clone, Debug)]
+pub struct InferenceMemory {
+    /// What one compute call may allocate, in MiB (default 512). A batch
+    /// of `n` calls may allocate `n` times this.
+    pub per_call_mb: u64,
+    /// What all calls on the node may allocate at once, in MiB (default 4096).
+    pub node_mb: u64,
+}
+
+impl Default for InferenceMemory {
+    fn default() -> Self {
+        InferenceMemory { per_call_mb: 512, node_mb: 4096 }
+    }
+}
+
+/// Budgets for passes: per call, within the node's pool.
+#[derive(Clone, Debug)]
+pub(crate) struct Budgets {
+    per_call: u64,
+    node: Arc<MemoryPool>,
+}
+
+impl Budgets {
+    pub(crate) fn new(memory: &InferenceMemory) -> Budgets {
+        Budgets { per_call: memory.per_call_mb.saturating_mul(1 << 20), node: MemoryPool::new(memory.node_mb.saturating_mul(1 << 20)) }
+    }
+
+    /// The budget of a pass running `calls` calls.
+    pub(crate) fn for_calls(&self, calls: usize) -> Budget {
+        Budget::new(self.per_call.saturating_mul(calls as u64)).within(self.node.clone())
+    }
+}
+
 struct Job {
     tenant: Arc<str>,
     inputs: Tensors,
@@ -46,6 +80,7 @@ pub(crate) struct Batcher {
     /// `None` for a graph that runs each call on a blocking thread.
     jobs: Option<Sender<Job>>,
     graph: Arc<dyn Graph>,
+    budgets: Budgets,
     /// Execution contexts instances hold on this graph: callers that may
     /// compute soon.
     pub(crate) contexts: Arc<AtomicUsize>,
@@ -84,22 +119,22 @@ impl BatchStats {
 
 impl Batcher {
     /// Starts the scheduler thread of `graph`; it ends when the batcher is dropped.
-    pub(crate) fn start(graph: Arc<dyn Graph>, settings: BatchSettings) -> Batcher {
+    pub(crate) fn start(graph: Arc<dyn Graph>, settings: BatchSettings, budgets: Budgets) -> Batcher {
         let (jobs, rx) = channel();
         let stats = Arc::new(BatchStats::default());
         let contexts = Arc::new(AtomicUsize::new(0));
-        let (g, s, c) = (graph.clone(), stats.clone(), contexts.clone());
+        let (g, s, c, b) = (graph.clone(), stats.clone(), contexts.clone(), budgets.clone());
         std::thread::Builder::new()
             .name("gpuwasm-nn-batch".into())
-            .spawn(move || run(g, rx, settings, s, c))
+            .spawn(move || run(g, rx, settings, b, s, c))
             .expect("spawning a batch thread");
-        Batcher { jobs: Some(jobs), graph, contexts, stats }
+        Batcher { jobs: Some(jobs), graph, budgets, contexts, stats }
     }
 
     /// A graph one instance loaded from bytes: no thread of its own (an
     /// instance may load many), each call runs on tokio's blocking pool.
-    pub(crate) fn unbatched(graph: Arc<dyn Graph>) -> Batcher {
-        Batcher { jobs: None, graph, contexts: Arc::default(), stats: Arc::default() }
+    pub(crate) fn unbatched(graph: Arc<dyn Graph>, budgets: Budgets) -> Batcher {
+        Batcher { jobs: None, graph, budgets, contexts: Arc::default(), stats: Arc::default() }
     }
 
     /// What the graph takes and gives.
@@ -110,8 +145,8 @@ impl Batcher {
     /// Queues one call for `tenant` and waits for its answer.
     pub(crate) async fn compute(&self, tenant: Arc<str>, inputs: Tensors) -> Result<Tensors, Error> {
         let Some(jobs) = &self.jobs else {
-            let graph = self.graph.clone();
-            return tokio::task::spawn_blocking(move || graph.run(inputs))
+            let (graph, budget) = (self.graph.clone(), self.budgets.for_calls(1));
+            return tokio::task::spawn_blocking(move || graph.run(inputs, &budget))
                 .await
                 .unwrap_or_else(|_| Err(Error::Unsupported("the engine failed on this input".into())));
         };
@@ -124,7 +159,14 @@ impl Batcher {
 }
 
 /// The scheduler loop: gather a batch, run it, answer, repeat.
-fn run(graph: Arc<dyn Graph>, rx: Receiver<Job>, settings: BatchSettings, stats: Arc<BatchStats>, contexts: Arc<AtomicUsize>) {
+fn run(
+    graph: Arc<dyn Graph>,
+    rx: Receiver<Job>,
+    settings: BatchSettings,
+    budgets: Budgets,
+    stats: Arc<BatchStats>,
+    contexts: Arc<AtomicUsize>,
+) {
     let mut queues: BTreeMap<Arc<str>, VecDeque<Job>> = BTreeMap::new();
     let mut queued = 0usize;
     // The tenant served first in the last batch; the next starts after it.
@@ -163,8 +205,9 @@ fn run(graph: Arc<dyn Graph>, rx: Receiver<Job>, settings: BatchSettings, stats:
         stats.calls.fetch_add(inputs.len(), Ordering::Relaxed);
         stats.largest.fetch_max(inputs.len(), Ordering::Relaxed);
         let count = inputs.len();
+        let budget = budgets.for_calls(count);
         // A panic in the engine is a bug; it fails this batch, not the model.
-        let results = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| graph.run_batch(inputs)))
+        let results = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| graph.run_batch(inputs, &budget)))
             .unwrap_or_else(|_| (0..count).map(|_| Err(Error::Unsupported("the engine failed on this input".into()))).collect());
         for (reply, result) in replies.into_iter().zip(results) {
             let _ = reply.send(result);

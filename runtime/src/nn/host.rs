@@ -3,7 +3,7 @@
 //! await the model cache and the batching scheduler, never blocking a
 //! tokio worker.
 
-use super::batch::{Batcher, Tensors};
+use super::batch::Tensors;
 use super::models::{LoadError, Loaded, ModelAccess, Models};
 use gpuwasm_tensor::{DType, Format, Tensor};
 use std::sync::Arc;
@@ -99,6 +99,7 @@ impl NnView<'_> {
             gpuwasm_tensor::Error::InvalidInput(_) => ErrorCode::InvalidArgument,
             gpuwasm_tensor::Error::InvalidModel(_) => ErrorCode::InvalidEncoding,
             gpuwasm_tensor::Error::Unsupported(_) => ErrorCode::UnsupportedOperation,
+            gpuwasm_tensor::Error::TooLarge(_) => ErrorCode::TooLarge,
         };
         self.fail(code, err.to_string())
     }
@@ -125,7 +126,7 @@ impl graph::Host for NnView<'_> {
         let loaded = tokio::task::spawn_blocking(move || gpuwasm_tensor::load(format, &[("model.onnx".into(), bytes)].into())).await?;
         match loaded {
             Ok(graph) => {
-                let loaded = Arc::new(Loaded::unshared(Batcher::unbatched(graph)));
+                let loaded = Arc::new(Loaded::unshared(graph, &self.ctx.models));
                 Ok(Ok(self.table.push(GraphResource(loaded))?))
             }
             Err(err) => self.engine_error(err),

@@ -7,5 +7,5 @@ mod batch;
 pub(crate) mod host;
 mod models;
 
-pub use batch::{BatchSettings, ModelStatus};
+pub use batch::{BatchSettings, InferenceMemory, ModelStatus};
 pub use models::{LocalModels, ModelAccess, ModelCatalog, ModelEntry, Models, PUBLIC, read_model_files};

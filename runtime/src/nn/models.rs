@@ -2,7 +2,7 @@
 //! node-wide cache that loads each one once, shares it between instances
 //! and evicts it when idle.
 
-use super::batch::{BatchSettings, Batcher, ModelStatus};
+use super::batch::{BatchSettings, Batcher, Budgets, InferenceMemory, ModelStatus};
 use gpuwasm_tensor::{Format, ModelFiles};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -127,8 +127,8 @@ pub(crate) struct Loaded {
 
 impl Loaded {
     /// A graph outside the cache (loaded by one instance from bytes).
-    pub(crate) fn unshared(batcher: Batcher) -> Loaded {
-        Loaded { batcher, last_used: AtomicU64::new(0) }
+    pub(crate) fn unshared(graph: Arc<dyn gpuwasm_tensor::Graph>, models: &Models) -> Loaded {
+        Loaded { batcher: Batcher::unbatched(graph, models.inner.budgets.clone()), last_used: AtomicU64::new(0) }
     }
 }
 
@@ -141,11 +141,19 @@ pub struct Models {
 struct ModelsInner {
     idle: Duration,
     batch: BatchSettings,
+    budgets: Budgets,
     epoch: Instant,
     slots: Mutex<HashMap<String, Arc<tokio::sync::OnceCell<Arc<Loaded>>>>>,
+    /// Why models failed to load, by content key: the same content fails
+    /// the same way, so it is not read and parsed again on every request.
+    failed: Mutex<HashMap<String, gpuwasm_tensor::Error>>,
     sweeper: std::sync::Once,
     loads: AtomicU64,
 }
+
+/// Failed loads remembered at most (past that, all are forgotten and
+/// remembered anew).
+const FAILED_KEPT: usize = 1024;
 
 /// Why a model could not be had.
 #[derive(Debug)]
@@ -161,18 +169,28 @@ pub(crate) enum LoadError {
 }
 
 impl Models {
-    /// A cache that evicts a model `idle` after its last use.
-    pub(crate) fn new(idle: Duration, batch: BatchSettings) -> Models {
+    /// A cache that evicts a model `idle` after its last use, whose
+    /// passes run within `memory`.
+    pub(crate) fn new(idle: Duration, batch: BatchSettings, memory: InferenceMemory) -> Models {
         Models {
             inner: Arc::new(ModelsInner {
                 idle,
                 batch,
+                budgets: Budgets::new(&memory),
                 epoch: Instant::now(),
                 slots: Mutex::default(),
+                failed: Mutex::default(),
                 sweeper: std::sync::Once::new(),
                 loads: AtomicU64::new(0),
             }),
         }
+    }
+
+    /// The budget of one compute call: what checking a model at push
+    /// runs under, so that a model that could never run one call is
+    /// refused there.
+    pub fn call_budget(&self) -> gpuwasm_tensor::Budget {
+        self.inner.budgets.for_calls(1)
     }
 
     fn now_ms(&self) -> u64 {
@@ -211,21 +229,29 @@ impl Models {
             .map_err(LoadError::Io)?
             .ok_or_else(|| LoadError::NotFound(format!("no model named '{name}' in tenant '{}' or in public/", access.tenant)))?;
         self.start_sweeper();
+        if let Some(why) = self.inner.failed.lock().unwrap().get(&entry.key) {
+            return Err(LoadError::Failed(why.clone()));
+        }
         let slot = self.inner.slots.lock().unwrap().entry(entry.key.clone()).or_default().clone();
         let loaded = slot
             .get_or_try_init(|| async {
-                let (catalog, entry2, batch) = (catalog.clone(), entry.clone(), self.inner.batch.clone());
+                let (catalog, entry2) = (catalog.clone(), entry.clone());
                 let started = Instant::now();
                 let graph = tokio::task::spawn_blocking(move || {
                     let files = catalog.read(&entry2).map_err(LoadError::Io)?;
                     gpuwasm_tensor::load(entry2.format, &files).map_err(LoadError::Failed)
                 })
                 .await
-                .map_err(|e| LoadError::Io(format!("loading task failed: {e}")))??;
+                .map_err(|e| LoadError::Io(format!("loading task failed: {e}")))?;
+                let graph = graph.inspect_err(|e| {
+                    if let LoadError::Failed(why) = e {
+                        self.remember_failure(&entry.key, why);
+                    }
+                })?;
                 self.inner.loads.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(model = %name, key = %entry.key, ms = started.elapsed().as_millis() as u64, "model loaded");
                 Ok::<_, LoadError>(Arc::new(Loaded {
-                    batcher: Batcher::start(graph, batch),
+                    batcher: Batcher::start(graph, self.inner.batch.clone(), self.inner.budgets.clone()),
                     last_used: AtomicU64::new(0),
                 }))
             })
@@ -233,6 +259,15 @@ impl Models {
             .clone();
         loaded.last_used.store(self.now_ms(), Ordering::Relaxed);
         Ok(loaded)
+    }
+
+    fn remember_failure(&self, key: &str, why: &gpuwasm_tensor::Error) {
+        tracing::warn!(key = %key, error = %why, "model failed to load; later loads of the same content fail at once");
+        let mut failed = self.inner.failed.lock().unwrap();
+        if failed.len() >= FAILED_KEPT {
+            failed.clear();
+        }
+        failed.insert(key.to_string(), why.clone());
     }
 
     /// Marks `loaded` as used now.

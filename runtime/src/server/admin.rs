@@ -4,7 +4,7 @@
 //! if it did not exist.
 
 use super::control::{Caller, Control, Entry, new_token};
-use super::{ADMIN_PREFIX, ServerInner, api_error, check_name, error_response, json_response, not_found, now};
+use super::{ADMIN_PREFIX, ApiError, ServerInner, api_error, check_name, error_response, json_response, not_found, now};
 use crate::error::Error;
 use crate::limits::Limits;
 use crate::request::ResponseBody;
@@ -48,12 +48,17 @@ impl ServerInner {
             }
             (Method::POST, ["tenants"]) if caller.admin => self.create_tenant(request).await,
             (_, ["tenants"]) => forbidden_or_wrong_method(&caller),
+            (Method::PUT, ["tenants", name, "domains"]) if caller.admin => {
+                let name = name.to_string();
+                self.set_domains(&name, request).await.unwrap_or_else(ApiError::into_response)
+            }
+            (_, ["tenants", _, "domains"]) => forbidden_or_wrong_method(&caller),
             (Method::GET, ["tokens"]) => self.list_tokens(&caller),
             (Method::POST, ["tokens"]) => self.create_token(&caller, &query).await,
             (Method::DELETE, ["tokens", id]) => self.revoke_token(&caller, id).await,
             (Method::PUT, ["files", sha256]) => {
                 let sha256 = sha256.to_string();
-                self.upload_file(&caller, &sha256, request).await
+                self.upload_file(&caller, &sha256, request).await.unwrap_or_else(ApiError::into_response)
             }
             (Method::GET, ["deployments"]) => {
                 let control = self.control();
@@ -71,7 +76,7 @@ impl ServerInner {
             },
             (Method::PUT, ["deployments", name]) => {
                 let name = name.to_string();
-                self.deploy(&caller, name, &query, request).await
+                self.deploy(&caller, name, &query, request).await.unwrap_or_else(ApiError::into_response)
             }
             (Method::DELETE, ["deployments", name]) => self.remove(&caller, name).await,
             (Method::GET, ["deployments", name, "versions"]) => match self.entry(&caller, name) {
@@ -113,17 +118,24 @@ impl ServerInner {
     async fn create_tenant(self: &Arc<Self>, request: Request<Incoming>) -> Response<ResponseBody> {
         let body = match read_upload(request, 4096, "request body").await {
             Ok(body) => body,
-            Err(response) => return response,
+            Err(e) => return e.into_response(),
         };
-        let name = match serde_json::from_slice::<serde_json::Value>(&body) {
-            Ok(v) => v["name"].as_str().map(str::to_string),
-            Err(_) => None,
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct NewTenant {
+            name: String,
+            #[serde(default)]
+            domains: Vec<String>,
+        }
+        let Ok(NewTenant { name, domains }) = serde_json::from_slice::<NewTenant>(&body) else {
+            return api_error(StatusCode::BAD_REQUEST, "bad_request", r#"send {"name": "TENANT", "domains": ["example.com"]} (domains optional)"#);
         };
-        let Some(name) = name else {
-            return api_error(StatusCode::BAD_REQUEST, "bad_request", r#"send {"name": "TENANT"}"#);
+        let domains = match check_domains(domains) {
+            Ok(domains) => domains,
+            Err(e) => return e.into_response(),
         };
-        if let Err(e) = check_name(&name) {
-            return error_response(&e);
+        if let Err(e) = check_name("tenant", &name) {
+            return error_response(e);
         }
         if name == crate::nn::PUBLIC {
             return api_error(StatusCode::BAD_REQUEST, "invalid_name", "'public' is reserved for models every tenant can load");
@@ -133,7 +145,7 @@ impl ServerInner {
         if control.tenants.contains_key(&name) {
             return api_error(StatusCode::CONFLICT, "tenant_exists", &format!("tenant '{name}' already exists"));
         }
-        let tenant = TenantRecord { name: name.clone(), created_at: now() };
+        let tenant = TenantRecord { name: name.clone(), created_at: now(), domains };
         let (token, record) = match new_token(&name, false, now()) {
             Ok(t) => t,
             Err(e) => return api_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", &format!("making a token: {e}")),
@@ -141,10 +153,33 @@ impl ServerInner {
         control.tenants.insert(name.clone(), tenant.clone());
         control.tokens.insert(record.id.clone(), record.clone());
         if let Err(e) = self.commit(&[Change::Tenant(tenant), Change::Token(record.clone())], control) {
-            return error_response(&e);
+            return error_response(e);
         }
         tracing::info!(tenant = %name, "tenant created");
         json_response(StatusCode::CREATED, &serde_json::json!({"tenant": name, "token_id": record.id, "token": token}))
+    }
+
+    /// `PUT tenants/NAME/domains`: replaces the domains a tenant may claim hosts in.
+    async fn set_domains(&self, name: &str, request: Request<Incoming>) -> Result<Response<ResponseBody>, ApiError> {
+        let body = read_upload(request, 64 << 10, "request body").await?;
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Domains {
+            domains: Vec<String>,
+        }
+        let Domains { domains } = serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad_request("bad_request", format!(r#"send {{"domains": ["example.com", ...]}}: {e}"#)))?;
+        let domains = check_domains(domains)?;
+        let _guard = self.changes.lock().await;
+        let mut control = (*self.control()).clone();
+        let Some(tenant) = control.tenants.get_mut(name) else {
+            return Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no tenant named '{name}'")));
+        };
+        tenant.domains = domains;
+        let record = tenant.clone();
+        self.commit(&[Change::Tenant(record.clone())], control)?;
+        tracing::info!(tenant = %name, domains = ?record.domains, "tenant domains set");
+        Ok(json_response(StatusCode::OK, &record))
     }
 
     fn list_tokens(&self, caller: &Caller) -> Response<ResponseBody> {
@@ -179,7 +214,7 @@ impl ServerInner {
         };
         control.tokens.insert(record.id.clone(), record.clone());
         if let Err(e) = self.commit(&[Change::Token(record.clone())], control) {
-            return error_response(&e);
+            return error_response(e);
         }
         json_response(StatusCode::CREATED, &serde_json::json!({"tenant": tenant, "token_id": record.id, "token": token}))
     }
@@ -194,20 +229,16 @@ impl ServerInner {
         record.revoked_at.get_or_insert(now());
         control.tokens.insert(record.id.clone(), record.clone());
         if let Err(e) = self.commit(&[Change::Token(record)], control) {
-            return error_response(&e);
+            return error_response(e);
         }
         json_response(StatusCode::OK, &serde_json::json!({ "revoked": id }))
     }
 
-    async fn upload_file(&self, caller: &Caller, sha256: &str, request: Request<Incoming>) -> Response<ResponseBody> {
-        let bytes = match read_upload(request, self.config.max_upload_bytes, "file").await {
-            Ok(body) => body,
-            Err(response) => return response,
-        };
-        match self.files.put_blob(&caller.tenant, sha256, &bytes) {
-            Ok(()) => json_response(StatusCode::CREATED, &serde_json::json!({ "sha256": sha256 })),
-            Err(message) => api_error(StatusCode::BAD_REQUEST, "bad_file", &message),
-        }
+    async fn upload_file(&self, caller: &Caller, sha256: &str, request: Request<Incoming>) -> Result<Response<ResponseBody>, ApiError> {
+        let (max, over) = self.upload_room(caller, self.config.max_upload_bytes as u64)?;
+        let upload = self.uploads.receive(&caller.tenant, request.into_body(), max, "file", &over).await?;
+        self.files.put(&caller.tenant, sha256, &upload)?;
+        Ok(json_response(StatusCode::CREATED, &serde_json::json!({ "sha256": sha256 })))
     }
 
     async fn deploy(
@@ -216,18 +247,16 @@ impl ServerInner {
         name: String,
         query: &str,
         request: Request<Incoming>,
-    ) -> Response<ResponseBody> {
-        if let Err(e) = check_name(&name) {
-            return error_response(&e);
+    ) -> Result<Response<ResponseBody>, ApiError> {
+        check_name("deployment", &name)?;
+        let spec = DeploySpec::from_request(query, request.headers()).map_err(|m| ApiError::bad_request("invalid_spec", m))?;
+        if let Some(host) = &spec.host {
+            let domains = self.control().tenants.get(&caller.tenant).map(|t| t.domains.clone()).unwrap_or_default();
+            super::hosts::check_claim(host, &self.config.server_names, caller.admin, &domains)
+                .map_err(|m| ApiError::new(StatusCode::FORBIDDEN, "host_not_allowed", m))?;
         }
-        let spec = match DeploySpec::from_request(query, request.headers()) {
-            Ok(spec) => spec,
-            Err(message) => return api_error(StatusCode::BAD_REQUEST, "invalid_spec", &message),
-        };
-        let wasm = match read_upload(request, self.config.max_upload_bytes, "component").await {
-            Ok(body) => body,
-            Err(response) => return response,
-        };
+        self.check_deployment_quota(caller, &name)?;
+        let wasm = read_upload(request, self.config.max_upload_bytes, "component").await?;
         let version = VersionRecord {
             tenant: caller.tenant.clone(),
             name: name.clone(),
@@ -245,6 +274,9 @@ impl ServerInner {
         };
         let me = self.clone();
         let built = tokio::task::spawn_blocking(move || -> Result<(VersionRecord, Deployment), Error> {
+            // Everything that can be checked is, before anything is built or stored.
+            me.runtime.validate(&wasm)?;
+            version.limits.validate(me.runtime.max_limits()).map_err(Error::InvalidLimits)?;
             me.files.check(&version.tenant, &version.files).map_err(Error::InvalidFiles)?;
             let sandbox = me.sandbox(&version)?;
             let snapshot = if spec.preinit { me.runtime.preinitialize(&wasm, &version.limits, &sandbox)? } else { None };
@@ -263,21 +295,13 @@ impl ServerInner {
             Ok((version, deployment))
         })
         .await;
-        let (mut version, deployment) = match built {
-            Ok(Ok(built)) => built,
-            Ok(Err(e)) => return error_response(&e),
-            Err(e) => return api_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", &format!("deploy task failed: {e}")),
-        };
-        if let Err(e) = deployment.check().await {
-            return error_response(&e);
-        }
+        let (mut version, deployment) = built.map_err(|e| ApiError::internal(format!("deploy task failed: {e}")))??;
+        deployment.check().await?;
 
         let _guard = self.changes.lock().await;
         let mut control = (*self.control()).clone();
         let key = (caller.tenant.clone(), name.clone());
-        if let Some(conflict) = host_conflict(&control, &key, version.host.as_deref()) {
-            return conflict;
-        }
+        host_conflict(&control, &key, version.host.as_deref())?;
         let entry = control.deployments.entry(key).or_insert_with(|| Entry {
             state: DeploymentState { tenant: caller.tenant.clone(), name: name.clone(), active: None, latest: 0 },
             versions: Default::default(),
@@ -290,11 +314,57 @@ impl ServerInner {
         entry.versions.insert(version.version, version.clone());
         entry.live = Some(Ok(deployment));
         let changes = [Change::Version(version.clone()), Change::Deployment(entry.state.clone())];
-        if let Err(e) = self.commit(&changes, control) {
-            return error_response(&e);
-        }
+        self.commit(&changes, control)?;
         tracing::info!(tenant = %version.tenant, deployment = %name, version = version.version, sha256 = %version.sha256, "deployed");
-        json_response(if created { StatusCode::CREATED } else { StatusCode::OK }, &version)
+        Ok(json_response(if created { StatusCode::CREATED } else { StatusCode::OK }, &version))
+    }
+
+    /// `403 quota_exceeded` when a new deployment `name` would take the
+    /// caller's tenant past its quota (a new version of an active one
+    /// does not count).
+    fn check_deployment_quota(&self, caller: &Caller, name: &str) -> Result<(), ApiError> {
+        let control = self.control();
+        let mine = control.deployments.range((caller.tenant.clone(), String::new())..).take_while(|((t, _), _)| *t == caller.tenant);
+        let active: Vec<&str> = mine.filter(|(_, e)| e.state.active.is_some()).map(|((_, n), _)| n.as_str()).collect();
+        let quota = self.config.quotas.deployments;
+        if active.len() >= quota && !active.contains(&name) {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "quota_exceeded",
+                format!("tenant '{}' has {} active deployments, its quota; remove one first", caller.tenant, active.len()),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The most a file or model upload by `caller` may hold: `max`, or
+    /// less when the tenant's storage quota leaves less room; and what to
+    /// say when an upload outgrows it.
+    pub(super) fn upload_room(&self, caller: &Caller, max: u64) -> Result<(u64, String), ApiError> {
+        if caller.admin {
+            return Ok((max, format!("this server's limit of {max} bytes")));
+        }
+        let quota = self.config.quotas.storage_bytes;
+        let used = self.storage_used(&caller.tenant)?;
+        let room = quota.saturating_sub(used);
+        if room == 0 {
+            let message = format!("tenant '{}' uses {used} of its {quota} bytes of storage; remove models or deployments' files first", caller.tenant);
+            return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "quota_exceeded", message));
+        }
+        Ok(if room < max {
+            (room, format!("the {room} bytes left of tenant '{}''s storage quota of {quota} bytes", caller.tenant))
+        } else {
+            (max, format!("this server's limit of {max} bytes"))
+        })
+    }
+
+    /// Bytes of deployment files and model files `tenant` has stored.
+    fn storage_used(&self, tenant: &str) -> Result<u64, Error> {
+        let mut used = 0;
+        for prefix in [format!("files/{tenant}/"), format!("models/{tenant}/")] {
+            used += self.blobs.list(&prefix)?.iter().map(|b| b.size).sum::<u64>();
+        }
+        Ok(used)
     }
 
     async fn remove(&self, caller: &Caller, name: &str) -> Response<ResponseBody> {
@@ -307,10 +377,13 @@ impl ServerInner {
             return not_found(name);
         }
         entry.state.active = None;
-        entry.live = None;
+        if let Some(Ok(live)) = entry.live.take() {
+            // Requests still running on it end now, and free their instances.
+            live.stop();
+        }
         let change = Change::Deployment(entry.state.clone());
         if let Err(e) = self.commit(&[change], control) {
-            return error_response(&e);
+            return error_response(e);
         }
         tracing::info!(tenant = %caller.tenant, deployment = %name, "removed");
         json_response(StatusCode::OK, &serde_json::json!({ "removed": name }))
@@ -338,46 +411,63 @@ impl ServerInner {
         let v = version.clone();
         let deployment = match tokio::task::spawn_blocking(move || me.build(&v)).await {
             Ok(Ok(d)) => d,
-            Ok(Err(e)) => return error_response(&e),
+            Ok(Err(e)) => return error_response(e),
             Err(e) => return api_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", &format!("rollback task failed: {e}")),
         };
         let _guard = self.changes.lock().await;
         let mut control = (*self.control()).clone();
         let key = (caller.tenant.clone(), name.to_string());
-        if let Some(conflict) = host_conflict(&control, &key, version.host.as_deref()) {
-            return conflict;
+        if let Err(conflict) = host_conflict(&control, &key, version.host.as_deref()) {
+            return conflict.into_response();
         }
         let Some(entry) = control.deployments.get_mut(&key) else { return not_found(name) };
         entry.state.active = Some(target);
         entry.live = Some(Ok(deployment));
         let change = Change::Deployment(entry.state.clone());
         if let Err(e) = self.commit(&[change], control) {
-            return error_response(&e);
+            return error_response(e);
         }
         tracing::info!(tenant = %caller.tenant, deployment = %name, version = target, "rolled back");
         json_response(StatusCode::OK, &version)
     }
 }
 
-/// Reads a request body of at most `max` bytes, or the error answer.
-pub(super) async fn read_upload(request: Request<Incoming>, max: usize, what: &str) -> Result<bytes::Bytes, Response<ResponseBody>> {
+/// Checks and normalises the domains a tenant may claim hosts in.
+fn check_domains(domains: Vec<String>) -> Result<Vec<String>, ApiError> {
+    domains
+        .into_iter()
+        .map(|d| {
+            let normal = super::hosts::normalize(&d).unwrap_or_default();
+            check_host_pattern(&normal, false)
+                .and_then(|()| super::hosts::check_claim(&normal, &[], true, &[]))
+                .map(|()| normal)
+                .map_err(|m| ApiError::bad_request("invalid_domain", format!("domain {d:?}: {m}")))
+        })
+        .collect()
+}
+
+/// Reads a request body of at most `max` bytes.
+pub(super) async fn read_upload(request: Request<Incoming>, max: usize, what: &str) -> Result<bytes::Bytes, ApiError> {
     match Limited::new(request.into_body(), max).collect().await {
         Ok(body) => Ok(body.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
             let message = format!("{what} is larger than this server's limit of {max} bytes");
-            Err(api_error(StatusCode::PAYLOAD_TOO_LARGE, "upload_too_large", &message))
+            Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "upload_too_large", message))
         }
-        Err(e) => Err(api_error(StatusCode::BAD_REQUEST, "bad_upload", &format!("reading the {what} failed: {e}"))),
+        Err(e) => Err(ApiError::bad_request("bad_upload", format!("reading the {what} failed: {e}"))),
     }
 }
 
 /// A `409` when `host` already routes to a deployment other than `key`.
 /// It does not say whose, so nothing leaks across tenants.
-fn host_conflict(control: &Control, key: &(String, String), host: Option<&str>) -> Option<Response<ResponseBody>> {
-    let host = host?;
-    control.host_owner(host).filter(|owner| *owner != key).map(|_| {
-        api_error(StatusCode::CONFLICT, "host_taken", &format!("host {host:?} is already routed to another deployment"))
-    })
+fn host_conflict(control: &Control, key: &(String, String), host: Option<&str>) -> Result<(), ApiError> {
+    let Some(host) = host else { return Ok(()) };
+    match control.host_owner(host) {
+        Some(owner) if owner != key => {
+            Err(ApiError::new(StatusCode::CONFLICT, "host_taken", format!("host {host:?} is already routed to another deployment")))
+        }
+        _ => Ok(()),
+    }
 }
 
 fn forbidden() -> Response<ResponseBody> {
@@ -440,8 +530,9 @@ impl DeploySpec {
             None => parse_deploy_query(query)?,
         };
         if let Some(host) = &mut spec.host {
-            *host = host.to_ascii_lowercase();
-            check_host_pattern(host, false)?;
+            let normal = super::hosts::normalize(host).ok_or_else(|| format!("invalid host {host:?}"))?;
+            check_host_pattern(&normal, false)?;
+            *host = normal;
         }
         spec.sandbox.validate()?;
         Ok(spec)

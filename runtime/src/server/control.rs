@@ -3,7 +3,7 @@
 //! snapshot is shared by all requests and replaced whole on every change,
 //! after the change is durable in the [`ControlStore`](crate::store::ControlStore).
 
-use crate::artifacts::sha256_hex;
+use crate::artifacts::{hex, sha256_hex};
 use crate::runtime::Deployment;
 use crate::store::{ControlState, DeploymentState, TenantRecord, TokenRecord, VersionRecord};
 use std::collections::{BTreeMap, HashMap};
@@ -129,7 +129,7 @@ pub(crate) fn new_token(tenant: &str, admin: bool, now: u64) -> std::io::Result<
 pub fn random_hex(n: usize) -> std::io::Result<String> {
     let mut raw = vec![0u8; n];
     std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut raw)?;
-    Ok(raw.iter().map(|b| format!("{b:02x}")).collect())
+    Ok(hex(&raw))
 }
 
 pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

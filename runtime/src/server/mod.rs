@@ -18,10 +18,14 @@
 mod admin;
 mod control;
 mod files;
+mod hosts;
 mod models;
+mod uploads;
 
 pub use admin::SPEC_HEADER;
 pub use control::DEFAULT_TENANT;
+pub(crate) use control::random_hex;
+pub use hosts::normalize as normalize_host;
 
 use crate::artifacts::{ArtifactStore, sweep_temporaries};
 use crate::blobs::{BlobStore, LocalBlobStore};
@@ -32,6 +36,7 @@ use crate::store::{Change, ControlStore, RedbStore, TenantRecord, VersionRecord}
 use bytes::Bytes;
 use control::{Control, Entry};
 use files::FileStore;
+use uploads::Uploads;
 use http::{Request, Response, StatusCode, Uri, header};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -56,6 +61,34 @@ pub struct ServerConfig {
     pub max_upload_bytes: usize,
     /// Largest model file accepted, in bytes.
     pub max_model_bytes: usize,
+    /// Names this server answers on (besides IP addresses and
+    /// `localhost`, which are never claimable): no deployment may claim
+    /// them as its host.
+    pub server_names: Vec<String>,
+    /// What each tenant may hold.
+    pub quotas: TenantQuotas,
+    /// How old an unreferenced blob or file tree must be before it is
+    /// removed (default an hour): uploads come before the deploy or push
+    /// that uses them.
+    pub gc_grace: Duration,
+}
+
+/// What each tenant may hold on a server.
+#[derive(Clone, Debug)]
+pub struct TenantQuotas {
+    /// Active deployments (default 100).
+    pub deployments: usize,
+    /// Bytes of uploaded deployment files and model files (default 10 GiB).
+    pub storage_bytes: u64,
+    /// File and model uploads in progress at once (default 2; the server
+    /// takes at most 4 times this over all tenants).
+    pub uploads: usize,
+}
+
+impl Default for TenantQuotas {
+    fn default() -> Self {
+        TenantQuotas { deployments: 100, storage_bytes: 10 << 30, uploads: 2 }
+    }
 }
 
 /// The gpuwasm HTTP server: routing, admin API and durable state.
@@ -70,6 +103,8 @@ struct ServerInner {
     runtime: Runtime,
     artifacts: ArtifactStore,
     files: FileStore,
+    blobs: Arc<dyn BlobStore>,
+    uploads: Uploads,
     models: Arc<models::Registry>,
     store: Box<dyn ControlStore>,
     config: ServerConfig,
@@ -103,10 +138,11 @@ impl Server {
     ) -> Result<Server, Error> {
         let artifacts = ArtifactStore::open(config.data_dir.join("artifacts"), &runtime, blobs.clone())?;
         let files = FileStore::open(config.data_dir.join("files"), blobs.clone())?;
+        let uploads = Uploads::open(config.data_dir.join("uploads"), config.quotas.uploads * 4, config.quotas.uploads)?;
         let mut state = store.load()?;
-        let models = Arc::new(models::Registry::new(std::mem::take(&mut state.models), blobs));
+        let models = Arc::new(models::Registry::new(std::mem::take(&mut state.models), blobs.clone()));
         if !state.tenants.iter().any(|t| t.name == DEFAULT_TENANT) {
-            let tenant = TenantRecord { name: DEFAULT_TENANT.into(), created_at: now() };
+            let tenant = TenantRecord { name: DEFAULT_TENANT.into(), created_at: now(), domains: Vec::new() };
             store.commit(&[Change::Tenant(tenant.clone())])?;
             state.tenants.push(tenant);
         }
@@ -114,6 +150,8 @@ impl Server {
             runtime,
             artifacts,
             files,
+            blobs,
+            uploads,
             models,
             store,
             config,
@@ -132,6 +170,7 @@ impl Server {
         .await
         .map_err(|e| Error::Engine(format!("loading task failed: {e}")))?;
         *inner.control.write().unwrap() = Arc::new(control);
+        inner.start_collector();
         Ok(Server { inner })
     }
 
@@ -140,14 +179,19 @@ impl Server {
         self.inner.control().deployments.values().filter_map(|e| e.active().cloned()).collect()
     }
 
-    /// Answers one HTTP request: admin API, or routed to a deployment.
+    /// Answers one HTTP request: admin API, or routed to a deployment: by
+    /// its host when a deployment claimed it, else by its path.
     pub async fn handle(&self, request: Request<Incoming>) -> Response<ResponseBody> {
+        let host = match hosts::of_request(&request) {
+            Ok(host) => host,
+            Err(message) => return text_response(StatusCode::BAD_REQUEST, message),
+        };
+        let control = self.inner.control();
+        if let Some(entry) = host.and_then(|h| control.by_host(&h)) {
+            return invoke(entry, request).await;
+        }
         if request.uri().path().starts_with(ADMIN_PREFIX) {
             return self.inner.admin(request).await;
-        }
-        let control = self.inner.control();
-        if let Some(entry) = request_host(&request).and_then(|h| control.by_host(&h)) {
-            return invoke(entry, request).await;
         }
         let path = request.uri().path().to_string();
         let (tenant, rest) = split_prefix(&path);
@@ -177,6 +221,60 @@ impl Server {
 impl ServerInner {
     fn control(&self) -> Arc<Control> {
         self.control.read().unwrap().clone()
+    }
+
+    /// Starts the task that removes what nothing uses, now and then
+    /// periodically, until the server is dropped.
+    fn start_collector(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        let period = (self.config.gc_grace / 4).clamp(Duration::from_secs(1), Duration::from_secs(600));
+        tokio::spawn(async move {
+            loop {
+                let Some(inner) = weak.upgrade() else { break };
+                if let Err(e) = tokio::task::spawn_blocking(move || inner.collect_garbage()).await {
+                    tracing::error!(error = %e, "garbage collection failed");
+                }
+                tokio::time::sleep(period).await;
+            }
+        });
+    }
+
+    /// Removes file trees no active deployment uses, blobs no record
+    /// refers to (deployment files, model files, components: all older
+    /// than the grace period), and forgets compiled components no active
+    /// deployment runs. Versions keep what they refer to, for rollback.
+    fn collect_garbage(&self) {
+        let control = self.control();
+        let active: Vec<&VersionRecord> = control.deployments.values().filter_map(Entry::active).collect();
+        self.files.remove_unused_trees(active.iter().map(|v| (v.tenant.as_str(), &v.files)), self.config.gc_grace);
+        let running: std::collections::HashSet<&str> =
+            active.iter().map(|v| v.snapshot_sha256.as_deref().unwrap_or(&v.sha256)).collect();
+        self.artifacts.retain_loaded(&running);
+
+        let mut referenced = std::collections::HashSet::new();
+        for v in control.deployments.values().flat_map(|e| e.versions.values()) {
+            referenced.extend(v.files.values().map(|sha| FileStore::blob_key(&v.tenant, sha)));
+            referenced.extend([&v.sha256].into_iter().chain(&v.snapshot_sha256).map(|sha| crate::artifacts::source_key(sha)));
+        }
+        referenced.extend(self.models.blob_keys());
+        for prefix in ["files/", "models/", "components/"] {
+            let blobs = match self.blobs.list(prefix) {
+                Ok(blobs) => blobs,
+                Err(e) => {
+                    tracing::warn!(error = %e, "listing blobs for garbage collection failed");
+                    continue;
+                }
+            };
+            for blob in blobs {
+                let old = blob.stored_at.elapsed().is_ok_and(|age| age >= self.config.gc_grace);
+                if old && !referenced.contains(&blob.key) {
+                    match self.blobs.delete(&blob.key) {
+                        Ok(()) => tracing::info!(key = %blob.key, bytes = blob.size, "removed a blob nothing refers to"),
+                        Err(e) => tracing::warn!(key = %blob.key, error = %e, "removing an unreferenced blob failed"),
+                    }
+                }
+            }
+        }
     }
 
     /// Loads the deployment a version record describes (blocking).
@@ -259,28 +357,14 @@ where
     }
 }
 
-/// Checks a tenant or deployment name: 1-63 of `a-z 0-9 -`, starting with
-/// a letter or digit.
-pub fn check_name(name: &str) -> Result<(), Error> {
+/// Checks a name of a `kind` of thing (`tenant`, `deployment`, `model`):
+/// 1-63 of `a-z 0-9 -`, starting with a letter or digit.
+pub fn check_name(kind: &'static str, name: &str) -> Result<(), Error> {
     let ok = !name.is_empty()
         && name.len() <= 63
         && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !name.starts_with('-');
-    if ok { Ok(()) } else { Err(Error::InvalidName(name.to_string())) }
-}
-
-/// The request's host name, lower-cased, without a port.
-fn request_host<B>(request: &Request<B>) -> Option<String> {
-    let raw = request
-        .uri()
-        .host()
-        .map(str::to_string)
-        .or_else(|| request.headers().get(header::HOST)?.to_str().ok().map(str::to_string))?;
-    let host = match raw.rsplit_once(':') {
-        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
-        _ => raw.as_str(),
-    };
-    Some(host.to_ascii_lowercase())
+    if ok { Ok(()) } else { Err(Error::InvalidName { kind, name: name.to_string() }) }
 }
 
 /// Splits `/name/rest` into `("name", "/rest")`.
@@ -318,9 +402,68 @@ fn api_error(status: StatusCode, code: &str, message: &str) -> Response<Response
     json_response(status, &serde_json::json!({ "error": { "code": code, "message": message } }))
 }
 
-fn error_response(e: &Error) -> Response<ResponseBody> {
-    let status = if e.is_client_error() { StatusCode::BAD_REQUEST } else { StatusCode::INTERNAL_SERVER_ERROR };
-    api_error(status, e.code(), &e.to_string())
+fn error_response(e: Error) -> Response<ResponseBody> {
+    ApiError::from(e).into_response()
+}
+
+/// An admin API failure: its status and the documented error body
+/// `{"error": {"code", "message"}}`.
+#[derive(Debug)]
+pub(crate) struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    retry_after: Option<u64>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError { status, code, message: message.into(), retry_after: None }
+    }
+
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    /// A failure of the server itself: logged whole, answered without
+    /// details of the server (paths) beyond `message`.
+    pub fn internal(message: impl Into<String>) -> ApiError {
+        let message = message.into();
+        tracing::error!(%message, "admin API request failed");
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
+    }
+
+    /// Adds `Retry-After: secs`.
+    pub fn retry_after(mut self, secs: u64) -> ApiError {
+        self.retry_after = Some(secs);
+        self
+    }
+
+    pub fn into_response(self) -> Response<ResponseBody> {
+        let mut response = api_error(self.status, self.code, &self.message);
+        if let Some(secs) = self.retry_after {
+            response.headers_mut().insert(header::RETRY_AFTER, http::HeaderValue::from(secs));
+        }
+        response
+    }
+}
+
+impl From<Error> for ApiError {
+    /// Client errors answer 400 with their message; the server's own
+    /// failures answer 500 naming what failed, never a path on the server
+    /// (the log has the whole error).
+    fn from(e: Error) -> ApiError {
+        if e.is_client_error() {
+            return ApiError::bad_request(e.code(), e.to_string());
+        }
+        tracing::error!(error = %e, "admin API request failed");
+        let message = match &e {
+            Error::Io { context, source, .. } => format!("{context} failed: {source}"),
+            Error::CorruptState { .. } => "the server's stored state is damaged; the server log names the file".into(),
+            other => other.to_string(),
+        };
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.code(), message)
+    }
 }
 
 /// The same answer whether the deployment never existed or belongs to
@@ -336,11 +479,17 @@ mod tests {
     #[test]
     fn names() {
         for ok in ["hello", "a", "my-app-2", "0x"] {
-            assert!(check_name(ok).is_ok(), "{ok}");
+            assert!(check_name("deployment", ok).is_ok(), "{ok}");
         }
         for bad in ["", "-x", "Hello", "_gpuwasm", "a/b", "a.b", &"x".repeat(64)] {
-            assert!(check_name(bad).is_err(), "{bad}");
+            assert!(check_name("deployment", bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn name_errors_say_what_the_name_is_for() {
+        let e = check_name("model", "Bad Name").unwrap_err();
+        assert!(e.to_string().starts_with("invalid model name \"Bad Name\""), "{e}");
     }
 
     #[test]
@@ -351,9 +500,4 @@ mod tests {
         assert_eq!(split_prefix("/"), ("", "/"));
     }
 
-    #[test]
-    fn hosts_drop_ports_and_case() {
-        let req = Request::get("/x").header("host", "Api.Example.com:8080").body(()).unwrap();
-        assert_eq!(request_host(&req).as_deref(), Some("api.example.com"));
-    }
 }

@@ -10,7 +10,7 @@
 //! changes.
 
 use super::control::Caller;
-use super::{ServerInner, api_error, check_name, error_response, json_response, now};
+use super::{ApiError, ServerInner, api_error, check_name, error_response, json_response, now};
 use crate::artifacts::sha256_hex;
 use crate::blobs::BlobStore;
 use crate::nn::{ModelCatalog, ModelEntry, PUBLIC};
@@ -76,6 +76,12 @@ impl Registry {
 
     fn remove(&self, namespace: &str, name: &str) {
         self.records.write().unwrap().remove(&(namespace.to_string(), name.to_string()));
+    }
+
+    /// The blob keys every record refers to.
+    pub fn blob_keys(&self) -> Vec<String> {
+        let records = self.records.read().unwrap();
+        records.values().flat_map(|r| r.record.files.values().map(|sha| blob_key(&r.record.namespace, sha))).collect()
     }
 
     /// The models `tenant` can see: its own and public ones.
@@ -150,7 +156,7 @@ impl ServerInner {
         match (method, segments) {
             (Method::GET, ["models"]) => {
                 let visible: Vec<serde_json::Value> =
-                    self.models.visible(&caller.tenant).iter().map(|r| self.with_status(r)).collect();
+                    self.models.visible(&caller.tenant).iter().map(|r| self.with_status(caller, r)).collect();
                 json_response(StatusCode::OK, &serde_json::json!({ "models": visible }))
             }
             (_, ["models"]) => api_error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed here"),
@@ -159,7 +165,7 @@ impl ServerInner {
                 if namespace == PUBLIC && !caller.admin {
                     return api_error(StatusCode::FORBIDDEN, "forbidden", "public models need an admin token");
                 }
-                self.upload_model_file(namespace, sha256, request).await
+                self.upload_model_file(caller, namespace, sha256, request).await.unwrap_or_else(ApiError::into_response)
             }
             (method @ (Method::PUT | Method::DELETE | Method::GET), ["models", rest @ ..]) => {
                 let Some((namespace, name)) = public(rest) else {
@@ -172,7 +178,7 @@ impl ServerInner {
                     Method::PUT => self.push_model(namespace, name, request).await,
                     Method::DELETE => self.remove_model(namespace, name).await,
                     _ => match self.models.get(&namespace, &name) {
-                        Some(registered) => json_response(StatusCode::OK, &self.with_status(&registered)),
+                        Some(registered) => json_response(StatusCode::OK, &self.with_status(caller, &registered)),
                         None => model_not_found(&name),
                     },
                 }
@@ -181,37 +187,41 @@ impl ServerInner {
         }
     }
 
-    /// A record with `loaded`: this node's counters while it is resident, else null.
-    fn with_status(&self, registered: &Registered) -> serde_json::Value {
+    /// A record with `loaded`: this node's counters while it is resident,
+    /// else null. The counters of a public model show every tenant's use
+    /// of it, so only the admin sees them.
+    fn with_status(&self, caller: &Caller, registered: &Registered) -> serde_json::Value {
         let mut json = serde_json::to_value(&registered.record).expect("records serialise");
-        json["loaded"] = serde_json::to_value(self.runtime.models().status(&registered.key)).expect("status serialises");
+        let status = if registered.record.namespace == PUBLIC && !caller.admin { None } else { self.runtime.models().status(&registered.key) };
+        json["loaded"] = serde_json::to_value(status).expect("status serialises");
         json
     }
 
-    async fn upload_model_file(&self, namespace: &str, sha256: &str, request: Request<Incoming>) -> Response<ResponseBody> {
-        let bytes = match super::admin::read_upload(request, self.config.max_model_bytes, "model file").await {
-            Ok(body) => body,
-            Err(response) => return response,
-        };
-        let actual = sha256_hex(&bytes);
-        if actual != sha256 {
-            return api_error(StatusCode::BAD_REQUEST, "bad_file", &format!("content has SHA-256 {actual}, not {sha256}"));
+    /// `PUT model-files/SHA256`: the file streams to disk, is checked
+    /// against its hash, and is stored.
+    async fn upload_model_file(
+        &self,
+        caller: &Caller,
+        namespace: &str,
+        sha256: &str,
+        request: Request<Incoming>,
+    ) -> Result<Response<ResponseBody>, ApiError> {
+        let (max, over) = self.upload_room(caller, self.config.max_model_bytes as u64)?;
+        let upload = self.uploads.receive(&caller.tenant, request.into_body(), max, "model file", &over).await?;
+        if upload.sha256 != sha256 {
+            return Err(ApiError::bad_request("bad_file", format!("content has SHA-256 {}, not {sha256}", upload.sha256)));
         }
-        let (blobs, key) = (self.models.blobs.clone(), blob_key(namespace, sha256));
-        match tokio::task::spawn_blocking(move || blobs.put(&key, &bytes)).await {
-            Ok(Ok(())) => json_response(StatusCode::CREATED, &serde_json::json!({ "sha256": sha256 })),
-            Ok(Err(e)) => error_response(&e),
-            Err(e) => api_error(StatusCode::INTERNAL_SERVER_ERROR, "engine", &format!("storing the file failed: {e}")),
-        }
+        self.blobs.put_file(&blob_key(namespace, sha256), &upload.path)?;
+        Ok(json_response(StatusCode::CREATED, &serde_json::json!({ "sha256": sha256 })))
     }
 
     async fn push_model(self: &Arc<Self>, namespace: String, name: String, request: Request<Incoming>) -> Response<ResponseBody> {
-        if let Err(e) = check_name(&name) {
-            return error_response(&e);
+        if let Err(e) = check_name("model", &name) {
+            return error_response(e);
         }
         let body = match super::admin::read_upload(request, 1 << 20, "model description").await {
             Ok(body) => body,
-            Err(response) => return response,
+            Err(e) => return e.into_response(),
         };
         let spec: PushSpec = match serde_json::from_slice(&body) {
             Ok(spec) => spec,
@@ -225,6 +235,7 @@ impl ServerInner {
         }
         // Read the files back and let the engine check the whole model.
         let (registry, ns, files) = (self.models.clone(), namespace.clone(), spec.files.clone());
+        let budget = self.runtime.models().call_budget();
         let checked = tokio::task::spawn_blocking(move || -> Result<(u64, String), (StatusCode, String)> {
             let contents = registry.read_files(&ns, &files).map_err(|e| match e {
                 ReadError::Missing { path, sha256 } => (
@@ -234,7 +245,7 @@ impl ServerInner {
                 ReadError::Store(message) => (StatusCode::INTERNAL_SERVER_ERROR, message),
             })?;
             let size = contents.values().map(|b| b.len() as u64).sum();
-            let summary = gpuwasm_tensor::check(format, &contents).map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()))?;
+            let summary = gpuwasm_tensor::check(format, &contents, &budget).map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()))?;
             Ok((size, summary))
         })
         .await;
@@ -246,7 +257,7 @@ impl ServerInner {
         let record = ModelRecord { namespace, name, format, files: spec.files, size_bytes, summary, pushed_at: now() };
         let _guard = self.changes.lock().await;
         if let Err(e) = self.store.commit(&[Change::Model(record.clone())]) {
-            return error_response(&e);
+            return error_response(e);
         }
         self.models.insert(record.clone());
         tracing::info!(namespace = %record.namespace, model = %record.name, format = record.format.name(), summary = %record.summary, "model pushed");
@@ -259,7 +270,7 @@ impl ServerInner {
             return model_not_found(&name);
         }
         if let Err(e) = self.store.commit(&[Change::RemoveModel(namespace.clone(), name.clone())]) {
-            return error_response(&e);
+            return error_response(e);
         }
         self.models.remove(&namespace, &name);
         tracing::info!(%namespace, model = %name, "model removed");

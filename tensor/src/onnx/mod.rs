@@ -11,6 +11,7 @@
 mod ops;
 mod proto;
 
+use crate::budget::Budget;
 use crate::error::{Error, invalid_input, invalid_model};
 use crate::model::Graph;
 use crate::tensor::{Data, Tensor, element_count};
@@ -328,8 +329,33 @@ impl Model {
 }
 
 impl Model {
-    fn each(&self, requests: Vec<Vec<(String, Tensor)>>) -> Vec<Result<Vec<(String, Tensor)>, Error>> {
-        requests.into_iter().map(|inputs| self.run(inputs)).collect()
+    fn each(&self, requests: Vec<Vec<(String, Tensor)>>, budget: &Budget) -> Vec<Result<Vec<(String, Tensor)>, Error>> {
+        requests.into_iter().map(|inputs| self.run(inputs, budget)).collect()
+    }
+
+    /// Runs the graph once on zeros at its declared input shapes, every
+    /// symbolic dimension at 1 (an input of any shape as `[1]`): the
+    /// smallest run its declared shapes allow. Fails with
+    /// [`Error::TooLarge`] when even that does not fit `budget`, and with
+    /// [`Error::Unsupported`] for attributes no input could make work;
+    /// other failures depend on the real inputs and pass.
+    pub fn smallest_run(&self, budget: &Budget) -> Result<(), Error> {
+        let mut inputs = Vec::with_capacity(self.inputs.len());
+        for input in &self.inputs {
+            let shape: Vec<usize> = match &input.dims {
+                Some(dims) => dims.iter().map(|d| d.unwrap_or(1)).collect(),
+                None => vec![1],
+            };
+            let reservation = budget.reserve_tensor(&shape, 8, || format!("input {:?}", input.name))?;
+            let n = element_count(&shape).expect("the reservation checked the size");
+            let data = if matches!(input.elem, INT32 | INT64) { Data::I64(vec![0; n]) } else { Data::F32(vec![0.0; n]) };
+            inputs.push((input.name.clone(), Tensor::new(shape, data)?, reservation));
+        }
+        let (inputs, _held): (Vec<_>, Vec<_>) = inputs.into_iter().map(|(n, t, r)| ((n, t), r)).unzip();
+        match self.run(inputs, budget) {
+            Ok(_) | Err(Error::InvalidInput(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     /// The requests' inputs concatenated along the first dimension, and
@@ -399,20 +425,24 @@ impl Graph for Model {
     }
 
     /// Calls whose inputs differ only in their first (symbolic, batch)
-    /// dimension run as one pass over the rows of all of them.
-    fn run_batch(&self, requests: Vec<Vec<(String, Tensor)>>) -> Vec<Result<Vec<(String, Tensor)>, Error>> {
+    /// dimension run as one pass over the rows of all of them; when that
+    /// pass fails (one call's input is bad, or the merged pass does not
+    /// fit the budget), each call runs alone.
+    fn run_batch(&self, requests: Vec<Vec<(String, Tensor)>>, budget: &Budget) -> Vec<Result<Vec<(String, Tensor)>, Error>> {
         match self.merge(&requests) {
-            Some((merged, rows)) => match self.run(merged) {
-                Ok(outputs) => split_rows(outputs, &rows).unwrap_or_else(|| self.each(requests)),
-                Err(_) => self.each(requests),
+            Some((merged, rows)) => match self.run(merged, budget) {
+                Ok(outputs) => split_rows(outputs, &rows).unwrap_or_else(|| self.each(requests, budget)),
+                Err(_) => self.each(requests, budget),
             },
-            None => self.each(requests),
+            None => self.each(requests, budget),
         }
     }
 
-    fn run(&self, inputs: Vec<(String, Tensor)>) -> Result<Vec<(String, Tensor)>, Error> {
+    fn run(&self, inputs: Vec<(String, Tensor)>, budget: &Budget) -> Result<Vec<(String, Tensor)>, Error> {
         let given: HashMap<String, Tensor> = inputs.into_iter().collect();
         self.check_inputs(&given)?;
+        // Outputs stay until the pass ends, and so do their reservations.
+        let mut alloc = ops::Alloc::new(budget);
         let mut values: HashMap<&str, Tensor> = HashMap::new();
         for node in &self.nodes {
             let args: Vec<Option<&Tensor>> = node
@@ -426,7 +456,7 @@ impl Graph for Model {
                     }
                 })
                 .collect();
-            let outputs = ops::apply(node, &args).map_err(|e| match e {
+            let outputs = ops::apply(node, &args, &mut alloc).map_err(|e| match e {
                 Error::InvalidInput(m) => invalid_input(format!("{} node: {m}", node.op)),
                 other => other,
             })?;

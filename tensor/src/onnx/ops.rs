@@ -3,9 +3,46 @@
 //! in NCHW layout.
 
 use super::{Attr, Node};
+use crate::budget::{Budget, Reservation};
 use crate::cpu::{View, gemm, layer_norm, softmax_rows};
 use crate::error::{Error, invalid_input};
 use crate::tensor::{Data, Tensor, element_count};
+
+/// Reserves every buffer a node allocates from the pass's budget before
+/// allocating it, and holds the reservations for as long as the pass keeps
+/// the node's outputs.
+pub(crate) struct Alloc<'b> {
+    budget: &'b Budget,
+    op: String,
+    held: Vec<Reservation<'b>>,
+}
+
+impl<'b> Alloc<'b> {
+    pub fn new(budget: &'b Budget) -> Alloc<'b> {
+        Alloc { budget, op: String::new(), held: Vec::new() }
+    }
+
+    /// Room for `elements` of `what` (width 4: f32) in `shape`.
+    fn f32(&mut self, shape: &[usize], what: &str) -> Result<(), Error> {
+        self.bytes(shape, 4, what)
+    }
+
+    fn bytes(&mut self, shape: &[usize], width: usize, what: &str) -> Result<(), Error> {
+        let reservation = self.budget.reserve_tensor(shape, width, || format!("the {} node's {what}", self.op))?;
+        self.held.push(reservation);
+        Ok(())
+    }
+
+    /// Room for a copy of `t`.
+    fn like(&mut self, t: &Tensor) -> Result<(), Error> {
+        let width = match t.data() {
+            Data::F32(_) => 4,
+            Data::I64(_) => 8,
+            Data::U8(_) => 1,
+        };
+        self.bytes(t.shape(), width, "output")
+    }
+}
 
 /// The operators the interpreter runs.
 pub const OPERATORS: &[&str] = &[
@@ -56,14 +93,22 @@ fn axis(value: i64, rank: usize) -> Result<usize, Error> {
     usize::try_from(a).ok().filter(|&a| a < rank.max(1)).ok_or_else(|| invalid_input(format!("axis {value} outside rank {rank}")))
 }
 
-/// Runs one node.
-pub(crate) fn apply(node: &Node, args: &[Option<&Tensor>]) -> Result<Vec<Tensor>, Error> {
+/// Runs one node, reserving what it allocates from `alloc` first.
+pub(crate) fn apply(node: &Node, args: &[Option<&Tensor>], alloc: &mut Alloc<'_>) -> Result<Vec<Tensor>, Error> {
+    alloc.op.clone_from(&node.op);
     let x = || arg(args, 0);
+    // Operators whose output is the size of their first input.
+    if matches!(
+        node.op.as_str(),
+        "Relu" | "Sigmoid" | "Tanh" | "Erf" | "Gelu" | "Softmax" | "Reshape" | "Flatten" | "Transpose" | "LayerNormalization" | "Identity"
+    ) {
+        alloc.like(x()?)?;
+    }
     let out = match node.op.as_str() {
-        "Add" => binary(x()?, arg(args, 1)?, |a, b| a + b)?,
-        "Sub" => binary(x()?, arg(args, 1)?, |a, b| a - b)?,
-        "Mul" => binary(x()?, arg(args, 1)?, |a, b| a * b)?,
-        "Div" => binary(x()?, arg(args, 1)?, |a, b| a / b)?,
+        "Add" => binary(x()?, arg(args, 1)?, |a, b| a + b, alloc)?,
+        "Sub" => binary(x()?, arg(args, 1)?, |a, b| a - b, alloc)?,
+        "Mul" => binary(x()?, arg(args, 1)?, |a, b| a * b, alloc)?,
+        "Div" => binary(x()?, arg(args, 1)?, |a, b| a / b, alloc)?,
         "Relu" => unary(x()?, |v| v.max(0.0))?,
         "Sigmoid" => unary(x()?, |v| 1.0 / (1.0 + (-v).exp()))?,
         "Tanh" => unary(x()?, f32::tanh)?,
@@ -78,16 +123,16 @@ pub(crate) fn apply(node: &Node, args: &[Option<&Tensor>]) -> Result<Vec<Tensor>
             other => return Err(unsupported(node, &format!("approximate={other:?}"))),
         },
         "Softmax" => softmax(x()?, int(node, "axis", -1))?,
-        "MatMul" => matmul(x()?, arg(args, 1)?)?,
-        "Gemm" => gemm_op(node, x()?, arg(args, 1)?, args.get(2).copied().flatten())?,
-        "Conv" => conv(node, x()?, arg(args, 1)?, args.get(2).copied().flatten())?,
+        "MatMul" => matmul(x()?, arg(args, 1)?, alloc)?,
+        "Gemm" => gemm_op(node, x()?, arg(args, 1)?, args.get(2).copied().flatten(), alloc)?,
+        "Conv" => conv(node, x()?, arg(args, 1)?, args.get(2).copied().flatten(), alloc)?,
         "MaxPool" | "AveragePool" => {
             if node.outputs.len() > 1 {
                 return Err(unsupported(node, "an Indices output"));
             }
-            pool(node, x()?)?
+            pool(node, x()?, alloc)?
         }
-        "GlobalAveragePool" => global_average_pool(x()?)?,
+        "GlobalAveragePool" => global_average_pool(x()?, alloc)?,
         "Reshape" => reshape(x()?, arg(args, 1)?, int(node, "allowzero", 0) != 0)?,
         "Flatten" => {
             let t = x()?;
@@ -103,7 +148,11 @@ pub(crate) fn apply(node: &Node, args: &[Option<&Tensor>]) -> Result<Vec<Tensor>
             layer_norm_op(x()?, arg(args, 1)?, args.get(2).copied().flatten(), int(node, "axis", -1), float(node, "epsilon", 1e-5))?
         }
         "Identity" => x()?.clone(),
-        "Constant" => constant(node)?,
+        "Constant" => {
+            let value = constant(node)?;
+            alloc.like(&value)?;
+            value
+        }
         other => return Err(Error::Unsupported(format!("onnx: operator {other}"))),
     };
     Ok(vec![out])
@@ -155,14 +204,15 @@ fn broadcast_strides(shape: &[usize], out: &[usize]) -> Vec<usize> {
     strides
 }
 
-fn binary(a: &Tensor, b: &Tensor, f: fn(f32, f32) -> f32) -> Result<Tensor, Error> {
+fn binary(a: &Tensor, b: &Tensor, f: fn(f32, f32) -> f32, alloc: &mut Alloc<'_>) -> Result<Tensor, Error> {
     let (av, bv) = (a.as_f32("the first input")?, b.as_f32("the second input")?);
-    if a.shape() == b.shape() {
-        return Ok(Tensor::f32(a.shape().to_vec(), av.iter().zip(bv).map(|(&x, &y)| f(x, y)).collect()));
-    }
     let shape = broadcast_shape(a.shape(), b.shape())?;
+    alloc.f32(&shape, "output")?;
+    if a.shape() == b.shape() {
+        return Ok(Tensor::f32(shape, av.iter().zip(bv).map(|(&x, &y)| f(x, y)).collect()));
+    }
     let (sa, sb) = (broadcast_strides(a.shape(), &shape), broadcast_strides(b.shape(), &shape));
-    let n = element_count(&shape).unwrap_or(0);
+    let n = element_count(&shape).expect("the reservation checked the size");
     let mut out = Vec::with_capacity(n);
     let mut index = vec![0usize; shape.len()];
     let (mut ia, mut ib) = (0usize, 0usize);
@@ -203,7 +253,7 @@ fn softmax(t: &Tensor, axis_attr: i64) -> Result<Tensor, Error> {
     Ok(Tensor::f32(t.shape().to_vec(), v))
 }
 
-fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor, Error> {
+fn matmul(a: &Tensor, b: &Tensor, alloc: &mut Alloc<'_>) -> Result<Tensor, Error> {
     let (av, bv) = (a.as_f32("A")?, b.as_f32("B")?);
     let (sa, sb) = (a.shape(), b.shape());
     if sa.len() < 2 || sb.len() < 2 {
@@ -215,6 +265,9 @@ fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor, Error> {
     if k != k2 || (nb_b != 1 && batch_a != batch_b) {
         return Err(invalid_input(format!("MatMul of {sa:?} and {sb:?}: inner or batch dimensions differ")));
     }
+    let mut shape = batch_a.to_vec();
+    shape.extend([m, n]);
+    alloc.f32(&shape, "output")?;
     let batches: usize = batch_a.iter().product();
     let mut out = vec![0.0; batches * m * n];
     if nb_b == 1 {
@@ -225,12 +278,10 @@ fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor, Error> {
             gemm(1.0, av, View::dense(m, k, i * m * k), bv, View::dense(k, n, i * k * n), 0.0, &mut out, View::dense(m, n, i * m * n));
         }
     }
-    let mut shape = batch_a.to_vec();
-    shape.extend([m, n]);
     Ok(Tensor::f32(shape, out))
 }
 
-fn gemm_op(node: &Node, a: &Tensor, b: &Tensor, c: Option<&Tensor>) -> Result<Tensor, Error> {
+fn gemm_op(node: &Node, a: &Tensor, b: &Tensor, c: Option<&Tensor>, alloc: &mut Alloc<'_>) -> Result<Tensor, Error> {
     let (sa, sb) = (a.shape(), b.shape());
     if sa.len() != 2 || sb.len() != 2 {
         return Err(invalid_input(format!("Gemm needs matrices, got {sa:?} and {sb:?}")));
@@ -248,9 +299,11 @@ fn gemm_op(node: &Node, a: &Tensor, b: &Tensor, c: Option<&Tensor>) -> Result<Te
     }
     let (m, n) = (av.rows, bv.cols);
     let (alpha, beta) = (float(node, "alpha", 1.0), float(node, "beta", 1.0));
+    alloc.f32(&[m, n], "output")?;
     let mut y = match c {
         Some(c) => {
-            let filled = binary(&Tensor::f32(vec![m, n], vec![0.0; m * n]), c, |_, c| c)?;
+            alloc.f32(&[m, n], "broadcast bias")?;
+            let filled = binary(&Tensor::f32(vec![m, n], vec![0.0; m * n]), c, |_, c| c, alloc)?;
             if filled.shape() != [m, n] {
                 return Err(invalid_input(format!("Gemm bias {:?} does not broadcast to [{m}, {n}]", c.shape())));
             }
@@ -321,7 +374,7 @@ fn nchw(t: &Tensor) -> Result<[usize; 4], Error> {
     }
 }
 
-fn conv(node: &Node, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor, Error> {
+fn conv(node: &Node, x: &Tensor, w: &Tensor, bias: Option<&Tensor>, alloc: &mut Alloc<'_>) -> Result<Tensor, Error> {
     let [n, c, h, wd] = nchw(x)?;
     let [m, cg, kh, kw] = nchw(w)?;
     let group = int(node, "group", 1).max(1) as usize;
@@ -333,6 +386,8 @@ fn conv(node: &Node, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Te
     let (xv, wv) = (x.as_f32("X")?, w.as_f32("W")?);
     let mg = m / group;
     let patch = cg * kh * kw;
+    alloc.f32(&[n, m, oh, ow], "output")?;
+    alloc.f32(&[patch, oh, ow], "unfolded input")?;
     let mut out = vec![0.0; n * m * oh * ow];
     let mut cols = vec![0.0; patch * oh * ow];
     for b in 0..n {
@@ -367,7 +422,7 @@ fn conv(node: &Node, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Te
     Ok(Tensor::f32(vec![n, m, oh, ow], out))
 }
 
-fn pool(node: &Node, x: &Tensor) -> Result<Tensor, Error> {
+fn pool(node: &Node, x: &Tensor, alloc: &mut Alloc<'_>) -> Result<Tensor, Error> {
     let [n, c, h, w] = nchw(x)?;
     let kernel = match ints(node, "kernel_shape").as_deref() {
         Some([a, b]) if *a > 0 && *b > 0 => [*a as usize, *b as usize],
@@ -375,6 +430,7 @@ fn pool(node: &Node, x: &Tensor) -> Result<Tensor, Error> {
     };
     let win = Window::of(node, kernel)?;
     let [oh, ow] = win.output(h, w)?;
+    alloc.f32(&[n, c, oh, ow], "output")?;
     let max = node.op == "MaxPool";
     let count_pad = int(node, "count_include_pad", 0) != 0;
     let xv = x.as_f32("X")?;
@@ -400,8 +456,9 @@ fn pool(node: &Node, x: &Tensor) -> Result<Tensor, Error> {
     Ok(Tensor::f32(vec![n, c, oh, ow], out))
 }
 
-fn global_average_pool(x: &Tensor) -> Result<Tensor, Error> {
+fn global_average_pool(x: &Tensor, alloc: &mut Alloc<'_>) -> Result<Tensor, Error> {
     let [n, c, h, w] = nchw(x)?;
+    alloc.f32(&[n, c], "output")?;
     let out = x.as_f32("X")?.chunks_exact((h * w).max(1)).map(|p| p.iter().sum::<f32>() / (h * w).max(1) as f32).collect();
     Ok(Tensor::f32(vec![n, c, 1, 1], out))
 }
@@ -523,8 +580,13 @@ mod tests {
     }
 
     fn run(n: &Node, args: &[&Tensor]) -> Tensor {
+        try_run(n, args).unwrap()
+    }
+
+    fn try_run(n: &Node, args: &[&Tensor]) -> Result<Tensor, Error> {
         let args: Vec<Option<&Tensor>> = args.iter().map(|a| Some(*a)).collect();
-        apply(n, &args).unwrap().remove(0)
+        let budget = Budget::new(1 << 20);
+        Ok(apply(n, &args, &mut Alloc::new(&budget))?.remove(0))
     }
 
     #[test]
@@ -534,7 +596,7 @@ mod tests {
         assert_eq!(run(&node("Add", &[]), &[&a, &b]).data(), &Data::F32(vec![11., 22., 33., 14., 25., 36.]));
         let col = t(&[2, 1], &[1., 2.]);
         assert_eq!(run(&node("Mul", &[]), &[&a, &col]).data(), &Data::F32(vec![1., 2., 3., 8., 10., 12.]));
-        assert!(apply(&node("Add", &[]), &[Some(&a), Some(&t(&[2], &[1., 2.]))]).is_err());
+        assert!(try_run(&node("Add", &[]), &[&a, &t(&[2], &[1., 2.])]).is_err());
     }
 
     #[test]
@@ -560,10 +622,28 @@ mod tests {
         let shape = Tensor::new(vec![2], Data::I64(vec![-1, 2])).unwrap();
         assert_eq!(run(&node("Reshape", &[]), &[&x, &shape]).shape(), &[3, 2]);
         let bad = Tensor::new(vec![1], Data::I64(vec![4])).unwrap();
-        assert!(apply(&node("Reshape", &[]), &[Some(&x), Some(&bad)]).is_err());
+        assert!(try_run(&node("Reshape", &[]), &[&x, &bad]).is_err());
         let g = run(&node("Gemm", &[("transB", Attr::Int(1))]), &[&x, &x]);
         assert_eq!(g.data(), &Data::F32(vec![14., 32., 32., 77.]));
         let s = run(&node("Softmax", &[("axis", Attr::Int(0))]), &[&t(&[2, 1], &[0., 0.])]);
         assert_eq!(s.data(), &Data::F32(vec![0.5, 0.5]));
+    }
+
+    #[test]
+    fn outputs_over_the_budget_fail_before_allocating() {
+        // The crash found in the security review: a broadcast to 10^10
+        // elements. With a 1 MiB budget it is refused, naming the node.
+        let a = t(&[100_000, 1], &vec![0.0; 100_000]);
+        let b = t(&[100_000, 1, 1], &vec![0.0; 100_000]);
+        let err = try_run(&node("Add", &[]), &[&a, &b]).unwrap_err();
+        assert!(matches!(&err, Error::TooLarge(m) if m.contains("the Add node's output of dimensions [100000, 100000, 1]")), "{err}");
+        // A 600x600 f32 output is 1.4 MB: over; 500x500 (1.0 MB) fits.
+        let big = t(&[600, 600], &vec![1.0; 360_000]);
+        let err = try_run(&node("MatMul", &[]), &[&big, &big]).unwrap_err();
+        assert!(matches!(&err, Error::TooLarge(m) if m.contains("MatMul node's output")), "{err}");
+        let err = try_run(&node("Relu", &[]), &[&big]).unwrap_err();
+        assert!(matches!(err, Error::TooLarge(_)), "{err}");
+        let fits = t(&[500, 500], &vec![1.0; 250_000]);
+        assert_eq!(try_run(&node("MatMul", &[]), &[&fits, &fits]).unwrap().shape(), &[500, 500]);
     }
 }

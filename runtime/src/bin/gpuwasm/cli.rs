@@ -4,7 +4,8 @@ use crate::client::Api;
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use clap::{Args, Parser, Subcommand};
-use gpuwasm::server::{Server, ServerConfig, serve_connections};
+use gpuwasm::nn::InferenceMemory;
+use gpuwasm::server::{Server, ServerConfig, TenantQuotas, serve_connections};
 use gpuwasm::manifest::Manifest;
 use gpuwasm::server::SPEC_HEADER;
 use gpuwasm::store::VersionRecord;
@@ -90,16 +91,66 @@ pub struct ServeArgs {
     /// Largest model file accepted by `model push`, in MiB.
     #[arg(long, default_value_t = 4096)]
     max_model_mb: usize,
+    /// A name this server answers on (repeatable). No deployment may claim
+    /// it as its host, so /TENANT/NAME/ paths on it always reach their
+    /// deployment. IP addresses, localhost and this machine's host name
+    /// are never claimable anyway.
+    #[arg(long = "server-name", value_name = "NAME")]
+    server_names: Vec<String>,
+    /// Active deployments each tenant may have.
+    #[arg(long, default_value_t = 100)]
+    tenant_deployments: usize,
+    /// Storage each tenant may use for deployment files and models, in MiB.
+    #[arg(long, default_value_t = 10240)]
+    tenant_storage_mb: u64,
+    /// File and model uploads each tenant may have in progress at once
+    /// (the server takes four times this over all tenants).
+    #[arg(long, default_value_t = 2)]
+    tenant_uploads: usize,
+    /// Seconds an uploaded blob or assembled file tree that nothing refers
+    /// to is kept before it is removed.
+    #[arg(long, default_value_t = 3600)]
+    gc_grace_secs: u64,
 }
 
+/// The node's resources: its instance pool, the highest limits a
+/// deployment may ask for, and inference memory.
 #[derive(Args)]
 struct PoolArgs {
     /// Instances that may run at once over all deployments.
     #[arg(long, default_value_t = 256)]
     max_instances: u32,
+    /// Instances one tenant's deployments may run at once [default: half of --max-instances].
+    #[arg(long)]
+    max_tenant_instances: Option<u32>,
     /// Largest memory limit, in MiB, any deployment may be given.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = Limits::default_ceilings().memory_mb)]
     max_memory_mb: u64,
+    /// Largest CPU time limit, in ms, any deployment may be given.
+    #[arg(long, default_value_t = Limits::default_ceilings().cpu_ms)]
+    max_cpu_ms: u64,
+    /// Largest wall-clock limit, in ms, any deployment may be given.
+    #[arg(long, default_value_t = Limits::default_ceilings().timeout_ms)]
+    max_timeout_ms: u64,
+    /// Largest request body limit, in bytes, any deployment may be given.
+    #[arg(long, default_value_t = Limits::default_ceilings().max_body_bytes)]
+    max_body_limit: u64,
+    /// Largest concurrency any deployment may be given.
+    #[arg(long, default_value_t = Limits::default_ceilings().concurrency)]
+    max_concurrency: u32,
+    /// Longest queue any deployment may be given.
+    #[arg(long, default_value_t = Limits::default_ceilings().queue)]
+    max_queue: u32,
+    /// Longest queue wait, in ms, any deployment may be given.
+    #[arg(long, default_value_t = Limits::default_ceilings().queue_timeout_ms)]
+    max_queue_timeout_ms: u64,
+    /// Host memory one inference call may allocate, in MiB (a call over it
+    /// fails with wasi-nn `too-large`; model pushes are checked against it).
+    #[arg(long, default_value_t = InferenceMemory::default().per_call_mb)]
+    inference_call_mb: u64,
+    /// Host memory all inference calls on the node may allocate at once, in MiB.
+    #[arg(long, default_value_t = InferenceMemory::default().node_mb)]
+    inference_node_mb: u64,
     /// Seconds a model stays loaded after its last use (it loads again on
     /// the next request that needs it).
     #[arg(long, default_value_t = 600)]
@@ -108,11 +159,24 @@ struct PoolArgs {
 
 impl PoolArgs {
     fn runtime(&self) -> Result<Runtime> {
-        Ok(Runtime::builder()
+        let ceilings = Limits {
+            memory_mb: self.max_memory_mb,
+            cpu_ms: self.max_cpu_ms,
+            timeout_ms: self.max_timeout_ms,
+            max_body_bytes: self.max_body_limit,
+            concurrency: self.max_concurrency,
+            queue: self.max_queue,
+            queue_timeout_ms: self.max_queue_timeout_ms,
+        };
+        let mut builder = Runtime::builder()
             .max_instances(self.max_instances)
-            .max_memory_mb(self.max_memory_mb)
-            .model_idle_timeout(std::time::Duration::from_secs(self.model_idle_secs))
-            .build()?)
+            .max_limits(ceilings)
+            .inference_memory(InferenceMemory { per_call_mb: self.inference_call_mb, node_mb: self.inference_node_mb })
+            .model_idle_timeout(std::time::Duration::from_secs(self.model_idle_secs));
+        if let Some(n) = self.max_tenant_instances {
+            builder = builder.max_instances_per_tenant(n);
+        }
+        Ok(builder.build()?)
     }
 }
 
@@ -434,11 +498,20 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
         Some(token) if !token.is_empty() => token,
         _ => stored_token(&args.data_dir)?,
     };
+    let mut server_names = args.server_names.clone();
+    server_names.extend(std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|h| h.trim().to_string()));
     let config = ServerConfig {
         data_dir: args.data_dir.clone(),
         admin_token,
         max_upload_bytes: args.max_upload_mb.saturating_mul(1 << 20),
         max_model_bytes: args.max_model_mb.saturating_mul(1 << 20),
+        server_names: server_names.iter().filter_map(|n| gpuwasm::server::normalize_host(n)).collect(),
+        quotas: TenantQuotas {
+            deployments: args.tenant_deployments,
+            storage_bytes: args.tenant_storage_mb.saturating_mul(1 << 20),
+            uploads: args.tenant_uploads,
+        },
+        gc_grace: std::time::Duration::from_secs(args.gc_grace_secs),
     };
     let server = Server::open(args.pool.runtime()?, config)
         .await
@@ -485,7 +558,17 @@ fn load_manifest(file: &Path, explicit: Option<&Path>) -> Result<(Manifest, Path
         None => return Ok((Manifest::default(), PathBuf::from("."))),
     };
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let manifest = Manifest::parse(&text, u64::MAX).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    // The server (or `run`'s runtime) checks the limits against its own maxima.
+    let no_ceilings = Limits {
+        memory_mb: u64::MAX,
+        cpu_ms: u64::MAX,
+        timeout_ms: u64::MAX,
+        max_body_bytes: u64::MAX,
+        concurrency: u32::MAX,
+        queue: u32::MAX,
+        queue_timeout_ms: u64::MAX,
+    };
+    let manifest = Manifest::parse(&text, &no_ceilings).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     Ok((manifest, path.parent().unwrap_or(Path::new(".")).to_path_buf()))
 }
 

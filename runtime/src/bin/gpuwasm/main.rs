@@ -9,6 +9,7 @@ use clap::Parser;
 
 fn main() -> std::process::ExitCode {
     keep_tensor_buffers_in_the_heap();
+    raise_open_file_limit();
     let cli = cli::Cli::parse();
     let default_level = if matches!(cli.command, cli::Command::Serve(_) | cli::Command::Run(_)) { "info" } else { "warn" };
     tracing_subscriber::fmt()
@@ -30,6 +31,20 @@ fn main() -> std::process::ExitCode {
         Err(e) => {
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Every deployment maps its compiled component from a file and every
+/// connection is a socket: lift the soft limit on open files to the hard
+/// limit, so a busy server does not fail at a default of 1024.
+fn raise_open_file_limit() {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit only read and write the struct given.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
         }
     }
 }

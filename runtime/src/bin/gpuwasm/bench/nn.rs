@@ -111,13 +111,15 @@ pub async fn run(args: NnArgs) -> Result<ExitCode> {
         Ok(())
     };
     let joined = batch.join("\n");
+    // Native passes run under a call's budget, as wasi-nn's do.
+    let budget = runtime.models().call_budget();
 
     // [native b1, wasi b1, native b32, wasi b32] per round.
     let mut figures: Vec<[f64; 4]> = Vec::new();
     let (mut i, mut j) = (0, 0);
     for _ in 0..args.rounds {
         let native_1 = rate(args.seconds, async || {
-            graph.run(vec![("text".into(), Tensor::texts(&sentences[i % sentences.len()..][..1]))])?;
+            graph.run(vec![("text".into(), Tensor::texts(&sentences[i % sentences.len()..][..1]))], &budget)?;
             i += 1;
             Ok(())
         })
@@ -128,7 +130,7 @@ pub async fn run(args: NnArgs) -> Result<ExitCode> {
             call(line).await
         })
         .await?;
-        let native_32 = 32.0 * rate(args.seconds, async || Ok(graph.run(vec![("text".into(), Tensor::texts(batch))]).map(drop)?)).await?;
+        let native_32 = 32.0 * rate(args.seconds, async || Ok(graph.run(vec![("text".into(), Tensor::texts(batch))], &budget).map(drop)?)).await?;
         let wasi_32 = 32.0 * rate(args.seconds, async || call(joined.clone()).await).await?;
         figures.push([native_1, wasi_1, native_32, wasi_32]);
     }
