@@ -10,10 +10,7 @@ use support::*;
 
 /// Calls the admin API with `token`; returns (status, JSON body).
 async fn api(server: &Server, token: &str, method: &str, path: &str, body: impl Into<Bytes>) -> (u16, serde_json::Value) {
-    let url = format!("{}/_gpuwasm/v1/{path}", server.url);
-    let reply = send(method, &url, &[("authorization", &format!("Bearer {token}"))], body).await;
-    let json = serde_json::from_str(&reply.body).unwrap_or_else(|_| panic!("{method} {path}: not JSON: {}", reply.body));
-    (reply.status, json)
+    server.api(token, method, path, body).await
 }
 
 /// Deploys `wasm_name` as `name` with `token`; returns (status, JSON body).
@@ -24,9 +21,7 @@ async fn deploy(server: &Server, token: &str, name: &str, wasm_name: &str) -> (u
 
 /// Creates tenant `name` with the admin token; returns its token.
 async fn tenant(server: &Server, name: &str) -> String {
-    let (status, json) = api(server, TOKEN, "POST", "tenants", format!(r#"{{"name":"{name}"}}"#)).await;
-    assert_eq!(status, 201, "{json}");
-    json["token"].as_str().unwrap().to_string()
+    server.tenant(name).await
 }
 
 const HELLO: &str = "hello from gpuwasm! you asked for GET /\n";

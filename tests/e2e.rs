@@ -6,8 +6,6 @@ mod support;
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use support::*;
 
@@ -53,27 +51,6 @@ async fn response_body_streams_in_chunks() {
     assert_eq!(reply.body, expected);
 }
 
-/// A request body fed from a channel, so the test decides when each chunk
-/// is sent.
-struct ChannelBody(tokio::sync::mpsc::Receiver<Bytes>);
-
-impl http_body::Body for ChannelBody {
-    type Data = Bytes;
-    type Error = std::convert::Infallible;
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
-        self.0.poll_recv(cx).map(|chunk| chunk.map(|c| Ok(http_body::Frame::data(c))))
-    }
-}
-
-/// One HTTP/1.1 connection to `server` for requests with a [`ChannelBody`],
-/// and the authority to send as `Host`.
-async fn streaming_connection(server: &Server) -> (hyper::client::conn::http1::SendRequest<ChannelBody>, String) {
-    let authority = server.url.strip_prefix("http://").unwrap().to_string();
-    let stream = tokio::net::TcpStream::connect(&authority).await.unwrap();
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
-    tokio::spawn(conn);
-    (sender, authority)
-}
 
 #[tokio::test]
 async fn request_and_response_bodies_stream_both_ways() {

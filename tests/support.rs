@@ -56,8 +56,11 @@ impl Server {
 
     /// Starts a server on `data_dir` with extra `gpuwasm serve` flags.
     pub fn start_with(data_dir: &Path, flags: &[&str]) -> Server {
+        // Enough instances for the tests that send hundreds of requests at once.
+        let pool: &[&str] = if flags.contains(&"--max-instances") { &[] } else { &["--max-instances", "300"] };
         let mut child = gpuwasm()
-            .args(["serve", "--listen", "127.0.0.1:0", "--max-instances", "300", "--admin-token", TOKEN])
+            .args(["serve", "--listen", "127.0.0.1:0", "--admin-token", TOKEN])
+            .args(pool)
             .arg("--data-dir")
             .arg(data_dir)
             .args(flags)
@@ -88,6 +91,52 @@ impl Server {
         args.extend_from_slice(flags);
         let out = self.cli(&args);
         assert!(out.status.success(), "deploy {name} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The server's peak resident memory so far (VmHWM), in bytes.
+    pub fn peak_rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        let kb: u64 = status.lines().find_map(|l| l.strip_prefix("VmHWM:")).unwrap().trim().trim_end_matches(" kB").trim().parse().unwrap();
+        kb * 1024
+    }
+
+    /// CPU time the server has used (user + system), in seconds.
+    pub fn cpu_seconds(&self) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap();
+        // Fields after the command name (which may hold spaces) in parentheses.
+        let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+        let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+        ticks as f64 / 100.0
+    }
+
+    /// File descriptors the server holds open.
+    pub fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid())).unwrap().count()
+    }
+
+    /// Runs a gpuwasm CLI command against this server with `token`.
+    pub fn cli_as(&self, token: &str, args: &[&str]) -> Output {
+        gpuwasm().args(args).env("GPUWASM_SERVER", &self.url).env("GPUWASM_TOKEN", token).output().expect("running gpuwasm")
+    }
+
+    /// Calls the admin API with `token`; returns (status, JSON body).
+    pub async fn api(&self, token: &str, method: &str, path: &str, body: impl Into<Bytes>) -> (u16, serde_json::Value) {
+        let url = format!("{}/_gpuwasm/v1/{path}", self.url);
+        let reply = send(method, &url, &[("authorization", &format!("Bearer {token}"))], body).await;
+        let json = serde_json::from_str(&reply.body).unwrap_or_else(|_| panic!("{method} {path}: not JSON: {}", reply.body));
+        (reply.status, json)
+    }
+
+    /// Creates tenant `name` with the admin token; returns its token.
+    pub async fn tenant(&self, name: &str) -> String {
+        let (status, json) = self.api(TOKEN, "POST", "tenants", format!(r#"{{"name":"{name}"}}"#)).await;
+        assert_eq!(status, 201, "{json}");
+        json["token"].as_str().unwrap().to_string()
     }
 
     /// Stops the server like a crash would.
@@ -129,6 +178,31 @@ pub async fn send(method: &str, url: &str, headers: &[(&str, &str)], body: impl 
 
 pub async fn get(url: &str) -> Reply {
     send("GET", url, &[], Bytes::new()).await
+}
+
+/// A request body fed from a channel, so the test decides when each chunk
+/// is sent.
+pub struct ChannelBody(pub tokio::sync::mpsc::Receiver<Bytes>);
+
+impl http_body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        self.0.poll_recv(cx).map(|chunk| chunk.map(|c| Ok(http_body::Frame::data(c))))
+    }
+}
+
+/// One HTTP/1.1 connection to `server` for requests with a [`ChannelBody`],
+/// and the authority to send as `Host`.
+pub async fn streaming_connection(server: &Server) -> (hyper::client::conn::http1::SendRequest<ChannelBody>, String) {
+    let authority = server.url.strip_prefix("http://").unwrap().to_string();
+    let stream = tokio::net::TcpStream::connect(&authority).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(conn);
+    (sender, authority)
 }
 
 /// stdout of a finished command, or a panic with its stderr.

@@ -398,9 +398,28 @@ pub struct RollbackArgs {
 #[derive(Subcommand)]
 pub enum TenantCommand {
     /// Create a tenant and print its first token (shown only once).
-    Create(NameArgs),
-    /// List tenants.
+    Create {
+        /// The tenant's name: 1-63 of a-z, 0-9 and '-'.
+        name: String,
+        /// A domain whose names its deployments may claim as hosts (repeatable).
+        #[arg(long = "domain", value_name = "DOMAIN")]
+        domains: Vec<String>,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// List tenants and their domains.
     List(ListArgs),
+    /// Set the domains a tenant's deployments may claim host names in
+    /// (each domain and its subdomains); none clears them. Only the admin
+    /// may claim other names.
+    Domains {
+        /// The tenant.
+        name: String,
+        /// The domains, replacing the current ones.
+        domains: Vec<String>,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -731,18 +750,29 @@ async fn rollback(args: RollbackArgs) -> Result<ExitCode> {
 
 async fn tenant(cmd: TenantCommand) -> Result<ExitCode> {
     match cmd {
-        TenantCommand::Create(args) => {
-            let body = serde_json::to_vec(&serde_json::json!({ "name": args.name }))?;
-            let reply = args.server.api()?.admin(Method::POST, "tenants", Bytes::from(body)).await?;
-            println!("created tenant {}", args.name);
+        TenantCommand::Create { name, domains, server } => {
+            let body = serde_json::to_vec(&serde_json::json!({ "name": name, "domains": domains }))?;
+            let reply = server.api()?.admin(Method::POST, "tenants", Bytes::from(body)).await?;
+            println!("created tenant {name}");
             println!("token (shown only once): {}", reply["token"].as_str().unwrap_or("?"));
         }
         TenantCommand::List(args) => {
             let reply = args.server.api()?.admin(Method::GET, "tenants", Bytes::new()).await?;
             if !print_json(args.json, &reply)? {
+                println!("{:<24} DOMAINS", "TENANT");
                 for t in reply["tenants"].as_array().into_iter().flatten() {
-                    println!("{}", t["name"].as_str().unwrap_or("?"));
+                    let domains: Vec<&str> = t["domains"].as_array().into_iter().flatten().filter_map(|d| d.as_str()).collect();
+                    println!("{:<24} {}", t["name"].as_str().unwrap_or("?"), if domains.is_empty() { "-".into() } else { domains.join(", ") });
                 }
+            }
+        }
+        TenantCommand::Domains { name, domains, server } => {
+            let body = serde_json::to_vec(&serde_json::json!({ "domains": domains }))?;
+            let reply = server.api()?.admin(Method::PUT, &format!("tenants/{name}/domains"), Bytes::from(body)).await?;
+            let set: Vec<&str> = reply["domains"].as_array().into_iter().flatten().filter_map(|d| d.as_str()).collect();
+            match set.as_slice() {
+                [] => println!("tenant {name} may not claim host names"),
+                set => println!("tenant {name} may claim host names in {}", set.join(", ")),
             }
         }
     }

@@ -11,6 +11,8 @@
 //!   into the component and classify an empty image.
 //! - `POST /embed-lines?NAME`: embed each line of the body in one call
 //!   (the benchmark's wasi-nn path); answers the token count.
+//! - `POST /zeros?NAME`: compute on the input `text`, FP32 of dimensions
+//!   `[n]` (n, the body) holding zeros; answers the outputs' sizes.
 
 use gpuwasm_guest::nn::{Error, Graph, Tensor, TensorType};
 use gpuwasm_guest::{Request, Response};
@@ -39,6 +41,11 @@ fn probe(path: &str, name: &str, body: &[u8]) -> Result<String, Error> {
             Ok(format!("{} probabilities summing to {:.3}", p.len(), p.iter().sum::<f32>()))
         }
         "/onnx-garbage" => Graph::load_onnx(b"this is not a model").map(|_| "loaded".into()),
+        "/zeros" => {
+            let n: u32 = String::from_utf8_lossy(body).trim().parse().unwrap_or(1);
+            let out = Graph::load_by_name(name)?.compute(&[("text", Tensor::f32(&[n], &vec![0.0; n as usize]))])?;
+            Ok(format!("{} output values", out.get("out")?.to_f32()?.len()))
+        }
         _ => Ok("unknown probe".into()),
     }
 }

@@ -1,0 +1,430 @@
+//! The attacks from the security review (docs/security.md), each against a
+//! real server on 127.0.0.1 with two tenants, acme and mallory: the server
+//! survives, other tenants are answered normally, memory and disk stay
+//! bounded (measured from /proc and the data directory), and the error is
+//! the right one.
+
+mod support;
+#[path = "hostile.rs"]
+mod hostile;
+
+use bytes::Bytes;
+use std::io::{Read, Write};
+use std::path::Path;
+use std::time::{Duration, Instant};
+use support::*;
+
+const HELLO: &str = "hello from gpuwasm! you asked for GET /\n";
+
+/// Uploads `bytes` as a model file and pushes model `name` of `format`
+/// with `token`; returns the push's (status, JSON).
+async fn push_model(server: &Server, token: &str, name: &str, format: &str, bytes: Vec<u8>) -> (u16, serde_json::Value) {
+    let sha = sha256(&bytes);
+    let namespace = if name.starts_with("public/") { "?namespace=public" } else { "" };
+    let (status, json) = server.api(token, "PUT", &format!("model-files/{sha}{namespace}"), bytes).await;
+    assert_eq!(status, 201, "{json}");
+    let spec = serde_json::json!({ "format": format, "files": { format!("model.{format}"): sha } });
+    server.api(token, "PUT", &format!("models/{name}"), spec.to_string()).await
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Deploys the nn-probe guest as `name` for `token`, allowed to load `model`.
+async fn deploy_probe(server: &Server, token: &str, name: &str, model: &str) {
+    let spec = serde_json::json!({ "models": [model] }).to_string();
+    let bytes = std::fs::read(wasm("nn_probe")).unwrap();
+    let url = format!("{}/_gpuwasm/v1/deployments/{name}", server.url);
+    let reply = send("PUT", &url, &[("authorization", &format!("Bearer {token}")), ("gpuwasm-spec", &spec)], bytes).await;
+    assert!(reply.status == 201 || reply.status == 200, "{}", reply.body);
+}
+
+/// Deploys `wasm_name` as `name` with `token` and query `settings`.
+async fn deploy(server: &Server, token: &str, name: &str, wasm_name: &str, settings: &str) -> (u16, serde_json::Value) {
+    let bytes = std::fs::read(wasm(wasm_name)).unwrap();
+    server.api(token, "PUT", &format!("deployments/{name}?{settings}"), bytes).await
+}
+
+/// Another tenant's handler still answers at once.
+async fn acme_is_served(server: &Server) {
+    let started = Instant::now();
+    let reply = get(&format!("{}/acme/hello/", server.url)).await;
+    assert_eq!((reply.status, reply.body.as_str()), (200, HELLO));
+    assert!(started.elapsed() < Duration::from_secs(2), "acme waited {:?}", started.elapsed());
+}
+
+/// Starts a server with `flags`, tenants acme (with hello deployed) and
+/// mallory; returns it with mallory's and acme's tokens.
+async fn two_tenants(dir: &tempfile::TempDir, flags: &[&str]) -> (Server, String, String) {
+    let server = Server::start_with(&dir.path().join("data"), flags);
+    let (acme, mallory) = (server.tenant("acme").await, server.tenant("mallory").await);
+    assert_eq!(deploy(&server, &acme, "hello", "hello", "").await.0, 201);
+    (server, mallory, acme)
+}
+
+#[tokio::test]
+async fn attack_1_an_onnx_model_asking_for_80_gb_never_crashes_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, mallory, _) = two_tenants(&dir, &[]).await;
+
+    // The reviewed model: its smallest run already needs 37 GiB, so the
+    // push is refused, naming the node.
+    let (status, json) = push_model(&server, &mallory, "bomb", "onnx", hostile::broadcast_bomb()).await;
+    assert_eq!(status, 400, "{json}");
+    let message = json["error"]["message"].as_str().unwrap();
+    assert!(message.contains("too large: the Add node's output of dimensions [100000, 100000, 1] needs 37.3 GiB"), "{message}");
+
+    // A model harmless at its smallest, 40 GB for a chosen input: pushed,
+    // then every call with that input fails alone with too-large.
+    let (status, json) = push_model(&server, &mallory, "sized", "onnx", hostile::input_sized_bomb()).await;
+    assert_eq!(status, 201, "{json}");
+    deploy_probe(&server, &mallory, "probe", "sized").await;
+    let url = format!("{}/mallory/probe/zeros?sized", server.url);
+    assert_eq!(send("POST", &url, &[], "1").await.body, "ok 100000 output values");
+    for _ in 0..3 {
+        let reply = send("POST", &url, &[], "100000").await;
+        assert!(reply.body.starts_with("error too-large: too large: the Add node's output of dimensions [100000, 100000] needs 37.3 GiB"), "{}", reply.body);
+        acme_is_served(&server).await;
+    }
+    let peak = server.peak_rss();
+    assert!(peak < 1 << 30, "peak RSS {} MiB", peak >> 20);
+    eprintln!("server peak RSS after the attack: {} MiB", peak >> 20);
+}
+
+/// Sends a raw HTTP/1.1 request and returns the status line and body.
+fn raw_request(server: &Server, request: &str) -> String {
+    let mut stream = std::net::TcpStream::connect(server.url.strip_prefix("http://").unwrap()).unwrap();
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut reply = String::new();
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let _ = stream.read_to_string(&mut reply);
+    reply
+}
+
+#[tokio::test]
+async fn attack_2_claiming_a_host_name_never_captures_other_tenants_traffic() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, mallory, acme) = two_tenants(&dir, &["--server-name", "gpuwasm.example.net"]).await;
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim().to_lowercase();
+    let set = stdout_of(&server.cli(&["tenant", "domains", "acme", "Example.com"]));
+    assert_eq!(set, "tenant acme may claim host names in example.com\n");
+    let (status, json) = server.api(TOKEN, "PUT", "tenants/mallory/domains", r#"{"domains": ["mallory.test"]}"#).await;
+    assert_eq!((status, json["domains"].clone()), (200, serde_json::json!(["mallory.test"])));
+    let (status, json) = server.api(TOKEN, "PUT", "tenants/mallory/domains", r#"{"domains": ["127.0.0.1"]}"#).await;
+    assert_eq!((status, json["error"]["code"].as_str()), (400, Some("invalid_domain")), "{json}");
+    let (status, _) = server.api(&mallory, "PUT", "tenants/mallory/domains", r#"{"domains": ["example.com"]}"#).await;
+    assert_eq!(status, 403, "a tenant cannot grant itself domains");
+    let listed = stdout_of(&server.cli(&["tenant", "list"]));
+    assert!(listed.lines().any(|l| l.starts_with("acme") && l.ends_with("example.com")), "{listed}");
+
+    // The server's own names, IP literals and loopback names: never.
+    for host in ["127.0.0.1", "localhost", "LOCALHOST.", "app.localhost", "gpuwasm.example.net", hostname.as_str()] {
+        let (status, json) = deploy(&server, &mallory, "trap", "behaviors", &format!("host={host}")).await;
+        assert_eq!(status, 403, "{host}: {json}");
+        assert_eq!(json["error"]["code"], "host_not_allowed", "{host}");
+    }
+    let (status, json) = deploy(&server, &mallory, "trap", "behaviors", "host=[::1]").await;
+    assert_eq!((status, json["error"]["code"].as_str()), (400, Some("invalid_spec")), "not even a DNS name: {json}");
+    // Not even the admin may take them.
+    assert_eq!(deploy(&server, TOKEN, "trap", "behaviors", "host=localhost").await.0, 403);
+    // Outside mallory's domains; acme's own claim works.
+    let (status, json) = deploy(&server, &mallory, "trap", "behaviors", "host=api.example.com.").await;
+    assert_eq!(status, 403, "{json}");
+    assert!(json["error"]["message"].as_str().unwrap().contains("outside this tenant's domains (mallory.test)"), "{json}");
+    assert_eq!(deploy(&server, &acme, "api", "hello", "host=api.example.com").await.0, 201);
+    // The same name spelled differently is the same name.
+    for spelling in ["API.EXAMPLE.COM", "api.example.com.", "Api.Example.Com."] {
+        let (status, json) = deploy(&server, TOKEN, "grab", "behaviors", &format!("host={spelling}")).await;
+        assert_eq!((status, json["error"]["code"].as_str()), (409, Some("host_taken")), "{spelling}");
+    }
+    for host in ["api.example.com", "API.example.com.", "api.example.com.:80"] {
+        let reply = send("GET", &format!("{}/x", server.url), &[("host", host)], Bytes::new()).await;
+        assert_eq!(reply.body, "hello from gpuwasm! you asked for GET /x\n", "{host}");
+    }
+    // Path routes on the server's names still reach their deployments.
+    let reply = get(&format!("{}/acme/hello/", server.url)).await;
+    assert_eq!(reply.body, HELLO);
+    let invoked = stdout_of(&server.cli_as(&acme, &["invoke", "hello"]));
+    assert_eq!(invoked, HELLO);
+    // Two Host headers: 400, routed nowhere.
+    let reply = raw_request(&server, "GET /acme/hello/ HTTP/1.1\r\nHost: api.example.com\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
+    assert!(reply.contains("more than one Host header"), "{reply}");
+}
+
+#[tokio::test]
+async fn attack_3_limits_have_ceilings_and_guests_end_with_their_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, mallory, _) = two_tenants(&dir, &["--max-instances", "16", "--max-tenant-instances", "6"]).await;
+
+    // Limits past the server's maxima are refused, naming the limit.
+    for (settings, limit) in [("timeout_ms=18446744073709551615", "timeout_ms"), ("concurrency=1000", "concurrency"), ("cpu_ms=600001", "cpu_ms")] {
+        let (status, json) = deploy(&server, &mallory, "greedy", "behaviors", settings).await;
+        assert_eq!((status, json["error"]["code"].as_str()), (400, Some("invalid_limits")), "{settings}");
+        assert!(json["error"]["message"].as_str().unwrap().contains(&format!("`{limit}` =")), "{json}");
+    }
+    let settings = "timeout_ms=600000&cpu_ms=60000&concurrency=64&queue_timeout_ms=300";
+    assert_eq!(deploy(&server, &mallory, "sleepy", "behaviors", settings).await.0, 201);
+
+    // 40 clients start sleeping requests and leave. Mallory's share (6)
+    // fills; acme is served throughout.
+    let authority = server.url.strip_prefix("http://").unwrap().to_string();
+    let mut leaving = Vec::new();
+    for _ in 0..40 {
+        let mut stream = std::net::TcpStream::connect(&authority).unwrap();
+        stream.write_all(b"GET /mallory/sleepy/sleep?ms=600000 HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        leaving.push(stream);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    acme_is_served(&server).await;
+    let busy = get(&format!("{}/mallory/sleepy/", server.url)).await;
+    assert_eq!(busy.status, 503, "{}", busy.body);
+    assert!(busy.body.contains("already runs 6 instances, its share of this node"), "{}", busy.body);
+    drop(leaving);
+
+    // Their guests stop with them: mallory's share is free again at once.
+    let started = Instant::now();
+    loop {
+        let reply = get(&format!("{}/mallory/sleepy/sleep?ms=1", server.url)).await;
+        if reply.status == 200 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(3), "instances still held {:?} after the clients left: {}", started.elapsed(), reply.body);
+    }
+
+    // Endless loops whose clients left do not keep burning CPU.
+    let mut loops = Vec::new();
+    for _ in 0..4 {
+        let mut stream = std::net::TcpStream::connect(&authority).unwrap();
+        stream.write_all(b"GET /mallory/sleepy/loop HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        loops.push(stream);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    drop(loops);
+    std::thread::sleep(Duration::from_millis(300));
+    let before = server.cpu_seconds();
+    std::thread::sleep(Duration::from_secs(1));
+    let burnt = server.cpu_seconds() - before;
+    assert!(burnt < 0.2, "the server used {burnt:.2} s of CPU in 1 s after the loops' clients left");
+    acme_is_served(&server).await;
+
+    // Removing a deployment ends the requests running on it.
+    let url = format!("{}/mallory/sleepy/sleep?ms=600000", server.url);
+    let running = tokio::spawn(async move { get(&url).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(server.api(&mallory, "DELETE", "deployments/sleepy", Bytes::new()).await.0, 200);
+    let ended = tokio::time::timeout(Duration::from_secs(3), running).await.expect("the request ended with its deployment").unwrap();
+    assert_eq!(ended.status, 503);
+    assert!(ended.body.contains("was removed while this request ran"), "{}", ended.body);
+}
+
+#[tokio::test]
+async fn attack_4_model_files_cost_memory_in_proportion_to_what_they_hold() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, mallory, _) = two_tenants(&dir, &["--tenant-uploads", "2"]).await;
+    let idle = server.peak_rss();
+
+    // 128 MB of one metadata array: parsed in place (34x its size before).
+    let file = hostile::gguf_with_u8_array(128 << 20);
+    let (status, json) = push_model(&server, &mallory, "junk", "gguf", file).await;
+    assert_eq!(status, 201, "{json}");
+    let grown = server.peak_rss().saturating_sub(idle);
+    assert!(grown < 400 << 20, "the push grew the peak RSS by {} MiB", grown >> 20);
+    eprintln!("a 128 MiB GGUF push grew the server's peak RSS by {} MiB", grown >> 20);
+
+    // A failed load is remembered: the next request does not read the file
+    // again (it is even gone from disk here).
+    deploy_probe(&server, &mallory, "probe", "junk").await;
+    let url = format!("{}/mallory/probe/load?junk", server.url);
+    let first = get(&url).await.body;
+    assert!(first.starts_with("error unsupported-operation"), "{first}");
+    let blobs = server.data_dir.join("blobs/models/mallory");
+    for blob in std::fs::read_dir(&blobs).unwrap() {
+        std::fs::remove_file(blob.unwrap().path()).unwrap();
+    }
+    assert_eq!(get(&url).await.body, first);
+
+    // Uploads stream to disk, at most two per tenant at once.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let (mut sender, authority) = streaming_connection(&server).await;
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let request = http::Request::put(format!("/_gpuwasm/v1/model-files/{}", "0".repeat(64)))
+            .header("host", &authority)
+            .header("authorization", format!("Bearer {mallory}"))
+            .body(ChannelBody(rx))
+            .unwrap();
+        let response = tokio::spawn(async move { sender.send_request(request).await.unwrap() });
+        for _ in 0..64 {
+            tx.send(Bytes::from(vec![7u8; 1 << 20])).await.unwrap();
+        }
+        held.push((tx, response));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (status, json) = server.api(&mallory, "PUT", &format!("model-files/{}", "1".repeat(64)), "x").await;
+    assert_eq!((status, json["error"]["code"].as_str()), (429, Some("too_many_uploads")), "{json}");
+    let during = server.peak_rss().saturating_sub(idle);
+    assert!(during < 400 << 20, "two 64 MiB uploads in flight: peak RSS grew by {} MiB", during >> 20);
+    for (tx, response) in held {
+        drop(tx);
+        let response = response.await.unwrap();
+        assert_eq!(response.status(), 400, "the hash does not match, so nothing is stored");
+    }
+    acme_is_served(&server).await;
+}
+
+/// Bytes of the files under `dir`, recursively, each inode counted once
+/// (hard links share their bytes).
+fn disk_usage(dir: &Path) -> u64 {
+    fn walk(dir: &Path, seen: &mut std::collections::HashSet<u64>) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        let mut total = 0;
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let meta = entry.metadata().unwrap();
+            total += if meta.is_dir() {
+                walk(&entry.path(), seen)
+            } else if seen.insert(meta.ino()) {
+                meta.len()
+            } else {
+                0
+            };
+        }
+        total
+    }
+    walk(dir, &mut Default::default())
+}
+
+#[tokio::test]
+async fn attack_5_deploys_and_uploads_cannot_fill_the_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, mallory, _) = two_tenants(&dir, &["--tenant-storage-mb", "4"]).await;
+    let file = vec![b'x'; 1 << 20];
+    let sha = sha256(&file);
+    assert_eq!(server.api(&mallory, "PUT", &format!("files/{sha}"), file).await.0, 201);
+    let before = disk_usage(&server.data_dir);
+
+    // Garbage that maps 200 paths to the file: refused before any tree is built.
+    let files: serde_json::Map<String, serde_json::Value> = (0..200).map(|i| (format!("copy{i}"), sha.clone().into())).collect();
+    let spec = serde_json::json!({ "files": files }).to_string();
+    let url = format!("{}/_gpuwasm/v1/deployments/garbage", server.url);
+    let reply = send("PUT", &url, &[("authorization", &format!("Bearer {mallory}")), ("gpuwasm-spec", &spec)], vec![0u8; 4096]).await;
+    assert_eq!(reply.status, 400, "{}", reply.body);
+    assert!(reply.body.contains("not_wasm"), "{}", reply.body);
+    let grown = disk_usage(&server.data_dir) - before;
+    assert!(grown < 64 << 10, "a refused deploy left {grown} bytes on disk");
+
+    // A real deploy of the same 200 paths: hard links, not 200 MiB of copies.
+    let bytes = std::fs::read(wasm("behaviors")).unwrap();
+    let url = format!("{}/_gpuwasm/v1/deployments/files", server.url);
+    let reply = send("PUT", &url, &[("authorization", &format!("Bearer {mallory}")), ("gpuwasm-spec", &spec)], bytes).await;
+    assert_eq!(reply.status, 201, "{}", reply.body);
+    let grown = disk_usage(&server.data_dir) - before;
+    assert!(grown < 4 << 20, "a deploy of 200 paths to a 1 MiB file added {} MiB", grown >> 20);
+    let reply = get(&format!("{}/mallory/files/read?/copy199", server.url)).await;
+    assert_eq!(reply.body.len(), 1 << 20);
+
+    // The tenant's storage quota (4 MiB, 1 used) holds at upload time.
+    let second = vec![b'y'; 7 << 19];
+    let (status, json) = server.api(&mallory, "PUT", &format!("files/{}", sha256(&second)), second).await;
+    assert_eq!((status, json["error"]["code"].as_str()), (413, Some("upload_too_large")), "{json}");
+    assert!(json["error"]["message"].as_str().unwrap().contains("storage quota"), "{json}");
+    acme_is_served(&server).await;
+}
+
+#[tokio::test]
+async fn attack_5_what_nothing_refers_to_is_collected() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, mallory, _) = two_tenants(&dir, &["--gc-grace-secs", "1"]).await;
+    // A rejected model push leaves nothing behind after the grace period.
+    let noise = vec![3u8; 1 << 20];
+    let (status, _) = push_model(&server, &mallory, "noise", "onnx", noise.clone()).await;
+    assert_eq!(status, 400);
+    let blob = server.data_dir.join(format!("blobs/models/mallory/{}", sha256(&noise)));
+    assert!(blob.exists());
+    let started = Instant::now();
+    while blob.exists() {
+        assert!(started.elapsed() < Duration::from_secs(10), "the rejected model's blob was never collected");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Components versions refer to stay, and so does what they serve.
+    assert_eq!(deploy(&server, &mallory, "hello", "hello", "").await.0, 201);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(get(&format!("{}/mallory/hello/", server.url)).await.body, HELLO);
+    assert!(std::fs::read_dir(server.data_dir.join("blobs/components")).unwrap().count() >= 1);
+}
+
+#[tokio::test]
+async fn attack_6_deployments_do_not_each_hold_a_file_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, mallory, _) = two_tenants(&dir, &["--tenant-deployments", "30"]).await;
+    let before = server.open_fds();
+    for i in 0..30 {
+        assert_eq!(deploy(&server, &mallory, &format!("app{i}"), "hello", "").await.0, 201);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let grown = server.open_fds() as i64 - before as i64;
+    assert!(grown < 5, "30 deployments of one component opened {grown} files");
+    let (status, json) = deploy(&server, &mallory, "one-too-many", "hello", "").await;
+    assert_eq!((status, json["error"]["code"].as_str()), (403, Some("quota_exceeded")), "{json}");
+    assert_eq!(deploy(&server, &mallory, "app3", "behaviors", "").await.0, 200, "a new version of an existing one still deploys");
+    let limit = std::fs::read_to_string(format!("/proc/{}/limits", server.pid())).unwrap();
+    let open_files = limit.lines().find(|l| l.starts_with("Max open files")).unwrap();
+    let soft_and_hard: Vec<&str> = open_files.split_whitespace().skip(3).take(2).collect();
+    assert_eq!(soft_and_hard[0], soft_and_hard[1], "the soft limit was raised to the hard one: {open_files}");
+    acme_is_served(&server).await;
+}
+
+#[tokio::test]
+async fn attack_7_bad_input_gets_the_right_error_and_nothing_leaks() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, mallory, acme) = two_tenants(&dir, &[]).await;
+    let file = b"content".to_vec();
+    let sha = sha256(&file);
+    server.api(&mallory, "PUT", &format!("files/{sha}"), file).await;
+    let data_dir = server.data_dir.to_string_lossy().to_string();
+    let component = std::fs::read(wasm("behaviors")).unwrap();
+    let deploy_spec = |spec: serde_json::Value| {
+        let (url, token, component) = (format!("{}/_gpuwasm/v1/deployments/x", server.url), mallory.clone(), component.clone());
+        async move { send("PUT", &url, &[("authorization", &format!("Bearer {token}")), ("gpuwasm-spec", &spec.to_string())], component).await }
+    };
+    for (spec, code, want) in [
+        (serde_json::json!({"files": {"a": sha, "a/b": sha}}), "invalid_files", "file path \\\"a\\\" is also the folder of \\\"a/b\\\""),
+        (serde_json::json!({"files": {"x".repeat(300): sha}}), "invalid_files", "names at most 255 bytes"),
+        (serde_json::json!({"sandbox": {"env": {"A": "x\u{0}y"}}}), "invalid_spec", "environment variable A: the value contains a NUL byte"),
+    ] {
+        let reply = deploy_spec(spec).await;
+        assert_eq!(reply.status, 400, "{}", reply.body);
+        assert!(reply.body.contains(code) && reply.body.contains(want), "{}", reply.body);
+        assert!(!reply.body.contains(&data_dir), "a server path leaked: {}", reply.body);
+    }
+    let (status, json) = server.api(&mallory, "PUT", "models/Bad_Name", "{}").await;
+    assert_eq!(status, 400);
+    assert!(json["error"]["message"].as_str().unwrap().starts_with("invalid model name \"Bad_Name\""), "{json}");
+
+    // A chunked body over a small limit: a clean 413, not a 200 cut off.
+    assert_eq!(deploy(&server, &mallory, "echo", "behaviors", "max_body_bytes=1000").await.0, 201);
+    let mut stream = std::net::TcpStream::connect(server.url.strip_prefix("http://").unwrap()).unwrap();
+    stream.write_all(b"POST /mallory/echo/echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n").unwrap();
+    let chunk = [format!("{:x}\r\n", 64 << 10).into_bytes(), vec![b'z'; 64 << 10], b"\r\n".to_vec()].concat();
+    for _ in 0..80 {
+        // The server answers (and stops reading) after the first chunk over the limit.
+        if stream.write_all(&chunk).is_err() {
+            break;
+        }
+    }
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).unwrap();
+    assert_eq!(&head, b"HTTP/1.1 413", "a 5 MB chunked body to a 1000-byte limit");
+
+    // A public model's counters show every tenant's use: the admin's only.
+    let digits = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/classify/digits.onnx")).unwrap();
+    assert_eq!(push_model(&server, TOKEN, "public/digits", "onnx", digits).await.0, 201);
+    deploy_probe(&server, TOKEN, "probe", "digits").await;
+    get(&format!("{}/default/probe/load?digits", server.url)).await;
+    let (_, theirs) = server.api(&acme, "GET", "models/public/digits", Bytes::new()).await;
+    assert!(theirs["loaded"].is_null(), "{theirs}");
+    let (_, admins) = server.api(TOKEN, "GET", "models/public/digits", Bytes::new()).await;
+    assert!(admins["loaded"].is_object(), "{admins}");
+}
