@@ -7,7 +7,7 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 scripts/build-guests.sh 2>/dev/null
-cargo build --release --locked -p gpuwasm
+cargo build --release --locked -p gpuwasm-cli
 want=48.0.8
 wasmtime=$(command -v wasmtime || true)
 if [ -z "$wasmtime" ] || ! "$wasmtime" --version | grep -q " $want"; then

@@ -16,7 +16,7 @@ seconds=${2:-2}
 shared=${GPUWASM_SHARED:-$root/../shared}
 minilm=$("$shared/tools/fetch-test-models.sh" | sed -n 's/^minilm=//p')
 scripts/build-guests.sh 2>/dev/null
-cargo build --release --locked -p gpuwasm
+cargo build --release --locked -p gpuwasm-cli
 python3 -c "import sentence_transformers" 2>/dev/null || python3 -m pip install --quiet sentence-transformers
 echo "cores: $(nproc), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 out=$(mktemp)

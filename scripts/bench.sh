@@ -7,6 +7,6 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 scripts/build-guests.sh 2>/dev/null
-cargo build --release --locked -p gpuwasm
+cargo build --release --locked -p gpuwasm-cli
 nproc | xargs echo "cores:"
 exec target/release/gpuwasm bench http target/wasm/hello.wasm --concurrency 1,16,64 "$@"

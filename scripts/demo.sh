@@ -10,7 +10,7 @@ cd "$root"
 shared=${GPUWASM_SHARED:-$root/../shared}
 minilm=$("$shared/tools/fetch-test-models.sh" | sed -n 's/^minilm=//p')
 scripts/build-guests.sh
-cargo build --release --locked -p gpuwasm
+cargo build --release --locked -p gpuwasm-cli
 gpuwasm=$root/target/release/gpuwasm
 work=$(mktemp -d)
 trap 'kill "$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true; rm -rf "$work"' EXIT

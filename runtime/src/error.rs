@@ -1,8 +1,7 @@
 //! Errors of the library API.
 
-use std::path::PathBuf;
-
-/// What can go wrong while loading, storing or deploying a component.
+/// What can go wrong while validating, pre-initialising, compiling or
+/// linking a component.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -31,52 +30,21 @@ pub enum Error {
     /// The component cannot be instantiated under its limits.
     #[error("component cannot be instantiated: {0}")]
     Instantiate(String),
-    /// A deployment's files are not usable.
-    #[error("invalid files: {0}")]
-    InvalidFiles(String),
-    /// A deployment, tenant or model name is not usable.
-    #[error("invalid {kind} name {name:?}: use 1-63 characters of a-z, 0-9 and '-', starting with a letter or digit")]
-    InvalidName {
-        /// What the name is for: `deployment`, `tenant` or `model`.
-        kind: &'static str,
-        /// The name given.
-        name: String,
-    },
     /// A limit is out of range.
     #[error("invalid limits: {0}")]
     InvalidLimits(String),
+    /// A capability (environment, outbound allow-list) is malformed.
+    #[error("{0}")]
+    InvalidCapabilities(String),
+    /// A host name (or `host:port`) is malformed.
+    #[error("invalid host {0}")]
+    InvalidHost(String),
     /// The engine could not be built.
     #[error("engine setup failed: {0}")]
     Engine(String),
-    /// Reading or writing state on disk failed.
-    #[error("{context} ({}): {source}", path.display())]
-    Io {
-        /// What was being done.
-        context: &'static str,
-        /// The file or directory concerned.
-        path: PathBuf,
-        /// The underlying error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// Another process holds the state database.
-    #[error("the state database {} is in use by another process (is another `gpuwasm serve` using this data directory?)", .0.display())]
-    StateInUse(PathBuf),
-    /// Persisted state could not be read back.
-    #[error("corrupt state file {}: {message}", path.display())]
-    CorruptState {
-        /// The file concerned.
-        path: PathBuf,
-        /// What is wrong with it.
-        message: String,
-    },
 }
 
 impl Error {
-    pub(crate) fn io(context: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { context, path: path.into(), source }
-    }
-
     /// True when the error is the client's fault (a bad upload or bad
     /// arguments) rather than the server's.
     pub fn is_client_error(&self) -> bool {
@@ -89,9 +57,9 @@ impl Error {
                 | Error::NotAHandler(_)
                 | Error::InitFailed(_)
                 | Error::Instantiate(_)
-                | Error::InvalidName { .. }
                 | Error::InvalidLimits(_)
-                | Error::InvalidFiles(_)
+                | Error::InvalidCapabilities(_)
+                | Error::InvalidHost(_)
         )
     }
 
@@ -105,13 +73,9 @@ impl Error {
             Error::NotAHandler(_) => "not_a_handler",
             Error::InitFailed(_) => "init_failed",
             Error::Instantiate(_) => "instantiate_failed",
-            Error::InvalidName { .. } => "invalid_name",
             Error::InvalidLimits(_) => "invalid_limits",
-            Error::InvalidFiles(_) => "invalid_files",
+            Error::InvalidCapabilities(_) | Error::InvalidHost(_) => "invalid_spec",
             Error::Engine(_) => "engine",
-            Error::Io { .. } => "io",
-            Error::StateInUse(_) => "state_in_use",
-            Error::CorruptState { .. } => "corrupt_state",
         }
     }
 }

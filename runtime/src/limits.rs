@@ -1,5 +1,6 @@
 //! Per-deployment resource limits.
 
+use crate::error::Error;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
@@ -80,14 +81,14 @@ impl Limits {
 
     /// Checks that every limit is usable and at most the runtime's
     /// `ceilings` (the server's maxima), naming the first that is not.
-    pub fn validate(&self, ceilings: &Limits) -> Result<(), String> {
+    pub fn validate(&self, ceilings: &Limits) -> Result<(), Error> {
         for ((name, value), (_, max)) in self.fields().into_iter().zip(ceilings.fields()) {
             let must_be_positive = !matches!(name, "max_body_bytes" | "queue");
             if must_be_positive && value == 0 {
-                return Err(format!("limit `{name}` must be greater than 0"));
+                return Err(Error::InvalidLimits(format!("limit `{name}` must be greater than 0")));
             }
             if value > max {
-                return Err(format!("limit `{name}` = {value} exceeds this server's maximum of {max}"));
+                return Err(Error::InvalidLimits(format!("limit `{name}` = {value} exceeds this server's maximum of {max}")));
             }
         }
         Ok(())
@@ -95,13 +96,13 @@ impl Limits {
 
     /// Sets the field named `name` (as in the serialised form) from a
     /// decimal string. Used by the admin API and the CLI.
-    pub fn set(&mut self, name: &str, value: &str) -> Result<(), String> {
-        let parse = |v: &str| -> Result<u64, String> {
+    pub fn set(&mut self, name: &str, value: &str) -> Result<(), Error> {
+        let parse = |v: &str| -> Result<u64, Error> {
             v.parse::<u64>()
-                .map_err(|_| format!("limit `{name}` must be a non-negative integer, got {v:?}"))
+                .map_err(|_| Error::InvalidLimits(format!("limit `{name}` must be a non-negative integer, got {v:?}")))
         };
-        let small = |v: u64| -> Result<u32, String> {
-            u32::try_from(v).map_err(|_| format!("limit `{name}` is too large: {v}"))
+        let small = |v: u64| -> Result<u32, Error> {
+            u32::try_from(v).map_err(|_| Error::InvalidLimits(format!("limit `{name}` is too large: {v}")))
         };
         match name {
             "memory_mb" => self.memory_mb = parse(value)?,
@@ -111,7 +112,7 @@ impl Limits {
             "concurrency" => self.concurrency = small(parse(value)?)?,
             "queue" => self.queue = small(parse(value)?)?,
             "queue_timeout_ms" => self.queue_timeout_ms = parse(value)?,
-            _ => return Err(format!("unknown limit `{name}`")),
+            _ => return Err(Error::InvalidLimits(format!("unknown limit `{name}`"))),
         }
         Ok(())
     }
@@ -139,9 +140,9 @@ mod tests {
         l.set("memory_mb", "64").unwrap();
         l.set("concurrency", "3").unwrap();
         assert_eq!((l.memory_mb, l.concurrency), (64, 3));
-        assert!(l.set("memory_mb", "-1").unwrap_err().contains("memory_mb"));
-        assert!(l.set("bogus", "1").unwrap_err().contains("unknown limit `bogus`"));
-        assert!(l.set("queue", "99999999999").unwrap_err().contains("too large"));
+        assert!(l.set("memory_mb", "-1").unwrap_err().to_string().contains("memory_mb"));
+        assert!(l.set("bogus", "1").unwrap_err().to_string().contains("unknown limit `bogus`"));
+        assert!(l.set("queue", "99999999999").unwrap_err().to_string().contains("too large"));
     }
 
     #[test]
@@ -150,15 +151,15 @@ mod tests {
         let mut l = Limits::default();
         assert!(l.validate(&ceilings).is_ok());
         l.cpu_ms = 0;
-        assert!(l.validate(&ceilings).unwrap_err().contains("cpu_ms"));
+        assert!(l.validate(&ceilings).unwrap_err().to_string().contains("cpu_ms"));
         l.cpu_ms = 10;
         l.memory_mb = 1024;
-        assert!(l.validate(&ceilings).unwrap_err().contains("`memory_mb` = 1024 exceeds this server's maximum of 512"));
+        assert!(l.validate(&ceilings).unwrap_err().to_string().contains("`memory_mb` = 1024 exceeds this server's maximum of 512"));
         // The attack from the security review: limits at their type's maximum.
         let greedy = Limits { timeout_ms: u64::MAX, concurrency: 1000, ..Limits::default() };
-        assert!(greedy.validate(&ceilings).unwrap_err().contains("`timeout_ms` = 18446744073709551615 exceeds"));
+        assert!(greedy.validate(&ceilings).unwrap_err().to_string().contains("`timeout_ms` = 18446744073709551615 exceeds"));
         let greedy = Limits { concurrency: 1000, ..Limits::default() };
-        assert!(greedy.validate(&ceilings).unwrap_err().contains("`concurrency` = 1000 exceeds this server's maximum of 256"));
+        assert!(greedy.validate(&ceilings).unwrap_err().to_string().contains("`concurrency` = 1000 exceeds this server's maximum of 256"));
         assert!(Limits::default().validate(&Limits::default_ceilings()).is_ok(), "the defaults fit the default ceilings");
     }
 }

@@ -1,30 +1,24 @@
-//! The embeddable runtime: an engine, a linker with WASI and wasi:http, and
-//! deployments that answer HTTP requests with a fresh instance each.
+//! The embeddable runtime: an engine with its instance pool and epoch
+//! ticker, a linker with WASI, wasi:http and wasi:nn, and the steps that
+//! turn component bytes into a [`Deployment`]: validate, pre-initialise,
+//! compile (or map a compiled artifact), link.
 
+use crate::capabilities::Capabilities;
+use crate::deployment::Deployment;
 use crate::engine::{self, PoolSettings, TICK};
 use crate::error::{Error, chain};
+use crate::host_state::RequestState;
 use crate::limits::Limits;
 use crate::nn::{BatchSettings, InferenceMemory, Models};
 use crate::preinit;
-use crate::request::{BoxError, Failure, RequestState, ResponseBody, Saturated};
-use crate::sandbox::{Sandbox, SharedSandbox};
-use bytes::Bytes;
-use http::{Request, Response};
-use http_body_util::BodyExt;
-use http_body_util::{LengthLimitError, Limited};
+use crate::capabilities::SharedCapabilities;
 use std::collections::HashMap;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::hash::{Hash, Hasher};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
-use tokio::task::AbortHandle;
-use tokio::time::{Instant, timeout_at};
+use tokio::sync::Semaphore;
 use wasmtime::component::{Component, Linker};
 use wasmtime::{Engine, Store, UpdateDeadline};
-use wasmtime_wasi_http::WasiHttpView;
-use wasmtime_wasi_http::p2::bindings::ProxyPre;
-use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 
 /// Builds a [`Runtime`]. Obtain one with [`Runtime::builder`].
 #[derive(Clone, Debug)]
@@ -48,7 +42,7 @@ impl RuntimeBuilder {
     /// Instances one tenant's deployments may hold at once (default: half
     /// of [`max_instances`](Self::max_instances)), so that one tenant
     /// cannot fill the node. The tenant of a deployment is the one its
-    /// [`Sandbox`]'s model access names.
+    /// [`Capabilities`]' model access names.
     pub fn max_instances_per_tenant(mut self, n: u32) -> Self {
         self.tenant_instances = Some(n.max(1));
         self
@@ -114,33 +108,29 @@ impl RuntimeBuilder {
 
 /// A WebAssembly component runtime for HTTP handlers.
 ///
-/// Cheap to clone; clones share the engine and its instance pool.
-///
-/// ```no_run
-/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-/// let runtime = gpuwasm::Runtime::builder().build()?;
-/// let wasm = std::fs::read("hello.wasm")?;
-/// let hello = runtime.load("hello", &wasm, gpuwasm::Limits::default()).await?;
-/// let request = http::Request::get("http://localhost/").body(String::new())?;
-/// let response = hello.handle(request).await;
-/// assert_eq!(response.status(), 200);
-/// # Ok(()) }
-/// ```
+/// Cheap to clone; clones share the engine and its instance pool. See the
+/// crate documentation for an example.
 #[derive(Clone)]
 pub struct Runtime {
-    inner: Arc<RuntimeInner>,
+    pub(crate) inner: Arc<RuntimeInner>,
 }
 
-struct RuntimeInner {
+/// A component compiled for this runtime's engine, ready to link into
+/// deployments with [`Runtime::deployment`]. Cheap to clone: clones share
+/// the compiled code (and, for one mapped from a file, the mapping).
+#[derive(Clone)]
+pub struct Compiled(pub(crate) Component);
+
+pub(crate) struct RuntimeInner {
     engine: Engine,
     linker: Linker<RequestState>,
     /// One permit per pool slot, so requests queue rather than fail when
     /// the pool is full.
-    instances: Arc<Semaphore>,
+    pub(crate) instances: Arc<Semaphore>,
     /// Each tenant's share of the pool: `per_tenant` permits.
     tenants: Mutex<HashMap<String, Arc<Semaphore>>>,
-    per_tenant: u32,
-    pool: PoolSettings,
+    pub(crate) per_tenant: u32,
+    pub(crate) pool: PoolSettings,
     ceilings: Limits,
     models: Models,
 }
@@ -162,44 +152,39 @@ impl Runtime {
     /// Validates `wasm`, a component targeting the `wasi:http/proxy` world,
     /// pre-initialises it when it exports an init function (see
     /// `wit/init.wit`), compiles it, and checks that it instantiates under
-    /// `limits`: the result is a deployment called `name`, ready to serve.
+    /// `limits`: the result is a deployment called `name`, ready to serve,
+    /// that may reach nothing outside itself.
     ///
     /// The CPU-heavy parts run on tokio's blocking threads.
     pub async fn load(&self, name: &str, wasm: &[u8], limits: Limits) -> Result<Deployment, Error> {
-        self.load_with_sandbox(name, wasm, limits, Sandbox::default()).await
+        self.load_with(name, wasm, limits, Capabilities::default()).await
     }
 
-    /// [`Runtime::load`] with environment variables and an outbound HTTP
-    /// allow-list (the default [`Sandbox`] allows nothing).
-    pub async fn load_with_sandbox(
-        &self,
-        name: &str,
-        wasm: &[u8],
-        limits: Limits,
-        sandbox: Sandbox,
-    ) -> Result<Deployment, Error> {
+    /// [`Runtime::load`] for a deployment with `capabilities`
+    /// (environment, files, outbound hosts, models).
+    pub async fn load_with(&self, name: &str, wasm: &[u8], limits: Limits, capabilities: Capabilities) -> Result<Deployment, Error> {
         let runtime = self.clone();
-        let (wasm, memory, env) = (wasm.to_vec(), limits.clone(), sandbox.clone());
-        let component = tokio::task::spawn_blocking(move || -> Result<Component, Error> {
-            let wasm = runtime.preinitialize(&wasm, &memory, &env)?.unwrap_or(wasm);
-            Component::new(runtime.engine(), &wasm).map_err(|e| Error::InvalidComponent(chain(&e)))
+        let (wasm, memory, caps) = (wasm.to_vec(), limits.clone(), capabilities.clone());
+        let compiled = tokio::task::spawn_blocking(move || -> Result<Compiled, Error> {
+            let wasm = runtime.preinitialize(&wasm, &memory, &caps)?.unwrap_or(wasm);
+            Component::new(&runtime.inner.engine, &wasm).map(Compiled).map_err(|e| Error::InvalidComponent(chain(&e)))
         })
         .await
         .map_err(|e| Error::Engine(format!("compile task failed: {e}")))??;
-        let deployment = self.deployment(name, &component, limits, sandbox)?;
+        let deployment = self.deployment(name, &compiled, limits, capabilities)?;
         deployment.check().await?;
         Ok(deployment)
     }
 
     /// When `wasm` exports an init function, runs it once (with the
-    /// sandbox's environment and files, without network) and returns the snapshotted
-    /// component; `None` when there is nothing to run. Blocking: call it
-    /// from a blocking thread inside a tokio runtime.
-    pub(crate) fn preinitialize(&self, wasm: &[u8], limits: &Limits, sandbox: &Sandbox) -> Result<Option<Vec<u8>>, Error> {
+    /// capabilities' environment, files and models, without network) and
+    /// returns the snapshotted component; `None` when there is nothing to
+    /// run. Blocking: call it from a blocking thread inside a tokio runtime.
+    pub fn preinitialize(&self, wasm: &[u8], limits: &Limits, capabilities: &Capabilities) -> Result<Option<Vec<u8>>, Error> {
         check_header(wasm)?;
-        limits.validate(self.max_limits()).map_err(Error::InvalidLimits)?;
-        sandbox.validate().map_err(Error::InvalidLimits)?;
-        let no_network = Sandbox { outbound: Vec::new(), ..sandbox.clone() };
+        limits.validate(self.max_limits())?;
+        capabilities.validate()?;
+        let no_network = Capabilities { outbound: Vec::new(), ..capabilities.clone() };
         match preinit::init_export(wasm)? {
             Some(init_func) => preinit::snapshot(self, wasm, init_func, limits, &no_network).map(Some),
             None => Ok(None),
@@ -223,10 +208,10 @@ impl Runtime {
         &self,
         memory_bytes: usize,
         cpu_ms: u64,
-        sandbox: &Sandbox,
-        shared: &SharedSandbox,
+        capabilities: &Capabilities,
+        shared: &SharedCapabilities,
     ) -> Result<Store<RequestState>, String> {
-        let state = RequestState::new(memory_bytes, sandbox, shared, &self.inner.models)?;
+        let state = RequestState::new(memory_bytes, capabilities, shared, &self.inner.models)?;
         let mut store = Store::new(&self.inner.engine, state);
         store.limiter(|state| &mut state.limiter);
         let max_ticks = cpu_ms.div_ceil(TICK.as_millis() as u64).max(1);
@@ -258,55 +243,54 @@ impl Runtime {
     }
 
     /// The permits of `tenant`'s share of the instance pool.
-    fn tenant_slots(&self, tenant: &str) -> Arc<Semaphore> {
+    pub(crate) fn tenant_slots(&self, tenant: &str) -> Arc<Semaphore> {
         let mut tenants = self.inner.tenants.lock().unwrap();
         tenants.entry(tenant.to_string()).or_insert_with(|| Arc::new(Semaphore::new(self.inner.per_tenant as usize))).clone()
     }
 
-    pub(crate) fn engine(&self) -> &Engine {
-        &self.inner.engine
-    }
 
-    /// Compiles `wasm` ahead of time into bytes for [`Component::deserialize_file`].
-    pub(crate) fn precompile(&self, wasm: &[u8]) -> Result<Vec<u8>, Error> {
+    /// Compiles `wasm` ahead of time into the bytes of an artifact, for
+    /// [`Runtime::deserialize_file`] (by this engine, or one with the same
+    /// [`compatibility_key`](Runtime::compatibility_key)).
+    pub fn compile(&self, wasm: &[u8]) -> Result<Vec<u8>, Error> {
         check_header(wasm)?;
-        self.inner
-            .engine
-            .precompile_component(wasm)
-            .map_err(|e| Error::InvalidComponent(chain(&e)))
+        self.inner.engine.precompile_component(wasm).map_err(|e| Error::InvalidComponent(chain(&e)))
     }
 
-    /// Links a compiled component into a deployment: checks that every
-    /// import is provided and that it exports the HTTP handler.
-    pub(crate) fn deployment(
-        &self,
-        name: &str,
-        component: &Component,
-        limits: Limits,
-        sandbox: Sandbox,
-    ) -> Result<Deployment, Error> {
-        limits.validate(self.max_limits()).map_err(Error::InvalidLimits)?;
-        sandbox.validate().map_err(Error::InvalidLimits)?;
-        let instance_pre = self
-            .inner
-            .linker
-            .instantiate_pre(component)
-            .map_err(|e| Error::UnsupportedImport(chain(&e)))?;
-        let pre = ProxyPre::new(instance_pre).map_err(|e| Error::NotAHandler(chain(&e)))?;
-        Ok(Deployment {
-            inner: Arc::new(DeploymentInner {
-                name: name.to_string(),
-                slots: Arc::new(Semaphore::new(limits.concurrency as usize)),
-                tenant_slots: self.tenant_slots(&sandbox.models.tenant),
-                queued: AtomicU32::new(0),
-                stop: watch::Sender::new(false),
-                limits,
-                shared: SharedSandbox::of(&sandbox),
-                sandbox,
-                pre,
-                runtime: self.clone(),
-            }),
-        })
+    /// Identifies what this engine's compiled artifacts are compatible
+    /// with (wasmtime version, target, settings): a cache of artifacts keyed
+    /// by it is never loaded by an engine that cannot run them.
+    pub fn compatibility_key(&self) -> String {
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        self.inner.engine.precompile_compatibility_hash().hash(&mut hasher);
+        format!("{:016x}", hasher.finish())
+    }
+
+    /// Maps an artifact [`Runtime::compile`] wrote to `path`.
+    ///
+    /// # Safety
+    ///
+    /// The file must hold bytes produced by [`Runtime::compile`] of an
+    /// engine with this [`compatibility_key`](Runtime::compatibility_key),
+    /// unchanged (check a digest recorded when it was written), and must
+    /// not be modified while the result lives: it is mapped and its code
+    /// run as is. (wasmtime refuses artifacts of another engine, but cannot
+    /// tell a tampered one from a good one.)
+    pub unsafe fn deserialize_file(&self, path: &Path) -> Result<Compiled, Error> {
+        // SAFETY: the caller's contract above is wasmtime's.
+        unsafe { Component::deserialize_file(&self.inner.engine, path) }.map(Compiled).map_err(|e| Error::InvalidComponent(chain(&e)))
+    }
+
+    /// Links a compiled component into a deployment called `name`, under
+    /// `limits` and with `capabilities`: checks that every import is
+    /// provided and that it exports the HTTP handler. Call
+    /// [`Deployment::check`] before serving it to catch a component that
+    /// cannot start.
+    pub fn deployment(&self, name: &str, compiled: &Compiled, limits: Limits, capabilities: Capabilities) -> Result<Deployment, Error> {
+        limits.validate(self.max_limits())?;
+        capabilities.validate()?;
+        let instance_pre = self.inner.linker.instantiate_pre(&compiled.0).map_err(|e| Error::UnsupportedImport(chain(&e)))?;
+        Deployment::new(self, name, instance_pre, limits, capabilities)
     }
 }
 
@@ -323,353 +307,4 @@ fn check_header(wasm: &[u8]) -> Result<(), Error> {
             &wasm[4..8]
         ))),
     }
-}
-
-/// A component ready to serve: every request gets a fresh instance.
-///
-/// Cheap to clone. Mount it in your own hyper service by calling
-/// [`Deployment::handle`] from `service_fn`.
-#[derive(Clone)]
-pub struct Deployment {
-    inner: Arc<DeploymentInner>,
-}
-
-struct DeploymentInner {
-    name: String,
-    limits: Limits,
-    sandbox: Sandbox,
-    /// The sandbox's allow-list and model access, shared by every request.
-    shared: SharedSandbox,
-    pre: ProxyPre<RequestState>,
-    /// Instances of this deployment that may run at once.
-    slots: Arc<Semaphore>,
-    /// Its tenant's share of the instance pool.
-    tenant_slots: Arc<Semaphore>,
-    /// Requests waiting for a slot.
-    queued: AtomicU32,
-    /// Set once by [`Deployment::stop`].
-    stop: watch::Sender<bool>,
-    runtime: Runtime,
-}
-
-/// Decrements the queue count when a waiting request leaves the queue.
-struct QueueTicket<'a>(&'a AtomicU32);
-
-impl Drop for QueueTicket<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-impl Deployment {
-    /// The deployment's name.
-    pub fn name(&self) -> &str {
-        &self.inner.name
-    }
-
-    /// The limits every request of this deployment runs under.
-    pub fn limits(&self) -> &Limits {
-        &self.inner.limits
-    }
-
-    /// What its instances may reach: environment, outbound hosts.
-    pub fn sandbox(&self) -> &Sandbox {
-        &self.inner.sandbox
-    }
-
-    /// Stops every request running on this deployment now (their guests
-    /// are interrupted and their instances freed) and answers any later
-    /// request with `503`. For a deployment taken out of service; requests
-    /// keep running on a deployment that is merely replaced.
-    pub fn stop(&self) {
-        self.inner.stop.send_replace(true);
-    }
-
-    /// Instantiates the component once, fresh, under its limits, and drops
-    /// the instance: a component that cannot start (say, its initial memory
-    /// is over the memory limit) is refused before it takes traffic.
-    pub async fn check(&self) -> Result<(), Error> {
-        let (limits, inner) = (&self.inner.limits, &self.inner);
-        let mut store = inner
-            .runtime
-            .new_store(limits.memory_bytes(), limits.cpu_ms, &inner.sandbox, &inner.shared)
-            .map_err(Error::Instantiate)?;
-        match self.inner.pre.instantiate_async(&mut store).await {
-            Ok(_) => Ok(()),
-            Err(err) => Err(Error::Instantiate(
-                match Failure::from_call(store.data(), &err, limits.cpu_ms, limits.memory_mb) {
-                    Failure::Memory(mb) => format!("its memory does not fit the limit of {mb} MiB"),
-                    _ => chain(&err),
-                },
-            )),
-        }
-    }
-
-    /// Answers `request` with a fresh instance of the component.
-    ///
-    /// The request body streams into the guest and the response body
-    /// streams out of it. Failures become HTTP answers with a short
-    /// plain-text message: `503` (with `Retry-After`) when the deployment
-    /// stays at its concurrency limit, `413` for a body over the limit,
-    /// `504` when the CPU or wall-clock limit runs out, `500` when the
-    /// guest traps or outgrows its memory limit. Every response gets a
-    /// `Server-Timing: gpuwasm;dur=MS` header: the time from arrival to
-    /// the response head.
-    pub async fn handle<B>(&self, request: Request<B>) -> Response<ResponseBody>
-    where
-        B: http_body::Body<Data = Bytes> + Send + 'static,
-        B::Error: Into<BoxError>,
-    {
-        let start = std::time::Instant::now();
-        let mut response = match self.try_handle(request).await {
-            Ok(response) => response,
-            Err(failure) => {
-                tracing::debug!(deployment = %self.inner.name, ?failure, "request failed");
-                failure.into_response(&self.inner.name)
-            }
-        };
-        // Time from arrival to the response head, as the server saw it.
-        let ms = start.elapsed().as_secs_f64() * 1e3;
-        if let Ok(value) = http::HeaderValue::from_str(&format!("gpuwasm;dur={ms:.3}")) {
-            response.headers_mut().append("server-timing", value);
-        }
-        response
-    }
-
-    async fn try_handle<B>(&self, request: Request<B>) -> Result<Response<ResponseBody>, Failure>
-    where
-        B: http_body::Body<Data = Bytes> + Send + 'static,
-        B::Error: Into<BoxError>,
-    {
-        let me = &self.inner;
-        let limits = &me.limits;
-        let declared = request
-            .headers()
-            .get(http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-        if declared.is_some_and(|len| len > limits.max_body_bytes) {
-            return Err(Failure::BodyTooLarge(limits.max_body_bytes));
-        }
-        if *me.stop.borrow() {
-            return Err(Failure::Stopped);
-        }
-        let deadline = Instant::now() + limits.timeout();
-        let request = with_authority(small_body_first(request, declared, limits, deadline).await?);
-        let permits = self.admit().await?;
-
-        let mut store = me
-            .runtime
-            .new_store(limits.memory_bytes(), limits.cpu_ms, &me.sandbox, &me.shared)
-            .map_err(Failure::Trap)?;
-
-        let body_too_large = Arc::new(AtomicBool::new(false));
-        let request = limit_body(request, limits.max_body_bytes, body_too_large.clone());
-        let (cpu_ms, memory_mb) = (limits.cpu_ms, limits.memory_mb);
-        let proxy = match timeout_at(deadline, me.pre.instantiate_async(&mut store)).await {
-            Err(_) => return Err(Failure::Timeout(limits.timeout_ms)),
-            Ok(Err(err)) => return Err(Failure::from_call(store.data(), &err, cpu_ms, memory_mb)),
-            Ok(Ok(proxy)) => proxy,
-        };
-        let setup = |store: &mut Store<RequestState>| -> wasmtime::Result<_> {
-            let mut http = store.data_mut().http();
-            let req = http.new_incoming_request(Scheme::Http, request)?;
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            let out = http.new_response_outparam(tx)?;
-            Ok((req, out, rx))
-        };
-        let (req, out, rx) = setup(&mut store).map_err(|e| Failure::Trap(chain(&e)))?;
-
-        let name = me.name.clone();
-        let timeout_ms = limits.timeout_ms;
-        let mut stopped = me.stop.subscribe();
-        let guest = tokio::spawn(async move {
-            let _permits = permits;
-            let call = proxy.wasi_http_incoming_handler().call_handle(&mut store, req, out);
-            // The guest yields to the executor at every epoch tick, so
-            // dropping `call` (timeout, stop, or an abort of this task when
-            // the client leaves) interrupts it within a tick.
-            let result = tokio::select! {
-                called = timeout_at(deadline, call) => match called {
-                    Err(_) => Err(Failure::Timeout(timeout_ms)),
-                    Ok(Err(err)) => Err(Failure::from_call(store.data(), &err, cpu_ms, memory_mb)),
-                    Ok(Ok(())) => Ok(()),
-                },
-                _ = stopped.wait_for(|&stop| stop) => Err(Failure::Stopped),
-            };
-            let output = store.data().output_text();
-            match &result {
-                Err(failure) => tracing::warn!(deployment = %name, ?failure, guest_output = %output, "guest failed"),
-                Ok(()) if !output.is_empty() => tracing::debug!(deployment = %name, guest_output = %output),
-                Ok(()) => {}
-            }
-            result
-        });
-
-        // Until the response is complete, the guest lives only as long as
-        // someone waits for it: a client that leaves (this future or the
-        // response body dropped) stops it.
-        let guard = AbortOnDrop(Some(guest.abort_handle()));
-        let too_large = || Failure::BodyTooLarge(me.limits.max_body_bytes);
-        match timeout_at(deadline, rx).await {
-            // A guest that answers after its request body was cut off at
-            // the limit answered a truncated request: the client learns why.
-            Ok(Ok(_)) if body_too_large.load(Ordering::Relaxed) => Err(too_large()),
-            Ok(Ok(Ok(response))) => Ok(response.map(|body| GuestBody { body, guard }.boxed_unsync())),
-            Ok(Ok(Err(code))) => Err(Failure::Guest(format!("{code:?}"))),
-            Ok(Err(_)) => match guest.await {
-                _ if body_too_large.load(Ordering::Relaxed) => Err(too_large()),
-                Ok(Err(failure)) => Err(failure),
-                Ok(Ok(())) => Err(Failure::NoResponse),
-                Err(join) => Err(Failure::Trap(format!("guest task failed: {join}"))),
-            },
-            Err(_) => {
-                guest.abort();
-                Err(Failure::Timeout(me.limits.timeout_ms))
-            }
-        }
-    }
-
-    /// Waits for a slot of this deployment, of its tenant's share and of
-    /// the shared pool, or fails with [`Failure::Busy`] naming the one
-    /// that stayed full when the queue is full or the wait ends.
-    async fn admit(&self) -> Result<[OwnedSemaphorePermit; 3], Failure> {
-        let me = &self.inner;
-        let wait_until = Instant::now() + me.limits.queue_timeout();
-        let deployment_full = Saturated::Deployment(me.limits.concurrency);
-        let slot = match me.slots.clone().try_acquire_owned() {
-            Ok(permit) => permit,
-            Err(_) => {
-                if me.queued.fetch_add(1, Ordering::Relaxed) >= me.limits.queue {
-                    me.queued.fetch_sub(1, Ordering::Relaxed);
-                    return Err(Failure::Busy(deployment_full));
-                }
-                let _ticket = QueueTicket(&me.queued);
-                acquire_until(&me.slots, wait_until, deployment_full).await?
-            }
-        };
-        let runtime = &me.runtime.inner;
-        let tenant = acquire_until(&me.tenant_slots, wait_until, Saturated::Tenant(runtime.per_tenant)).await?;
-        let instance = acquire_until(&runtime.instances, wait_until, Saturated::Node(runtime.pool.max_instances)).await?;
-        Ok([slot, tenant, instance])
-    }
-}
-
-async fn acquire_until(sem: &Arc<Semaphore>, until: Instant, full: Saturated) -> Result<OwnedSemaphorePermit, Failure> {
-    match timeout_at(until, sem.clone().acquire_owned()).await {
-        Ok(Ok(permit)) => Ok(permit),
-        _ => Err(Failure::Busy(full)),
-    }
-}
-
-/// Aborts a guest's task when dropped, unless disarmed.
-struct AbortOnDrop(Option<AbortHandle>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        if let Some(handle) = self.0.take() {
-            handle.abort();
-        }
-    }
-}
-
-/// A guest's response body. Dropped before its end (the client went
-/// away), it stops the guest; once it has ended, the guest may finish
-/// what it does after responding, within its limits.
-struct GuestBody<B> {
-    body: B,
-    guard: AbortOnDrop,
-}
-
-impl<B> http_body::Body for GuestBody<B>
-where
-    B: http_body::Body<Data = Bytes> + Unpin,
-    B::Error: Into<BoxError>,
-{
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
-        let polled = Pin::new(&mut self.body).poll_frame(cx).map_err(Into::into);
-        if let Poll::Ready(None) = polled {
-            self.guard.0 = None;
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.body.size_hint()
-    }
-}
-
-/// Bodies of unknown length (chunked) are read whole before the guest
-/// starts when the deployment's body limit is at most this: a body over the
-/// limit then gets a clean `413` instead of a response cut off midway.
-/// Larger limits stream, and a body that outgrows one ends the guest's
-/// body stream with a body-size error.
-const READ_FIRST_LIMIT: u64 = 64 << 10;
-
-/// The request with its body boxed; read whole first when its length is
-/// unknown and the limit is small (see [`READ_FIRST_LIMIT`]).
-async fn small_body_first<B>(
-    request: Request<B>,
-    declared: Option<u64>,
-    limits: &Limits,
-    deadline: Instant,
-) -> Result<Request<http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>>, Failure>
-where
-    B: http_body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
-{
-    let (parts, body) = request.into_parts();
-    let max = limits.max_body_bytes;
-    if declared.is_some() || max > READ_FIRST_LIMIT || body.is_end_stream() {
-        return Ok(Request::from_parts(parts, body.map_err(Into::into).boxed_unsync()));
-    }
-    let limited = Limited::new(body, max as usize);
-    match timeout_at(deadline, limited.collect()).await {
-        Err(_) => Err(Failure::Timeout(limits.timeout_ms)),
-        Ok(Err(e)) if e.is::<LengthLimitError>() => Err(Failure::BodyTooLarge(max)),
-        Ok(Err(e)) => Err(Failure::BadBody(e.to_string())),
-        Ok(Ok(collected)) => {
-            let full = http_body_util::Full::new(collected.to_bytes()).map_err(|never| match never {});
-            Ok(Request::from_parts(parts, full.boxed_unsync()))
-        }
-    }
-}
-
-/// wasi:http needs an authority: give requests without a URI authority or
-/// `Host` header the host `localhost`.
-fn with_authority<B>(mut request: Request<B>) -> Request<B> {
-    if request.uri().authority().is_none() && !request.headers().contains_key(http::header::HOST) {
-        request.headers_mut().insert(http::header::HOST, http::HeaderValue::from_static("localhost"));
-    }
-    request
-}
-
-/// Caps the request body at `max` bytes; going over sets `flag` and ends
-/// the guest's body stream with a body-size error.
-fn limit_body<B>(
-    request: Request<B>,
-    max: u64,
-    flag: Arc<AtomicBool>,
-) -> Request<impl http_body::Body<Data = Bytes, Error = wasmtime_wasi_http::Error> + Send + 'static>
-where
-    B: http_body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
-{
-    let max_usize = usize::try_from(max).unwrap_or(usize::MAX);
-    request.map(move |body| {
-        Limited::new(body, max_usize).map_err(move |err: BoxError| {
-            if err.is::<LengthLimitError>() {
-                flag.store(true, Ordering::Relaxed);
-                wasmtime_wasi_http::Error::HttpRequestBodySize(Some(max))
-            } else {
-                wasmtime_wasi_http::Error::InternalError(Some(err.to_string()))
-            }
-        })
-    })
 }

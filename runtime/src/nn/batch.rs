@@ -97,7 +97,7 @@ pub(crate) struct BatchStats {
 }
 
 /// What a loaded model has done since it was loaded.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ModelStatus {
     /// Engine passes run.
     pub batches: usize,

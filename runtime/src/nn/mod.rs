@@ -8,4 +8,4 @@ pub(crate) mod host;
 mod models;
 
 pub use batch::{BatchSettings, InferenceMemory, ModelStatus};
-pub use models::{LocalModels, ModelAccess, ModelCatalog, ModelEntry, Models, PUBLIC, read_model_files};
+pub use models::{CatalogError, LocalModels, ModelAccess, ModelCatalog, ModelEntry, Models, PUBLIC, read_model_files};

@@ -23,14 +23,19 @@ pub struct ModelEntry {
     pub format: Format,
 }
 
+/// Why a catalog could not resolve or read a model.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct CatalogError(pub String);
+
 /// Where models come from: the server's registry, or local files.
 pub trait ModelCatalog: Send + Sync {
     /// The model called `name` as `tenant` sees it: its own first, then
     /// the `public/` namespace. `Ok(None)` when there is none.
-    fn resolve(&self, tenant: &str, name: &str) -> Result<Option<ModelEntry>, String>;
+    fn resolve(&self, tenant: &str, name: &str) -> Result<Option<ModelEntry>, CatalogError>;
 
     /// Reads the files of a model `resolve` returned (blocking).
-    fn read(&self, entry: &ModelEntry) -> Result<ModelFiles, String>;
+    fn read(&self, entry: &ModelEntry) -> Result<ModelFiles, CatalogError>;
 }
 
 /// Models given as local paths by name (`gpuwasm run --model NAME=PATH`):
@@ -49,8 +54,8 @@ impl LocalModels {
 
 /// Reads a model's files from `path`: the known files of a directory
 /// layout, or the one file.
-pub fn read_model_files(format: Format, path: &std::path::Path) -> Result<ModelFiles, String> {
-    let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| format!("reading {}: {e}", p.display()));
+pub fn read_model_files(format: Format, path: &std::path::Path) -> Result<ModelFiles, CatalogError> {
+    let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| CatalogError(format!("reading {}: {e}", p.display())));
     match format.files() {
         Some(names) => {
             let mut files = ModelFiles::new();
@@ -70,11 +75,11 @@ pub fn read_model_files(format: Format, path: &std::path::Path) -> Result<ModelF
 }
 
 impl ModelCatalog for LocalModels {
-    fn resolve(&self, _tenant: &str, name: &str) -> Result<Option<ModelEntry>, String> {
+    fn resolve(&self, _tenant: &str, name: &str) -> Result<Option<ModelEntry>, CatalogError> {
         Ok(self.models.get(name).map(|(format, path)| ModelEntry { key: path.display().to_string(), format: *format }))
     }
 
-    fn read(&self, entry: &ModelEntry) -> Result<ModelFiles, String> {
+    fn read(&self, entry: &ModelEntry) -> Result<ModelFiles, CatalogError> {
         read_model_files(entry.format, std::path::Path::new(&entry.key))
     }
 }
@@ -104,19 +109,6 @@ impl std::fmt::Debug for ModelAccess {
         f.debug_struct("ModelAccess").field("tenant", &self.tenant).field("allow", &self.allow).finish_non_exhaustive()
     }
 }
-
-impl PartialEq for ModelAccess {
-    fn eq(&self, other: &Self) -> bool {
-        let same_catalog = match (&self.catalog, &other.catalog) {
-            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-            (None, None) => true,
-            _ => false,
-        };
-        self.tenant == other.tenant && self.allow == other.allow && same_catalog
-    }
-}
-
-impl Eq for ModelAccess {}
 
 /// A model loaded on this node: its graph behind a batching scheduler.
 pub(crate) struct Loaded {
@@ -226,7 +218,7 @@ impl Models {
         let catalog = access.catalog.clone().ok_or_else(|| LoadError::NotFound(format!("no model named '{name}'")))?;
         let entry = catalog
             .resolve(&access.tenant, name)
-            .map_err(LoadError::Io)?
+            .map_err(|e| LoadError::Io(e.0))?
             .ok_or_else(|| LoadError::NotFound(format!("no model named '{name}' in tenant '{}' or in public/", access.tenant)))?;
         self.start_sweeper();
         if let Some(why) = self.inner.failed.lock().unwrap().get(&entry.key) {
@@ -238,7 +230,7 @@ impl Models {
                 let (catalog, entry2) = (catalog.clone(), entry.clone());
                 let started = Instant::now();
                 let graph = tokio::task::spawn_blocking(move || {
-                    let files = catalog.read(&entry2).map_err(LoadError::Io)?;
+                    let files = catalog.read(&entry2).map_err(|e| LoadError::Io(e.0))?;
                     gpuwasm_tensor::load(entry2.format, &files).map_err(LoadError::Failed)
                 })
                 .await

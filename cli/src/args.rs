@@ -1,0 +1,317 @@
+//! The command line: the commands, and the argument types several of them
+//! share (where the server is, limits, the node's pool, names, listings),
+//! with the small helpers that go with them.
+
+use crate::client::Api;
+use crate::commands;
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use gpuwasm::nn::InferenceMemory;
+use gpuwasm::{Limits, Runtime};
+use gpuwasm_server::manifest::Manifest;
+use std::path::{Path, PathBuf};
+
+/// gpuwasm: serverless functions as WebAssembly components.
+///
+/// Handlers are components of the standard `wasi:http/proxy` world. Each
+/// request runs in a fresh sandboxed instance under per-deployment limits.
+///
+/// Quick start: `gpuwasm serve` in one terminal, then
+/// `gpuwasm deploy hello.wasm --name hello` and `gpuwasm invoke hello`
+/// (on the server's machine the CLI finds the admin token by itself).
+#[derive(Parser)]
+#[command(name = "gpuwasm", version, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run the server: deployments, routing and the admin API.
+    Serve(commands::serve::ServeArgs),
+    /// Serve one component on every path, with no server state (like `wasmtime
+    /// serve`); a gpuwasm.toml beside it sets limits, env, outbound hosts and files.
+    #[command(after_help = default_limits_help())]
+    Run(commands::run::RunArgs),
+    /// Upload a component as a new version of a deployment, routed at /TENANT/NAME/.
+    #[command(after_help = default_limits_help())]
+    Deploy(commands::deploy::DeployArgs),
+    /// List your deployments (their active versions).
+    List(ListArgs),
+    /// Remove a deployment (its versions stay, for rollback --to).
+    Rm(commands::deployments::RmArgs),
+    /// List a deployment's versions.
+    Versions(commands::deployments::VersionsArgs),
+    /// Switch a deployment back to an earlier version.
+    Rollback(commands::deployments::RollbackArgs),
+    /// Tenants (admin token only).
+    #[command(subcommand)]
+    Tenant(commands::tenant::TenantCommand),
+    /// API tokens of your tenant.
+    #[command(subcommand)]
+    Token(commands::token::TokenCommand),
+    /// Models handlers load through wasi-nn: push, list, remove.
+    #[command(subcommand)]
+    Model(commands::model::ModelCommand),
+    /// Show which tenant your token acts for.
+    Whoami(ServerArgs),
+    /// Send one HTTP request to a deployment and print the response body.
+    Invoke(commands::invoke::InvokeArgs),
+    /// Benchmarks: HTTP throughput and latency, cold starts.
+    #[command(subcommand)]
+    Bench(crate::bench::Bench),
+}
+
+/// The node's resources: its instance pool, the highest limits a
+/// deployment may ask for, and inference memory.
+#[derive(Args)]
+pub struct PoolArgs {
+    /// Instances that may run at once over all deployments.
+    #[arg(long, default_value_t = 256)]
+    max_instances: u32,
+    /// Instances one tenant's deployments may run at once [default: half of --max-instances].
+    #[arg(long)]
+    max_tenant_instances: Option<u32>,
+    /// Largest memory limit, in MiB, any deployment may be given.
+    #[arg(long, default_value_t = Limits::default_ceilings().memory_mb)]
+    max_memory_mb: u64,
+    /// Largest CPU time limit, in ms, any deployment may be given.
+    #[arg(long, default_value_t = Limits::default_ceilings().cpu_ms)]
+    max_cpu_ms: u64,
+    /// Largest wall-clock limit, in ms, any deployment may be given.
+    #[arg(long, default_value_t = Limits::default_ceilings().timeout_ms)]
+    max_timeout_ms: u64,
+    /// Largest request body limit, in bytes, any deployment may be given.
+    #[arg(long, default_value_t = Limits::default_ceilings().max_body_bytes)]
+    max_body_limit: u64,
+    /// Largest concurrency any deployment may be given.
+    #[arg(long, default_value_t = Limits::default_ceilings().concurrency)]
+    max_concurrency: u32,
+    /// Longest queue any deployment may be given.
+    #[arg(long, default_value_t = Limits::default_ceilings().queue)]
+    max_queue: u32,
+    /// Longest queue wait, in ms, any deployment may be given.
+    #[arg(long, default_value_t = Limits::default_ceilings().queue_timeout_ms)]
+    max_queue_timeout_ms: u64,
+    /// Host memory one inference call may allocate, in MiB (a call over it
+    /// fails with wasi-nn `too-large`; model pushes are checked against it).
+    #[arg(long, default_value_t = InferenceMemory::default().per_call_mb)]
+    inference_call_mb: u64,
+    /// Host memory all inference calls on the node may allocate at once, in MiB.
+    #[arg(long, default_value_t = InferenceMemory::default().node_mb)]
+    inference_node_mb: u64,
+    /// Seconds a model stays loaded after its last use (it loads again on
+    /// the next request that needs it).
+    #[arg(long, default_value_t = 600)]
+    model_idle_secs: u64,
+}
+
+impl PoolArgs {
+    pub fn runtime(&self) -> Result<Runtime> {
+        let ceilings = Limits {
+            memory_mb: self.max_memory_mb,
+            cpu_ms: self.max_cpu_ms,
+            timeout_ms: self.max_timeout_ms,
+            max_body_bytes: self.max_body_limit,
+            concurrency: self.max_concurrency,
+            queue: self.max_queue,
+            queue_timeout_ms: self.max_queue_timeout_ms,
+        };
+        let mut builder = Runtime::builder()
+            .max_instances(self.max_instances)
+            .max_limits(ceilings)
+            .inference_memory(InferenceMemory { per_call_mb: self.inference_call_mb, node_mb: self.inference_node_mb })
+            .model_idle_timeout(std::time::Duration::from_secs(self.model_idle_secs));
+        if let Some(n) = self.max_tenant_instances {
+            builder = builder.max_instances_per_tenant(n);
+        }
+        Ok(builder.build()?)
+    }
+}
+
+/// Per-deployment limits; each one not given keeps its default (see the help footer).
+#[derive(Args, Default)]
+pub struct LimitArgs {
+    /// Largest linear memory, in MiB.
+    #[arg(long)]
+    memory_mb: Option<u64>,
+    /// CPU time per request, in ms.
+    #[arg(long)]
+    cpu_ms: Option<u64>,
+    /// Wall-clock time per request, in ms.
+    #[arg(long)]
+    timeout_ms: Option<u64>,
+    /// Largest request body, in bytes.
+    #[arg(long)]
+    max_body_bytes: Option<u64>,
+    /// Instances of this deployment that may run at once.
+    #[arg(long)]
+    concurrency: Option<u64>,
+    /// Requests that may wait for an instance.
+    #[arg(long)]
+    queue: Option<u64>,
+    /// How long a queued request waits before `503`, in ms.
+    #[arg(long)]
+    queue_timeout_ms: Option<u64>,
+}
+
+impl LimitArgs {
+    /// The limits given, as (field name, value) pairs.
+    fn given(&self) -> Vec<(&'static str, u64)> {
+        [
+            ("memory_mb", self.memory_mb),
+            ("cpu_ms", self.cpu_ms),
+            ("timeout_ms", self.timeout_ms),
+            ("max_body_bytes", self.max_body_bytes),
+            ("concurrency", self.concurrency),
+            ("queue", self.queue),
+            ("queue_timeout_ms", self.queue_timeout_ms),
+        ]
+        .into_iter()
+        .filter_map(|(name, v)| Some((name, v?)))
+        .collect()
+    }
+
+    /// `base` with the limits given on the command line set over it.
+    pub fn over(&self, mut base: Limits) -> Result<Limits> {
+        for (name, value) in self.given() {
+            base.set(name, &value.to_string())?;
+        }
+        Ok(base)
+    }
+}
+
+/// Where to find the server and how to authenticate.
+///
+/// Each comes from the flag, else the environment, else
+/// `~/.config/gpuwasm/config.toml` (`server = "..."`, `token = "..."`),
+/// else the defaults: http://127.0.0.1:8080 and, on the machine that runs
+/// the server, the admin token in its default data directory.
+#[derive(Args)]
+pub struct ServerArgs {
+    /// URL of the gpuwasm server [default: http://127.0.0.1:8080].
+    #[arg(long, env = "GPUWASM_SERVER")]
+    server: Option<String>,
+    /// API token (a tenant's, or the admin token).
+    #[arg(long, env = "GPUWASM_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+}
+
+/// `~/.config/gpuwasm/config.toml`.
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    server: Option<String>,
+    token: Option<String>,
+}
+
+impl ServerArgs {
+    pub fn api(&self) -> Result<Api> {
+        let config = read_config_file()?;
+        let server = self
+            .server
+            .clone()
+            .or(config.server)
+            .unwrap_or_else(|| "http://127.0.0.1:8080".to_string());
+        let token = self.token.clone().or(config.token).or_else(|| {
+            std::fs::read_to_string(default_data_dir().join("admin-token")).ok().map(|t| t.trim().to_string())
+        });
+        Ok(Api::new(&server, token))
+    }
+}
+
+fn read_config_file() -> Result<ConfigFile> {
+    let dir = match std::env::var_os("XDG_CONFIG_HOME").filter(|v| !v.is_empty()) {
+        Some(xdg) => PathBuf::from(xdg),
+        None => match std::env::var_os("HOME") {
+            Some(home) => PathBuf::from(home).join(".config"),
+            None => return Ok(ConfigFile::default()),
+        },
+    };
+    let path = dir.join("gpuwasm/config.toml");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => toml::from_str(&text).with_context(|| format!("reading {}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(ConfigFile::default()),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+#[derive(Args)]
+pub struct ListArgs {
+    /// Print the JSON the server returned.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub server: ServerArgs,
+}
+
+#[derive(Args)]
+pub struct NameArgs {
+    /// The name.
+    pub name: String,
+    #[command(flatten)]
+    pub server: ServerArgs,
+}
+
+/// The help footer listing the default limits.
+pub fn default_limits_help() -> String {
+    let l = Limits::default();
+    format!(
+        "Default limits: --memory-mb {} --cpu-ms {} --timeout-ms {} --max-body-bytes {} \
+         --concurrency {} --queue {} --queue-timeout-ms {}",
+        l.memory_mb, l.cpu_ms, l.timeout_ms, l.max_body_bytes, l.concurrency, l.queue, l.queue_timeout_ms
+    )
+}
+
+/// `$XDG_DATA_HOME/gpuwasm`, or `~/.local/share/gpuwasm`.
+pub fn default_data_dir() -> PathBuf {
+    if let Some(xdg) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(xdg).join("gpuwasm");
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    home.join(".local/share/gpuwasm")
+}
+
+/// Prints `json` and returns true when `--json` was given.
+pub fn print_json(json: bool, value: &serde_json::Value) -> Result<bool> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(value)?);
+    }
+    Ok(json)
+}
+
+/// Reads a component file, with an error that names it.
+pub fn read_component(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("reading {}", path.display()))
+}
+
+/// The first 12 characters of a digest, as listings show it.
+pub fn short(sha256: &str) -> &str {
+    sha256.get(..12).unwrap_or(sha256)
+}
+
+/// The manifest for `file`: `explicit`, else gpuwasm.toml beside it, else
+/// none; with the folder it is in (its paths are relative to that).
+pub fn load_manifest(file: &Path, explicit: Option<&Path>) -> Result<(Manifest, PathBuf)> {
+    let beside = file.parent().unwrap_or(Path::new(".")).join("gpuwasm.toml");
+    let path = match explicit {
+        Some(path) => path.to_path_buf(),
+        None if beside.exists() => beside,
+        None => return Ok((Manifest::default(), PathBuf::from("."))),
+    };
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    // The server (or `run`'s runtime) checks the limits against its own maxima.
+    let no_ceilings = Limits {
+        memory_mb: u64::MAX,
+        cpu_ms: u64::MAX,
+        timeout_ms: u64::MAX,
+        max_body_bytes: u64::MAX,
+        concurrency: u32::MAX,
+        queue: u32::MAX,
+        queue_timeout_ms: u64::MAX,
+    };
+    let manifest = Manifest::parse(&text, &no_ceilings).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Ok((manifest, path.parent().unwrap_or(Path::new(".")).to_path_buf()))
+}
+

@@ -1,0 +1,11 @@
+//! One module per command (`gpuwasm bench` is in `bench/`).
+
+pub mod deploy;
+pub mod deployments;
+pub mod invoke;
+pub mod model;
+pub mod run;
+pub mod serve;
+pub mod tenant;
+pub mod token;
+pub mod whoami;

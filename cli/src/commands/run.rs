@@ -1,0 +1,57 @@
+//! `gpuwasm run`: one component on every path, no server state (like
+//! `wasmtime serve`); a gpuwasm.toml beside it applies.
+
+use super::serve::{announce, bind, until_signal};
+use crate::args::{LimitArgs, PoolArgs, load_manifest, read_component};
+use anyhow::{Context, Result};
+use clap::Args;
+use gpuwasm::Capabilities;
+use gpuwasm_server::serve_connections;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// The component (.wasm) to serve.
+    file: PathBuf,
+    /// Address to listen on (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// A model handlers may load by name, as NAME=PATH (repeatable): a
+    /// directory for safetensors models, a .onnx or .gguf file otherwise.
+    #[arg(long = "model", value_name = "NAME=PATH")]
+    models: Vec<String>,
+    #[command(flatten)]
+    limits: LimitArgs,
+    #[command(flatten)]
+    pool: PoolArgs,
+}
+
+pub async fn run(args: RunArgs) -> Result<ExitCode> {
+    let (manifest, manifest_dir) = load_manifest(&args.file, None)?;
+    let spec = manifest.spec;
+    let limits = args.limits.over(spec.limits)?;
+    let models = super::model::local(&args.models, spec.models)?;
+    let wasm = read_component(&args.file)?;
+    let runtime = args.pool.runtime()?;
+    let capabilities = Capabilities {
+        env: spec.sandbox.env,
+        outbound: spec.sandbox.outbound,
+        files: manifest.files_dir.map(|dir| manifest_dir.join(dir)),
+        models,
+    };
+    let name = args.file.file_stem().and_then(|s| s.to_str()).unwrap_or("component").to_string();
+    let deployment = runtime
+        .load_with(&name, &wasm, limits, capabilities)
+        .await
+        .with_context(|| format!("loading {}", args.file.display()))?;
+    let listener = bind(args.listen).await?;
+    announce(&listener)?;
+    until_signal(serve_connections(listener, move |req| {
+        let deployment = deployment.clone();
+        async move { deployment.handle(req).await }
+    }))
+    .await
+}
+

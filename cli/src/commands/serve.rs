@@ -1,0 +1,132 @@
+//! `gpuwasm serve`: the server, its state in a data directory; and what
+//! `serve` and `run` share: binding, announcing the address, and stopping
+//! on a signal.
+
+use crate::args::{PoolArgs, default_data_dir};
+use anyhow::{Context, Result};
+use clap::Args;
+use gpuwasm_server::{Server, ServerConfig, TenantQuotas};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use tokio::net::TcpListener;
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Address to listen on (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Directory for deployments, artifacts and the admin token.
+    #[arg(long, env = "GPUWASM_DATA_DIR", default_value_os_t = default_data_dir())]
+    data_dir: PathBuf,
+    /// Admin API token. Without it, the token in DATA_DIR/admin-token is
+    /// used, and created on first start.
+    #[arg(long, env = "GPUWASM_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    #[command(flatten)]
+    pool: PoolArgs,
+    /// Largest component upload accepted, in MiB.
+    #[arg(long, default_value_t = 64)]
+    max_upload_mb: usize,
+    /// Largest model file accepted by `model push`, in MiB.
+    #[arg(long, default_value_t = 4096)]
+    max_model_mb: usize,
+    /// A name this server answers on (repeatable). No deployment may claim
+    /// it as its host, so /TENANT/NAME/ paths on it always reach their
+    /// deployment. IP addresses, localhost and this machine's host name
+    /// are never claimable anyway.
+    #[arg(long = "server-name", value_name = "NAME")]
+    server_names: Vec<String>,
+    /// Active deployments each tenant may have.
+    #[arg(long, default_value_t = 100)]
+    tenant_deployments: usize,
+    /// Storage each tenant may use for deployment files and models, in MiB.
+    #[arg(long, default_value_t = 10240)]
+    tenant_storage_mb: u64,
+    /// File and model uploads each tenant may have in progress at once
+    /// (the server takes four times this over all tenants).
+    #[arg(long, default_value_t = 2)]
+    tenant_uploads: usize,
+    /// Seconds an uploaded blob or assembled file tree that nothing refers
+    /// to is kept before it is removed.
+    #[arg(long, default_value_t = 3600)]
+    gc_grace_secs: u64,
+}
+
+pub async fn run(args: ServeArgs) -> Result<ExitCode> {
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("creating the data directory {}", args.data_dir.display()))?;
+    let admin_token = match args.admin_token {
+        Some(token) if !token.is_empty() => token,
+        _ => stored_token(&args.data_dir)?,
+    };
+    let mut server_names = args.server_names.clone();
+    server_names.extend(std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|h| h.trim().to_string()));
+    let config = ServerConfig {
+        data_dir: args.data_dir.clone(),
+        admin_token,
+        max_upload_bytes: args.max_upload_mb.saturating_mul(1 << 20),
+        max_model_bytes: args.max_model_mb.saturating_mul(1 << 20),
+        server_names: server_names.iter().filter_map(|n| gpuwasm_server::hosts::normalize(n)).collect(),
+        quotas: TenantQuotas {
+            deployments: args.tenant_deployments,
+            storage_bytes: args.tenant_storage_mb.saturating_mul(1 << 20),
+            uploads: args.tenant_uploads,
+        },
+        gc_grace: std::time::Duration::from_secs(args.gc_grace_secs),
+    };
+    let server = Server::open(args.pool.runtime()?, config)
+        .await
+        .with_context(|| format!("opening the server state in {}", args.data_dir.display()))?;
+    let listener = bind(args.listen).await?;
+    tracing::info!(data_dir = %args.data_dir.display(), deployments = server.deployments().len(), "server ready");
+    announce(&listener)?;
+    until_signal(server.serve(listener)).await
+}
+
+/// The token stored in `data_dir/admin-token`, created (mode 0600) if absent.
+fn stored_token(data_dir: &Path) -> Result<String> {
+    let path = data_dir.join("admin-token");
+    if let Ok(token) = std::fs::read_to_string(&path) {
+        let token = token.trim().to_string();
+        if !token.is_empty() {
+            return Ok(token);
+        }
+    }
+    let token = gpuwasm_server::hex::random_hex(24).context("reading /dev/urandom")?;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    file.write_all(token.as_bytes())?;
+    file.sync_all()?;
+    eprintln!("gpuwasm: created an admin token in {}", path.display());
+    Ok(token)
+}
+
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
+    TcpListener::bind(addr).await.with_context(|| format!("listening on {addr}"))
+}
+
+/// Prints the address actually bound (tests and scripts read this line).
+pub fn announce(listener: &TcpListener) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "gpuwasm listening on http://{}", listener.local_addr()?)?;
+    out.flush()?;
+    Ok(())
+}
+
+/// Runs `serving` until Ctrl-C or SIGTERM.
+pub async fn until_signal(serving: impl std::future::Future<Output = std::io::Result<()>>) -> Result<ExitCode> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        result = serving => { result?; }
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; shutting down"),
+        _ = term.recv() => tracing::info!("terminated; shutting down"),
+    }
+    Ok(ExitCode::SUCCESS)
+}

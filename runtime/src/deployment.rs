@@ -1,0 +1,400 @@
+//! A deployment: a linked component that answers each HTTP request with a
+//! fresh instance, under its limits: admission (its concurrency, its
+//! tenant's share of the pool, the pool), CPU and wall-clock deadlines,
+//! body limits, and a guest that ends when its client leaves.
+
+use crate::capabilities::{Capabilities, SharedCapabilities};
+use crate::error::{Error, chain};
+use crate::failure::{BoxError, Failure, ResponseBody, Saturated};
+use crate::host_state::RequestState;
+use crate::limits::Limits;
+use crate::runtime::Runtime;
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::BodyExt;
+use http_body_util::{LengthLimitError, Limited};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::task::{Context, Poll};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::task::AbortHandle;
+use tokio::time::{Instant, timeout_at};
+use wasmtime::Store;
+use wasmtime::component::InstancePre;
+use wasmtime_wasi_http::WasiHttpView;
+use wasmtime_wasi_http::p2::bindings::ProxyPre;
+use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
+
+/// A component ready to serve: every request gets a fresh instance.
+///
+/// Cheap to clone. Mount it in your own hyper service by calling
+/// [`Deployment::handle`] from `service_fn`.
+#[derive(Clone)]
+pub struct Deployment {
+    inner: Arc<DeploymentInner>,
+}
+
+struct DeploymentInner {
+    name: String,
+    limits: Limits,
+    capabilities: Capabilities,
+    /// The allow-list and model access, shared by every request.
+    shared: SharedCapabilities,
+    pre: ProxyPre<RequestState>,
+    /// Instances of this deployment that may run at once.
+    slots: Arc<Semaphore>,
+    /// Its tenant's share of the instance pool.
+    tenant_slots: Arc<Semaphore>,
+    /// Requests waiting for a slot.
+    queued: AtomicU32,
+    /// Set once by [`Deployment::stop`].
+    stop: watch::Sender<bool>,
+    runtime: Runtime,
+}
+
+/// Decrements the queue count when a waiting request leaves the queue.
+struct QueueTicket<'a>(&'a AtomicU32);
+
+impl Drop for QueueTicket<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Deployment {
+    pub(crate) fn new(
+        runtime: &Runtime,
+        name: &str,
+        instance_pre: InstancePre<RequestState>,
+        limits: Limits,
+        capabilities: Capabilities,
+    ) -> Result<Deployment, Error> {
+        let pre = ProxyPre::new(instance_pre).map_err(|e| Error::NotAHandler(chain(&e)))?;
+        Ok(Deployment {
+            inner: Arc::new(DeploymentInner {
+                name: name.to_string(),
+                slots: Arc::new(Semaphore::new(limits.concurrency as usize)),
+                tenant_slots: runtime.tenant_slots(&capabilities.models.tenant),
+                queued: AtomicU32::new(0),
+                stop: watch::Sender::new(false),
+                limits,
+                shared: SharedCapabilities::of(&capabilities),
+                capabilities,
+                pre,
+                runtime: runtime.clone(),
+            }),
+        })
+    }
+
+    /// The deployment's name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The limits every request of this deployment runs under.
+    pub fn limits(&self) -> &Limits {
+        &self.inner.limits
+    }
+
+    /// What its instances may reach: environment, files, outbound hosts, models.
+    pub fn capabilities(&self) -> &Capabilities {
+        &self.inner.capabilities
+    }
+
+    /// Stops every request running on this deployment now (their guests
+    /// are interrupted and their instances freed) and answers any later
+    /// request with `503`. For a deployment taken out of service; requests
+    /// keep running on a deployment that is merely replaced.
+    pub fn stop(&self) {
+        self.inner.stop.send_replace(true);
+    }
+
+    /// Instantiates the component once, fresh, under its limits, and drops
+    /// the instance: a component that cannot start (say, its initial memory
+    /// is over the memory limit) is refused before it takes traffic.
+    pub async fn check(&self) -> Result<(), Error> {
+        let (limits, inner) = (&self.inner.limits, &self.inner);
+        let mut store = inner
+            .runtime
+            .new_store(limits.memory_bytes(), limits.cpu_ms, &inner.capabilities, &inner.shared)
+            .map_err(Error::Instantiate)?;
+        match self.inner.pre.instantiate_async(&mut store).await {
+            Ok(_) => Ok(()),
+            Err(err) => Err(Error::Instantiate(
+                match Failure::from_call(store.data(), &err, limits.cpu_ms, limits.memory_mb) {
+                    Failure::Memory(mb) => format!("its memory does not fit the limit of {mb} MiB"),
+                    _ => chain(&err),
+                },
+            )),
+        }
+    }
+
+    /// Answers `request` with a fresh instance of the component.
+    ///
+    /// The request body streams into the guest and the response body
+    /// streams out of it. Failures become HTTP answers with a short
+    /// plain-text message: `503` (with `Retry-After`) when the deployment
+    /// stays at its concurrency limit, `413` for a body over the limit,
+    /// `504` when the CPU or wall-clock limit runs out, `500` when the
+    /// guest traps or outgrows its memory limit. Every response gets a
+    /// `Server-Timing: gpuwasm;dur=MS` header: the time from arrival to
+    /// the response head.
+    pub async fn handle<B>(&self, request: Request<B>) -> Response<ResponseBody>
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let start = std::time::Instant::now();
+        let mut response = match self.try_handle(request).await {
+            Ok(response) => response,
+            Err(failure) => {
+                tracing::debug!(deployment = %self.inner.name, ?failure, "request failed");
+                failure.into_response(&self.inner.name)
+            }
+        };
+        // Time from arrival to the response head, as the server saw it.
+        let ms = start.elapsed().as_secs_f64() * 1e3;
+        if let Ok(value) = http::HeaderValue::from_str(&format!("gpuwasm;dur={ms:.3}")) {
+            response.headers_mut().append("server-timing", value);
+        }
+        response
+    }
+
+    async fn try_handle<B>(&self, request: Request<B>) -> Result<Response<ResponseBody>, Failure>
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let me = &self.inner;
+        let limits = &me.limits;
+        let declared = request
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if declared.is_some_and(|len| len > limits.max_body_bytes) {
+            return Err(Failure::BodyTooLarge(limits.max_body_bytes));
+        }
+        if *me.stop.borrow() {
+            return Err(Failure::Stopped);
+        }
+        let deadline = Instant::now() + limits.timeout();
+        let request = with_authority(small_body_first(request, declared, limits, deadline).await?);
+        let permits = self.admit().await?;
+
+        let mut store = me
+            .runtime
+            .new_store(limits.memory_bytes(), limits.cpu_ms, &me.capabilities, &me.shared)
+            .map_err(Failure::Trap)?;
+
+        let body_too_large = Arc::new(AtomicBool::new(false));
+        let request = limit_body(request, limits.max_body_bytes, body_too_large.clone());
+        let (cpu_ms, memory_mb) = (limits.cpu_ms, limits.memory_mb);
+        let proxy = match timeout_at(deadline, me.pre.instantiate_async(&mut store)).await {
+            Err(_) => return Err(Failure::Timeout(limits.timeout_ms)),
+            Ok(Err(err)) => return Err(Failure::from_call(store.data(), &err, cpu_ms, memory_mb)),
+            Ok(Ok(proxy)) => proxy,
+        };
+        let setup = |store: &mut Store<RequestState>| -> wasmtime::Result<_> {
+            let mut http = store.data_mut().http();
+            let req = http.new_incoming_request(Scheme::Http, request)?;
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let out = http.new_response_outparam(tx)?;
+            Ok((req, out, rx))
+        };
+        let (req, out, rx) = setup(&mut store).map_err(|e| Failure::Trap(chain(&e)))?;
+
+        let name = me.name.clone();
+        let timeout_ms = limits.timeout_ms;
+        let mut stopped = me.stop.subscribe();
+        let guest = tokio::spawn(async move {
+            let _permits = permits;
+            let call = proxy.wasi_http_incoming_handler().call_handle(&mut store, req, out);
+            // The guest yields to the executor at every epoch tick, so
+            // dropping `call` (timeout, stop, or an abort of this task when
+            // the client leaves) interrupts it within a tick.
+            let result = tokio::select! {
+                called = timeout_at(deadline, call) => match called {
+                    Err(_) => Err(Failure::Timeout(timeout_ms)),
+                    Ok(Err(err)) => Err(Failure::from_call(store.data(), &err, cpu_ms, memory_mb)),
+                    Ok(Ok(())) => Ok(()),
+                },
+                _ = stopped.wait_for(|&stop| stop) => Err(Failure::Stopped),
+            };
+            let output = store.data().output_text();
+            match &result {
+                Err(failure) => tracing::warn!(deployment = %name, ?failure, guest_output = %output, "guest failed"),
+                Ok(()) if !output.is_empty() => tracing::debug!(deployment = %name, guest_output = %output),
+                Ok(()) => {}
+            }
+            result
+        });
+
+        // Until the response is complete, the guest lives only as long as
+        // someone waits for it: a client that leaves (this future or the
+        // response body dropped) stops it.
+        let guard = AbortOnDrop(Some(guest.abort_handle()));
+        let too_large = || Failure::BodyTooLarge(me.limits.max_body_bytes);
+        match timeout_at(deadline, rx).await {
+            // A guest that answers after its request body was cut off at
+            // the limit answered a truncated request: the client learns why.
+            Ok(Ok(_)) if body_too_large.load(Ordering::Relaxed) => Err(too_large()),
+            Ok(Ok(Ok(response))) => Ok(response.map(|body| GuestBody { body, guard }.boxed_unsync())),
+            Ok(Ok(Err(code))) => Err(Failure::Guest(format!("{code:?}"))),
+            Ok(Err(_)) => match guest.await {
+                _ if body_too_large.load(Ordering::Relaxed) => Err(too_large()),
+                Ok(Err(failure)) => Err(failure),
+                Ok(Ok(())) => Err(Failure::NoResponse),
+                Err(join) => Err(Failure::Trap(format!("guest task failed: {join}"))),
+            },
+            Err(_) => {
+                guest.abort();
+                Err(Failure::Timeout(me.limits.timeout_ms))
+            }
+        }
+    }
+
+    /// Waits for a slot of this deployment, of its tenant's share and of
+    /// the shared pool, or fails with [`Failure::Busy`] naming the one
+    /// that stayed full when the queue is full or the wait ends.
+    async fn admit(&self) -> Result<[OwnedSemaphorePermit; 3], Failure> {
+        let me = &self.inner;
+        let wait_until = Instant::now() + me.limits.queue_timeout();
+        let deployment_full = Saturated::Deployment(me.limits.concurrency);
+        let slot = match me.slots.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                if me.queued.fetch_add(1, Ordering::Relaxed) >= me.limits.queue {
+                    me.queued.fetch_sub(1, Ordering::Relaxed);
+                    return Err(Failure::Busy(deployment_full));
+                }
+                let _ticket = QueueTicket(&me.queued);
+                acquire_until(&me.slots, wait_until, deployment_full).await?
+            }
+        };
+        let runtime = &me.runtime.inner;
+        let tenant = acquire_until(&me.tenant_slots, wait_until, Saturated::Tenant(runtime.per_tenant)).await?;
+        let instance = acquire_until(&runtime.instances, wait_until, Saturated::Node(runtime.pool.max_instances)).await?;
+        Ok([slot, tenant, instance])
+    }
+}
+
+async fn acquire_until(sem: &Arc<Semaphore>, until: Instant, full: Saturated) -> Result<OwnedSemaphorePermit, Failure> {
+    match timeout_at(until, sem.clone().acquire_owned()).await {
+        Ok(Ok(permit)) => Ok(permit),
+        _ => Err(Failure::Busy(full)),
+    }
+}
+
+/// Aborts a guest's task when dropped, unless disarmed.
+struct AbortOnDrop(Option<AbortHandle>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(handle) = self.0.take() {
+            handle.abort();
+        }
+    }
+}
+
+/// A guest's response body. Dropped before its end (the client went
+/// away), it stops the guest; once it has ended, the guest may finish
+/// what it does after responding, within its limits.
+struct GuestBody<B> {
+    body: B,
+    guard: AbortOnDrop,
+}
+
+impl<B> http_body::Body for GuestBody<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx).map_err(Into::into);
+        if let Poll::Ready(None) = polled {
+            self.guard.0 = None;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// Bodies of unknown length (chunked) are read whole before the guest
+/// starts when the deployment's body limit is at most this: a body over the
+/// limit then gets a clean `413` instead of a response cut off midway.
+/// Larger limits stream, and a body that outgrows one ends the guest's
+/// body stream with a body-size error.
+const READ_FIRST_LIMIT: u64 = 64 << 10;
+
+/// The request with its body boxed; read whole first when its length is
+/// unknown and the limit is small (see [`READ_FIRST_LIMIT`]).
+async fn small_body_first<B>(
+    request: Request<B>,
+    declared: Option<u64>,
+    limits: &Limits,
+    deadline: Instant,
+) -> Result<Request<http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>>, Failure>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let (parts, body) = request.into_parts();
+    let max = limits.max_body_bytes;
+    if declared.is_some() || max > READ_FIRST_LIMIT || body.is_end_stream() {
+        return Ok(Request::from_parts(parts, body.map_err(Into::into).boxed_unsync()));
+    }
+    let limited = Limited::new(body, max as usize);
+    match timeout_at(deadline, limited.collect()).await {
+        Err(_) => Err(Failure::Timeout(limits.timeout_ms)),
+        Ok(Err(e)) if e.is::<LengthLimitError>() => Err(Failure::BodyTooLarge(max)),
+        Ok(Err(e)) => Err(Failure::BadBody(e.to_string())),
+        Ok(Ok(collected)) => {
+            let full = http_body_util::Full::new(collected.to_bytes()).map_err(|never| match never {});
+            Ok(Request::from_parts(parts, full.boxed_unsync()))
+        }
+    }
+}
+
+/// wasi:http needs an authority: give requests without a URI authority or
+/// `Host` header the host `localhost`.
+fn with_authority<B>(mut request: Request<B>) -> Request<B> {
+    if request.uri().authority().is_none() && !request.headers().contains_key(http::header::HOST) {
+        request.headers_mut().insert(http::header::HOST, http::HeaderValue::from_static("localhost"));
+    }
+    request
+}
+
+/// Caps the request body at `max` bytes; going over sets `flag` and ends
+/// the guest's body stream with a body-size error.
+fn limit_body<B>(
+    request: Request<B>,
+    max: u64,
+    flag: Arc<AtomicBool>,
+) -> Request<impl http_body::Body<Data = Bytes, Error = wasmtime_wasi_http::Error> + Send + 'static>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let max_usize = usize::try_from(max).unwrap_or(usize::MAX);
+    request.map(move |body| {
+        Limited::new(body, max_usize).map_err(move |err: BoxError| {
+            if err.is::<LengthLimitError>() {
+                flag.store(true, Ordering::Relaxed);
+                wasmtime_wasi_http::Error::HttpRequestBodySize(Some(max))
+            } else {
+                wasmtime_wasi_http::Error::InternalError(Some(err.to_string()))
+            }
+        })
+    })
+}

@@ -1,0 +1,115 @@
+//! What one request's store holds: its WASI and wasi:http contexts, the
+//! resources the guest holds, its wasi-nn state, its memory limiter and
+//! output, and the CPU ticks it used.
+
+use crate::capabilities::{Capabilities, OutboundPolicy, SharedCapabilities};
+use crate::memory_limit::MemoryLimiter;
+use crate::nn::Models;
+use crate::nn::host::{NnCtx, NnView};
+use crate::output::GuestOutput;
+use wasmtime::component::ResourceTable;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
+
+/// Everything one request's store holds.
+pub(crate) struct RequestState {
+    wasi: WasiCtx,
+    http: WasiHttpCtx,
+    table: ResourceTable,
+    hooks: OutboundPolicy,
+    nn: NnCtx,
+    pub(crate) limiter: MemoryLimiter,
+    output: GuestOutput,
+    /// Epoch ticks observed while guest code ran.
+    pub(crate) cpu_ticks: u64,
+    pub(crate) cpu_exceeded: bool,
+}
+
+impl RequestState {
+    pub(crate) fn new(
+        memory_limit: usize,
+        capabilities: &Capabilities,
+        shared: &SharedCapabilities,
+        models: &Models,
+    ) -> Result<Self, String> {
+        let output = GuestOutput::default();
+        let mut wasi = WasiCtx::builder();
+        wasi.stdout(output.clone()).stderr(output.clone());
+        for (key, value) in &capabilities.env {
+            wasi.env(key, value);
+        }
+        if let Some(dir) = &capabilities.files {
+            wasi.preopened_dir(dir, "/", wasmtime_wasi::FsPerms::ReadOnly)
+                .map_err(|e| format!("opening the deployment's files at {}: {e}", dir.display()))?;
+        }
+        // No network: the default address check already refuses every
+        // address; say so explicitly.
+        wasi.allow_tcp(false).allow_udp(false).allow_ip_name_lookup(false);
+        Ok(Self {
+            wasi: wasi.build(),
+            http: WasiHttpCtx::new(),
+            table: ResourceTable::new(),
+            hooks: OutboundPolicy { allow: shared.outbound.clone() },
+            nn: NnCtx { models: models.clone(), access: shared.models.clone() },
+            limiter: MemoryLimiter { limit: memory_limit, exceeded: false },
+            output,
+            cpu_ticks: 0,
+            cpu_exceeded: false,
+        })
+    }
+
+    /// The wasi-nn view of this request's state.
+    pub(crate) fn nn(&mut self) -> NnView<'_> {
+        NnView { ctx: &mut self.nn, table: &mut self.table }
+    }
+
+    /// Host resources the guest holds (streams, sockets, files, ...).
+    pub(crate) fn open_resources(&mut self) -> usize {
+        self.table.iter_mut().count()
+    }
+
+    /// What kinds of host resources the guest holds, for error messages.
+    pub(crate) fn open_resource_kinds(&mut self) -> Vec<&'static str> {
+        use wasmtime_wasi::p2::{DynInputStream, DynOutputStream, DynPollable, TcpSocket, UdpSocket};
+        let mut kinds: Vec<&'static str> = self
+            .table
+            .iter_mut()
+            .map(|entry| {
+                let entry: &dyn std::any::Any = entry;
+                if entry.is::<DynOutputStream>() {
+                    "an output stream: stdout/stderr after printing, or a file or HTTP body being written"
+                } else if entry.is::<DynInputStream>() {
+                    "an input stream"
+                } else if entry.is::<DynPollable>() {
+                    "a pollable (a timer or stream subscription)"
+                } else if entry.is::<TcpSocket>() || entry.is::<UdpSocket>() {
+                    "a socket"
+                } else if entry.is::<wasmtime_wasi::filesystem::Descriptor>() {
+                    "an open file or directory"
+                } else {
+                    "another host resource"
+                }
+            })
+            .collect();
+        kinds.sort_unstable();
+        kinds.dedup();
+        kinds
+    }
+
+    /// The end of what the guest printed to stdout and stderr.
+    pub(crate) fn output_text(&self) -> String {
+        self.output.text()
+    }
+}
+
+impl WasiView for RequestState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+impl WasiHttpView for RequestState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView { ctx: &mut self.http, table: &mut self.table, hooks: &mut self.hooks }
+    }
+}

@@ -1,0 +1,226 @@
+//! The admin API: routing and authentication, the one way the control state
+//! changes ([`ServerInner::change`]), tenants and tokens. Deployments are in
+//! `deployments.rs`, models in `models.rs`. Every call but `health` needs a
+//! bearer token; tenant tokens reach only their own tenant, and what
+//! belongs to another tenant answers exactly as if it did not exist.
+
+use crate::api::{ADMIN_PREFIX, ApiError, Domains, Health, NewTenant, NewToken, Revoked, Tenants, TokenInfo, Tokens, WhoAmI, json};
+use crate::control::{Caller, Control, new_token};
+use crate::control_store::{Change, TenantRecord};
+use crate::{ServerInner, check_name, hosts, now};
+use bytes::Bytes;
+use gpuwasm::ResponseBody;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use serde::de::DeserializeOwned;
+use std::sync::Arc;
+
+/// What an admin handler answers.
+pub(crate) type Reply = Result<Response<ResponseBody>, ApiError>;
+
+impl ServerInner {
+    pub(crate) async fn admin(self: &Arc<Self>, request: Request<Incoming>) -> Response<ResponseBody> {
+        self.route(request).await.unwrap_or_else(ApiError::into_response)
+    }
+
+    async fn route(self: &Arc<Self>, request: Request<Incoming>) -> Reply {
+        let path = request.uri().path()[ADMIN_PREFIX.len()..].to_string();
+        if path == "health" {
+            return match *request.method() {
+                Method::GET => Ok(json(StatusCode::OK, &Health { status: "ok".into() })),
+                _ => Err(ApiError::method_not_allowed()),
+            };
+        }
+        let caller = self.caller(&request).ok_or_else(|| {
+            ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing, wrong or revoked token (send `Authorization: Bearer <token>`)")
+        })?;
+        let query = request.uri().query().unwrap_or("").to_string();
+        let method = request.method().clone();
+        let segments: Vec<&str> = path.split('/').collect();
+        match (method, segments.as_slice()) {
+            (Method::GET, ["whoami"]) => {
+                let me = WhoAmI { tenant: caller.tenant.clone(), admin: caller.admin, token_id: caller.token_id.clone() };
+                Ok(json(StatusCode::OK, &me))
+            }
+            (Method::GET, ["tenants"]) if caller.admin => {
+                Ok(json(StatusCode::OK, &Tenants { tenants: self.control().tenants.values().cloned().collect() }))
+            }
+            (Method::POST, ["tenants"]) if caller.admin => self.create_tenant(request).await,
+            (Method::PUT, ["tenants", name, "domains"]) if caller.admin => {
+                let name = name.to_string();
+                self.set_domains(&name, request).await
+            }
+            (_, ["tenants"] | ["tenants", _, "domains"]) => Err(if caller.admin { ApiError::method_not_allowed() } else { ApiError::forbidden() }),
+            (Method::GET, ["tokens"]) => Ok(self.list_tokens(&caller)),
+            (Method::POST, ["tokens"]) => self.create_token(&caller, &query).await,
+            (Method::DELETE, ["tokens", id]) => self.revoke_token(&caller, id).await,
+            (method, ["files", ..] | ["deployments", ..]) => self.deployments_api(&caller, method, &segments, &query, request).await,
+            (method, ["models" | "model-files", ..]) => self.models_api(&caller, method, &segments, &query, request).await,
+            (_, ["tokens" | "whoami", ..]) => Err(ApiError::method_not_allowed()),
+            _ => Err(ApiError::not_found("no such admin endpoint")),
+        }
+    }
+
+    fn caller<B>(&self, request: &Request<B>) -> Option<Caller> {
+        let token = request.headers().get(header::AUTHORIZATION)?.to_str().ok()?.strip_prefix("Bearer ")?;
+        self.control().authenticate(token, &self.config.admin_token)
+    }
+
+    /// Changes the control state, the one way it changes: under the change
+    /// lock, `edit` works on a copy of the current state and returns the
+    /// records to store with its result; they are committed durably, and
+    /// only then does the copy become what every request sees.
+    pub(crate) async fn change<T>(&self, edit: impl FnOnce(&mut Control) -> Result<(Vec<Change>, T), ApiError>) -> Result<T, ApiError> {
+        let _guard = self.changes.lock().await;
+        let mut control = (*self.control()).clone();
+        let (changes, result) = edit(&mut control)?;
+        self.store.commit(&changes)?;
+        control.reindex(&self.config.server_names);
+        *self.control.write().unwrap() = Arc::new(control);
+        Ok(result)
+    }
+
+    async fn create_tenant(self: &Arc<Self>, request: Request<Incoming>) -> Reply {
+        let NewTenant { name, domains } = read_json(request, "request body", r#"{"name": "TENANT", "domains": ["example.com"]} (domains optional)"#).await?;
+        check_name("tenant", &name)?;
+        if name == gpuwasm::nn::PUBLIC {
+            return Err(ApiError::bad_request("invalid_name", "'public' is reserved for models every tenant can load"));
+        }
+        let domains = self.check_domains(domains)?;
+        let (token, record) = new_token(&name, false, now()).map_err(|e| ApiError::internal(format!("making a token: {e}")))?;
+        let tenant = TenantRecord { name: name.clone(), created_at: now(), domains };
+        self.change(|control| {
+            if control.tenants.contains_key(&name) {
+                return Err(ApiError::new(StatusCode::CONFLICT, "tenant_exists", format!("tenant '{name}' already exists")));
+            }
+            control.tenants.insert(name.clone(), tenant.clone());
+            control.tokens.insert(record.id.clone(), record.clone());
+            Ok((vec![Change::Tenant(tenant), Change::Token(record.clone())], ()))
+        })
+        .await?;
+        tracing::info!(tenant = %name, "tenant created");
+        Ok(json(StatusCode::CREATED, &NewToken { tenant: name, token_id: record.id, token }))
+    }
+
+    /// `PUT tenants/NAME/domains`: replaces the domains a tenant may claim
+    /// hosts in. Claims outside the new domains stop routing at once.
+    async fn set_domains(&self, name: &str, request: Request<Incoming>) -> Reply {
+        let Domains { domains } = read_json(request, "request body", r#"{"domains": ["example.com", ...]}"#).await?;
+        let domains = self.check_domains(domains)?;
+        let record = self
+            .change(|control| {
+                let tenant = control.tenants.get_mut(name).ok_or_else(|| ApiError::not_found(format!("no tenant named '{name}'")))?;
+                tenant.domains = domains;
+                Ok((vec![Change::Tenant(tenant.clone())], tenant.clone()))
+            })
+            .await?;
+        tracing::info!(tenant = %name, domains = ?record.domains, "tenant domains set");
+        Ok(json(StatusCode::OK, &record))
+    }
+
+    /// Checks and normalises domains a tenant may claim hosts in: DNS
+    /// names that could be claimed at all.
+    fn check_domains(&self, domains: Vec<String>) -> Result<Vec<String>, ApiError> {
+        domains
+            .into_iter()
+            .map(|d| {
+                let normal = hosts::normalize(&d).unwrap_or_default();
+                gpuwasm::check_host_pattern(&normal, false)
+                    .map_err(|e| e.to_string())
+                    .and_then(|()| hosts::check_claim(&normal, &self.config.server_names, true, &[]))
+                    .map(|()| normal)
+                    .map_err(|m| ApiError::bad_request("invalid_domain", format!("domain {d:?}: {m}")))
+            })
+            .collect()
+    }
+
+    fn list_tokens(&self, caller: &Caller) -> Response<ResponseBody> {
+        let control = self.control();
+        let mut tokens: Vec<TokenInfo> = control
+            .tokens
+            .values()
+            .filter(|t| t.tenant == caller.tenant)
+            .map(|t| TokenInfo { id: t.id.clone(), tenant: t.tenant.clone(), admin: t.admin, created_at: t.created_at, revoked_at: t.revoked_at })
+            .collect();
+        tokens.sort_by_key(|t| t.created_at);
+        json(StatusCode::OK, &Tokens { tokens })
+    }
+
+    async fn create_token(self: &Arc<Self>, caller: &Caller, query: &str) -> Reply {
+        let tenant = match query_value(query, "tenant") {
+            Some(t) if t != caller.tenant && !caller.admin => return Err(ApiError::forbidden()),
+            Some(t) => t.to_string(),
+            None => caller.tenant.clone(),
+        };
+        let (token, record) = new_token(&tenant, false, now()).map_err(|e| ApiError::internal(format!("making a token: {e}")))?;
+        self.change(|control| {
+            if !control.tenants.contains_key(&tenant) {
+                return Err(ApiError::not_found(format!("no tenant named '{tenant}'")));
+            }
+            control.tokens.insert(record.id.clone(), record.clone());
+            Ok((vec![Change::Token(record.clone())], ()))
+        })
+        .await?;
+        Ok(json(StatusCode::CREATED, &NewToken { tenant, token_id: record.id, token }))
+    }
+
+    async fn revoke_token(self: &Arc<Self>, caller: &Caller, id: &str) -> Reply {
+        self.change(|control| {
+            let record = control.tokens.get_mut(id).filter(|t| caller.admin || t.tenant == caller.tenant);
+            let record = record.ok_or_else(|| ApiError::not_found(format!("no token with id '{id}'")))?;
+            record.revoked_at.get_or_insert(now());
+            Ok((vec![Change::Token(record.clone())], ()))
+        })
+        .await?;
+        Ok(json(StatusCode::OK, &Revoked { revoked: id.to_string() }))
+    }
+}
+
+/// Reads a request body of at most `max` bytes.
+pub(crate) async fn read_body(request: Request<Incoming>, max: usize, what: &str) -> Result<Bytes, ApiError> {
+    match Limited::new(request.into_body(), max).collect().await {
+        Ok(body) => Ok(body.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            let message = format!("{what} is larger than this server's limit of {max} bytes");
+            Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "upload_too_large", message))
+        }
+        Err(e) => Err(ApiError::bad_request("bad_upload", format!("reading the {what} failed: {e}"))),
+    }
+}
+
+/// Reads a JSON request body (at most 1 MiB) as `T`; `shape` says what to send.
+pub(crate) async fn read_json<T: DeserializeOwned>(request: Request<Incoming>, what: &str, shape: &str) -> Result<T, ApiError> {
+    let body = read_body(request, 1 << 20, what).await?;
+    serde_json::from_slice(&body).map_err(|e| ApiError::bad_request("bad_request", format!("{what}: {e}; send {shape}")))
+}
+
+/// The value of `key` in a query string, if present.
+pub(crate) fn query_value<'q>(query: &'q str, key: &str) -> Option<&'q str> {
+    query.split('&').find_map(|pair| pair.strip_prefix(key)?.strip_prefix('='))
+}
+
+/// The same answer whether the deployment never existed or belongs to
+/// another tenant: nothing leaks across tenants, not even existence.
+pub(crate) fn not_found(name: &str) -> ApiError {
+    ApiError::not_found(format!("no deployment named '{name}'"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_values() {
+        assert_eq!(query_value("to=3&x=1", "to"), Some("3"));
+        assert_eq!(query_value("tox=3", "to"), None);
+        assert_eq!(query_value("", "to"), None);
+    }
+
+    #[test]
+    fn api_types_are_the_wire_format() {
+        let body: NewTenant = serde_json::from_str(r#"{"name": "acme"}"#).unwrap();
+        assert_eq!((body.name.as_str(), body.domains.len()), ("acme", 0));
+        assert!(serde_json::from_str::<NewTenant>(r#"{"nmae": "acme"}"#).is_err());
+    }
+}

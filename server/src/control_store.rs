@@ -1,0 +1,320 @@
+//! Durable control-plane state: tenants, API tokens, deployments and their
+//! immutable versions.
+//!
+//! [`ControlStore`] is the seam: the server keeps the state in memory for
+//! reads and sends every change through the store, atomically, before it
+//! takes effect. [`RedbStore`] (an embedded, transactional, crash-safe
+//! database file) is the single-node default; a PostgreSQL store for
+//! several nodes implements the same two methods.
+
+use crate::error::Error;
+use crate::spec::DeploymentSpec;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// A tenant: a namespace of deployments with its own tokens.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TenantRecord {
+    /// The tenant's name, also the first segment of its routes.
+    pub name: String,
+    /// Seconds since the Unix epoch.
+    pub created_at: u64,
+    /// Domains whose names (the domain and its subdomains) the tenant's
+    /// deployments may claim as hosts; set by the admin.
+    #[serde(default)]
+    pub domains: Vec<String>,
+}
+
+/// An API token. Only a SHA-256 of the token is stored.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    /// The public part of the token, used to find and revoke it.
+    pub id: String,
+    /// The tenant the token acts for.
+    pub tenant: String,
+    /// Hex SHA-256 of the whole token.
+    pub sha256: String,
+    /// Whether the token may manage tenants.
+    pub admin: bool,
+    /// Seconds since the Unix epoch.
+    pub created_at: u64,
+    /// When it was revoked, if it was.
+    pub revoked_at: Option<u64>,
+}
+
+/// One immutable version of a deployment.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionRecord {
+    /// Owning tenant.
+    pub tenant: String,
+    /// Deployment name.
+    pub name: String,
+    /// 1, 2, 3, ... per deployment.
+    pub version: u64,
+    /// SHA-256 of the uploaded component.
+    pub sha256: String,
+    /// SHA-256 of the pre-initialised snapshot that runs, if init ran.
+    pub snapshot_sha256: Option<String>,
+    /// Size of the uploaded component in bytes.
+    pub size_bytes: u64,
+    /// What it was deployed with: host, limits, sandbox, models, files
+    /// (the same fields the deploy request and the manifest give).
+    #[serde(flatten)]
+    pub spec: DeploymentSpec,
+    /// Seconds since the Unix epoch.
+    pub deployed_at: u64,
+    /// Id of the token that deployed it.
+    pub deployed_by: String,
+}
+
+/// Which version of a deployment serves traffic.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeploymentState {
+    /// Owning tenant.
+    pub tenant: String,
+    /// Deployment name.
+    pub name: String,
+    /// The version serving traffic; `None` once removed.
+    pub active: Option<u64>,
+    /// The highest version number handed out.
+    pub latest: u64,
+}
+
+/// A model in the registry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelRecord {
+    /// The owning tenant, or `public` for models every tenant may load.
+    pub namespace: String,
+    /// The name handlers load it by.
+    pub name: String,
+    /// `safetensors`, `onnx` or `gguf`.
+    pub format: gpuwasm_tensor::Format,
+    /// Its files: path inside the model -> SHA-256 of the content.
+    pub files: BTreeMap<String, String>,
+    /// Total size of the files in bytes.
+    pub size_bytes: u64,
+    /// What the engine found when it checked the model.
+    pub summary: String,
+    /// Seconds since the Unix epoch.
+    pub pushed_at: u64,
+}
+
+/// Everything the store holds.
+#[derive(Debug, Default)]
+pub struct ControlState {
+    /// All tenants.
+    pub tenants: Vec<TenantRecord>,
+    /// All tokens, revoked ones too.
+    pub tokens: Vec<TokenRecord>,
+    /// All deployments.
+    pub deployments: Vec<DeploymentState>,
+    /// All versions of all deployments.
+    pub versions: Vec<VersionRecord>,
+    /// All models.
+    pub models: Vec<ModelRecord>,
+}
+
+/// One change to the state; a commit applies several atomically.
+#[derive(Clone, Debug)]
+pub enum Change {
+    /// Create or replace a tenant.
+    Tenant(TenantRecord),
+    /// Create or replace a token (revocation replaces it).
+    Token(TokenRecord),
+    /// Add a version.
+    Version(VersionRecord),
+    /// Create or replace a deployment's state.
+    Deployment(DeploymentState),
+    /// Create or replace a model.
+    Model(ModelRecord),
+    /// Remove a model: (namespace, name).
+    RemoveModel(String, String),
+    /// Forget one version of a deployment: (tenant, name, version).
+    RemoveVersion(String, String, u64),
+    /// Forget a deployment and all its versions: (tenant, name).
+    RemoveDeployment(String, String),
+}
+
+/// Durable storage of the control-plane state.
+pub trait ControlStore: Send + Sync {
+    /// Reads the whole state (at startup).
+    fn load(&self) -> Result<ControlState, Error>;
+    /// Applies `changes` atomically and durably: all or none, and done
+    /// when this returns.
+    fn commit(&self, changes: &[Change]) -> Result<(), Error>;
+}
+
+const TENANTS: TableDefinition<&str, &[u8]> = TableDefinition::new("tenants");
+const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
+const DEPLOYMENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("deployments");
+const VERSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("versions");
+const MODELS: TableDefinition<&str, &[u8]> = TableDefinition::new("models");
+
+/// The embedded default: one redb database file.
+pub struct RedbStore {
+    db: Database,
+    path: PathBuf,
+}
+
+impl RedbStore {
+    /// Opens (or creates) the database at `path`.
+    pub fn open(path: &Path) -> Result<Self, Error> {
+        let db = Database::create(path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen | redb::DatabaseError::LockProtocolMismatch => {
+                Error::StateInUse(path.to_path_buf())
+            }
+            e => corrupt(path, e),
+        })?;
+        let store = RedbStore { db, path: path.to_path_buf() };
+        // Create the tables so that reads of a fresh database find them.
+        let txn = store.db.begin_write().map_err(|e| store.err(e))?;
+        for table in [TENANTS, TOKENS, DEPLOYMENTS, VERSIONS, MODELS] {
+            txn.open_table(table).map_err(|e| store.err(e))?;
+        }
+        txn.commit().map_err(|e| store.err(e))?;
+        Ok(store)
+    }
+
+    fn err(&self, e: impl std::fmt::Display) -> Error {
+        corrupt(&self.path, e)
+    }
+
+    fn read_all<T: DeserializeOwned>(&self, table: TableDefinition<&str, &[u8]>) -> Result<Vec<T>, Error> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = txn.open_table(table).map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(|e| self.err(e))? {
+            let (key, value) = entry.map_err(|e| self.err(e))?;
+            let record = serde_json::from_slice(value.value())
+                .map_err(|e| self.err(format!("record {:?}: {e}", key.value())))?;
+            out.push(record);
+        }
+        Ok(out)
+    }
+}
+
+/// Versions sort by tenant, name and number.
+fn version_key(tenant: &str, name: &str, version: u64) -> String {
+    format!("{tenant}/{name}/{version:020}")
+}
+
+fn corrupt(path: &Path, e: impl std::fmt::Display) -> Error {
+    Error::CorruptState { path: path.to_path_buf(), message: e.to_string() }
+}
+
+impl ControlStore for RedbStore {
+    fn load(&self) -> Result<ControlState, Error> {
+        Ok(ControlState {
+            tenants: self.read_all(TENANTS)?,
+            tokens: self.read_all(TOKENS)?,
+            deployments: self.read_all(DEPLOYMENTS)?,
+            versions: self.read_all(VERSIONS)?,
+            models: self.read_all(MODELS)?,
+        })
+    }
+
+    fn commit(&self, changes: &[Change]) -> Result<(), Error> {
+        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        for change in changes {
+            let (table, key, value) = match change {
+                Change::Tenant(t) => (TENANTS, t.name.clone(), serde_json::to_vec(t)),
+                Change::Token(t) => (TOKENS, t.id.clone(), serde_json::to_vec(t)),
+                Change::Deployment(d) => (DEPLOYMENTS, format!("{}/{}", d.tenant, d.name), serde_json::to_vec(d)),
+                Change::Version(v) => (VERSIONS, version_key(&v.tenant, &v.name, v.version), serde_json::to_vec(v)),
+                Change::Model(m) => (MODELS, format!("{}/{}", m.namespace, m.name), serde_json::to_vec(m)),
+                Change::RemoveModel(namespace, name) => {
+                    let mut table = txn.open_table(MODELS).map_err(|e| self.err(e))?;
+                    table.remove(format!("{namespace}/{name}").as_str()).map_err(|e| self.err(e))?;
+                    continue;
+                }
+                Change::RemoveVersion(tenant, name, version) => {
+                    let mut table = txn.open_table(VERSIONS).map_err(|e| self.err(e))?;
+                    table.remove(version_key(tenant, name, *version).as_str()).map_err(|e| self.err(e))?;
+                    continue;
+                }
+                Change::RemoveDeployment(tenant, name) => {
+                    let mut versions = txn.open_table(VERSIONS).map_err(|e| self.err(e))?;
+                    let (from, to) = (version_key(tenant, name, 0), version_key(tenant, name, u64::MAX));
+                    versions.retain_in(from.as_str()..=to.as_str(), |_, _| false).map_err(|e| self.err(e))?;
+                    let mut deployments = txn.open_table(DEPLOYMENTS).map_err(|e| self.err(e))?;
+                    deployments.remove(format!("{tenant}/{name}").as_str()).map_err(|e| self.err(e))?;
+                    continue;
+                }
+            };
+            let value = value.expect("records serialise");
+            let mut table = txn.open_table(table).map_err(|e| self.err(e))?;
+            table.insert(key.as_str(), value.as_slice()).map_err(|e| self.err(e))?;
+        }
+        txn.commit().map_err(|e| self.err(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commits_are_durable_and_atomic_per_call() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        let tenant = TenantRecord { name: "acme".into(), created_at: 1, domains: vec!["acme.example".into()] };
+        let deployment = DeploymentState { tenant: "acme".into(), name: "api".into(), active: Some(1), latest: 1 };
+        {
+            let store = RedbStore::open(&path).unwrap();
+            assert!(store.load().unwrap().tenants.is_empty());
+            store.commit(&[Change::Tenant(tenant.clone()), Change::Deployment(deployment.clone())]).unwrap();
+        }
+        let state = RedbStore::open(&path).unwrap().load().unwrap();
+        assert_eq!(state.tenants, vec![tenant]);
+        assert_eq!(state.deployments, vec![deployment]);
+    }
+
+    #[test]
+    fn versions_and_deployments_are_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(&dir.path().join("state.redb")).unwrap();
+        let version = |tenant: &str, name: &str, n: u64| VersionRecord {
+            tenant: tenant.into(),
+            name: name.into(),
+            version: n,
+            sha256: "s".into(),
+            snapshot_sha256: None,
+            size_bytes: 1,
+            spec: DeploymentSpec::default(),
+            deployed_at: 0,
+            deployed_by: "t".into(),
+        };
+        let mut changes: Vec<Change> = (1..=3).map(|n| Change::Version(version("a", "app", n))).collect();
+        changes.push(Change::Version(version("a", "app2", 1)));
+        changes.push(Change::Deployment(DeploymentState { tenant: "a".into(), name: "app".into(), active: Some(3), latest: 3 }));
+        store.commit(&changes).unwrap();
+        store.commit(&[Change::RemoveVersion("a".into(), "app".into(), 1)]).unwrap();
+        let numbers = |state: &ControlState| state.versions.iter().map(|v| (v.name.clone(), v.version)).collect::<Vec<_>>();
+        assert_eq!(numbers(&store.load().unwrap()), [("app".into(), 2), ("app".into(), 3), ("app2".into(), 1)]);
+        store.commit(&[Change::RemoveDeployment("a".into(), "app".into())]).unwrap();
+        let state = store.load().unwrap();
+        assert_eq!(numbers(&state), [("app2".to_string(), 1)], "app2 shares the prefix `a/app` and stays");
+        assert!(state.deployments.is_empty());
+    }
+
+    #[test]
+    fn a_database_in_use_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        let _held = RedbStore::open(&path).unwrap();
+        let err = RedbStore::open(&path).err().expect("a second open must fail");
+        assert!(matches!(err, Error::StateInUse(_)), "{err}");
+        assert!(err.to_string().contains("another `gpuwasm serve`"), "{err}");
+    }
+
+    #[test]
+    fn a_garbage_file_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        std::fs::write(&path, b"not a database at all, not at all").unwrap();
+        let err = RedbStore::open(&path).err().expect("garbage must not open");
+        assert!(err.to_string().contains("state.redb"), "{err}");
+    }
+}

@@ -1,0 +1,78 @@
+//! The deploy pipeline: a [`DeploymentSpec`] and component bytes become a
+//! version record and a live [`Deployment`]; a stored version record
+//! becomes a live deployment again (rollback, start-up). Everything that
+//! can be checked cheaply is checked before anything is built or stored:
+//!
+//! 1. validate the component (`Runtime::validate`) and the limits;
+//! 2. check the files (paths, uploaded blobs) and assemble their tree;
+//! 3. resolve the runtime [`Capabilities`] (files, model access, env,
+//!    outbound hosts);
+//! 4. pre-initialise (`Runtime::preinitialize`) when the spec says so;
+//! 5. compile and store the artifact content-addressed, or map the cached one;
+//! 6. link (`Runtime::deployment`) and instantiate once (`Deployment::check`).
+
+use crate::ServerInner;
+use crate::control_store::VersionRecord;
+use crate::error::Error;
+use crate::spec::DeploymentSpec;
+use bytes::Bytes;
+use gpuwasm::nn::ModelAccess;
+use gpuwasm::{Capabilities, Deployment};
+use std::sync::Arc;
+
+impl ServerInner {
+    /// Builds the version `draft` describes from `wasm` (its hashes are
+    /// filled in) and its live deployment, checked to start.
+    pub(crate) async fn build_version(self: &Arc<Self>, draft: VersionRecord, wasm: Bytes) -> Result<(VersionRecord, Deployment), Error> {
+        let me = self.clone();
+        let (version, deployment) = tokio::task::spawn_blocking(move || me.build_blocking(draft, &wasm))
+            .await
+            .map_err(|e| Error::Task(format!("deploy task failed: {e}")))??;
+        deployment.check().await?;
+        Ok((version, deployment))
+    }
+
+    fn build_blocking(&self, version: VersionRecord, wasm: &[u8]) -> Result<(VersionRecord, Deployment), Error> {
+        self.runtime.validate(wasm)?;
+        version.spec.limits.validate(self.runtime.max_limits())?;
+        self.files.check(&version.tenant, &version.spec.files).map_err(Error::InvalidFiles)?;
+        let capabilities = self.capabilities(&version.tenant, &version.spec)?;
+        let snapshot = match version.spec.preinit {
+            true => self.runtime.preinitialize(wasm, &version.spec.limits, &capabilities)?,
+            false => None,
+        };
+        let (version, compiled) = match snapshot {
+            None => {
+                let (sha256, compiled) = self.artifacts.store(&self.runtime, wasm)?;
+                (VersionRecord { sha256, ..version }, compiled)
+            }
+            Some(snapshot) => {
+                let (snapshot_sha256, compiled) = self.artifacts.store(&self.runtime, &snapshot)?;
+                let sha256 = self.artifacts.put_source(wasm)?;
+                (VersionRecord { sha256, snapshot_sha256: Some(snapshot_sha256), ..version }, compiled)
+            }
+        };
+        let deployment = self.runtime.deployment(&version.name, &compiled, version.spec.limits.clone(), capabilities)?;
+        Ok((version, deployment))
+    }
+
+    /// The live deployment of a stored version (blocking): its artifact
+    /// mapped (or compiled again from the stored component), its files
+    /// assembled.
+    pub(crate) fn load_version(&self, version: &VersionRecord) -> Result<Deployment, Error> {
+        let runs = version.snapshot_sha256.as_ref().unwrap_or(&version.sha256);
+        let compiled = self.artifacts.component(&self.runtime, runs)?;
+        let capabilities = self.capabilities(&version.tenant, &version.spec)?;
+        Ok(self.runtime.deployment(&version.name, &compiled, version.spec.limits.clone(), capabilities)?)
+    }
+
+    /// What a deployment of `tenant` with `spec` may reach on this node.
+    fn capabilities(&self, tenant: &str, spec: &DeploymentSpec) -> Result<Capabilities, Error> {
+        Ok(Capabilities {
+            env: spec.sandbox.env.clone(),
+            outbound: spec.sandbox.outbound.clone(),
+            files: self.files.tree(tenant, &spec.files)?,
+            models: ModelAccess { tenant: tenant.to_string(), allow: spec.models.clone(), catalog: Some(self.models.clone()) },
+        })
+    }
+}

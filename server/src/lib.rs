@@ -1,0 +1,353 @@
+#![warn(missing_docs)]
+//! gpuwasm's control plane and HTTP server: the multi-tenant server behind
+//! `gpuwasm serve`, built on the `gpuwasm` core's public API.
+//!
+//! Tenants own deployments; requests reach them by path prefix,
+//! `/<tenant>/<deployment>/rest` arriving as `/rest`, or by `Host` header for
+//! deployments that claim a host ([`hosts`]). The admin API ([`api`]) lives
+//! under `/_gpuwasm/v1/` and authenticates every call with a bearer token:
+//! the bootstrap admin token (tenant `default`, may manage tenants) or a
+//! tenant's token (sees and changes only its own tenant). See
+//! `docs/openapi.json` for every endpoint.
+//!
+//! Every deploy ([`DeploymentSpec`] + component bytes, through the pipeline
+//! in `deploy.rs`) creates a new immutable version; traffic switches
+//! atomically, and requests already running finish on the version they
+//! started on. State lives in a [`ControlStore`] (by default a redb database
+//! in the data directory), uploads in a [`BlobStore`] (by default
+//! content-addressed files beside it); both survive restarts and crashes.
+
+mod admin;
+pub mod api;
+mod artifacts;
+pub mod blobs;
+mod control;
+pub mod control_store;
+mod deploy;
+mod deployments;
+mod durable;
+mod error;
+mod files;
+mod gc;
+pub mod hex;
+pub mod hosts;
+pub mod manifest;
+mod models;
+mod quotas;
+pub mod spec;
+mod uploads;
+
+pub use api::ADMIN_PREFIX;
+pub use control::DEFAULT_TENANT;
+pub use error::Error;
+pub use spec::{DeploymentSpec, SPEC_HEADER, SandboxSpec};
+
+use artifacts::ArtifactStore;
+use blobs::{BlobStore, LocalBlobStore};
+use control::{Control, Entry};
+use control_store::{Change, ControlStore, RedbStore, TenantRecord, VersionRecord};
+use files::FileStore;
+use gpuwasm::{ResponseBody, Runtime, text_response};
+use http::{Request, Response, StatusCode, Uri};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::net::TcpListener;
+use uploads::Uploads;
+
+/// Settings of a [`Server`].
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// Where the state database and artifacts are stored.
+    pub data_dir: PathBuf,
+    /// The bootstrap admin token (acts for tenant `default`).
+    pub admin_token: String,
+    /// Largest component upload accepted, in bytes.
+    pub max_upload_bytes: usize,
+    /// Largest model file accepted, in bytes.
+    pub max_model_bytes: usize,
+    /// Names this server answers on (besides IP addresses and
+    /// `localhost`, which are never claimable): no deployment may claim
+    /// them as its host.
+    pub server_names: Vec<String>,
+    /// What each tenant may hold.
+    pub quotas: TenantQuotas,
+    /// How old an unreferenced blob or file tree must be before it is
+    /// removed (default an hour): uploads come before the deploy or push
+    /// that uses them.
+    pub gc_grace: Duration,
+}
+
+/// What each tenant may hold on a server.
+#[derive(Clone, Debug)]
+pub struct TenantQuotas {
+    /// Active deployments (default 100).
+    pub deployments: usize,
+    /// Bytes of uploaded deployment files and model files (default 10 GiB).
+    pub storage_bytes: u64,
+    /// File and model uploads in progress at once (default 2; the server
+    /// takes at most 4 times this over all tenants).
+    pub uploads: usize,
+}
+
+impl Default for TenantQuotas {
+    fn default() -> Self {
+        TenantQuotas { deployments: 100, storage_bytes: 10 << 30, uploads: 2 }
+    }
+}
+
+/// The gpuwasm HTTP server: routing, admin API and durable state.
+///
+/// Cheap to clone; clones share everything.
+#[derive(Clone)]
+pub struct Server {
+    inner: Arc<ServerInner>,
+}
+
+struct ServerInner {
+    runtime: Runtime,
+    artifacts: ArtifactStore,
+    files: FileStore,
+    blobs: Arc<dyn BlobStore>,
+    uploads: Uploads,
+    models: Arc<models::Registry>,
+    store: Box<dyn ControlStore>,
+    config: ServerConfig,
+    control: RwLock<Arc<Control>>,
+    /// Serialises changes: one writer at a time, store first, then memory.
+    changes: tokio::sync::Mutex<()>,
+    /// Deploys and model pushes in progress: each holds its bytes in
+    /// memory and compiles or checks them, so a few run at once (the
+    /// others wait their turn).
+    building: tokio::sync::Semaphore,
+}
+
+/// Deploys and model pushes that run at once.
+const BUILDS_AT_ONCE: usize = 4;
+
+impl Server {
+    /// Opens (or creates) the state in `config.data_dir` (a redb database,
+    /// `state.redb`) and loads every active deployment.
+    pub async fn open(runtime: Runtime, config: ServerConfig) -> Result<Server, Error> {
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|e| Error::io("creating the data directory", &config.data_dir, e))?;
+        let store = RedbStore::open(&config.data_dir.join("state.redb"))?;
+        // The database is ours now: no other server writes here.
+        durable::sweep_temporaries(&config.data_dir);
+        let blobs = LocalBlobStore::open(config.data_dir.join("blobs"))?;
+        Self::open_with_stores(runtime, config, Box::new(store), Arc::new(blobs)).await
+    }
+
+    /// Like [`Server::open`], with state kept in `store` and blobs in
+    /// `blobs` (the data directory still holds this node's caches). A
+    /// deployment that fails to load is logged and answers `503` until it
+    /// is deployed or rolled back; the others serve.
+    pub async fn open_with_stores(
+        runtime: Runtime,
+        config: ServerConfig,
+        store: Box<dyn ControlStore>,
+        blobs: Arc<dyn BlobStore>,
+    ) -> Result<Server, Error> {
+        let artifacts = ArtifactStore::open(config.data_dir.join("artifacts"), &runtime, blobs.clone())?;
+        let files = FileStore::open(config.data_dir.join("files"), blobs.clone())?;
+        let uploads = Uploads::open(config.data_dir.join("uploads"), config.quotas.uploads * 4, config.quotas.uploads)?;
+        let mut state = store.load()?;
+        let models = Arc::new(models::Registry::new(std::mem::take(&mut state.models), blobs.clone()));
+        if !state.tenants.iter().any(|t| t.name == DEFAULT_TENANT) {
+            let tenant = TenantRecord { name: DEFAULT_TENANT.into(), created_at: now(), domains: Vec::new() };
+            store.commit(&[Change::Tenant(tenant.clone())])?;
+            state.tenants.push(tenant);
+        }
+        let inner = Arc::new(ServerInner {
+            runtime,
+            artifacts,
+            files,
+            blobs,
+            uploads,
+            models,
+            store,
+            config,
+            control: RwLock::new(Arc::default()),
+            changes: tokio::sync::Mutex::new(()),
+            building: tokio::sync::Semaphore::new(BUILDS_AT_ONCE),
+        });
+        let loader = inner.clone();
+        let control = tokio::task::spawn_blocking(move || {
+            Control::from_state(state, &loader.config.server_names, |version| {
+                loader.load_version(version).map_err(|e| {
+                    tracing::error!(tenant = %version.tenant, deployment = %version.name, error = %e, "deployment failed to load");
+                    e.to_string()
+                })
+            })
+        })
+        .await
+        .map_err(|e| Error::Task(format!("loading task failed: {e}")))?;
+        *inner.control.write().unwrap() = Arc::new(control);
+        inner.start_collector();
+        Ok(Server { inner })
+    }
+
+    /// The active version of every deployment, over all tenants.
+    pub fn deployments(&self) -> Vec<VersionRecord> {
+        self.inner.control().deployments.values().filter_map(|e| e.active().cloned()).collect()
+    }
+
+    /// Answers one HTTP request: admin API, or routed to a deployment: by
+    /// its host when a deployment claimed it, else by its path.
+    pub async fn handle(&self, request: Request<Incoming>) -> Response<ResponseBody> {
+        let host = match hosts::of_request(&request) {
+            Ok(host) => host,
+            Err(message) => return text_response(StatusCode::BAD_REQUEST, message),
+        };
+        let control = self.inner.control();
+        if let Some(entry) = host.and_then(|h| control.by_host(&h)) {
+            return invoke(entry, request).await;
+        }
+        if request.uri().path().starts_with(ADMIN_PREFIX) {
+            return self.inner.admin(request).await;
+        }
+        let path = request.uri().path().to_string();
+        let (tenant, rest) = split_prefix(&path);
+        let (name, rest) = split_prefix(rest);
+        match control.deployments.get(&(tenant.to_string(), name.to_string())) {
+            Some(entry) if entry.active().is_some_and(|v| v.spec.host.is_none()) => {
+                let request = match rewrite_path(request, rest) {
+                    Ok(r) => r,
+                    Err(message) => return text_response(StatusCode::BAD_REQUEST, message),
+                };
+                invoke(entry, request).await
+            }
+            _ => text_response(StatusCode::NOT_FOUND, format!("no deployment serves {path}")),
+        }
+    }
+
+    /// Serves HTTP/1.1 connections from `listener` until the task is dropped.
+    pub async fn serve(self, listener: TcpListener) -> std::io::Result<()> {
+        serve_connections(listener, move |req| {
+            let server = self.clone();
+            async move { server.handle(req).await }
+        })
+        .await
+    }
+}
+
+impl ServerInner {
+    fn control(&self) -> Arc<Control> {
+        self.control.read().unwrap().clone()
+    }
+}
+
+/// Seconds since the Unix epoch.
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+async fn invoke(entry: &Entry, request: Request<Incoming>) -> Response<ResponseBody> {
+    match &entry.live {
+        Some(Ok(deployment)) => deployment.handle(request).await,
+        Some(Err(why)) => text_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("deployment '{}' failed to load: {why}", entry.state.name),
+        ),
+        None => text_response(StatusCode::NOT_FOUND, "no deployment serves this path".into()),
+    }
+}
+
+/// Serves HTTP/1.1 connections from `listener`, answering each request with
+/// `handler`, until the returned future is dropped.
+pub async fn serve_connections<H, F>(listener: TcpListener, handler: H) -> std::io::Result<()>
+where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<ResponseBody>> + Send + 'static,
+{
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                // Running out of file descriptors must not end the server.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let handler = handler.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let fut = handler(req);
+                async move { Ok::<_, std::convert::Infallible>(fut.await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(30))
+                .serve_connection(TokioIo::new(stream), service);
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+}
+
+/// Checks a name of a `kind` of thing (`tenant`, `deployment`, `model`):
+/// 1-63 of `a-z 0-9 -`, starting with a letter or digit.
+pub fn check_name(kind: &'static str, name: &str) -> Result<(), Error> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-');
+    if ok { Ok(()) } else { Err(Error::InvalidName { kind, name: name.to_string() }) }
+}
+
+/// Splits `/name/rest` into `("name", "/rest")`.
+fn split_prefix(path: &str) -> (&str, &str) {
+    let trimmed = path.strip_prefix('/').unwrap_or(path);
+    match trimmed.find('/') {
+        Some(i) => (&trimmed[..i], &trimmed[i..]),
+        None => (trimmed, "/"),
+    }
+}
+
+/// Gives the request the path `rest`, keeping its query.
+fn rewrite_path<B>(request: Request<B>, rest: &str) -> Result<Request<B>, String> {
+    let (mut parts, body) = request.into_parts();
+    let path_and_query = match parts.uri.query() {
+        Some(q) => format!("{rest}?{q}"),
+        None => rest.to_string(),
+    };
+    let mut uri = std::mem::take(&mut parts.uri).into_parts();
+    uri.path_and_query = Some(path_and_query.parse().map_err(|e| format!("invalid request path: {e}"))?);
+    parts.uri = Uri::from_parts(uri).map_err(|e| format!("invalid request URI: {e}"))?;
+    Ok(Request::from_parts(parts, body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        for ok in ["hello", "a", "my-app-2", "0x"] {
+            assert!(check_name("deployment", ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "-x", "Hello", "_gpuwasm", "a/b", "a.b", &"x".repeat(64)] {
+            assert!(check_name("deployment", bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn name_errors_say_what_the_name_is_for() {
+        let e = check_name("model", "Bad Name").unwrap_err();
+        assert!(e.to_string().starts_with("invalid model name \"Bad Name\""), "{e}");
+    }
+
+    #[test]
+    fn prefixes() {
+        assert_eq!(split_prefix("/hello"), ("hello", "/"));
+        assert_eq!(split_prefix("/hello/"), ("hello", "/"));
+        assert_eq!(split_prefix("/hello/a/b"), ("hello", "/a/b"));
+        assert_eq!(split_prefix("/"), ("", "/"));
+    }
+}

@@ -1,0 +1,213 @@
+//! `gpuwasm.toml`: what a deployment declares beside its component.
+//!
+//! ```toml
+//! name = "api"                       # deployment name (--name overrides)
+//!
+//! [routes]
+//! host = "api.example.com"           # also route requests with this Host
+//!
+//! [limits]                           # any Limits field (flags override)
+//! memory_mb = 64
+//! cpu_ms = 1000
+//!
+//! [env]                              # environment variables of the handler
+//! GREETING = "hello"
+//!
+//! [outbound]                         # hosts the handler may call over HTTP(S)
+//! allow = ["api.example.com", "127.0.0.1:8080"]
+//!
+//! [files]                            # served read-only at / inside the sandbox
+//! dir = "static"                     # relative to gpuwasm.toml; uploaded on deploy
+//!
+//! [models]                           # models it may load (enforced by wasi-nn)
+//! allow = ["minilm"]
+//! ```
+//!
+//! Errors name the field and the line. The manifest is a
+//! [`DeploymentSpec`] (the same one the admin API takes and versions
+//! record) with the deployment's name and the folder of its files.
+
+use crate::spec::{DeploymentSpec, SandboxSpec};
+use gpuwasm::Limits;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use toml::Spanned;
+
+/// A parsed, checked manifest.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Manifest {
+    /// Deployment name.
+    pub name: Option<String>,
+    /// Directory, relative to the manifest, served read-only at `/`
+    /// (uploaded by `gpuwasm deploy`, read in place by `gpuwasm run`).
+    pub files_dir: Option<PathBuf>,
+    /// Host, limits, environment, outbound hosts and models; its files
+    /// are empty until the folder's are uploaded.
+    pub spec: DeploymentSpec,
+}
+
+/// What is wrong with a manifest, and where.
+#[derive(Debug, thiserror::Error)]
+#[error("gpuwasm.toml line {line}: {message}")]
+pub struct ManifestError {
+    /// 1-based line.
+    pub line: usize,
+    /// What is wrong, naming the field.
+    pub message: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    name: Option<Spanned<String>>,
+    #[serde(default)]
+    routes: Routes,
+    limits: Option<Spanned<Limits>>,
+    #[serde(default)]
+    env: BTreeMap<String, Spanned<String>>,
+    #[serde(default)]
+    outbound: Allow,
+    files: Option<Files>,
+    #[serde(default)]
+    models: Allow,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Routes {
+    host: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Files {
+    dir: Spanned<PathBuf>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Allow {
+    #[serde(default)]
+    allow: Vec<Spanned<String>>,
+}
+
+impl Manifest {
+    /// Parses and checks `text`, the contents of a `gpuwasm.toml`, with
+    /// limits at most `ceilings`.
+    pub fn parse(text: &str, ceilings: &Limits) -> Result<Manifest, ManifestError> {
+        let line_of = |offset: usize| text[..offset.min(text.len())].matches('\n').count() + 1;
+        let err = |span: std::ops::Range<usize>, message: String| ManifestError { line: line_of(span.start), message };
+        let file: File = toml::from_str(text).map_err(|e| ManifestError {
+            line: e.span().map_or(1, |s| line_of(s.start)),
+            message: e.message().to_string(),
+        })?;
+        if let Some(name) = &file.name {
+            crate::check_name("deployment", name.get_ref()).map_err(|e| err(name.span(), format!("`name`: {e}")))?;
+        }
+        let host = match file.routes.host {
+            Some(host) => {
+                let normal = crate::hosts::normalize(host.get_ref()).unwrap_or_default();
+                gpuwasm::check_host_pattern(&normal, false).map_err(|e| err(host.span(), format!("`routes.host`: {e}")))?;
+                Some(normal)
+            }
+            None => None,
+        };
+        let limits = match file.limits {
+            Some(limits) => {
+                let span = limits.span();
+                let limits = limits.into_inner();
+                limits.validate(ceilings).map_err(|e| match e {
+                    gpuwasm::Error::InvalidLimits(why) => err(span, format!("`limits`: {why}")),
+                    other => err(span, format!("`limits`: {other}")),
+                })?;
+                limits
+            }
+            None => Limits::default(),
+        };
+        let mut env = BTreeMap::new();
+        for (key, value) in file.env {
+            let valid = !key.is_empty() && !key.contains('=') && !key.contains('\0') && !value.get_ref().contains('\0');
+            if !valid {
+                return Err(err(value.span(), format!("`env.{key}`: names must be non-empty without '=' or NUL, values without NUL")));
+            }
+            env.insert(key, value.into_inner());
+        }
+        let mut outbound = Vec::new();
+        for entry in file.outbound.allow {
+            gpuwasm::check_host_pattern(entry.get_ref(), true).map_err(|e| err(entry.span(), format!("`outbound.allow`: {e}")))?;
+            outbound.push(entry.into_inner().to_ascii_lowercase());
+        }
+        let files = match file.files {
+            Some(files) => {
+                let dir = files.dir.get_ref();
+                if dir.is_absolute() || dir.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+                    let message = format!("`files.dir` must be a folder inside the manifest's folder, got {}", dir.display());
+                    return Err(err(files.dir.span(), message));
+                }
+                Some(files.dir.into_inner())
+            }
+            None => None,
+        };
+        let mut models = Vec::new();
+        for model in file.models.allow {
+            if model.get_ref().is_empty() {
+                return Err(err(model.span(), "`models.allow`: model names cannot be empty".into()));
+            }
+            models.push(model.into_inner());
+        }
+        Ok(Manifest {
+            name: file.name.map(Spanned::into_inner),
+            files_dir: files,
+            spec: DeploymentSpec { host, limits, sandbox: SandboxSpec { env, outbound }, models, ..DeploymentSpec::default() },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_manifest_parses() {
+        let m = Manifest::parse(
+            "name = \"api\"\n[routes]\nhost = \"API.example.com\"\n[limits]\nmemory_mb = 64\n\
+             [env]\nGREETING = \"hi\"\n[outbound]\nallow = [\"example.com\", \"127.0.0.1:8080\"]\n\
+             [files]\ndir = \"static\"\n[models]\nallow = [\"minilm\"]\n",
+            &Limits::default_ceilings(),
+        )
+        .unwrap();
+        assert_eq!(m.name.as_deref(), Some("api"));
+        assert_eq!(m.spec.host.as_deref(), Some("api.example.com"));
+        assert_eq!(m.spec.limits.memory_mb, 64);
+        assert_eq!(m.spec.limits.cpu_ms, Limits::default().cpu_ms);
+        assert_eq!(m.spec.sandbox.env["GREETING"], "hi");
+        assert_eq!(m.spec.sandbox.outbound, ["example.com", "127.0.0.1:8080"]);
+        assert_eq!(m.files_dir, Some(PathBuf::from("static")));
+        assert_eq!(m.spec.models, ["minilm"]);
+        assert_eq!(Manifest::parse("", &Limits::default_ceilings()).unwrap(), Manifest::default());
+    }
+
+    #[test]
+    fn errors_name_the_field_and_line() {
+        let cases = [
+            ("name = \"api\"\n\n[limits]\nmemory_mb = \"lots\"\n", 4, "invalid type"),
+            ("name = \"api\"\ncolour = \"blue\"\n", 2, "unknown field `colour`"),
+            ("[limits]\nmemroy_mb = 3\n", 2, "unknown field `memroy_mb`"),
+            ("\n\nname = \"Not Valid\"\n", 3, "`name`"),
+            ("[routes]\n\nhost = \"a/b\"\n", 3, "`routes.host`"),
+            ("[outbound]\nallow = [\n  \"ok.com\",\n  \"bad host\",\n]\n", 4, "`outbound.allow`"),
+            ("[limits]\ncpu_ms = 0\n", 1, "`limits`: limit `cpu_ms` must be greater than 0"),
+            ("[limits]\nmemory_mb = 4096\n", 1, "exceeds this server's maximum"),
+            ("[limits]\ntimeout_ms = 18446744073709551615\n", 1, "`limits`: limit `timeout_ms` = 18446744073709551615 exceeds"),
+            ("[env]\nA = \"x\\u0000y\"\n", 2, "`env.A`"),
+            ("[files]\ndir = \"../etc\"\n", 2, "`files.dir`"),
+            ("name = \n", 1, ""),
+        ];
+        for (text, line, needle) in cases {
+            let e = Manifest::parse(text, &Limits::default_ceilings()).unwrap_err();
+            assert_eq!(e.line, line, "{text:?}: {e}");
+            assert!(e.to_string().contains(needle), "{text:?}: {e}");
+        }
+    }
+}

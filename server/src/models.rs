@@ -1,0 +1,274 @@
+//! The model registry: models pushed by tenants (`gpuwasm model push`),
+//! stored as content-addressed blobs (`models/<namespace>/<sha256>` in the
+//! [`BlobStore`]) and recorded in the control store. A tenant's models
+//! live in its own namespace; models in `public` (pushed with the admin
+//! token) can be loaded by every tenant. `load-by-name` resolves in the
+//! caller's tenant first, then `public`.
+//!
+//! A push is checked by the engine before it is recorded: a corrupt,
+//! truncated or hostile file is refused with the reason, and nothing else
+//! changes.
+
+use crate::admin::{Reply, query_value, read_json};
+use crate::api::{ApiError, ModelInfo, ModelPush, Models, Removed, Uploaded, json};
+use crate::blobs::BlobStore;
+use crate::control::Caller;
+use crate::control_store::{Change, ModelRecord};
+use crate::files::store_upload;
+use crate::hex::sha256_hex;
+use crate::{ServerInner, check_name, now};
+use gpuwasm::nn::{CatalogError, ModelCatalog, ModelEntry, PUBLIC};
+use gpuwasm_tensor::{Format, ModelFiles};
+use http::{Method, Request, StatusCode};
+use hyper::body::Incoming;
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+
+/// The registry's records, readable by deployments through [`ModelCatalog`].
+pub(crate) struct Registry {
+    records: RwLock<BTreeMap<(String, String), Registered>>,
+    blobs: Arc<dyn BlobStore>,
+}
+
+/// A record with the key of its content, computed once.
+#[derive(Clone)]
+struct Registered {
+    record: ModelRecord,
+    key: String,
+}
+
+impl Registered {
+    fn new(record: ModelRecord) -> Registered {
+        Registered { key: content_key(&record), record }
+    }
+}
+
+/// Why a model's files could not be read.
+enum ReadError {
+    /// File `path` with content `sha256` is not in the blob store.
+    Missing { path: String, sha256: String },
+    /// The blob store failed.
+    Store(String),
+}
+
+fn blob_key(namespace: &str, sha256: &str) -> String {
+    format!("models/{namespace}/{sha256}")
+}
+
+/// Identifies a record's content: same files, same key.
+fn content_key(record: &ModelRecord) -> String {
+    let files = serde_json::to_string(&record.files).expect("file maps serialise");
+    format!("{}/{}@{}", record.namespace, record.name, &sha256_hex(files.as_bytes())[..16])
+}
+
+impl Registry {
+    pub fn new(records: Vec<ModelRecord>, blobs: Arc<dyn BlobStore>) -> Registry {
+        let records = records.into_iter().map(|r| ((r.namespace.clone(), r.name.clone()), Registered::new(r))).collect();
+        Registry { records: RwLock::new(records), blobs }
+    }
+
+    fn get(&self, namespace: &str, name: &str) -> Option<Registered> {
+        self.records.read().unwrap().get(&(namespace.to_string(), name.to_string())).cloned()
+    }
+
+    fn insert(&self, record: ModelRecord) {
+        let key = (record.namespace.clone(), record.name.clone());
+        self.records.write().unwrap().insert(key, Registered::new(record));
+    }
+
+    fn remove(&self, namespace: &str, name: &str) {
+        self.records.write().unwrap().remove(&(namespace.to_string(), name.to_string()));
+    }
+
+    /// The blob keys every record refers to.
+    pub fn blob_keys(&self) -> Vec<String> {
+        let records = self.records.read().unwrap();
+        records.values().flat_map(|r| r.record.files.values().map(|sha| blob_key(&r.record.namespace, sha))).collect()
+    }
+
+    /// The models `tenant` can see: its own and public ones.
+    fn visible(&self, tenant: &str) -> Vec<Registered> {
+        let records = self.records.read().unwrap();
+        records.values().filter(|r| r.record.namespace == tenant || r.record.namespace == PUBLIC).cloned().collect()
+    }
+
+    /// The contents of `files` (path -> SHA-256) uploaded to `namespace` (blocking).
+    fn read_files(&self, namespace: &str, files: &BTreeMap<String, String>) -> Result<ModelFiles, ReadError> {
+        let mut contents = ModelFiles::new();
+        for (path, sha256) in files {
+            let bytes = self
+                .blobs
+                .get(&blob_key(namespace, sha256))
+                .map_err(|e| ReadError::Store(e.to_string()))?
+                .ok_or_else(|| ReadError::Missing { path: path.clone(), sha256: sha256.clone() })?;
+            contents.insert(path.clone(), bytes);
+        }
+        Ok(contents)
+    }
+}
+
+impl ModelCatalog for Registry {
+    fn resolve(&self, tenant: &str, name: &str) -> Result<Option<ModelEntry>, CatalogError> {
+        let found = match name.strip_prefix("public/") {
+            Some(public) => self.get(PUBLIC, public),
+            None => self.get(tenant, name).or_else(|| self.get(PUBLIC, name)),
+        };
+        Ok(found.map(|r| ModelEntry { key: r.key, format: r.record.format }))
+    }
+
+    fn read(&self, entry: &ModelEntry) -> Result<ModelFiles, CatalogError> {
+        let record = self
+            .records
+            .read()
+            .unwrap()
+            .values()
+            .find(|r| r.key == entry.key)
+            .map(|r| r.record.clone())
+            .ok_or_else(|| CatalogError("the model was removed or replaced while loading".into()))?;
+        self.read_files(&record.namespace, &record.files).map_err(|e| match e {
+            ReadError::Missing { path, sha256 } => CatalogError(format!("file {path} ({sha256}) is missing from the blob store")),
+            ReadError::Store(message) => CatalogError(message),
+        })
+    }
+}
+
+
+impl ServerInner {
+    /// `model-files/SHA256` and `models[/public]/NAME`.
+    pub(crate) async fn models_api(
+        self: &Arc<Self>,
+        caller: &Caller,
+        method: Method,
+        segments: &[&str],
+        query: &str,
+        request: Request<Incoming>,
+    ) -> Reply {
+        let public_only_for_the_admin = || ApiError::new(StatusCode::FORBIDDEN, "forbidden", "public models need an admin token");
+        match (method, segments) {
+            (Method::GET, ["models"]) => {
+                let models = self.models.visible(&caller.tenant).iter().map(|r| self.info(caller, r)).collect();
+                Ok(json(StatusCode::OK, &Models { models }))
+            }
+            (_, ["models"]) => Err(ApiError::method_not_allowed()),
+            (Method::PUT, ["model-files", sha256]) => {
+                let namespace = if query_value(query, "namespace") == Some(PUBLIC) { PUBLIC } else { &caller.tenant };
+                if namespace == PUBLIC && !caller.admin {
+                    return Err(public_only_for_the_admin());
+                }
+                self.upload_model_file(caller, namespace, sha256, request).await
+            }
+            (method @ (Method::PUT | Method::DELETE | Method::GET), ["models", rest @ ..]) => {
+                let (namespace, name) = match rest {
+                    ["public", name] => (PUBLIC.to_string(), name.to_string()),
+                    [name] => (caller.tenant.clone(), name.to_string()),
+                    _ => return Err(ApiError::not_found("no such admin endpoint")),
+                };
+                if namespace == PUBLIC && method != Method::GET && !caller.admin {
+                    return Err(public_only_for_the_admin());
+                }
+                match method {
+                    Method::PUT => self.push_model(namespace, name, request).await,
+                    Method::DELETE => self.remove_model(namespace, name).await,
+                    _ => match self.models.get(&namespace, &name) {
+                        Some(registered) => Ok(json(StatusCode::OK, &self.info(caller, &registered))),
+                        None => Err(model_not_found(&name)),
+                    },
+                }
+            }
+            _ => Err(ApiError::method_not_allowed()),
+        }
+    }
+
+    /// A record with `loaded`: this node's counters while it is resident,
+    /// else null. The counters of a public model show every tenant's use
+    /// of it, so only the admin sees them.
+    fn info(&self, caller: &Caller, registered: &Registered) -> ModelInfo {
+        let hidden = registered.record.namespace == PUBLIC && !caller.admin;
+        let loaded = if hidden { None } else { self.runtime.models().status(&registered.key) };
+        ModelInfo { record: registered.record.clone(), loaded }
+    }
+
+    /// `PUT model-files/SHA256`: the file streams to disk, is checked
+    /// against its hash, and is stored.
+    async fn upload_model_file(self: &Arc<Self>, caller: &Caller, namespace: &str, sha256: &str, request: Request<Incoming>) -> Reply {
+        let slot = self.uploads.admit(&caller.tenant)?;
+        let room = self.upload_room(caller, self.config.max_model_bytes as u64).await?;
+        let upload = self.uploads.receive(&slot, request.into_body(), room, "model file").await?;
+        store_upload(&self.blobs, blob_key(namespace, sha256), sha256, upload).await?;
+        Ok(json(StatusCode::CREATED, &Uploaded { sha256: sha256.to_string() }))
+    }
+
+    /// `PUT models/NAME`: reads the uploaded files back and lets the engine
+    /// check the whole model (as an upload, one of the tenant's slots).
+    async fn push_model(self: &Arc<Self>, namespace: String, name: String, request: Request<Incoming>) -> Reply {
+        check_name("model", &name)?;
+        let push: ModelPush = read_json(request, "model description", r#"{"format": "onnx", "files": {"model.onnx": "SHA256"}}"#).await?;
+        let format = Format::from_name(&push.format).ok_or_else(|| {
+            ApiError::bad_request("bad_request", format!("unknown format {:?}: use safetensors, onnx or gguf", push.format))
+        })?;
+        check_layout(format, &push.files).map_err(|m| ApiError::bad_request("invalid_model", m))?;
+        // Reading and checking a model holds it in memory: a few at a time.
+        let _building = self.building.acquire().await.map_err(|_| ApiError::internal("the server is shutting down"))?;
+        let (registry, ns, files) = (self.models.clone(), namespace.clone(), push.files.clone());
+        let budget = self.runtime.models().call_budget();
+        let checked = tokio::task::spawn_blocking(move || -> Result<(u64, String), ApiError> {
+            let contents = registry.read_files(&ns, &files).map_err(|e| match e {
+                ReadError::Missing { path, sha256 } => {
+                    ApiError::bad_request("invalid_model", format!("file {path}: content {sha256} was not uploaded (PUT model-files/SHA256 first)"))
+                }
+                ReadError::Store(message) => ApiError::internal(message),
+            })?;
+            let size = contents.values().map(|b| b.len() as u64).sum();
+            let summary = gpuwasm_tensor::check(format, &contents, &budget).map_err(|e| ApiError::bad_request("invalid_model", e.to_string()))?;
+            Ok((size, summary))
+        })
+        .await;
+        let (size_bytes, summary) = checked
+            .map_err(|e| ApiError::internal(format!("checking the model failed: {e}")))?
+            .map_err(|e| e.prefixed(&format!("model '{name}': ")))?;
+        let record = ModelRecord { namespace, name, format, files: push.files, size_bytes, summary, pushed_at: now() };
+        {
+            let _guard = self.changes.lock().await;
+            self.store.commit(&[Change::Model(record.clone())])?;
+            self.models.insert(record.clone());
+        }
+        tracing::info!(namespace = %record.namespace, model = %record.name, format = record.format.name(), summary = %record.summary, "model pushed");
+        Ok(json(StatusCode::CREATED, &record))
+    }
+
+    async fn remove_model(&self, namespace: String, name: String) -> Reply {
+        {
+            let _guard = self.changes.lock().await;
+            if self.models.get(&namespace, &name).is_none() {
+                return Err(model_not_found(&name));
+            }
+            self.store.commit(&[Change::RemoveModel(namespace.clone(), name.clone())])?;
+            self.models.remove(&namespace, &name);
+        }
+        tracing::info!(%namespace, model = %name, "model removed");
+        Ok(json(StatusCode::OK, &Removed { removed: name }))
+    }
+}
+
+/// Checks the files a push names fit its format.
+fn check_layout(format: Format, files: &BTreeMap<String, String>) -> Result<(), String> {
+    for (path, sha256) in files {
+        crate::files::check_file_path(path)?;
+        let hex = sha256.len() == 64 && sha256.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        if !hex {
+            return Err(format!("file {path:?}: {sha256:?} is not a SHA-256 in lower-case hex"));
+        }
+    }
+    match format.files() {
+        None if files.len() != 1 => Err(format!("a {} model is one file, not {}", format.name(), files.len())),
+        Some(known) => match files.keys().find(|p| !known.contains(&p.as_str())) {
+            Some(extra) => Err(format!("unexpected file {extra:?} in a {} model (expected {})", format.name(), known.join(", "))),
+            None => Ok(()),
+        },
+        None => Ok(()),
+    }
+}
+
+fn model_not_found(name: &str) -> ApiError {
+    ApiError::not_found(format!("no model named '{name}'"))
+}

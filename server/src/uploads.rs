@@ -1,0 +1,158 @@
+//! Uploads (components, deployment files, model files) and model pushes:
+//! how many may be in progress per tenant and per node, and bodies streamed
+//! to disk: hashed and written to a temporary file as they arrive, under a
+//! size cap and the tenant's storage quota, so a large upload never sits in
+//! memory, and a client that stops sending is cut off.
+
+use crate::api::ApiError;
+use crate::hex::{hex, random_hex};
+use http::StatusCode;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// How long an upload may go without receiving a byte.
+const IDLE: Duration = Duration::from_secs(30);
+
+/// Where uploads land while they arrive, and how many may.
+pub(crate) struct Uploads {
+    dir: PathBuf,
+    node: Arc<Semaphore>,
+    per_tenant: usize,
+    tenants: Mutex<HashMap<String, Arc<Tenant>>>,
+}
+
+/// One tenant's uploads in progress.
+struct Tenant {
+    slots: Arc<Semaphore>,
+    /// Bytes its uploads in progress have received.
+    receiving: AtomicU64,
+}
+
+/// Leave to upload (or push) for one tenant, held until dropped.
+pub(crate) struct Slot {
+    tenant: Arc<Tenant>,
+    _permits: [OwnedSemaphorePermit; 2],
+}
+
+/// How much an upload may hold: the server's limit, and the tenant's
+/// storage quota (its bytes stored when the upload began, plus what all its
+/// uploads in progress receive).
+pub(crate) struct Room {
+    pub max: u64,
+    pub quota: Option<Quota>,
+}
+
+/// A tenant's storage quota and what it had stored.
+pub(crate) struct Quota {
+    pub bytes: u64,
+    pub stored: u64,
+}
+
+/// A body received whole into a temporary file (removed on drop unless
+/// stored).
+pub(crate) struct Upload {
+    pub path: PathBuf,
+    pub sha256: String,
+    received: u64,
+    tenant: Arc<Tenant>,
+}
+
+impl Drop for Upload {
+    fn drop(&mut self) {
+        self.tenant.receiving.fetch_sub(self.received, Ordering::Relaxed);
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl Uploads {
+    /// Uploads go to `dir`; at most `per_node` at once, `per_tenant` per tenant.
+    pub fn open(dir: PathBuf, per_node: usize, per_tenant: usize) -> Result<Uploads, crate::Error> {
+        std::fs::create_dir_all(&dir).map_err(|e| crate::Error::io("creating the uploads directory", &dir, e))?;
+        Ok(Uploads { dir, node: Arc::new(Semaphore::new(per_node.max(1))), per_tenant: per_tenant.max(1), tenants: Mutex::default() })
+    }
+
+    /// Leave for `tenant` to upload or push now, or `429` with
+    /// `Retry-After` when it (or the node) has as many in progress as it may.
+    pub fn admit(&self, tenant: &str) -> Result<Slot, ApiError> {
+        let state = self
+            .tenants
+            .lock()
+            .unwrap()
+            .entry(tenant.to_string())
+            .or_insert_with(|| Arc::new(Tenant { slots: Arc::new(Semaphore::new(self.per_tenant)), receiving: AtomicU64::new(0) }))
+            .clone();
+        let busy = |whose: String| {
+            ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too_many_uploads", format!("{whose} uploads in progress; retry when one ends"))
+                .retry_after(1)
+        };
+        let tenant_permit =
+            state.slots.clone().try_acquire_owned().map_err(|_| busy(format!("tenant '{tenant}' has {} other", self.per_tenant)))?;
+        let node_permit = self.node.clone().try_acquire_owned().map_err(|_| busy("this server has too many other".into()))?;
+        Ok(Slot { tenant: state, _permits: [tenant_permit, node_permit] })
+    }
+
+    /// Bytes `tenant`'s uploads in progress have received so far.
+    pub fn receiving(&self, tenant: &str) -> u64 {
+        self.tenants.lock().unwrap().get(tenant).map_or(0, |t| t.receiving.load(Ordering::Relaxed))
+    }
+
+    /// Receives `body` into a temporary file under `slot`, within `room`
+    /// (`what` names the upload in errors).
+    pub async fn receive(&self, slot: &Slot, body: Incoming, room: Room, what: &str) -> Result<Upload, ApiError> {
+        let name = random_hex(12).map_err(|e| ApiError::internal(format!("naming an upload: {e}")))?;
+        let path = self.dir.join(format!(".upload.tmp-{name}"));
+        let file = tokio::fs::File::create(&path).await.map_err(|e| ApiError::internal(format!("creating an upload file: {e}")))?;
+        let mut upload = Upload { path, sha256: String::new(), received: 0, tenant: slot.tenant.clone() };
+        let mut writer = tokio::io::BufWriter::with_capacity(1 << 20, file);
+        let mut hasher = Sha256::new();
+        let mut body = body;
+        let write_failed = |e: std::io::Error| ApiError::internal(format!("writing an upload: {e}"));
+        loop {
+            let frame = match tokio::time::timeout(IDLE, body.frame()).await {
+                Err(_) => {
+                    let message = format!("the {what} sent nothing for {} s; upload it again", IDLE.as_secs());
+                    return Err(ApiError::new(StatusCode::REQUEST_TIMEOUT, "upload_timeout", message));
+                }
+                Ok(None) => break,
+                Ok(Some(frame)) => frame.map_err(|e| ApiError::bad_request("bad_upload", format!("reading the {what} failed: {e}")))?,
+            };
+            let Ok(data) = frame.into_data() else { continue };
+            let n = data.len() as u64;
+            upload.received += n;
+            let receiving = slot.tenant.receiving.fetch_add(n, Ordering::Relaxed) + n;
+            room.check(upload.received, receiving, what)?;
+            hasher.update(&data);
+            writer.write_all(&data).await.map_err(write_failed)?;
+        }
+        writer.flush().await.map_err(write_failed)?;
+        writer.into_inner().sync_all().await.map_err(write_failed)?;
+        upload.sha256 = hex(&hasher.finalize());
+        Ok(upload)
+    }
+}
+
+impl Room {
+    /// Fails once this upload holds `received` bytes over the limit, or all
+    /// the tenant's uploads in progress (`receiving`) take it past its quota.
+    fn check(&self, received: u64, receiving: u64, what: &str) -> Result<(), ApiError> {
+        let too_large = |message: String| Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "upload_too_large", message));
+        if received > self.max {
+            return too_large(format!("{what} is larger than this server's limit of {} bytes", self.max));
+        }
+        match &self.quota {
+            Some(quota) if quota.stored + receiving > quota.bytes => too_large(format!(
+                "{what} does not fit the tenant's storage quota of {} bytes ({} stored, {receiving} arriving in uploads in progress)",
+                quota.bytes, quota.stored
+            )),
+            _ => Ok(()),
+        }
+    }
+}
