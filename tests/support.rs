@@ -56,9 +56,23 @@ impl Server {
 
     /// Starts a server on `data_dir` with extra `gpuwasm serve` flags.
     pub fn start_with(data_dir: &Path, flags: &[&str]) -> Server {
+        Self::start_under(data_dir, flags, None)
+    }
+
+    /// Starts a server on `data_dir` with extra `gpuwasm serve` flags, from
+    /// a shell whose soft limit on open files is `soft_nofile` when given.
+    pub fn start_under(data_dir: &Path, flags: &[&str], soft_nofile: Option<u32>) -> Server {
         // Enough instances for the tests that send hundreds of requests at once.
         let pool: &[&str] = if flags.contains(&"--max-instances") { &[] } else { &["--max-instances", "300"] };
-        let mut child = gpuwasm()
+        let mut command = match soft_nofile {
+            None => gpuwasm(),
+            Some(n) => {
+                let mut sh = Command::new("sh");
+                sh.args(["-c", &format!("ulimit -S -n {n} && exec \"$0\" \"$@\""), env!("CARGO_BIN_EXE_gpuwasm")]);
+                sh
+            }
+        };
+        let mut child = command
             .args(["serve", "--listen", "127.0.0.1:0", "--admin-token", TOKEN])
             .args(pool)
             .arg("--data-dir")

@@ -115,11 +115,19 @@ impl Deployment {
     /// is over the memory limit) is refused before it takes traffic.
     pub async fn check(&self) -> Result<(), Error> {
         let (limits, inner) = (&self.inner.limits, &self.inner);
+        // The instance takes a slot of the pool like a request's does.
+        let runtime = &inner.runtime.inner;
+        let until = Instant::now() + limits.queue_timeout();
+        let busy = |_| Error::Instantiate("no instance of this node became free to check it; retry".into());
+        let _tenant = acquire_until(&inner.tenant_slots, until, Saturated::Tenant(runtime.per_tenant)).await.map_err(busy)?;
+        let _node = acquire_until(&runtime.instances, until, Saturated::Node(runtime.pool.max_instances)).await.map_err(busy)?;
         let mut store = inner
             .runtime
             .new_store(limits.memory_bytes(), limits.cpu_ms, &inner.capabilities, &inner.shared)
             .map_err(Error::Instantiate)?;
-        match self.inner.pre.instantiate_async(&mut store).await {
+        let instantiated = timeout_at(Instant::now() + limits.timeout(), self.inner.pre.instantiate_async(&mut store)).await;
+        let instantiated = instantiated.map_err(|_| Error::Instantiate(format!("it did not start within its time limit of {} ms", limits.timeout_ms)))?;
+        match instantiated {
             Ok(_) => Ok(()),
             Err(err) => Err(Error::Instantiate(
                 match Failure::from_call(store.data(), &err, limits.cpu_ms, limits.memory_mb) {

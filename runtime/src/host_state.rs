@@ -50,7 +50,7 @@ impl RequestState {
             http: WasiHttpCtx::new(),
             table: ResourceTable::new(),
             hooks: OutboundPolicy { allow: shared.outbound.clone() },
-            nn: NnCtx { models: models.clone(), access: shared.models.clone() },
+            nn: NnCtx { models: models.clone(), access: shared.models.clone(), held: 0, limit: memory_limit },
             limiter: MemoryLimiter { limit: memory_limit, exceeded: false },
             output,
             cpu_ticks: 0,

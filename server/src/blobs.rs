@@ -74,8 +74,9 @@ impl LocalBlobStore {
 
 impl BlobStore for LocalBlobStore {
     fn put(&self, key: &str, bytes: &[u8]) -> Result<(), Error> {
-        if self.path(key)?.exists() {
-            return Ok(());
+        let path = self.path(key)?;
+        if path.exists() {
+            return touch(&path);
         }
         write_atomic(&self.path_for_writing(key)?, bytes)
     }
@@ -83,7 +84,8 @@ impl BlobStore for LocalBlobStore {
     fn put_file(&self, key: &str, file: &Path) -> Result<(), Error> {
         let path = self.path_for_writing(key)?;
         if path.exists() {
-            return std::fs::remove_file(file).map_err(|e| Error::io("removing an upload", file, e));
+            std::fs::remove_file(file).map_err(|e| Error::io("removing an upload", file, e))?;
+            return touch(&path);
         }
         let io = |e| Error::io("storing an upload", &path, e);
         std::fs::File::open(file).and_then(|f| f.sync_all()).map_err(io)?;
@@ -149,6 +151,17 @@ impl BlobStore for LocalBlobStore {
     }
 }
 
+/// Marks a blob stored again as new: the collector counts an unreferenced
+/// blob's age from its last upload, so a deploy or push about to use it
+/// again does not lose it.
+fn touch(path: &Path) -> Result<(), Error> {
+    std::fs::File::options()
+        .write(true)
+        .open(path)
+        .and_then(|f| f.set_modified(SystemTime::now()))
+        .map_err(|e| Error::io("touching a blob", path, e))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -160,7 +173,11 @@ mod tests {
         assert!(!store.contains("a/b").unwrap());
         assert_eq!(store.get("a/b").unwrap(), None);
         store.put("a/b", b"one").unwrap();
+        let old = SystemTime::now() - std::time::Duration::from_secs(3600);
+        std::fs::File::options().write(true).open(dir.path().join("a/b")).unwrap().set_modified(old).unwrap();
         store.put("a/b", b"ignored: blobs are immutable").unwrap();
+        let fresh = store.list("a/").unwrap()[0].stored_at.elapsed().unwrap();
+        assert!(fresh < std::time::Duration::from_secs(60), "storing it again makes it new for the collector");
         assert_eq!(store.get("a/b").unwrap().as_deref(), Some(&b"one"[..]));
         assert!(store.contains("a/b").unwrap());
         assert!(store.put("../escape", b"x").is_err());

@@ -18,6 +18,8 @@ use std::time::{Duration, SystemTime};
 
 /// Files one deployment may have.
 pub(crate) const MAX_FILES: usize = 4096;
+/// Folders one deployment's files may sit in.
+pub(crate) const MAX_FOLDERS: usize = 1024;
 
 pub(crate) struct FileStore {
     /// Where trees are assembled: `trees/<tenant>/<id>`.
@@ -46,6 +48,10 @@ impl FileStore {
     pub fn check(&self, tenant: &str, files: &BTreeMap<String, String>) -> Result<(), String> {
         if files.len() > MAX_FILES {
             return Err(format!("{} files; a deployment may have at most {MAX_FILES}", files.len()));
+        }
+        let folders: HashSet<&str> = files.keys().flat_map(|p| p.match_indices('/').map(|(i, _)| &p[..i])).collect();
+        if folders.len() > MAX_FOLDERS {
+            return Err(format!("the files sit in {} folders; a deployment's may sit in at most {MAX_FOLDERS}", folders.len()));
         }
         for (path, sha256) in files {
             check_file_path(path)?;
@@ -189,6 +195,8 @@ mod tests {
         assert_eq!(store.check("t", &colliding).unwrap_err(), "file path \"a\" is also the folder of \"a/b\"");
         let many: BTreeMap<String, String> = (0..=MAX_FILES).map(|i| (format!("f{i}"), sha.clone())).collect();
         assert!(store.check("t", &many).unwrap_err().contains("at most 4096"));
+        let deep: BTreeMap<String, String> = (0..100).map(|i| (format!("{i}/{}", "a/".repeat(20)) + "f", sha.clone())).collect();
+        assert!(store.check("t", &deep).unwrap_err().contains("2100 folders"));
 
         let tree = store.tree("t", &files).unwrap().unwrap();
         assert_eq!(std::fs::read(tree.join("a/b.txt")).unwrap(), b"hi");

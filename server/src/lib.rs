@@ -195,19 +195,21 @@ impl Server {
         self.inner.control().deployments.values().filter_map(|e| e.active().cloned()).collect()
     }
 
-    /// Answers one HTTP request: admin API, or routed to a deployment: by
-    /// its host when a deployment claimed it, else by its path.
+    /// Answers one HTTP request: the admin API under its prefix (on any
+    /// host, so that no claim can intercept an admin token); else routed to
+    /// a deployment, by its host when a deployment claimed it, else by its
+    /// path.
     pub async fn handle(&self, request: Request<Incoming>) -> Response<ResponseBody> {
         let host = match hosts::of_request(&request) {
             Ok(host) => host,
             Err(message) => return text_response(StatusCode::BAD_REQUEST, message),
         };
+        if request.uri().path().starts_with(ADMIN_PREFIX) {
+            return self.inner.admin(request).await;
+        }
         let control = self.inner.control();
         if let Some(entry) = host.and_then(|h| control.by_host(&h)) {
             return invoke(entry, request).await;
-        }
-        if request.uri().path().starts_with(ADMIN_PREFIX) {
-            return self.inner.admin(request).await;
         }
         let path = request.uri().path().to_string();
         let (tenant, rest) = split_prefix(&path);

@@ -31,11 +31,6 @@ impl MemoryPool {
         self.used.load(Ordering::Relaxed)
     }
 
-    /// Its size in bytes.
-    pub fn limit(&self) -> u64 {
-        self.limit
-    }
-
     /// Adds `bytes` if they fit under the limit.
     fn take(&self, bytes: u64) -> bool {
         self.used
@@ -73,9 +68,10 @@ impl Budget {
         self
     }
 
-    /// The budget's own limit in bytes.
-    pub fn limit(&self) -> u64 {
-        self.own.limit
+    /// A budget of an `n`th of this one's limit, drawing on the same pool:
+    /// one call's share of a batch's budget.
+    pub fn share(&self, n: usize) -> Budget {
+        Budget { own: MemoryPool::new(self.own.limit / n.max(1) as u64), shared: self.shared.clone() }
     }
 
     /// Bytes reserved now.
@@ -164,6 +160,10 @@ mod tests {
         assert_eq!((pool.used(), a.used(), b.used()), (900, 500, 400));
         drop((r1, r2));
         assert_eq!((pool.used(), a.used(), b.used()), (0, 0, 0));
+        // A share of a batch's budget: a third of its limit, the same pool.
+        let share = Budget::new(900).within(pool.clone()).share(3);
+        assert!(share.reserve(300, || "x".into()).is_ok());
+        assert!(share.reserve(301, || "x".into()).is_err());
     }
 
     #[test]

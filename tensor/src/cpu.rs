@@ -90,6 +90,9 @@ pub fn linear(x: &[f32], rows: usize, inp: usize, w: &[f32], out: usize, bias: O
 /// Layer normalisation of each row of `x` (width `gamma.len()`), in place.
 pub fn layer_norm(x: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32) {
     let width = gamma.len();
+    if width == 0 {
+        return;
+    }
     for row in x.chunks_exact_mut(width) {
         let mean = row.iter().sum::<f32>() / width as f32;
         let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / width as f32;
@@ -153,6 +156,9 @@ pub(crate) fn exp(x: f32) -> f32 {
 
 /// Softmax of each row of width `width`, in place.
 pub fn softmax_rows(x: &mut [f32], width: usize) {
+    if width == 0 {
+        return;
+    }
     for row in x.chunks_exact_mut(width) {
         let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut sum = 0.0;

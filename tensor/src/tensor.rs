@@ -54,6 +54,15 @@ impl Data {
         }
     }
 
+    /// Bytes one element takes in memory.
+    pub fn width(&self) -> usize {
+        match self {
+            Data::F32(_) => 4,
+            Data::I64(_) => 8,
+            Data::U8(_) => 1,
+        }
+    }
+
     /// The type's name, for messages.
     pub fn type_name(&self) -> &'static str {
         match self {
@@ -113,6 +122,11 @@ impl Tensor {
     /// Its elements.
     pub fn data(&self) -> &Data {
         &self.data
+    }
+
+    /// Bytes its elements take in memory.
+    pub fn memory_bytes(&self) -> u64 {
+        (self.data.len() * self.data.width()) as u64
     }
 
     /// Its elements, taken.

@@ -55,11 +55,37 @@ pub struct ErrorResource {
     message: String,
 }
 
-/// Per-instance wasi-nn state: the node's model cache and what this
-/// deployment may load (shared by its instances).
+/// Per-instance wasi-nn state: the node's model cache, what this
+/// deployment may load (shared by its instances), and the bytes of tensor
+/// data the guest holds on the host, which count against its memory limit.
 pub(crate) struct NnCtx {
     pub models: Models,
     pub access: Arc<ModelAccess>,
+    /// Bytes of tensors held in the resource table.
+    pub held: usize,
+    /// The most that may be held: the instance's memory limit.
+    pub limit: usize,
+}
+
+impl NnCtx {
+    /// Counts `bytes` more tensor data held for the guest, if they fit.
+    fn hold(&mut self, bytes: usize) -> Result<(), String> {
+        match self.held.checked_add(bytes).filter(|&n| n <= self.limit) {
+            Some(n) => {
+                self.held = n;
+                Ok(())
+            }
+            None => Err(format!(
+                "wasi-nn tensors held by this request would take {} bytes, over its memory limit of {} bytes",
+                self.held.saturating_add(bytes),
+                self.limit
+            )),
+        }
+    }
+
+    fn release(&mut self, bytes: usize) {
+        self.held = self.held.saturating_sub(bytes);
+    }
 }
 
 /// What the generated traits are implemented on.
@@ -193,6 +219,7 @@ impl inference::HostGraphExecutionContext for NnView<'_> {
         let mut tensors: Tensors = Vec::with_capacity(inputs.len());
         for (name, resource) in inputs {
             let t = self.table.delete(resource)?;
+            self.ctx.release(t.data.len());
             let dims = t.dims.iter().map(|&d| d as usize).collect();
             match Tensor::from_bytes(dims, dtype(t.ty), &t.data) {
                 Ok(tensor) => tensors.push((name, tensor)),
@@ -205,6 +232,10 @@ impl inference::HostGraphExecutionContext for NnView<'_> {
         self.ctx.models.touch(&loaded);
         match loaded.batcher.compute(self.ctx.access.tenant.as_str().into(), tensors).await {
             Ok(outputs) => {
+                let bytes: usize = outputs.iter().map(|(_, t)| t.memory_bytes() as usize).sum();
+                if let Err(why) = self.ctx.hold(bytes) {
+                    return self.fail(ErrorCode::TooLarge, format!("the outputs: {why}"));
+                }
                 let mut named = Vec::with_capacity(outputs.len());
                 for (name, tensor) in outputs {
                     let (ty, data) = tensor.to_bytes();
@@ -231,6 +262,8 @@ impl tensor::Host for NnView<'_> {}
 
 impl tensor::HostTensor for NnView<'_> {
     async fn new(&mut self, dims: Vec<u32>, ty: TensorType, data: Vec<u8>) -> wasmtime::Result<Resource<TensorResource>> {
+        // `new` cannot fail in wasi-nn: a guest past its limit traps.
+        self.ctx.hold(data.len()).map_err(wasmtime::Error::msg)?;
         Ok(self.table.push(TensorResource { dims, ty, data })?)
     }
 
@@ -247,7 +280,8 @@ impl tensor::HostTensor for NnView<'_> {
     }
 
     async fn drop(&mut self, tensor: Resource<TensorResource>) -> wasmtime::Result<()> {
-        self.table.delete(tensor)?;
+        let t = self.table.delete(tensor)?;
+        self.ctx.release(t.data.len());
         Ok(())
     }
 }

@@ -329,8 +329,10 @@ impl Model {
 }
 
 impl Model {
+    /// Runs each request alone, each under its share of `budget`.
     fn each(&self, requests: Vec<Vec<(String, Tensor)>>, budget: &Budget) -> Vec<Result<Vec<(String, Tensor)>, Error>> {
-        requests.into_iter().map(|inputs| self.run(inputs, budget)).collect()
+        let n = requests.len();
+        requests.into_iter().map(|inputs| self.run(inputs, &budget.share(n))).collect()
     }
 
     /// Runs the graph once on zeros at its declared input shapes, every
@@ -346,12 +348,13 @@ impl Model {
                 Some(dims) => dims.iter().map(|d| d.unwrap_or(1)).collect(),
                 None => vec![1],
             };
-            let reservation = budget.reserve_tensor(&shape, 8, || format!("input {:?}", input.name))?;
+            let integers = matches!(input.elem, INT32 | INT64);
+            // Checked before allocating; `run` then holds the inputs' room.
+            drop(budget.reserve_tensor(&shape, if integers { 8 } else { 4 }, || format!("input {:?}", input.name))?);
             let n = element_count(&shape).expect("the reservation checked the size");
-            let data = if matches!(input.elem, INT32 | INT64) { Data::I64(vec![0; n]) } else { Data::F32(vec![0.0; n]) };
-            inputs.push((input.name.clone(), Tensor::new(shape, data)?, reservation));
+            let data = if integers { Data::I64(vec![0; n]) } else { Data::F32(vec![0.0; n]) };
+            inputs.push((input.name.clone(), Tensor::new(shape, data)?));
         }
-        let (inputs, _held): (Vec<_>, Vec<_>) = inputs.into_iter().map(|(n, t, r)| ((n, t), r)).unzip();
         match self.run(inputs, budget) {
             Ok(_) | Err(Error::InvalidInput(_)) => Ok(()),
             Err(e) => Err(e),
@@ -429,20 +432,34 @@ impl Graph for Model {
     /// pass fails (one call's input is bad, or the merged pass does not
     /// fit the budget), each call runs alone.
     fn run_batch(&self, requests: Vec<Vec<(String, Tensor)>>, budget: &Budget) -> Vec<Result<Vec<(String, Tensor)>, Error>> {
-        match self.merge(&requests) {
-            Some((merged, rows)) => match self.run(merged, budget) {
-                Ok(outputs) => split_rows(outputs, &rows).unwrap_or_else(|| self.each(requests, budget)),
-                Err(_) => self.each(requests, budget),
-            },
-            None => self.each(requests, budget),
+        // The merged inputs are a copy of every request's: they count too.
+        let bytes: u64 = requests.iter().flatten().map(|(_, t)| t.memory_bytes()).sum();
+        let merged = match budget.reserve(bytes, || "the merged inputs of a batch".into()) {
+            Ok(room) => self.merge(&requests).map(|m| (m, room)),
+            Err(_) => None,
+        };
+        let Some(((merged, rows), _room)) = merged else { return self.each(requests, budget) };
+        match self.run(merged, budget) {
+            Ok(outputs) => {
+                // Splitting copies the outputs once more.
+                let bytes = outputs.iter().map(|(_, t)| t.memory_bytes()).sum();
+                match budget.reserve(bytes, || "the split outputs of a batch".into()) {
+                    Ok(_room) => split_rows(outputs, &rows).unwrap_or_else(|| self.each(requests, budget)),
+                    Err(e) => requests.iter().map(|_| Err(e.clone())).collect(),
+                }
+            }
+            Err(_) => self.each(requests, budget),
         }
     }
 
     fn run(&self, inputs: Vec<(String, Tensor)>, budget: &Budget) -> Result<Vec<(String, Tensor)>, Error> {
         let given: HashMap<String, Tensor> = inputs.into_iter().collect();
         self.check_inputs(&given)?;
-        // Outputs stay until the pass ends, and so do their reservations.
+        // Inputs and outputs stay until the pass ends, and so do their reservations.
         let mut alloc = ops::Alloc::new(budget);
+        for t in given.values() {
+            alloc.like(t)?;
+        }
         let mut values: HashMap<&str, Tensor> = HashMap::new();
         for node in &self.nodes {
             let args: Vec<Option<&Tensor>> = node

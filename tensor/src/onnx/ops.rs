@@ -34,13 +34,8 @@ impl<'b> Alloc<'b> {
     }
 
     /// Room for a copy of `t`.
-    fn like(&mut self, t: &Tensor) -> Result<(), Error> {
-        let width = match t.data() {
-            Data::F32(_) => 4,
-            Data::I64(_) => 8,
-            Data::U8(_) => 1,
-        };
-        self.bytes(t.shape(), width, "output")
+    pub fn like(&mut self, t: &Tensor) -> Result<(), Error> {
+        self.bytes(t.shape(), t.data().width(), "output")
     }
 }
 
@@ -148,20 +143,19 @@ pub(crate) fn apply(node: &Node, args: &[Option<&Tensor>], alloc: &mut Alloc<'_>
             layer_norm_op(x()?, arg(args, 1)?, args.get(2).copied().flatten(), int(node, "axis", -1), float(node, "epsilon", 1e-5))?
         }
         "Identity" => x()?.clone(),
-        "Constant" => {
-            let value = constant(node)?;
-            alloc.like(&value)?;
-            value
-        }
+        "Constant" => constant(node, alloc)?,
         other => return Err(Error::Unsupported(format!("onnx: operator {other}"))),
     };
     Ok(vec![out])
 }
 
-fn constant(node: &Node) -> Result<Tensor, Error> {
+fn constant(node: &Node, alloc: &mut Alloc<'_>) -> Result<Tensor, Error> {
     let attr = |n: &str| node.attrs.get(n);
     Ok(match (attr("value"), attr("value_float"), attr("value_floats"), attr("value_int"), attr("value_ints")) {
-        (Some(Attr::Tensor(t)), ..) => t.clone(),
+        (Some(Attr::Tensor(t)), ..) => {
+            alloc.like(t)?;
+            t.clone()
+        }
         (_, Some(Attr::Float(v)), ..) => Tensor::f32(vec![], vec![*v]),
         (_, _, Some(Attr::Floats(v)), ..) => Tensor::f32(vec![v.len()], v.clone()),
         (_, _, _, Some(Attr::Int(v)), _) => Tensor::new(vec![], Data::I64(vec![*v]))?,
@@ -237,6 +231,9 @@ fn binary(a: &Tensor, b: &Tensor, f: fn(f32, f32) -> f32, alloc: &mut Alloc<'_>)
 fn softmax(t: &Tensor, axis_attr: i64) -> Result<Tensor, Error> {
     let a = axis(axis_attr, t.shape().len())?;
     let mut v = t.as_f32("the input")?.to_vec();
+    if v.is_empty() {
+        return Ok(t.clone());
+    }
     let (len, inner) = (t.shape()[a], t.shape()[a + 1..].iter().product::<usize>());
     if inner == 1 {
         softmax_rows(&mut v, len.max(1));
@@ -269,6 +266,10 @@ fn matmul(a: &Tensor, b: &Tensor, alloc: &mut Alloc<'_>) -> Result<Tensor, Error
     shape.extend([m, n]);
     alloc.f32(&shape, "output")?;
     let batches: usize = batch_a.iter().product();
+    if batches * m * n == 0 {
+        // Nothing to compute, however many empty batches the shapes name.
+        return Ok(Tensor::f32(shape, Vec::new()));
+    }
     let mut out = vec![0.0; batches * m * n];
     if nb_b == 1 {
         // One right-hand matrix: fold the batch into the rows.
@@ -315,6 +316,9 @@ fn gemm_op(node: &Node, a: &Tensor, b: &Tensor, c: Option<&Tensor>, alloc: &mut 
     Ok(Tensor::f32(vec![m, n], y))
 }
 
+/// The largest stride or dilation accepted.
+const MAX_STEP: i64 = 1 << 16;
+
 /// Spatial settings of a 2-D convolution or pooling window.
 struct Window {
     kernel: [usize; 2],
@@ -329,7 +333,7 @@ impl Window {
         let pair = |name: &str| -> Result<[usize; 2], Error> {
             match ints(node, name).as_deref() {
                 None => Ok([1, 1]),
-                Some([a, b]) if *a > 0 && *b > 0 => Ok([*a as usize, *b as usize]),
+                Some([a, b]) if (1..=MAX_STEP).contains(a) && (1..=MAX_STEP).contains(b) => Ok([*a as usize, *b as usize]),
                 Some(other) => Err(unsupported(node, &format!("{name}={other:?}"))),
             }
         };
@@ -346,10 +350,11 @@ impl Window {
         Ok(Window { kernel, strides: pair("strides")?, dilations: pair("dilations")?, pads })
     }
 
-    /// Output height and width for an input of `h` x `w`.
+    /// Output height and width for an input of `h` x `w`. The window
+    /// must fit the padded input, which bounds the kernel by the input.
     fn output(&self, h: usize, w: usize) -> Result<[usize; 2], Error> {
         let dim = |size: usize, i: usize| {
-            let span = (self.kernel[i] - 1) * self.dilations[i] + 1;
+            let span = (self.kernel[i] - 1).checked_mul(self.dilations[i])?.checked_add(1)?;
             let padded = size + self.pads[i] + self.pads[i + 2];
             (padded >= span).then(|| (padded - span) / self.strides[i] + 1)
         };
@@ -377,12 +382,19 @@ fn nchw(t: &Tensor) -> Result<[usize; 4], Error> {
 fn conv(node: &Node, x: &Tensor, w: &Tensor, bias: Option<&Tensor>, alloc: &mut Alloc<'_>) -> Result<Tensor, Error> {
     let [n, c, h, wd] = nchw(x)?;
     let [m, cg, kh, kw] = nchw(w)?;
-    let group = int(node, "group", 1).max(1) as usize;
+    let group = int(node, "group", 1);
+    if group < 1 || group as u64 > c.max(1) as u64 {
+        return Err(invalid_input(format!("Conv in {group} groups of {c} channels")));
+    }
+    let group = group as usize;
     if c != cg * group || m % group != 0 {
         return Err(invalid_input(format!("Conv of {:?} with weights {:?} in {group} groups: channels differ", x.shape(), w.shape())));
     }
     let win = Window::of(node, [kh, kw])?;
     let [oh, ow] = win.output(h, wd)?;
+    if [n, m, oh, ow].contains(&0) || x.shape().iter().product::<usize>() == 0 {
+        return Err(invalid_input(format!("Conv of an empty input {:?} or to an empty output", x.shape())));
+    }
     let (xv, wv) = (x.as_f32("X")?, w.as_f32("W")?);
     let mg = m / group;
     let patch = cg * kh * kw;
@@ -430,6 +442,9 @@ fn pool(node: &Node, x: &Tensor, alloc: &mut Alloc<'_>) -> Result<Tensor, Error>
     };
     let win = Window::of(node, kernel)?;
     let [oh, ow] = win.output(h, w)?;
+    if [n, c, h, w].contains(&0) {
+        return Err(invalid_input(format!("{} of an empty input {:?}", node.op, x.shape())));
+    }
     alloc.f32(&[n, c, oh, ow], "output")?;
     let max = node.op == "MaxPool";
     let count_pad = int(node, "count_include_pad", 0) != 0;
@@ -458,6 +473,9 @@ fn pool(node: &Node, x: &Tensor, alloc: &mut Alloc<'_>) -> Result<Tensor, Error>
 
 fn global_average_pool(x: &Tensor, alloc: &mut Alloc<'_>) -> Result<Tensor, Error> {
     let [n, c, h, w] = nchw(x)?;
+    if h * w == 0 && n * c > 0 {
+        return Err(invalid_input(format!("GlobalAveragePool of an empty {h}x{w} plane")));
+    }
     alloc.f32(&[n, c], "output")?;
     let out = x.as_f32("X")?.chunks_exact((h * w).max(1)).map(|p| p.iter().sum::<f32>() / (h * w).max(1) as f32).collect();
     Ok(Tensor::f32(vec![n, c, 1, 1], out))
@@ -645,5 +663,29 @@ mod tests {
         assert!(matches!(err, Error::TooLarge(_)), "{err}");
         let fits = t(&[500, 500], &vec![1.0; 250_000]);
         assert_eq!(try_run(&node("MatMul", &[]), &[&fits, &fits]).unwrap().shape(), &[500, 500]);
+    }
+
+    #[test]
+    fn attributes_and_empty_shapes_cannot_make_endless_loops_or_panics() {
+        // Found in review: a huge `group` over zero channels, windows whose
+        // span wraps around, and empty tensors with huge dimensions beside
+        // the empty one. Each is a clean error (or an empty result), at once.
+        let empty = |shape: &[usize]| t(shape, &[]);
+        let group = node("Conv", &[("group", Attr::Int(1 << 40))]);
+        assert!(try_run(&group, &[&empty(&[1, 0, 1, 1]), &empty(&[0, 0, 1, 1])]).is_err());
+        let wrap = node("MaxPool", &[("kernel_shape", Attr::Ints(vec![(1 << 32) + 1; 2])), ("dilations", Attr::Ints(vec![1 << 32; 2]))]);
+        assert!(try_run(&wrap, &[&t(&[1, 1, 2, 2], &[0.0; 4])]).is_err());
+        let huge_window = node("AveragePool", &[("kernel_shape", Attr::Ints(vec![1 << 20; 2]))]);
+        assert!(try_run(&huge_window, &[&t(&[1, 1, 2, 2], &[0.0; 4])]).is_err());
+        let batches = empty(&[1 << 30, 1 << 30, 0, 4]);
+        assert_eq!(try_run(&node("MatMul", &[]), &[&batches, &t(&[4, 3], &[1.0; 12])]).unwrap().shape(), &[1 << 30, 1 << 30, 0, 3]);
+        for op in ["MaxPool", "AveragePool"] {
+            let pool = node(op, &[("kernel_shape", Attr::Ints(vec![1, 1])), ("pads", Attr::Ints(vec![1, 1, 1, 1]))]);
+            assert!(try_run(&pool, &[&empty(&[1, 1, 0, 0])]).is_err(), "{op}");
+        }
+        assert!(try_run(&node("GlobalAveragePool", &[]), &[&empty(&[1, 2, 0, 3])]).is_err());
+        assert_eq!(try_run(&node("Softmax", &[("axis", Attr::Int(0))]), &[&empty(&[0, 3])]).unwrap().shape(), &[0, 3]);
+        let scale = empty(&[0]);
+        assert_eq!(try_run(&node("LayerNormalization", &[]), &[&empty(&[2, 0]), &scale]).unwrap().shape(), &[2, 0]);
     }
 }

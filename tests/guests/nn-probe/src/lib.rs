@@ -13,8 +13,15 @@
 //!   (the benchmark's wasi-nn path); answers the token count.
 //! - `POST /zeros?NAME`: compute on the input `text`, FP32 of dimensions
 //!   `[n]` (n, the body) holding zeros; answers the outputs' sizes.
+//! - `/hoard`: makes 1 MiB tensors and keeps them, 1000 of them (the host
+//!   holds their bytes; a request may hold no more than its memory limit).
 
 use gpuwasm_guest::nn::{Error, Graph, Tensor, TensorType};
+
+/// The raw wasi-nn imports: a hostile guest holds host tensors directly.
+mod raw {
+    wit_bindgen::generate!({ path: "../../../wit/deps/nn.wit", world: "ml" });
+}
 use gpuwasm_guest::{Request, Response};
 
 fn probe(path: &str, name: &str, body: &[u8]) -> Result<String, Error> {
@@ -41,6 +48,12 @@ fn probe(path: &str, name: &str, body: &[u8]) -> Result<String, Error> {
             Ok(format!("{} probabilities summing to {:.3}", p.len(), p.iter().sum::<f32>()))
         }
         "/onnx-garbage" => Graph::load_onnx(b"this is not a model").map(|_| "loaded".into()),
+        "/hoard" => {
+            use raw::wasi::nn::tensor;
+            let chunk = vec![7u8; 1 << 20];
+            let kept: Vec<tensor::Tensor> = (0..1000).map(|_| tensor::Tensor::new(&[1 << 20], tensor::TensorType::U8, &chunk)).collect();
+            Ok(format!("kept {} tensors", kept.len()))
+        }
         "/zeros" => {
             let n: u32 = String::from_utf8_lossy(body).trim().parse().unwrap_or(1);
             let out = Graph::load_by_name(name)?.compute(&[("text", Tensor::f32(&[n], &vec![0.0; n as usize]))])?;
