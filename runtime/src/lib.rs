@@ -18,7 +18,7 @@
 //! this API.
 //!
 //! ```no_run
-//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
 //! use http_body_util::BodyExt;
 //!
 //! // One runtime per process: an engine, an instance pool, an epoch ticker.

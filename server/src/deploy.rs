@@ -3,7 +3,8 @@
 //! becomes a live deployment again (rollback, start-up). Everything that
 //! can be checked cheaply is checked before anything is built or stored:
 //!
-//! 1. validate the component (`Runtime::validate`) and the limits;
+//! 1. validate the component (`Runtime::validate`, when there are files to
+//!    assemble before it compiles) and the limits;
 //! 2. check the files (paths, uploaded blobs) and assemble their tree;
 //! 3. resolve the runtime [`Capabilities`] (files, model access, env,
 //!    outbound hosts);
@@ -33,7 +34,12 @@ impl ServerInner {
     }
 
     fn build_blocking(&self, version: VersionRecord, wasm: &[u8]) -> Result<(VersionRecord, Deployment), Error> {
-        self.runtime.validate(wasm)?;
+        // Files are assembled before the component is compiled (its init
+        // may read them): refuse garbage before building anything. Without
+        // files, compiling validates it first anyway.
+        if !version.spec.files.is_empty() {
+            self.runtime.validate(wasm)?;
+        }
         version.spec.limits.validate(self.runtime.max_limits())?;
         self.files.check(&version.tenant, &version.spec.files).map_err(Error::InvalidFiles)?;
         let capabilities = self.capabilities(&version.tenant, &version.spec)?;

@@ -73,7 +73,7 @@ impl ServerInner {
         let spec = DeploymentSpec::from_request(query, request.headers()).map_err(|m| ApiError::bad_request("invalid_spec", m))?;
         self.check_claim(caller, spec.host.as_deref())?;
         let quota = self.config.quotas.deployments;
-        quotas::check_deployments(&self.control(), &caller.tenant, name, quota)?;
+        quotas::check_deployments(&self.control(), caller, name, quota)?;
         // A deploy holds its component in memory and compiles it: a few at a time.
         let _building = self.building.acquire().await.map_err(|_| ApiError::internal("the server is shutting down"))?;
         let wasm = read_body(request, self.config.max_upload_bytes, "component").await?;
@@ -93,7 +93,7 @@ impl ServerInner {
         let (created, version) = self
             .change(|control| {
                 // Checked again: other deploys may have committed meanwhile.
-                quotas::check_deployments(control, &caller.tenant, name, quota)?;
+                quotas::check_deployments(control, caller, name, quota)?;
                 host_conflict(control, &key, version.spec.host.as_deref())?;
                 let entry = control.deployments.entry(key.clone()).or_insert_with(|| Entry {
                     state: DeploymentState { tenant: key.0.clone(), name: key.1.clone(), active: None, latest: 0 },
@@ -169,14 +169,14 @@ impl ServerInner {
         // A rollback activates the version as a deploy would: the same quota and host rules, as they are now.
         self.check_claim(caller, version.spec.host.as_deref())?;
         let quota = self.config.quotas.deployments;
-        quotas::check_deployments(&self.control(), &caller.tenant, name, quota)?;
+        quotas::check_deployments(&self.control(), caller, name, quota)?;
         let (me, v) = (self.clone(), version.clone());
         let deployment = tokio::task::spawn_blocking(move || me.load_version(&v))
             .await
             .map_err(|e| ApiError::internal(format!("rollback task failed: {e}")))??;
         let key = (caller.tenant.clone(), name.to_string());
         self.change(|control| {
-            quotas::check_deployments(control, &caller.tenant, name, quota)?;
+            quotas::check_deployments(control, caller, name, quota)?;
             host_conflict(control, &key, version.spec.host.as_deref())?;
             let entry = control.deployments.get_mut(&key).ok_or_else(|| not_found(name))?;
             entry.state.active = Some(target);

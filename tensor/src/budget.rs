@@ -44,8 +44,8 @@ impl MemoryPool {
 }
 
 /// What one pass (or one batch of passes) may allocate: its own limit, and
-/// optionally a share of a [`MemoryPool`].
-#[derive(Debug)]
+/// optionally a share of a [`MemoryPool`]. Clones share their pools.
+#[derive(Debug, Clone)]
 pub struct Budget {
     own: Arc<MemoryPool>,
     shared: Option<Arc<MemoryPool>>,
@@ -80,7 +80,7 @@ impl Budget {
     }
 
     /// Reserves `bytes` for `what` (named in the error when they do not fit).
-    pub fn reserve(&self, bytes: u64, what: impl FnOnce() -> String) -> Result<Reservation<'_>, Error> {
+    pub fn reserve(&self, bytes: u64, what: impl FnOnce() -> String) -> Result<Reservation, Error> {
         if !self.own.take(bytes) {
             return Err(Error::TooLarge(format!(
                 "{} needs {} more, over this call's host memory limit of {} ({} already in use)",
@@ -101,11 +101,11 @@ impl Budget {
                 human(pool.limit)
             )));
         }
-        Ok(Reservation { budget: self, bytes })
+        Ok(Reservation { own: self.own.clone(), shared: self.shared.clone(), bytes })
     }
 
     /// Reserves room for a tensor of `shape` with elements of `width` bytes.
-    pub fn reserve_tensor(&self, shape: &[usize], width: usize, what: impl FnOnce() -> String) -> Result<Reservation<'_>, Error> {
+    pub fn reserve_tensor(&self, shape: &[usize], width: usize, what: impl FnOnce() -> String) -> Result<Reservation, Error> {
         let bytes = shape.iter().try_fold(width as u64, |n, &d| n.checked_mul(d as u64));
         match bytes {
             Some(bytes) => self.reserve(bytes, || format!("{} of dimensions {shape:?}", what())),
@@ -114,18 +114,20 @@ impl Budget {
     }
 }
 
-/// Bytes held from a [`Budget`] until dropped.
+/// Bytes held from a [`Budget`] until dropped (it may outlive the
+/// `Budget` value: it holds the pools it drew on).
 #[derive(Debug)]
 #[must_use = "a reservation gives its bytes back when dropped"]
-pub struct Reservation<'a> {
-    budget: &'a Budget,
+pub struct Reservation {
+    own: Arc<MemoryPool>,
+    shared: Option<Arc<MemoryPool>>,
     bytes: u64,
 }
 
-impl Drop for Reservation<'_> {
+impl Drop for Reservation {
     fn drop(&mut self) {
-        self.budget.own.give_back(self.bytes);
-        if let Some(pool) = &self.budget.shared {
+        self.own.give_back(self.bytes);
+        if let Some(pool) = &self.shared {
             pool.give_back(self.bytes);
         }
     }

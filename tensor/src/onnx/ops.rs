@@ -14,7 +14,7 @@ use crate::tensor::{Data, Tensor, element_count};
 pub(crate) struct Alloc<'b> {
     budget: &'b Budget,
     op: String,
-    held: Vec<Reservation<'b>>,
+    held: Vec<Reservation>,
 }
 
 impl<'b> Alloc<'b> {
