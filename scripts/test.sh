@@ -1,13 +1,27 @@
 #!/usr/bin/env bash
 # Sets up what the tests need on a fresh Debian machine (guest toolchain,
-# guest components, the Python tools in target/venv; the tests fetch their models
-# with ../shared/tools/fetch-test-models.sh) and runs every test: unit,
-# end-to-end, inference, examples.
+# guest components, the Python tools in target/venv, Mesa's lavapipe for the
+# wgpu backend; the tests fetch their models with
+# ../shared/tools/fetch-test-models.sh) and runs every test: unit,
+# end-to-end, inference, GPU backends, examples.
+#
+# The GPU tests run on every backend the machine has: here at least wgpu on
+# lavapipe, which this script requires (GPUWASM_REQUIRE_BACKENDS=wgpu), so
+# a missing Vulkan device fails the run instead of skipping those tests.
+# The CUDA kernels are compiled with NVRTC from PyPI's nvidia-cuda-nvrtc-cu12
+# (in target/venv), which needs no GPU; running them needs one
+# (scripts/gpu-check.sh).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 scripts/build-guests.sh
-# Python tools the tests drive (the official OpenAI client, ...), in target/venv.
+# Python tools the tests drive (the official OpenAI client, gguf, NVRTC), in target/venv.
 scripts/python-env.sh
+scripts/install-lavapipe.sh
+export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-/tmp} # else Mesa warns on every start
+export GPUWASM_REQUIRE_BACKENDS=${GPUWASM_REQUIRE_BACKENDS:-wgpu}
+nvrtc=$(echo "$root"/target/venv/lib/python3*/site-packages/nvidia/cuda_nvrtc/lib)
+export LD_LIBRARY_PATH=$nvrtc${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+export GPUWASM_REQUIRE_NVRTC=1
 cargo build --release --workspace --locked
 cargo test --release --workspace --locked "$@"

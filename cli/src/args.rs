@@ -6,7 +6,7 @@ use crate::client::Api;
 use crate::commands;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use gpuwasm::nn::InferenceMemory;
+use gpuwasm::nn::{Devices, InferenceMemory};
 use gpuwasm::{Limits, Runtime};
 use gpuwasm_server::manifest::Manifest;
 use std::path::{Path, PathBuf};
@@ -58,6 +58,9 @@ pub enum Command {
     Whoami(ServerArgs),
     /// Send one HTTP request to a deployment and print the response body.
     Invoke(commands::invoke::InvokeArgs),
+    /// Show the devices models can run on here (the CPU and GPUs), their
+    /// memory and backend, and why a GPU backend found nothing.
+    Info(commands::info::InfoArgs),
     /// Benchmarks: HTTP throughput and latency, cold starts.
     #[command(subcommand)]
     Bench(crate::bench::Bench),
@@ -105,6 +108,33 @@ pub struct PoolArgs {
     /// the next request that needs it).
     #[arg(long, default_value_t = 600)]
     model_idle_secs: u64,
+    #[command(flatten)]
+    pub gpus: GpuArgs,
+}
+
+/// Which GPUs models may run on.
+#[derive(Args, Clone)]
+pub struct GpuArgs {
+    /// GPUs to use: `auto` (CUDA devices, else Vulkan/Metal/DX12 ones
+    /// through wgpu), `none` (models run on the CPU), or `software` (also
+    /// software Vulkan devices such as Mesa's lavapipe, which compute on
+    /// the CPU: for testing the GPU path without a GPU).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "none", "software"])]
+    pub gpus: String,
+    /// GPU memory models may hold on each GPU, in MiB [default: 90% of
+    /// the device's memory; no limit for a device that does not say].
+    #[arg(long)]
+    pub gpu_memory_mb: Option<u64>,
+}
+
+impl GpuArgs {
+    /// The node's devices as these flags pick them.
+    pub fn devices(&self) -> Devices {
+        match self.gpus.as_str() {
+            "none" => Devices::cpu_only(),
+            other => Devices::discover(other == "software"),
+        }
+    }
 }
 
 impl PoolArgs {
@@ -126,7 +156,17 @@ impl PoolArgs {
         if let Some(n) = self.max_tenant_instances {
             builder = builder.max_instances_per_tenant(n);
         }
-        Ok(builder.build()?)
+        if let Some(mb) = self.gpus.gpu_memory_mb {
+            builder = builder.gpu_memory(mb.saturating_mul(1 << 20));
+        }
+        let devices = self.gpus.devices();
+        for note in devices.notes() {
+            tracing::info!("no GPU from {note}");
+        }
+        for device in devices.list().iter().skip(1) {
+            tracing::info!(device = %device.name, backend = device.kind.name(), "models may run on this GPU");
+        }
+        Ok(builder.devices(devices).build()?)
     }
 }
 

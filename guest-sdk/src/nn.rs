@@ -156,9 +156,17 @@ impl Graph {
         Graph::ready(graph::load_by_name(name)?)
     }
 
-    /// Loads an ONNX model from its bytes (say, embedded in the component).
+    /// Loads an ONNX model from its bytes (say, embedded in the component),
+    /// to run on the CPU.
     pub fn load_onnx(bytes: &[u8]) -> Result<Graph, Error> {
         Graph::ready(graph::load(&[bytes.to_vec()], graph::GraphEncoding::Onnx, graph::ExecutionTarget::Cpu)?)
+    }
+
+    /// Loads an ONNX model from its bytes to run on a GPU: the node's GPU
+    /// when it has one; otherwise the CPU, or `unsupported-operation` when
+    /// the deployment's manifest says `[models] target = "gpu"`.
+    pub fn load_onnx_on_gpu(bytes: &[u8]) -> Result<Graph, Error> {
+        Graph::ready(graph::load(&[bytes.to_vec()], graph::GraphEncoding::Onnx, graph::ExecutionTarget::Gpu)?)
     }
 
     fn ready(graph: graph::Graph) -> Result<Graph, Error> {

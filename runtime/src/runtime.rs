@@ -11,6 +11,7 @@ use crate::host_state::RequestState;
 use crate::limits::Limits;
 use crate::nn::{BatchSettings, InferenceMemory, Models};
 use crate::preinit;
+use gpuwasm_tensor::backend::Devices;
 use crate::capabilities::SharedCapabilities;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
@@ -29,6 +30,8 @@ pub struct RuntimeBuilder {
     model_idle: std::time::Duration,
     batch: BatchSettings,
     inference: InferenceMemory,
+    devices: Option<Devices>,
+    gpu_memory: Option<u64>,
 }
 
 impl RuntimeBuilder {
@@ -75,6 +78,22 @@ impl RuntimeBuilder {
         self
     }
 
+    /// The devices models run on (default: the CPU only). Give
+    /// [`Devices::discover`] to use the node's GPUs.
+    pub fn devices(mut self, devices: Devices) -> Self {
+        self.devices = Some(devices);
+        self
+    }
+
+    /// GPU memory models may hold on each GPU, in bytes (default: 90% of
+    /// the device's memory; unlimited for a device that does not say, such
+    /// as a software Vulkan device). Loading past it evicts idle models,
+    /// least recently used first, or fails that load with `too-large`.
+    pub fn gpu_memory(mut self, bytes: u64) -> Self {
+        self.gpu_memory = Some(bytes);
+        self
+    }
+
     /// How concurrent inference calls on one model are batched.
     pub fn batching(mut self, batch: BatchSettings) -> Self {
         self.batch = batch;
@@ -98,7 +117,7 @@ impl RuntimeBuilder {
                 per_tenant,
                 engine,
                 linker,
-                models: Models::new(self.model_idle, self.batch, self.inference),
+                models: Models::new(self.model_idle, self.batch, self.inference, self.devices.unwrap_or_else(Devices::cpu_only), self.gpu_memory),
                 pool: self.pool,
                 ceilings: self.ceilings,
             }),
@@ -146,6 +165,8 @@ impl Runtime {
             model_idle: std::time::Duration::from_secs(600),
             batch: BatchSettings::default(),
             inference: InferenceMemory::default(),
+            devices: None,
+            gpu_memory: None,
         }
     }
 

@@ -4,12 +4,16 @@
 //! bearer token; tenant tokens reach only their own tenant, and what
 //! belongs to another tenant answers exactly as if it did not exist.
 
-use crate::api::{ADMIN_PREFIX, ApiError, Domains, Health, NewTenant, NewToken, Revoked, Tenants, TokenInfo, Tokens, WhoAmI, json};
+use crate::api::{
+    ADMIN_PREFIX, ApiError, Domains, GpuMemory, Health, NewTenant, NewToken, Resident, ResidentModels, Revoked, Tenants, TokenInfo, Tokens, WhoAmI,
+    json,
+};
 use crate::control::{Caller, Control, new_token};
 use crate::control_store::{Change, TenantRecord};
 use crate::{ServerInner, check_name, hosts, now};
 use bytes::Bytes;
 use gpuwasm::ResponseBody;
+use gpuwasm::nn::TenantGpu;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
@@ -51,7 +55,13 @@ impl ServerInner {
                 let name = name.to_string();
                 self.set_domains(&name, request).await
             }
-            (_, ["tenants"] | ["tenants", _, "domains"]) => Err(if caller.admin { ApiError::method_not_allowed() } else { ApiError::forbidden() }),
+            (Method::PUT, ["tenants", name, "gpu"]) if caller.admin => {
+                let name = name.to_string();
+                self.set_tenant_gpu(&name, request).await
+            }
+            (Method::GET, ["resident-models"]) => Ok(json(StatusCode::OK, &self.resident_models(&caller))),
+            (_, ["resident-models"]) => Err(ApiError::method_not_allowed()),
+            (_, ["tenants"] | ["tenants", _, "domains" | "gpu"]) => Err(if caller.admin { ApiError::method_not_allowed() } else { ApiError::forbidden() }),
             (Method::GET, ["tokens"]) => Ok(self.list_tokens(&caller)),
             (Method::POST, ["tokens"]) => self.create_token(&caller, &query).await,
             (Method::DELETE, ["tokens", id]) => self.revoke_token(&caller, id).await,
@@ -89,7 +99,7 @@ impl ServerInner {
         }
         let domains = self.check_domains(domains)?;
         let (token, record) = new_token(&name, false, now()).map_err(|e| ApiError::internal(format!("making a token: {e}")))?;
-        let tenant = TenantRecord { name: name.clone(), created_at: now(), domains };
+        let tenant = TenantRecord { name: name.clone(), created_at: now(), domains, gpu: Default::default() };
         self.change(|control| {
             if control.tenants.contains_key(&name) {
                 return Err(ApiError::new(StatusCode::CONFLICT, "tenant_exists", format!("tenant '{name}' already exists")));
@@ -117,6 +127,50 @@ impl ServerInner {
             .await?;
         tracing::info!(tenant = %name, domains = ?record.domains, "tenant domains set");
         Ok(json(StatusCode::OK, &record))
+    }
+
+    /// `PUT tenants/NAME/gpu`: sets a tenant's GPU memory quota and share
+    /// of GPU time. Models it already holds stay; later loads and turns
+    /// follow the new settings.
+    async fn set_tenant_gpu(&self, name: &str, request: Request<Incoming>) -> Reply {
+        let gpu: TenantGpu = read_json(request, "request body", r#"{"memory_mb": 2048, "weight": 1} (memory_mb null: no quota)"#).await?;
+        if gpu.weight == 0 || gpu.weight > 1000 {
+            return Err(ApiError::bad_request("invalid_weight", format!("weight must be 1 to 1000, got {}", gpu.weight)));
+        }
+        let record = self
+            .change(|control| {
+                let tenant = control.tenants.get_mut(name).ok_or_else(|| ApiError::not_found(format!("no tenant named '{name}'")))?;
+                tenant.gpu = gpu;
+                Ok((vec![Change::Tenant(tenant.clone())], tenant.clone()))
+            })
+            .await?;
+        self.runtime.models().set_tenant_gpu(name, gpu);
+        tracing::info!(tenant = %name, ?gpu, "tenant GPU settings set");
+        Ok(json(StatusCode::OK, &record))
+    }
+
+    /// `GET resident-models`: the models resident on this node's devices
+    /// that the caller can see, and each GPU's memory. Tenants charged for
+    /// a model are listed to the admin; a tenant sees only itself among
+    /// them.
+    fn resident_models(&self, caller: &Caller) -> ResidentModels {
+        let visible = self.models.names_by_key(if caller.admin { None } else { Some(&caller.tenant) });
+        let runtime = self.runtime.models();
+        let models = runtime
+            .resident()
+            .into_iter()
+            .filter_map(|r| {
+                let names = visible.get(&r.key)?.clone();
+                let tenants = if caller.admin { r.tenants } else { r.tenants.into_iter().filter(|t| *t == caller.tenant).collect() };
+                Some(Resident { names, device: r.device, bytes: r.bytes, tenants, status: r.status })
+            })
+            .collect();
+        let devices = runtime
+            .gpu_memory()
+            .into_iter()
+            .map(|(device, budget_bytes, used_bytes)| GpuMemory { device, budget_bytes: (budget_bytes != u64::MAX).then_some(budget_bytes), used_bytes })
+            .collect();
+        ResidentModels { devices, models }
     }
 
     /// Checks and normalises domains a tenant may claim hosts in: DNS

@@ -153,6 +153,42 @@ pub struct ModelInfo {
     pub loaded: Option<ModelStatus>,
 }
 
+/// `GET resident-models`: what is loaded on this node's devices.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ResidentModels {
+    /// Each GPU's model memory.
+    pub devices: Vec<GpuMemory>,
+    /// The resident models the caller can see.
+    pub models: Vec<Resident>,
+}
+
+/// One GPU's memory for models.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct GpuMemory {
+    /// The device.
+    pub device: String,
+    /// What models may hold on it (`null`: no limit).
+    pub budget_bytes: Option<u64>,
+    /// What resident models hold now.
+    pub used_bytes: u64,
+}
+
+/// A model resident on a device.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Resident {
+    /// The names the caller knows it by (`public/NAME` for public ones;
+    /// for the admin, `TENANT/NAME` for tenants' ones).
+    pub names: Vec<String>,
+    /// The device (`cpu`, or the GPU's name).
+    pub device: String,
+    /// Bytes its weights take there.
+    pub bytes: u64,
+    /// Tenants charged for it on a GPU (for a tenant: itself, if it is).
+    pub tenants: Vec<String>,
+    /// What it has done since it was loaded.
+    pub status: gpuwasm::nn::ModelStatus,
+}
+
 /// `GET models`.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Models {

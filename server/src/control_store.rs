@@ -9,6 +9,7 @@
 
 use crate::error::Error;
 use crate::spec::DeploymentSpec;
+use gpuwasm::nn::TenantGpu;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use std::collections::BTreeMap;
@@ -25,6 +26,9 @@ pub struct TenantRecord {
     /// deployments may claim as hosts; set by the admin.
     #[serde(default)]
     pub domains: Vec<String>,
+    /// Its GPU memory quota and share of GPU time; set by the admin.
+    #[serde(default)]
+    pub gpu: TenantGpu,
 }
 
 /// An API token. Only a SHA-256 of the token is stored.
@@ -259,7 +263,7 @@ mod tests {
     fn commits_are_durable_and_atomic_per_call() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.redb");
-        let tenant = TenantRecord { name: "acme".into(), created_at: 1, domains: vec!["acme.example".into()] };
+        let tenant = TenantRecord { name: "acme".into(), created_at: 1, domains: vec!["acme.example".into()], gpu: TenantGpu::default() };
         let deployment = DeploymentState { tenant: "acme".into(), name: "api".into(), active: Some(1), latest: 1 };
         {
             let store = RedbStore::open(&path).unwrap();

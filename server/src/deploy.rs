@@ -78,7 +78,12 @@ impl ServerInner {
             env: spec.sandbox.env.clone(),
             outbound: spec.sandbox.outbound.clone(),
             files: self.files.tree(tenant, &spec.files)?,
-            models: ModelAccess { tenant: tenant.to_string(), allow: spec.models.clone(), catalog: Some(self.models.clone()) },
+            models: ModelAccess {
+                tenant: tenant.to_string(),
+                allow: spec.models.clone(),
+                catalog: Some(self.models.clone()),
+                target: spec.model_target,
+            },
         })
     }
 }

@@ -157,9 +157,12 @@ impl Server {
         let mut state = store.load()?;
         let models = Arc::new(models::Registry::new(std::mem::take(&mut state.models), blobs.clone()));
         if !state.tenants.iter().any(|t| t.name == DEFAULT_TENANT) {
-            let tenant = TenantRecord { name: DEFAULT_TENANT.into(), created_at: now(), domains: Vec::new() };
+            let tenant = TenantRecord { name: DEFAULT_TENANT.into(), created_at: now(), domains: Vec::new(), gpu: Default::default() };
             store.commit(&[Change::Tenant(tenant.clone())])?;
             state.tenants.push(tenant);
+        }
+        for tenant in &state.tenants {
+            runtime.models().set_tenant_gpu(&tenant.name, tenant.gpu);
         }
         let inner = Arc::new(ServerInner {
             runtime,

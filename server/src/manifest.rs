@@ -21,6 +21,8 @@
 //!
 //! [models]                           # models it may load (enforced by wasi-nn)
 //! allow = ["minilm"]
+//! target = "auto"                    # where they run: auto (a GPU when the
+//!                                    # guest asks and the node has one), gpu, cpu
 //! ```
 //!
 //! Errors name the field and the line. The manifest is a
@@ -29,6 +31,7 @@
 
 use crate::spec::{DeploymentSpec, SandboxSpec};
 use gpuwasm::Limits;
+use gpuwasm::nn::Target;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -70,7 +73,16 @@ struct File {
     outbound: Allow,
     files: Option<Files>,
     #[serde(default)]
-    models: Allow,
+    models: ModelsSection,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ModelsSection {
+    #[serde(default)]
+    allow: Vec<Spanned<String>>,
+    #[serde(default)]
+    target: Target,
 }
 
 #[derive(Deserialize, Default)]
@@ -159,7 +171,14 @@ impl Manifest {
         Ok(Manifest {
             name: file.name.map(Spanned::into_inner),
             files_dir: files,
-            spec: DeploymentSpec { host, limits, sandbox: SandboxSpec { env, outbound }, models, ..DeploymentSpec::default() },
+            spec: DeploymentSpec {
+                host,
+                limits,
+                sandbox: SandboxSpec { env, outbound },
+                models,
+                model_target: file.models.target,
+                ..DeploymentSpec::default()
+            },
         })
     }
 }

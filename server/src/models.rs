@@ -55,10 +55,12 @@ fn blob_key(namespace: &str, sha256: &str) -> String {
     format!("models/{namespace}/{sha256}")
 }
 
-/// Identifies a record's content: same files, same key.
+/// Identifies a record's content: the same format and files (by path and
+/// SHA-256) give the same key, whoever pushed them under whatever name, so
+/// the node loads the weights once for every tenant that may use them.
 fn content_key(record: &ModelRecord) -> String {
     let files = serde_json::to_string(&record.files).expect("file maps serialise");
-    format!("{}/{}@{}", record.namespace, record.name, &sha256_hex(files.as_bytes())[..16])
+    format!("{}:{}", record.format.name(), sha256_hex(files.as_bytes()))
 }
 
 impl Registry {
@@ -84,6 +86,23 @@ impl Registry {
     pub fn blob_keys(&self) -> Vec<String> {
         let records = self.records.read().unwrap();
         records.values().flat_map(|r| r.record.files.values().map(|sha| blob_key(&r.record.namespace, sha))).collect()
+    }
+
+    /// The names of the models `tenant` can see (every model for `None`),
+    /// by content key: `NAME` for its own, `public/NAME` for public ones,
+    /// `TENANT/NAME` for others' (the admin's view).
+    pub(crate) fn names_by_key(&self, tenant: Option<&str>) -> std::collections::HashMap<String, Vec<String>> {
+        let mut names: std::collections::HashMap<String, Vec<String>> = std::collections::HashMap::new();
+        for r in self.records.read().unwrap().values() {
+            let ns = r.record.namespace.as_str();
+            let name = match tenant {
+                Some(t) if ns == t => r.record.name.clone(),
+                Some(_) if ns != PUBLIC => continue,
+                _ => format!("{ns}/{}", r.record.name),
+            };
+            names.entry(r.key.clone()).or_default().push(name);
+        }
+        names
     }
 
     /// The models `tenant` can see: its own and public ones.

@@ -7,6 +7,7 @@
 use crate::error::Error;
 use crate::hosts;
 use gpuwasm::Limits;
+use gpuwasm::nn::Target;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -29,6 +30,9 @@ pub struct DeploymentSpec {
     pub sandbox: SandboxSpec,
     /// Models the handler may load (enforced by wasi-nn).
     pub models: Vec<String>,
+    /// Where its models run (`[models] target`): `auto` (a GPU when the
+    /// guest asks for one and the node has one), `gpu` or `cpu`.
+    pub model_target: Target,
     /// Files it sees read-only at `/`: guest path -> SHA-256 of content
     /// uploaded with `PUT files/SHA256`.
     pub files: BTreeMap<String, String>,
@@ -42,6 +46,7 @@ impl Default for DeploymentSpec {
             limits: Limits::default(),
             sandbox: SandboxSpec::default(),
             models: Vec::new(),
+            model_target: Target::Auto,
             files: BTreeMap::new(),
         }
     }

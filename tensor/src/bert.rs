@@ -12,13 +12,12 @@
 //! text at once, and attention runs per text, so a batch of mixed lengths
 //! costs what its tokens cost.
 
+use crate::backend::{Activation, Array, AttentionSpec, DeviceInfo, HostWeight, Pass, SharedBackend, Weight};
 use crate::budget::Budget;
-use crate::cpu::{View, gelu, gemm, layer_norm, linear, softmax_rows};
 use crate::error::{Error, invalid_input, invalid_model};
 use crate::model::{Graph, ModelFiles};
 use crate::safetensors::SafeTensors;
 use crate::tensor::{Data, Tensor};
-use rayon::prelude::*;
 use serde::Deserialize;
 use tokenizers::{Tokenizer, TruncationParams};
 
@@ -67,51 +66,55 @@ fn default_act() -> String {
 }
 
 struct Linear {
-    w: Vec<f32>,
-    b: Vec<f32>,
-    inp: usize,
-    out: usize,
+    w: Weight,
+    b: Weight,
 }
 
 impl Linear {
-    fn load(st: &SafeTensors, name: &str, out: usize, inp: usize) -> Result<Linear, Error> {
-        Ok(Linear { w: st.f32(&format!("{name}.weight"), &[out, inp])?, b: st.f32(&format!("{name}.bias"), &[out])?, inp, out })
+    fn load(backend: &SharedBackend, st: &SafeTensors, name: &str, out: usize, inp: usize) -> Result<Linear, Error> {
+        Ok(Linear {
+            w: backend.weight(HostWeight::f32(out, inp, st.f32(&format!("{name}.weight"), &[out, inp])?))?,
+            b: backend.weight(HostWeight::vector(st.f32(&format!("{name}.bias"), &[out])?))?,
+        })
     }
 
-    /// Fuses linears that read the same input into one wider one.
-    fn concat(parts: Vec<Linear>) -> Linear {
-        let inp = parts[0].inp;
-        Linear {
-            out: parts.iter().map(|p| p.out).sum(),
-            w: parts.iter().flat_map(|p| p.w.iter().copied()).collect(),
-            b: parts.iter().flat_map(|p| p.b.iter().copied()).collect(),
-            inp,
-        }
-    }
-
-    fn apply(&self, x: &[f32], rows: usize) -> Vec<f32> {
-        linear(x, rows, self.inp, &self.w, self.out, Some(&self.b))
+    fn apply(&self, pass: &Pass, x: &Array) -> Result<Array, Error> {
+        pass.linear(x, &self.w, Some(&self.b))
     }
 }
 
 struct Norm {
-    gamma: Vec<f32>,
-    beta: Vec<f32>,
+    gamma: Weight,
+    beta: Weight,
 }
 
 impl Norm {
-    fn load(st: &SafeTensors, name: &str, width: usize) -> Result<Norm, Error> {
-        Ok(Norm { gamma: st.f32(&format!("{name}.weight"), &[width])?, beta: st.f32(&format!("{name}.bias"), &[width])? })
+    fn load(backend: &SharedBackend, st: &SafeTensors, name: &str, width: usize) -> Result<Norm, Error> {
+        Ok(Norm {
+            gamma: backend.weight(HostWeight::vector(st.f32(&format!("{name}.weight"), &[width])?))?,
+            beta: backend.weight(HostWeight::vector(st.f32(&format!("{name}.bias"), &[width])?))?,
+        })
     }
 }
 
 struct Layer {
-    qkv: Linear,
+    query: Linear,
+    key: Linear,
+    value: Linear,
     attn_out: Linear,
     attn_norm: Norm,
     up: Linear,
     down: Linear,
     out_norm: Norm,
+}
+
+impl Layer {
+    /// Bytes its weights take.
+    fn bytes(&self) -> u64 {
+        let linears = [&self.query, &self.key, &self.value, &self.attn_out, &self.up, &self.down];
+        let norms = [&self.attn_norm, &self.out_norm];
+        linears.iter().map(|l| l.w.bytes() + l.b.bytes()).sum::<u64>() + norms.iter().map(|n| n.gamma.bytes() + n.beta.bytes()).sum::<u64>()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -120,16 +123,18 @@ enum Pooling {
     Cls,
 }
 
-/// A loaded BERT encoder with its tokenizer.
+/// A loaded BERT encoder with its tokenizer, its weights on one backend.
 pub struct Bert {
+    backend: SharedBackend,
     tokenizer: Tokenizer,
     hidden: usize,
     heads: usize,
     eps: f32,
     vocab: usize,
-    word: Vec<f32>,
-    position: Vec<f32>,
-    token_type: Vec<f32>,
+    word: Weight,
+    position: Weight,
+    /// Row 0 of the token-type embeddings (every token is of type 0).
+    token_type: Weight,
     embed_norm: Norm,
     layers: Vec<Layer>,
     pooling: Pooling,
@@ -149,8 +154,8 @@ fn json<T: for<'de> Deserialize<'de>>(files: &ModelFiles, name: &str) -> Result<
 }
 
 impl Bert {
-    /// Loads an encoder from its files (see [`FILES`]).
-    pub fn load(files: &ModelFiles) -> Result<Bert, Error> {
+    /// Loads an encoder from its files (see [`FILES`]), its weights on `backend`.
+    pub fn load(files: &ModelFiles, backend: SharedBackend) -> Result<Bert, Error> {
         let config: Config = json(files, "config.json")?.ok_or_else(|| invalid_model("missing config.json"))?;
         let (h, heads) = (config.hidden_size, config.num_attention_heads);
         if heads == 0 || h % heads != 0 || config.num_hidden_layers == 0 || config.num_hidden_layers > 256 {
@@ -166,20 +171,19 @@ impl Bert {
         let prefix = if st.entries().contains_key("bert.embeddings.word_embeddings.weight") { "bert." } else { "" };
         let name = |n: &str| format!("{prefix}{n}");
         let ffn = config.intermediate_size;
+        let b = &backend;
         let layers = (0..config.num_hidden_layers)
             .map(|i| {
                 let l = |n: &str| name(&format!("encoder.layer.{i}.{n}"));
                 Ok(Layer {
-                    qkv: Linear::concat(vec![
-                        Linear::load(&st, &l("attention.self.query"), h, h)?,
-                        Linear::load(&st, &l("attention.self.key"), h, h)?,
-                        Linear::load(&st, &l("attention.self.value"), h, h)?,
-                    ]),
-                    attn_out: Linear::load(&st, &l("attention.output.dense"), h, h)?,
-                    attn_norm: Norm::load(&st, &l("attention.output.LayerNorm"), h)?,
-                    up: Linear::load(&st, &l("intermediate.dense"), ffn, h)?,
-                    down: Linear::load(&st, &l("output.dense"), h, ffn)?,
-                    out_norm: Norm::load(&st, &l("output.LayerNorm"), h)?,
+                    query: Linear::load(b, &st, &l("attention.self.query"), h, h)?,
+                    key: Linear::load(b, &st, &l("attention.self.key"), h, h)?,
+                    value: Linear::load(b, &st, &l("attention.self.value"), h, h)?,
+                    attn_out: Linear::load(b, &st, &l("attention.output.dense"), h, h)?,
+                    attn_norm: Norm::load(b, &st, &l("attention.output.LayerNorm"), h)?,
+                    up: Linear::load(b, &st, &l("intermediate.dense"), ffn, h)?,
+                    down: Linear::load(b, &st, &l("output.dense"), h, ffn)?,
+                    out_norm: Norm::load(b, &st, &l("output.LayerNorm"), h)?,
                 })
             })
             .collect::<Result<Vec<_>, Error>>()?;
@@ -205,16 +209,25 @@ impl Bert {
                 config.vocab_size
             )));
         }
+        let token_types = st.f32(&name("embeddings.token_type_embeddings.weight"), &[config.type_vocab_size, h])?;
+        if token_types.len() < h {
+            return Err(invalid_model("model.safetensors: no token type embeddings"));
+        }
         Ok(Bert {
+            word: b.weight(HostWeight::f32(config.vocab_size, h, st.f32(&name("embeddings.word_embeddings.weight"), &[config.vocab_size, h])?))?,
+            position: b.weight(HostWeight::f32(
+                config.max_position_embeddings,
+                h,
+                st.f32(&name("embeddings.position_embeddings.weight"), &[config.max_position_embeddings, h])?,
+            ))?,
+            token_type: b.weight(HostWeight::vector(token_types[..h].to_vec()))?,
+            embed_norm: Norm::load(b, &st, &name("embeddings.LayerNorm"), h)?,
+            backend,
             tokenizer,
             hidden: h,
             heads,
             eps: config.layer_norm_eps,
             vocab: config.vocab_size,
-            word: st.f32(&name("embeddings.word_embeddings.weight"), &[config.vocab_size, h])?,
-            position: st.f32(&name("embeddings.position_embeddings.weight"), &[config.max_position_embeddings, h])?,
-            token_type: st.f32(&name("embeddings.token_type_embeddings.weight"), &[config.type_vocab_size, h])?,
-            embed_norm: Norm::load(&st, &name("embeddings.LayerNorm"), h)?,
             layers,
             pooling,
             normalize,
@@ -237,101 +250,39 @@ impl Bert {
         Ok(encodings.into_iter().map(|e| e.get_ids().to_vec()).collect())
     }
 
-    /// Host memory one pass over `seqs` allocates at its peak: the
-    /// per-token activations of a layer (input, query/key/value, context,
-    /// attention output, the feed-forward inner layer) and the attention
-    /// scores of as many sequence-heads as run at once.
-    fn pass_bytes(&self, seqs: &[Vec<u32>]) -> u64 {
-        let total: u64 = seqs.iter().map(|s| s.len() as u64).sum();
-        let longest = seqs.iter().map(|s| s.len() as u64).max().unwrap_or(0);
-        let inner = self.layers.first().map_or(0, |l| l.up.out) as u64;
-        let per_token = 6 * self.hidden as u64 + inner;
-        let threads = rayon::current_num_threads() as u64;
-        4 * (total * per_token + threads * longest * longest)
-    }
-
-    /// Embeds token sequences: `[n, dimension]`, row-major, within `budget`.
+    /// Embeds token sequences within `budget`: `[n, dimension]`, row-major.
     pub fn embed_tokens(&self, seqs: &[Vec<u32>], budget: &Budget) -> Result<Vec<f32>, Error> {
-        let h = self.hidden;
-        let total: usize = seqs.iter().map(Vec::len).sum();
-        let _pass = budget.reserve(self.pass_bytes(seqs), || format!("an encoder pass over {total} tokens"))?;
-        let mut x = vec![0.0f32; total * h];
-        let mut rows = x.chunks_exact_mut(h);
+        let mut ids = Vec::new();
+        let mut positions = Vec::new();
         for seq in seqs {
             if seq.len() > self.max_tokens {
                 return Err(invalid_input(format!("{} tokens, the model takes at most {}", seq.len(), self.max_tokens)));
             }
-            for (pos, &id) in seq.iter().enumerate() {
-                let id = id as usize;
-                if id >= self.vocab {
-                    return Err(invalid_input(format!("token id {id} outside the vocabulary of {}", self.vocab)));
-                }
-                let row = rows.next().expect("one row per token");
-                let (w, p, t) = (&self.word[id * h..][..h], &self.position[pos * h..][..h], &self.token_type[..h]);
-                for (i, v) in row.iter_mut().enumerate() {
-                    *v = w[i] + p[i] + t[i];
-                }
+            if let Some(id) = seq.iter().find(|&&id| id as usize >= self.vocab) {
+                return Err(invalid_input(format!("token id {id} outside the vocabulary of {}", self.vocab)));
             }
+            ids.extend_from_slice(seq);
+            positions.extend(0..seq.len() as u32);
         }
-        layer_norm(&mut x, &self.embed_norm.gamma, &self.embed_norm.beta, self.eps);
+        let pass = Pass::new(self.backend.as_ref(), budget);
+        let words = pass.embedding(&self.word, &ids)?;
+        let places = pass.embedding(&self.position, &positions)?;
+        let sum = pass.add_row(&pass.add(&words, &places)?, &self.token_type)?;
+        drop((words, places));
+        let mut x = pass.layer_norm(&sum, &self.embed_norm.gamma, &self.embed_norm.beta, self.eps)?;
+        drop(sum);
         let lens: Vec<usize> = seqs.iter().map(Vec::len).collect();
+        let (heads, dim) = (self.heads, self.hidden / self.heads);
+        let spec = AttentionSpec { lens: lens.clone(), heads, kv_heads: heads, dim, causal: false, scale: 1.0 / (dim as f32).sqrt() };
         for layer in &self.layers {
-            let qkv = layer.qkv.apply(&x, total);
-            let context = self.attention(&qkv, &lens);
-            let mut y = layer.attn_out.apply(&context, total);
-            add_norm(&mut y, &x, &layer.attn_norm, self.eps);
-            x = y;
-            let mut inner = layer.up.apply(&x, total);
-            gelu(&mut inner);
-            let mut y = layer.down.apply(&inner, total);
-            add_norm(&mut y, &x, &layer.out_norm, self.eps);
-            x = y;
+            let (q, k, v) = (layer.query.apply(&pass, &x)?, layer.key.apply(&pass, &x)?, layer.value.apply(&pass, &x)?);
+            let context = pass.attention(&q, &k, &v, &spec)?;
+            drop((q, k, v));
+            x = add_norm(&pass, &layer.attn_out.apply(&pass, &context)?, &x, &layer.attn_norm, self.eps)?;
+            let inner = pass.activation(&layer.up.apply(&pass, &x)?, Activation::Gelu)?;
+            x = add_norm(&pass, &layer.down.apply(&pass, &inner)?, &x, &layer.out_norm, self.eps)?;
         }
-        Ok(self.pool(&x, &lens))
-    }
-
-    /// Self-attention of each sequence over its own tokens, head by head
-    /// (in parallel); `qkv` holds `[query | key | value]` per token.
-    fn attention(&self, qkv: &[f32], lens: &[usize]) -> Vec<f32> {
-        let (h, heads) = (self.hidden, self.heads);
-        let dh = h / heads;
-        let scale = 1.0 / (dh as f32).sqrt();
-        let mut starts = Vec::with_capacity(lens.len());
-        let mut at = 0;
-        for &len in lens {
-            starts.push(at);
-            at += len;
-        }
-        let work: Vec<(usize, usize, usize)> = starts
-            .iter()
-            .zip(lens)
-            .flat_map(|(&start, &len)| (0..heads).map(move |head| (start, len, head)))
-            .collect();
-        let parts: Vec<Vec<f32>> = work
-            .par_iter()
-            .map(|&(start, len, head)| {
-                let part = |which: usize| View {
-                    rows: len,
-                    cols: dh,
-                    offset: start * 3 * h + which * h + head * dh,
-                    row_stride: 3 * h,
-                    col_stride: 1,
-                };
-                let mut scores = vec![0.0; len * len];
-                gemm(scale, qkv, part(0), qkv, part(1).t(), 0.0, &mut scores, View::dense(len, len, 0));
-                softmax_rows(&mut scores, len);
-                let mut out = vec![0.0; len * dh];
-                gemm(1.0, &scores, View::dense(len, len, 0), qkv, part(2), 0.0, &mut out, View::dense(len, dh, 0));
-                out
-            })
-            .collect();
-        let mut context = vec![0.0; at * h];
-        for (&(start, len, head), part) in work.iter().zip(parts) {
-            for i in 0..len {
-                context[(start + i) * h + head * dh..][..dh].copy_from_slice(&part[i * dh..][..dh]);
-            }
-        }
-        context
+        Ok(self.pool(&pass.download(&x)?, &lens))
     }
 
     fn pool(&self, x: &[f32], lens: &[usize]) -> Vec<f32> {
@@ -380,9 +331,9 @@ impl Bert {
     }
 }
 
-fn add_norm(y: &mut [f32], residual: &[f32], norm: &Norm, eps: f32) {
-    y.iter_mut().zip(residual).for_each(|(a, b)| *a += b);
-    layer_norm(y, &norm.gamma, &norm.beta, eps);
+/// `norm(y + residual)`.
+fn add_norm(pass: &Pass, y: &Array, residual: &Array, norm: &Norm, eps: f32) -> Result<Array, Error> {
+    pass.layer_norm(&pass.add(y, residual)?, &norm.gamma, &norm.beta, eps)
 }
 
 /// Pooling and normalisation from the sentence-transformers files; a bare
@@ -455,6 +406,15 @@ impl Graph for Bert {
             self.hidden,
             self.hidden
         )
+    }
+
+    fn device(&self) -> &DeviceInfo {
+        self.backend.info()
+    }
+
+    fn resident_bytes(&self) -> u64 {
+        let embeddings = [&self.word, &self.position, &self.token_type, &self.embed_norm.gamma, &self.embed_norm.beta];
+        embeddings.iter().map(|w| w.bytes()).sum::<u64>() + self.layers.iter().map(Layer::bytes).sum::<u64>()
     }
 
     fn run(&self, inputs: Vec<(String, Tensor)>, budget: &Budget) -> Result<Vec<(String, Tensor)>, Error> {

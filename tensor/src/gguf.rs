@@ -4,7 +4,9 @@
 //! the parser allocate more than the file's own size.
 
 use crate::error::{Error, invalid_model};
-use crate::tensor::{element_count, f16_to_f32};
+use crate::backend::WeightFormat;
+use crate::quant;
+use crate::tensor::element_count;
 use std::collections::BTreeMap;
 
 /// A metadata value.
@@ -77,6 +79,22 @@ impl GgmlType {
     /// (elements per block, bytes per block), or `None` for unknown types.
     fn block(self) -> Option<(usize, usize)> {
         self.known().map(|&(_, _, elements, bytes)| (elements, bytes))
+    }
+
+    /// The weight format of this encoding, when the engine computes with it.
+    pub fn format(self) -> Option<WeightFormat> {
+        Some(match self.0 {
+            0 => WeightFormat::F32,
+            1 => WeightFormat::F16,
+            30 => WeightFormat::BF16,
+            2 => WeightFormat::Q4_0,
+            3 => WeightFormat::Q4_1,
+            8 => WeightFormat::Q8_0,
+            12 => WeightFormat::Q4K,
+            13 => WeightFormat::Q5K,
+            14 => WeightFormat::Q6K,
+            _ => return None,
+        })
     }
 
     /// Its llama.cpp name.
@@ -320,33 +338,17 @@ impl<'a> Gguf<'a> {
         )
     }
 
-    /// Tensor `name` dequantised to floats (F32, F16, BF16, Q4_0, Q4_1, Q8_0).
+    /// Tensor `name` decoded to floats (every format of
+    /// [`GgmlType::format`]).
     pub fn f32(&self, name: &str) -> Result<Vec<f32>, Error> {
         let info = self.tensors.get(name).ok_or_else(|| invalid_model(format!("gguf: no tensor {name:?}")))?;
-        let b = &self.bytes[info.range.clone()];
-        let half = |c: &[u8]| f16_to_f32(u16::from_le_bytes([c[0], c[1]]));
-        Ok(match info.ty.0 {
-            0 => b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(),
-            1 => b.chunks_exact(2).map(half).collect(),
-            30 => b.chunks_exact(2).map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16)).collect(),
-            2 | 3 => {
-                let with_min = info.ty.0 == 3;
-                let block = if with_min { 20 } else { 18 };
-                let mut out = Vec::with_capacity(b.len() / block * 32);
-                for blk in b.chunks_exact(block) {
-                    let d = half(&blk[0..2]);
-                    let (m, qs) = if with_min { (half(&blk[2..4]), &blk[4..]) } else { (-8.0 * d, &blk[2..]) };
-                    out.extend(qs.iter().map(|q| (q & 0x0f) as f32 * d + m));
-                    out.extend(qs.iter().map(|q| (q >> 4) as f32 * d + m));
-                }
-                out
-            }
-            8 => b.chunks_exact(34).flat_map(|blk| {
-                let d = half(&blk[0..2]);
-                blk[2..].iter().map(move |&q| q as i8 as f32 * d)
-            }).collect(),
-            _ => return Err(Error::Unsupported(format!("gguf: dequantising {} (tensor {name:?})", info.ty.name()))),
-        })
+        let format = info.ty.format().ok_or_else(|| Error::Unsupported(format!("gguf: decoding {} (tensor {name:?})", info.ty.name())))?;
+        Ok(quant::decode(format, &self.bytes[info.range.clone()]))
+    }
+
+    /// Tensor `name`'s bytes as the file encodes them.
+    pub fn raw(&self, name: &str) -> Option<&'a [u8]> {
+        self.tensors.get(name).map(|info| &self.bytes[info.range.clone()])
     }
 }
 

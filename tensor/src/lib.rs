@@ -15,21 +15,23 @@
 //! - [`gguf`]: GGUF (llama.cpp) files: metadata, tensor directory and
 //!   dequantisation, for the text-generation engine.
 //!
-//! The kernels run on the CPU ([`cpu`]); the GPU backends plug in below the
-//! same [`Graph`] interface.
+//! Models are written once over the [`backend`] seam: the CPU always, and
+//! GPUs through wgpu (feature `wgpu`) and CUDA (feature `cuda`); a graph is
+//! loaded onto one backend ([`load`]), which [`backend::Devices`] picks.
 //!
 //! Every pass runs under a [`Budget`] of host memory: buffers are reserved
 //! before they are allocated, so a model whose shapes ask for more than the
 //! budget fails that call with [`Error::TooLarge`] instead of exhausting
 //! the host.
 
+pub mod backend;
 pub mod bert;
 mod budget;
-pub mod cpu;
 mod error;
 pub mod gguf;
 mod model;
 pub mod onnx;
+pub mod quant;
 pub mod safetensors;
 mod tensor;
 

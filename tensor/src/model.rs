@@ -1,5 +1,6 @@
 //! Model formats and the graph interface every model presents.
 
+use crate::backend::{DeviceInfo, SharedBackend, cpu::CpuBackend};
 use crate::budget::Budget;
 use crate::error::{Error, invalid_model};
 use crate::tensor::Tensor;
@@ -62,6 +63,14 @@ pub trait Graph: Send + Sync {
     /// What the graph takes and gives, in one line (for errors and logs).
     fn signature(&self) -> String;
 
+    /// The device its weights live on and its passes run on.
+    fn device(&self) -> &DeviceInfo;
+
+    /// Bytes of the device's memory its weights hold while it is loaded
+    /// (what GPU memory budgets count; host-resident weights of the CPU
+    /// backend count too).
+    fn resident_bytes(&self) -> u64;
+
     /// Runs one inference.
     fn run(&self, inputs: Vec<(String, Tensor)>, budget: &Budget) -> Result<Vec<(String, Tensor)>, Error>;
 
@@ -81,11 +90,12 @@ pub(crate) fn single_file(files: &ModelFiles) -> Result<&[u8], Error> {
     }
 }
 
-/// Loads a model into a runnable graph, checking everything about it.
-pub fn load(format: Format, files: &ModelFiles) -> Result<Arc<dyn Graph>, Error> {
+/// Loads a model into a runnable graph on `backend`, checking everything
+/// about it.
+pub fn load(format: Format, files: &ModelFiles, backend: SharedBackend) -> Result<Arc<dyn Graph>, Error> {
     match format {
-        Format::Safetensors => Ok(Arc::new(bert::Bert::load(files)?)),
-        Format::Onnx => Ok(Arc::new(onnx::Model::load(single_file(files)?)?)),
+        Format::Safetensors => Ok(Arc::new(bert::Bert::load(files, backend)?)),
+        Format::Onnx => Ok(Arc::new(onnx::Model::load(single_file(files)?, backend)?)),
         Format::Gguf => {
             let file = gguf::Gguf::parse(single_file(files)?)?;
             Err(Error::Unsupported(format!(
@@ -96,8 +106,8 @@ pub fn load(format: Format, files: &ModelFiles) -> Result<Arc<dyn Graph>, Error>
     }
 }
 
-/// Checks a model without keeping it: what `gpuwasm model push` runs
-/// before accepting one. Returns a one-line description.
+/// Checks a model without keeping it (on the CPU): what `gpuwasm model
+/// push` runs before accepting one. Returns a one-line description.
 ///
 /// An ONNX graph also runs once on zeros at its declared input shapes
 /// (symbolic dimensions at 1), under `budget`: a graph whose smallest run
@@ -107,10 +117,10 @@ pub fn check(format: Format, files: &ModelFiles, budget: &Budget) -> Result<Stri
     match format {
         Format::Gguf => gguf::Gguf::parse(single_file(files)?).map(|g| g.describe()),
         Format::Onnx => {
-            let model = onnx::Model::load(single_file(files)?)?;
+            let model = onnx::Model::load(single_file(files)?, Arc::new(CpuBackend::new()))?;
             model.smallest_run(budget)?;
             Ok(model.signature())
         }
-        Format::Safetensors => load(format, files).map(|g| g.signature()),
+        Format::Safetensors => load(format, files, Arc::new(CpuBackend::new())).map(|g| g.signature()),
     }
 }

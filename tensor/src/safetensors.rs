@@ -3,7 +3,9 @@
 //! Every range is checked against the file before anything is read.
 
 use crate::error::{Error, invalid_model};
-use crate::tensor::{element_count, f16_to_f32};
+use crate::backend::WeightFormat;
+use crate::quant;
+use crate::tensor::element_count;
 use std::collections::BTreeMap;
 
 /// Headers larger than this are refused (real ones are a few hundred KiB).
@@ -91,12 +93,13 @@ impl<'a> SafeTensors<'a> {
             return Err(invalid_model(format!("safetensors: tensor {name:?} has shape {:?}, expected {shape:?}", entry.shape)));
         }
         let bytes = &self.data[entry.start..entry.end];
-        Ok(match entry.dtype.as_str() {
-            "F32" => bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(),
-            "F16" => bytes.chunks_exact(2).map(|c| f16_to_f32(u16::from_le_bytes([c[0], c[1]]))).collect(),
-            "BF16" => bytes.chunks_exact(2).map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16)).collect(),
+        let format = match entry.dtype.as_str() {
+            "F32" => WeightFormat::F32,
+            "F16" => WeightFormat::F16,
+            "BF16" => WeightFormat::BF16,
             other => return Err(invalid_model(format!("safetensors: tensor {name:?} is {other}, expected a float type"))),
-        })
+        };
+        Ok(quant::decode(format, bytes))
     }
 }
 

@@ -1,6 +1,7 @@
 //! Tensors: a shape and row-major data.
 
 use crate::error::{Error, invalid_input};
+use crate::quant::{bf16_to_f32, f16_to_f32};
 
 /// Element types as wasi-nn names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -159,7 +160,7 @@ impl Tensor {
             DType::F32 => Data::F32(chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()),
             DType::F64 => Data::F32(chunks(8).map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32).collect()),
             DType::F16 => Data::F32(chunks(2).map(|c| f16_to_f32(u16::from_le_bytes([c[0], c[1]]))).collect()),
-            DType::BF16 => Data::F32(chunks(2).map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16)).collect()),
+            DType::BF16 => Data::F32(chunks(2).map(|c| bf16_to_f32(u16::from_le_bytes([c[0], c[1]]))).collect()),
             DType::I32 => Data::I64(chunks(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64).collect()),
             DType::I64 => Data::I64(chunks(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()),
         };
@@ -176,37 +177,9 @@ impl Tensor {
     }
 }
 
-/// Converts IEEE half precision bits to `f32`.
-pub(crate) fn f16_to_f32(h: u16) -> f32 {
-    let sign = ((h >> 15) as u32) << 31;
-    let exp = ((h >> 10) & 0x1f) as u32;
-    let frac = (h & 0x3ff) as u32;
-    let bits = match (exp, frac) {
-        (0, 0) => sign,
-        (0, _) => {
-            // Subnormal: normalise.
-            let shift = frac.leading_zeros() - 21;
-            let frac = (frac << shift) & 0x3ff;
-            sign | ((113 - shift) << 23) | (frac << 13)
-        }
-        (0x1f, _) => sign | 0x7f80_0000 | (frac << 13),
-        _ => sign | ((exp + 112) << 23) | (frac << 13),
-    };
-    f32::from_bits(bits)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn half_precision() {
-        assert_eq!(f16_to_f32(0x3c00), 1.0);
-        assert_eq!(f16_to_f32(0xc000), -2.0);
-        assert_eq!(f16_to_f32(0x0001), 5.960_464_5e-8);
-        assert_eq!(f16_to_f32(0x7bff), 65504.0);
-        assert!(f16_to_f32(0x7c00).is_infinite());
-    }
 
     #[test]
     fn bytes_round_trip_and_size_checks() {

@@ -1,12 +1,21 @@
 //! The engine against real models: all-MiniLM-L6-v2 against
 //! sentence-transformers' embeddings, SmolLM2's GGUF file.
 
+use gpuwasm_tensor::backend::{Devices, SharedBackend};
 use gpuwasm_tensor::{Budget, Format, ModelFiles, Tensor, bert, gguf};
 
 /// Trusted test models run without a memory limit.
 fn unlimited() -> Budget {
     Budget::unlimited()
 }
+
+/// The CPU backend.
+fn cpu() -> SharedBackend {
+    Devices::cpu_only().cpu().clone()
+}
+
+mod common;
+use common::backends;
 
 #[path = "../../tests/test_models.rs"]
 mod test_models;
@@ -37,38 +46,41 @@ fn minilm_matches_sentence_transformers() {
     let fixture: Fixture =
         serde_json::from_str(include_str!("../../tests/fixtures/minilm-embeddings.json")).expect("fixture parses");
     assert!(fixture.sentences.len() >= 50);
-    let graph = gpuwasm_tensor::load(Format::Safetensors, &minilm_files()).expect("MiniLM loads");
     let texts: Vec<&str> = fixture.sentences.iter().map(String::as_str).collect();
+    for backend in backends() {
+        let kind = backend.info().kind.name();
+        let graph = gpuwasm_tensor::load(Format::Safetensors, &minilm_files(), backend).expect("MiniLM loads");
 
-    // All at once (one packed batch) and a few alone must agree with the reference.
-    let out = graph.run(vec![("text".into(), Tensor::texts(&texts))], &unlimited()).unwrap();
-    assert_eq!(out[0].0, "embeddings");
-    assert_eq!(out[0].1.shape(), &[texts.len(), 384]);
-    let vectors = out[0].1.as_f32("embeddings").unwrap();
-    let mut worst = 1.0f32;
-    for (i, reference) in fixture.embeddings.iter().enumerate() {
-        let c = cosine(&vectors[i * 384..(i + 1) * 384], reference);
-        assert!(c >= 0.999, "sentence {i} {:?}: cosine {c}", texts[i]);
-        worst = worst.min(c);
+        // All at once (one packed batch) and a few alone must agree with the reference.
+        let out = graph.run(vec![("text".into(), Tensor::texts(&texts))], &unlimited()).unwrap();
+        assert_eq!(out[0].0, "embeddings");
+        assert_eq!(out[0].1.shape(), &[texts.len(), 384]);
+        let vectors = out[0].1.as_f32("embeddings").unwrap();
+        let mut worst = 1.0f32;
+        for (i, reference) in fixture.embeddings.iter().enumerate() {
+            let c = cosine(&vectors[i * 384..(i + 1) * 384], reference);
+            assert!(c >= 0.999, "{kind}: sentence {i} {:?}: cosine {c}", texts[i]);
+            worst = worst.min(c);
+        }
+        eprintln!("{kind}: worst cosine over {} sentences: {worst:.6}", texts.len());
+        for i in [0, 37, 49] {
+            let alone = graph.run(vec![("text".into(), Tensor::texts(&texts[i..=i]))], &unlimited()).unwrap();
+            let c = cosine(alone[0].1.as_f32("e").unwrap(), &fixture.embeddings[i]);
+            assert!(c >= 0.999, "{kind}: sentence {i} alone: cosine {c}");
+        }
+        // The long sentence was truncated to the model's 256 tokens.
+        let counts = match out[1].1.data() {
+            gpuwasm_tensor::Data::I64(c) => c.clone(),
+            other => panic!("token counts are {other:?}"),
+        };
+        assert_eq!(counts[49], 256);
+        assert_eq!(counts[37], 3, "`ok` is [CLS] ok [SEP]");
     }
-    eprintln!("worst cosine over {} sentences: {worst:.6}", texts.len());
-    for i in [0, 37, 49] {
-        let alone = graph.run(vec![("text".into(), Tensor::texts(&texts[i..=i]))], &unlimited()).unwrap();
-        let c = cosine(alone[0].1.as_f32("e").unwrap(), &fixture.embeddings[i]);
-        assert!(c >= 0.999, "sentence {i} alone: cosine {c}");
-    }
-    // The long sentence was truncated to the model's 256 tokens.
-    let counts = match out[1].1.data() {
-        gpuwasm_tensor::Data::I64(c) => c.clone(),
-        other => panic!("token counts are {other:?}"),
-    };
-    assert_eq!(counts[49], 256);
-    assert_eq!(counts[37], 3, "`ok` is [CLS] ok [SEP]");
 }
 
 #[test]
 fn minilm_rejects_bad_inputs() {
-    let graph = gpuwasm_tensor::load(Format::Safetensors, &minilm_files()).unwrap();
+    let graph = gpuwasm_tensor::load(Format::Safetensors, &minilm_files(), cpu()).unwrap();
     let f32_text = Tensor::from_bytes(vec![1], gpuwasm_tensor::DType::F32, &[0; 4]).unwrap();
     let cases = [
         (vec![("text".to_string(), f32_text)], "must be a U8 tensor"),
@@ -125,34 +137,37 @@ struct Digits {
 #[test]
 fn digits_onnx_matches_onnxruntime() {
     let reference: Digits = serde_json::from_str(include_str!("../../tests/fixtures/digits-reference.json")).unwrap();
-    let model = gpuwasm_tensor::load(Format::Onnx, &[("digits.onnx".to_string(), include_bytes!("../../examples/classify/digits.onnx").to_vec())].into())
-        .expect("the classifier loads");
     let n = reference.images.len();
-    let pixels: Vec<f32> = reference.images.concat();
-    let input = Tensor::new(vec![n, 1, 8, 8], gpuwasm_tensor::Data::F32(pixels)).unwrap();
-    let out = model.run(vec![("pixels".into(), input)], &unlimited()).unwrap();
-    assert_eq!(out[0].0, "probabilities");
-    assert_eq!(out[0].1.shape(), &[n, 10]);
-    let probs = out[0].1.as_f32("probabilities").unwrap();
-    let mut worst = 0.0f32;
-    let mut correct = 0;
-    for (i, want) in reference.probabilities.iter().enumerate() {
-        let row = &probs[i * 10..(i + 1) * 10];
-        worst = row.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(worst, f32::max);
-        let class = row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
-        let want_class = want.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
-        assert_eq!(class, want_class, "digit {i}");
-        correct += (class == reference.labels[i]) as usize;
+    for backend in backends() {
+        let kind = backend.info().kind.name();
+        let file = include_bytes!("../../examples/classify/digits.onnx").to_vec();
+        let model = gpuwasm_tensor::load(Format::Onnx, &[("digits.onnx".to_string(), file)].into(), backend).expect("the classifier loads");
+        let pixels: Vec<f32> = reference.images.concat();
+        let input = Tensor::new(vec![n, 1, 8, 8], gpuwasm_tensor::Data::F32(pixels)).unwrap();
+        let out = model.run(vec![("pixels".into(), input)], &unlimited()).unwrap();
+        assert_eq!(out[0].0, "probabilities");
+        assert_eq!(out[0].1.shape(), &[n, 10]);
+        let probs = out[0].1.as_f32("probabilities").unwrap();
+        let mut worst = 0.0f32;
+        let mut correct = 0;
+        for (i, want) in reference.probabilities.iter().enumerate() {
+            let row = &probs[i * 10..(i + 1) * 10];
+            worst = row.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(worst, f32::max);
+            let class = row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
+            let want_class = want.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
+            assert_eq!(class, want_class, "{kind}: digit {i}");
+            correct += (class == reference.labels[i]) as usize;
+        }
+        assert!(worst < 1e-5, "{kind}: largest difference from onnxruntime: {worst}");
+        assert!(correct >= 56, "{kind}: only {correct} of {n} held-out digits right");
+        eprintln!("{kind}: max |gpuwasm - onnxruntime| = {worst:e}; {correct}/{n} correct");
     }
-    assert!(worst < 1e-5, "largest difference from onnxruntime: {worst}");
-    assert!(correct >= 56, "only {correct} of {n} held-out digits right");
-    eprintln!("max |gpuwasm - onnxruntime| = {worst:e}; {correct}/{n} correct");
 }
 
 #[test]
 fn onnx_inputs_and_files_are_checked() {
     let bytes = include_bytes!("../../examples/classify/digits.onnx").to_vec();
-    let model = gpuwasm_tensor::load(Format::Onnx, &[("d.onnx".to_string(), bytes.clone())].into()).unwrap();
+    let model = gpuwasm_tensor::load(Format::Onnx, &[("d.onnx".to_string(), bytes.clone())].into(), cpu()).unwrap();
     let f32s = |shape: Vec<usize>| Tensor::new(shape.clone(), gpuwasm_tensor::Data::F32(vec![0.0; shape.iter().product()])).unwrap();
     for (inputs, want) in [
         (vec![("pixels".to_string(), f32s(vec![1, 1, 8, 9]))], "must have dimensions [?, 1, 8, 8], not [1, 1, 8, 9]"),
@@ -179,7 +194,7 @@ fn onnx_inputs_and_files_are_checked() {
 #[test]
 fn onnx_calls_batch_into_one_pass_with_the_same_results() {
     let reference: Digits = serde_json::from_str(include_str!("../../tests/fixtures/digits-reference.json")).unwrap();
-    let model = gpuwasm_tensor::load(Format::Onnx, &[("d.onnx".to_string(), include_bytes!("../../examples/classify/digits.onnx").to_vec())].into()).unwrap();
+    let model = gpuwasm_tensor::load(Format::Onnx, &[("d.onnx".to_string(), include_bytes!("../../examples/classify/digits.onnx").to_vec())].into(), cpu()).unwrap();
     let request = |i: usize, n: usize| {
         let pixels = reference.images[i..i + n].concat();
         vec![("pixels".to_string(), Tensor::new(vec![n, 1, 8, 8], gpuwasm_tensor::Data::F32(pixels)).unwrap())]
@@ -200,7 +215,7 @@ fn onnx_calls_batch_into_one_pass_with_the_same_results() {
 
 #[test]
 fn minilm_batches_larger_than_one_pass_agree_with_single_texts() {
-    let bert = bert::Bert::load(&minilm_files()).unwrap();
+    let bert = bert::Bert::load(&minilm_files(), cpu()).unwrap();
     let long = "A very long sentence follows. ".repeat(60);
     let mut texts: Vec<&str> = vec![long.as_str(); 40]; // 40 x 256 tokens: two passes
     texts.push("short one");

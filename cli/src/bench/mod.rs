@@ -3,6 +3,7 @@
 mod coldstart;
 mod http;
 mod nn;
+mod share;
 
 use anyhow::Result;
 use clap::Subcommand;
@@ -16,9 +17,27 @@ pub enum Bench {
     /// Cold starts: instantiation, first requests after deploy and restart,
     /// pre-initialisation, throughput against `wasmtime serve`, idle memory.
     Coldstart(coldstart::ColdstartArgs),
-    /// Inference: embeddings/s natively and through wasi-nn at batch 1 and
-    /// 32, and model load times (scripts/bench-nn.sh adds sentence-transformers).
+    /// Inference: embeddings/s and images/s on every backend present (the
+    /// CPU the baseline) and through wasi-nn, and model load times
+    /// (scripts/bench-nn.sh adds sentence-transformers).
     Nn(nn::NnArgs),
+    /// Fair GPU time: a light tenant's latency alone and while a heavy
+    /// tenant saturates the GPU (p99 ratio; goal at most 2x).
+    GpuShare(share::ShareArgs),
+}
+
+/// Embeds the lines of `text` through the nn-probe component's
+/// `/embed-lines?minilm` (one wasi-nn call); fails unless it answers `ok`.
+async fn embed_lines(probe: &gpuwasm::Deployment, text: impl Into<bytes::Bytes>) -> Result<()> {
+    use http_body_util::BodyExt;
+    let request = ::http::Request::post("http://localhost/embed-lines?minilm").body(http_body_util::Full::new(text.into()))?;
+    let response = probe.handle(request).await;
+    let status = response.status();
+    let body = response.into_body().collect().await.map_err(|e| anyhow::anyhow!("{e}"))?.to_bytes();
+    if status != 200 || !body.starts_with(b"ok ") {
+        anyhow::bail!("the probe answered {status}: {}", String::from_utf8_lossy(&body));
+    }
+    Ok(())
 }
 
 pub async fn run(bench: Bench) -> Result<ExitCode> {
@@ -26,5 +45,6 @@ pub async fn run(bench: Bench) -> Result<ExitCode> {
         Bench::Http(args) => http::run(args).await,
         Bench::Coldstart(args) => coldstart::run(args).await,
         Bench::Nn(args) => nn::run(args).await,
+        Bench::GpuShare(args) => share::run(args).await,
     }
 }

@@ -2,6 +2,7 @@
 
 pub mod deploy;
 pub mod deployments;
+pub mod info;
 pub mod invoke;
 pub mod model;
 pub mod run;

@@ -5,8 +5,8 @@ use crate::client::typed;
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use clap::{Args, Subcommand};
-use gpuwasm::nn::{LocalModels, ModelAccess, PUBLIC, read_model_files};
-use gpuwasm_server::api::{ModelPush, Models, Removed, Uploaded};
+use gpuwasm::nn::{LocalModels, ModelAccess, PUBLIC, Target, read_model_files};
+use gpuwasm_server::api::{ModelPush, Models, Removed, ResidentModels, Uploaded};
 use gpuwasm_server::control_store::ModelRecord;
 use gpuwasm_server::hex::sha256_hex;
 use gpuwasm_tensor::Format;
@@ -22,9 +22,20 @@ pub enum ModelCommand {
     /// the server checks it before accepting it.
     Push(PushArgs),
     /// List the models your handlers can load: your tenant's and public ones.
-    List(ListArgs),
+    List(ModelListArgs),
     /// Remove a model (NAME, or public/NAME with the admin token).
     Rm(NameArgs),
+}
+
+#[derive(Args)]
+pub struct ModelListArgs {
+    /// List what is resident on this node's devices instead: each model's
+    /// device, bytes and the tenants charged for it (the admin sees every
+    /// tenant; a tenant sees itself), and each GPU's model memory.
+    #[arg(long)]
+    pub resident: bool,
+    #[command(flatten)]
+    pub list: ListArgs,
 }
 
 #[derive(Args)]
@@ -46,7 +57,27 @@ pub struct PushArgs {
 pub async fn run(cmd: ModelCommand) -> Result<ExitCode> {
     match cmd {
         ModelCommand::Push(args) => push(args).await,
-        ModelCommand::List(args) => {
+        ModelCommand::List(ModelListArgs { resident: true, list: args }) => {
+            let reply = args.server.api()?.admin_json(Method::GET, "resident-models", &[], Bytes::new()).await?;
+            if print_json(args.json, &reply)? {
+                return Ok(ExitCode::SUCCESS);
+            }
+            let ResidentModels { devices, models } = typed(reply)?;
+            let mib = |b: u64| b as f64 / (1 << 20) as f64;
+            for d in devices {
+                let budget = d.budget_bytes.map_or("no limit".to_string(), |b| format!("{:.1} MiB", mib(b)));
+                println!("GPU {}: models hold {:.1} MiB of {budget}", d.device, mib(d.used_bytes));
+            }
+            if models.is_empty() {
+                println!("no models resident");
+            }
+            for m in models {
+                let tenants = if m.tenants.is_empty() { "-".to_string() } else { m.tenants.join(", ") };
+                println!("{:<28} {:<32} {:>8.1} MiB  tenants: {tenants}", m.names.join(", "), m.device, mib(m.bytes));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        ModelCommand::List(ModelListArgs { list: args, .. }) => {
             let reply = args.server.api()?.admin_json(Method::GET, "models", &[], Bytes::new()).await?;
             if print_json(args.json, &reply)? {
                 return Ok(ExitCode::SUCCESS);
@@ -120,7 +151,7 @@ async fn push(args: PushArgs) -> Result<ExitCode> {
 
 /// The models `gpuwasm run` serves from `NAME=PATH` flags; the manifest's
 /// `[models] allow` limits them when it names any.
-pub fn local(flags: &[String], manifest_allow: Vec<String>) -> Result<ModelAccess> {
+pub fn local(flags: &[String], manifest_allow: Vec<String>, target: Target) -> Result<ModelAccess> {
     let mut models = LocalModels::default();
     let mut names = Vec::new();
     for flag in flags {
@@ -136,5 +167,5 @@ pub fn local(flags: &[String], manifest_allow: Vec<String>) -> Result<ModelAcces
         names.push(name.to_string());
     }
     let allow = if manifest_allow.is_empty() { names } else { manifest_allow };
-    Ok(ModelAccess { tenant: "local".into(), allow, catalog: Some(Arc::new(models)) })
+    Ok(ModelAccess { tenant: "local".into(), allow, catalog: Some(Arc::new(models)), target })
 }

@@ -32,7 +32,7 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
     let (manifest, manifest_dir) = load_manifest(&args.file, None)?;
     let spec = manifest.spec;
     let limits = args.limits.over(spec.limits)?;
-    let models = super::model::local(&args.models, spec.models)?;
+    let models = super::model::local(&args.models, spec.models, spec.model_target)?;
     let wasm = read_component(&args.file)?;
     let runtime = args.pool.runtime()?;
     let capabilities = Capabilities {

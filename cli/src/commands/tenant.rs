@@ -1,8 +1,9 @@
-//! `gpuwasm tenant create|list|domains` (admin token only).
+//! `gpuwasm tenant create|list|domains|gpu` (admin token only).
 
 use crate::args::{ListArgs, ServerArgs, print_json};
 use crate::client::typed;
 use anyhow::Result;
+use gpuwasm::nn::TenantGpu;
 use gpuwasm_server::api::{Domains, NewTenant, NewToken, Tenants};
 use gpuwasm_server::control_store::TenantRecord;
 use bytes::Bytes;
@@ -35,6 +36,29 @@ pub enum TenantCommand {
         #[command(flatten)]
         server: ServerArgs,
     },
+    /// Set a tenant's GPU memory quota and share of GPU time. Models it
+    /// holds already stay; its next loads and passes follow the new
+    /// settings.
+    Gpu {
+        /// The tenant.
+        name: String,
+        /// GPU memory its resident models may hold on each GPU, in MiB
+        /// (omit for no quota beyond the device's budget).
+        #[arg(long)]
+        memory_mb: Option<u64>,
+        /// Its share of GPU time against other tenants with work waiting:
+        /// weight 2 gets twice the time of weight 1.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        weight: u32,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+}
+
+/// A tenant's GPU settings, as `tenant list` prints them.
+fn gpu_text(gpu: &TenantGpu) -> String {
+    let memory = gpu.memory_mb.map_or("no quota".to_string(), |mb| format!("{mb} MiB"));
+    format!("{memory}, weight {}", gpu.weight)
 }
 
 pub async fn run(cmd: TenantCommand) -> Result<ExitCode> {
@@ -48,9 +72,10 @@ pub async fn run(cmd: TenantCommand) -> Result<ExitCode> {
             let reply = args.server.api()?.admin_json(Method::GET, "tenants", &[], Bytes::new()).await?;
             if !print_json(args.json, &reply)? {
                 let Tenants { tenants } = typed(reply)?;
-                println!("{:<24} DOMAINS", "TENANT");
+                println!("{:<24} {:<28} DOMAINS", "TENANT", "GPU");
                 for t in tenants {
-                    println!("{:<24} {}", t.name, if t.domains.is_empty() { "-".into() } else { t.domains.join(", ") });
+                    let domains = if t.domains.is_empty() { "-".into() } else { t.domains.join(", ") };
+                    println!("{:<24} {:<28} {domains}", t.name, gpu_text(&t.gpu));
                 }
             }
         }
@@ -60,6 +85,11 @@ pub async fn run(cmd: TenantCommand) -> Result<ExitCode> {
                 [] => println!("tenant {name} may not claim host names"),
                 set => println!("tenant {name} may claim host names in {}", set.join(", ")),
             }
+        }
+        TenantCommand::Gpu { name, memory_mb, weight, server } => {
+            let path = format!("tenants/{name}/gpu");
+            let tenant: TenantRecord = server.api()?.admin_send(Method::PUT, &path, &TenantGpu { memory_mb, weight }).await?;
+            println!("tenant {name}: GPU {}", gpu_text(&tenant.gpu));
         }
     }
     Ok(ExitCode::SUCCESS)

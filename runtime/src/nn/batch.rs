@@ -7,7 +7,15 @@
 //! caller runs at once). Batches take calls round-robin over tenants, so
 //! a tenant flooding a shared public model delays another tenant's call by
 //! at most one turn per batch.
+//!
+//! On a GPU, passes take turns at the device's gate (see [`super::gpu`]):
+//! a pass holds one tenant's calls, tenants take turns, and while another
+//! tenant has work waiting (for this model or at the device) a pass holds
+//! one call, so no tenant holds the device for longer than one of its
+//! calls takes. A tenant alone batches as many calls as end within a time
+//! slice (20 ms, or one call), so a tenant arriving waits little.
 
+use super::gpu::DeviceGate;
 use gpuwasm_tensor::{Budget, Error, Graph, MemoryPool, Tensor};
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -81,6 +89,8 @@ pub(crate) struct Batcher {
     jobs: Option<Sender<Job>>,
     graph: Arc<dyn Graph>,
     budgets: Budgets,
+    /// The device's turns, on a GPU.
+    gate: Option<Arc<DeviceGate>>,
     /// Execution contexts instances hold on this graph: callers that may
     /// compute soon.
     pub(crate) contexts: Arc<AtomicUsize>,
@@ -118,23 +128,30 @@ impl BatchStats {
 }
 
 impl Batcher {
-    /// Starts the scheduler thread of `graph`; it ends when the batcher is dropped.
-    pub(crate) fn start(graph: Arc<dyn Graph>, settings: BatchSettings, budgets: Budgets) -> Batcher {
+    /// Starts the scheduler thread of `graph`, taking turns at `gate` on a
+    /// GPU; it ends when the batcher is dropped.
+    pub(crate) fn start(graph: Arc<dyn Graph>, settings: BatchSettings, budgets: Budgets, gate: Option<Arc<DeviceGate>>) -> Batcher {
         let (jobs, rx) = channel();
         let stats = Arc::new(BatchStats::default());
         let contexts = Arc::new(AtomicUsize::new(0));
-        let (g, s, c, b) = (graph.clone(), stats.clone(), contexts.clone(), budgets.clone());
+        let scheduler = Scheduler { graph: graph.clone(), settings, budgets: budgets.clone(), stats: stats.clone(), contexts: contexts.clone(), gate: gate.clone() };
         std::thread::Builder::new()
             .name("gpuwasm-nn-batch".into())
-            .spawn(move || run(g, rx, settings, b, s, c))
+            .spawn(move || scheduler.run(rx))
             .expect("spawning a batch thread");
-        Batcher { jobs: Some(jobs), graph, budgets, contexts, stats }
+        Batcher { jobs: Some(jobs), graph, budgets, gate, contexts, stats }
     }
 
     /// A graph one instance loaded from bytes: no thread of its own (an
-    /// instance may load many), each call runs on tokio's blocking pool.
-    pub(crate) fn unbatched(graph: Arc<dyn Graph>, budgets: Budgets) -> Batcher {
-        Batcher { jobs: None, graph, budgets, contexts: Arc::default(), stats: Arc::default() }
+    /// instance may load many), each call runs on tokio's blocking pool
+    /// (in its tenant's turn at `gate` on a GPU).
+    pub(crate) fn unbatched(graph: Arc<dyn Graph>, budgets: Budgets, gate: Option<Arc<DeviceGate>>) -> Batcher {
+        Batcher { jobs: None, graph, budgets, gate, contexts: Arc::default(), stats: Arc::default() }
+    }
+
+    /// The graph.
+    pub(crate) fn graph(&self) -> &Arc<dyn Graph> {
+        &self.graph
     }
 
     /// What the graph takes and gives.
@@ -145,8 +162,11 @@ impl Batcher {
     /// Queues one call for `tenant` and waits for its answer.
     pub(crate) async fn compute(&self, tenant: Arc<str>, inputs: Tensors) -> Result<Tensors, Error> {
         let Some(jobs) = &self.jobs else {
-            let (graph, budget) = (self.graph.clone(), self.budgets.for_calls(1));
-            return tokio::task::spawn_blocking(move || graph.run(inputs, &budget))
+            let (graph, budget, gate) = (self.graph.clone(), self.budgets.for_calls(1), self.gate.clone());
+            return tokio::task::spawn_blocking(move || {
+                let _turn = gate.as_ref().map(|g| g.turn(&tenant));
+                graph.run(inputs, &budget)
+            })
                 .await
                 .unwrap_or_else(|_| Err(Error::Unsupported("the engine failed on this input".into())));
         };
@@ -158,61 +178,128 @@ impl Batcher {
     }
 }
 
-/// The scheduler loop: gather a batch, run it, answer, repeat.
-fn run(
+/// One graph's scheduler thread.
+struct Scheduler {
     graph: Arc<dyn Graph>,
-    rx: Receiver<Job>,
     settings: BatchSettings,
     budgets: Budgets,
     stats: Arc<BatchStats>,
     contexts: Arc<AtomicUsize>,
-) {
-    let mut queues: BTreeMap<Arc<str>, VecDeque<Job>> = BTreeMap::new();
-    let mut queued = 0usize;
-    // The tenant served first in the last batch; the next starts after it.
-    let mut last_first: Option<Arc<str>> = None;
-    loop {
-        if queued == 0 {
-            match rx.recv() {
-                Ok(job) => {
-                    queues.entry(job.tenant.clone()).or_default().push_back(job);
-                    queued += 1;
+    gate: Option<Arc<DeviceGate>>,
+}
+
+impl Scheduler {
+    /// The loop: gather a batch, run it, answer, repeat.
+    fn run(self, rx: Receiver<Job>) {
+        let settings = &self.settings;
+        let mut queues: BTreeMap<Arc<str>, VecDeque<Job>> = BTreeMap::new();
+        let mut queued = 0usize;
+        // The tenant served first in the last batch; the next starts after it.
+        let mut last_first: Option<Arc<str>> = None;
+        let mut slice = Slice::default();
+        loop {
+            if queued == 0 {
+                match rx.recv() {
+                    Ok(job) => {
+                        queues.entry(job.tenant.clone()).or_default().push_back(job);
+                        queued += 1;
+                    }
+                    Err(_) => return,
                 }
-                Err(_) => return,
             }
-        }
-        // Wait for company only while other instances hold contexts.
-        let deadline = Instant::now() + settings.max_wait;
-        while queued < settings.max_calls.min(contexts.load(Ordering::Relaxed)) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(job) => {
-                    queues.entry(job.tenant.clone()).or_default().push_back(job);
-                    queued += 1;
+            // Wait for company only while other instances hold contexts.
+            let deadline = Instant::now() + settings.max_wait;
+            while queued < settings.max_calls.min(self.contexts.load(Ordering::Relaxed)) {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match rx.recv_timeout(left) {
+                    Ok(job) => {
+                        queues.entry(job.tenant.clone()).or_default().push_back(job);
+                        queued += 1;
+                    }
+                    Err(RecvTimeoutError::Timeout) => break,
+                    Err(RecvTimeoutError::Disconnected) => break,
                 }
-                Err(RecvTimeoutError::Timeout) => break,
-                Err(RecvTimeoutError::Disconnected) => break,
             }
+            while let Ok(job) = rx.try_recv() {
+                queues.entry(job.tenant.clone()).or_default().push_back(job);
+                queued += 1;
+            }
+            let batch = match &self.gate {
+                None => take_round_robin(&mut queues, &mut last_first, settings.max_calls),
+                Some(gate) => {
+                    // On a GPU: one tenant's calls a pass, tenants in turn;
+                    // one call when another tenant has work waiting, here
+                    // or at the device, so a pass is never longer than one
+                    // call while the device is shared.
+                    let tenant = next_tenant(&queues, &last_first).expect("calls are queued");
+                    last_first = Some(tenant.clone());
+                    let shared = queues.len() > 1 || gate.contended();
+                    let queue = queues.get_mut(&tenant).expect("a queued tenant");
+                    let take = if shared { 1 } else { queue.len().min(settings.max_calls).min(slice.calls()) };
+                    let batch: Vec<Job> = queue.drain(..take).collect();
+                    queues.retain(|_, q| !q.is_empty());
+                    queued -= batch.len();
+                    let _turn = gate.turn(&tenant);
+                    let started = Instant::now();
+                    let calls = batch.len();
+                    self.pass(batch);
+                    slice.record(calls, started.elapsed());
+                    continue;
+                }
+            };
+            queued -= batch.len();
+            self.pass(batch);
         }
-        while let Ok(job) = rx.try_recv() {
-            queues.entry(job.tenant.clone()).or_default().push_back(job);
-            queued += 1;
-        }
-        let batch = take_round_robin(&mut queues, &mut last_first, settings.max_calls);
-        queued -= batch.len();
+    }
+
+    /// Runs `batch` as one pass and answers its calls.
+    fn pass(&self, batch: Vec<Job>) {
         let (inputs, replies): (Vec<Tensors>, Vec<_>) = batch.into_iter().map(|j| (j.inputs, j.reply)).unzip();
-        stats.batches.fetch_add(1, Ordering::Relaxed);
-        stats.calls.fetch_add(inputs.len(), Ordering::Relaxed);
-        stats.largest.fetch_max(inputs.len(), Ordering::Relaxed);
+        self.stats.batches.fetch_add(1, Ordering::Relaxed);
+        self.stats.calls.fetch_add(inputs.len(), Ordering::Relaxed);
+        self.stats.largest.fetch_max(inputs.len(), Ordering::Relaxed);
         let count = inputs.len();
-        let budget = budgets.for_calls(count);
+        let budget = self.budgets.for_calls(count);
         // A panic in the engine is a bug; it fails this batch, not the model.
-        let results = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| graph.run_batch(inputs, &budget)))
+        let results = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.graph.run_batch(inputs, &budget)))
             .unwrap_or_else(|_| (0..count).map(|_| Err(Error::Unsupported("the engine failed on this input".into()))).collect());
         for (reply, result) in replies.into_iter().zip(results) {
             let _ = reply.send(result);
         }
     }
+}
+
+/// How many calls a GPU pass may hold so that it ends within a time
+/// slice, [`SLICE`] or one call's time if that is longer: a tenant alone
+/// on the device still batches, but never into a pass that a tenant
+/// arriving next would wait long for (passes are not preempted).
+#[derive(Default)]
+struct Slice {
+    /// Seconds one call of a pass takes, on average (recent passes weigh more).
+    per_call: Option<f64>,
+}
+
+/// The time a pass on a GPU aims to end within.
+const SLICE: Duration = Duration::from_millis(20);
+
+impl Slice {
+    fn calls(&self) -> usize {
+        match self.per_call {
+            None => 1,
+            Some(per_call) => ((SLICE.as_secs_f64() / per_call) as usize).max(1),
+        }
+    }
+
+    fn record(&mut self, calls: usize, took: Duration) {
+        let per_call = took.as_secs_f64() / calls.max(1) as f64;
+        self.per_call = Some(self.per_call.map_or(per_call, |old| 0.7 * old + 0.3 * per_call));
+    }
+}
+
+/// The tenant with calls queued after `last` in name order (wrapping).
+fn next_tenant(queues: &BTreeMap<Arc<str>, VecDeque<Job>>, last: &Option<Arc<str>>) -> Option<Arc<str>> {
+    let after = last.as_ref().and_then(|l| queues.range::<str, _>((std::ops::Bound::Excluded(l.as_ref()), std::ops::Bound::Unbounded)).next());
+    after.or_else(|| queues.iter().next()).map(|(t, _)| t.clone())
 }
 
 /// Up to `max` jobs, one per tenant per turn, starting after the tenant

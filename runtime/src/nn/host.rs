@@ -136,7 +136,7 @@ impl graph::Host for NnView<'_> {
         &mut self,
         builders: Vec<Vec<u8>>,
         encoding: GraphEncoding,
-        _target: ExecutionTarget,
+        target: ExecutionTarget,
     ) -> Fallible<Resource<GraphResource>> {
         let format = match encoding {
             GraphEncoding::Onnx | GraphEncoding::Autodetect => Format::Onnx,
@@ -149,12 +149,30 @@ impl graph::Host for NnView<'_> {
         let (Some(bytes), None) = (builders.pop(), builders.pop()) else {
             return self.fail(ErrorCode::InvalidArgument, "an ONNX graph is one builder: the model file's bytes".into());
         };
-        let loaded = tokio::task::spawn_blocking(move || gpuwasm_tensor::load(format, &[("model.onnx".into(), bytes)].into())).await?;
+        let wants_gpu = match target {
+            ExecutionTarget::Cpu => false,
+            ExecutionTarget::Gpu => true,
+            ExecutionTarget::Tpu => return self.fail(ErrorCode::UnsupportedOperation, "no TPU backend: ask for cpu or gpu".into()),
+        };
+        let backend = match self.ctx.models.backend(wants_gpu, self.ctx.access.target) {
+            Ok(backend) => backend,
+            Err(e) => return self.engine_error(e),
+        };
+        // On a GPU, the model's bytes are charged to the device and the
+        // tenant before it loads (the file's size: about its weights').
+        let (models, tenant, device) = (self.ctx.models.clone(), self.ctx.access.tenant.clone(), backend.info().name.clone());
+        let size = bytes.len() as u64;
+        let loaded = tokio::task::spawn_blocking(move || {
+            let charges = match models.charge_device(&device, size)? {
+                Some(on_device) => Some((on_device, models.charge_tenant(&tenant, &device, size, None)?)),
+                None => None,
+            };
+            let graph = gpuwasm_tensor::load(format, &[("model.onnx".into(), bytes)].into(), backend)?;
+            Ok::<_, gpuwasm_tensor::Error>(Loaded::unshared(graph, &models, &tenant, charges))
+        })
+        .await?;
         match loaded {
-            Ok(graph) => {
-                let loaded = Arc::new(Loaded::unshared(graph, &self.ctx.models));
-                Ok(Ok(self.table.push(GraphResource(loaded))?))
-            }
+            Ok(loaded) => Ok(Ok(self.table.push(GraphResource(Arc::new(loaded)))?)),
             Err(err) => self.engine_error(err),
         }
     }

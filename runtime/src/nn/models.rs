@@ -3,6 +3,8 @@
 //! and evicts it when idle.
 
 use super::batch::{BatchSettings, Batcher, Budgets, InferenceMemory, ModelStatus};
+use super::gpu::{Charge, DeviceGate, Ledger, TenantGpu, TenantSettings};
+use gpuwasm_tensor::backend::{Devices, SharedBackend, Target};
 use gpuwasm_tensor::{Format, ModelFiles};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -95,6 +97,8 @@ pub struct ModelAccess {
     pub allow: Vec<String>,
     /// Where names resolve.
     pub catalog: Option<Arc<dyn ModelCatalog>>,
+    /// Where its models may run (`[models] target`).
+    pub target: Target,
 }
 
 impl ModelAccess {
@@ -106,22 +110,68 @@ impl ModelAccess {
 
 impl std::fmt::Debug for ModelAccess {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ModelAccess").field("tenant", &self.tenant).field("allow", &self.allow).finish_non_exhaustive()
+        f.debug_struct("ModelAccess")
+            .field("tenant", &self.tenant)
+            .field("allow", &self.allow)
+            .field("target", &self.target)
+            .finish_non_exhaustive()
     }
 }
 
-/// A model loaded on this node: its graph behind a batching scheduler.
+/// A model loaded on this node: its graph behind a batching scheduler,
+/// and, on a GPU, what it is charged.
 pub(crate) struct Loaded {
     pub batcher: Batcher,
     /// Milliseconds since the cache's epoch when it was last used.
     last_used: AtomicU64,
+    /// Its weights' bytes on the device's budget (GPUs only).
+    device_charge: Option<Charge>,
+    /// What each tenant using it is charged for it (GPUs only).
+    tenant_charges: Mutex<HashMap<String, Charge>>,
 }
 
 impl Loaded {
-    /// A graph outside the cache (loaded by one instance from bytes).
-    pub(crate) fn unshared(graph: Arc<dyn gpuwasm_tensor::Graph>, models: &Models) -> Loaded {
-        Loaded { batcher: Batcher::unbatched(graph, models.inner.budgets.clone()), last_used: AtomicU64::new(0) }
+    /// A graph outside the cache (loaded by one instance from bytes, on the
+    /// device it asked for), with what it is charged.
+    pub(crate) fn unshared(graph: Arc<dyn gpuwasm_tensor::Graph>, models: &Models, tenant: &str, charges: Option<(Charge, Charge)>) -> Loaded {
+        let gate = models.gate(graph.device());
+        let (device_charge, tenant_charges) = match charges {
+            Some((device, held)) => (Some(device), [(tenant.to_string(), held)].into()),
+            None => (None, HashMap::new()),
+        };
+        Loaded {
+            batcher: Batcher::unbatched(graph, models.inner.budgets.clone(), gate),
+            last_used: AtomicU64::new(0),
+            device_charge,
+            tenant_charges: Mutex::new(tenant_charges),
+        }
     }
+
+    /// Its bytes on a GPU, when it is on one.
+    fn gpu_bytes(&self) -> Option<u64> {
+        self.device_charge.as_ref().map(Charge::bytes)
+    }
+}
+
+/// A model resident on this node (see [`Models::resident`]).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ResidentModel {
+    /// The model's content key ([`ModelEntry::key`]).
+    pub key: String,
+    /// The device it is on.
+    pub device: String,
+    /// Bytes its weights take there.
+    pub bytes: u64,
+    /// Tenants charged for it (GPUs only), in order.
+    pub tenants: Vec<String>,
+    /// What it has done since it was loaded.
+    pub status: ModelStatus,
+}
+
+/// GPU memory and time: a ledger for the node's GPUs, a gate for each.
+struct GpuState {
+    ledger: Arc<Ledger>,
+    gates: HashMap<String, Arc<DeviceGate>>,
 }
 
 /// The node-wide model cache. Cheap to clone.
@@ -134,6 +184,13 @@ struct ModelsInner {
     idle: Duration,
     batch: BatchSettings,
     budgets: Budgets,
+    devices: Devices,
+    /// Tenants' GPU quotas and weights.
+    tenants: Arc<TenantSettings>,
+    /// The budget of each GPU's model memory, if the node sets one.
+    gpu_memory: Option<u64>,
+    /// The GPUs' ledger and gates, made when the devices are first needed.
+    gpu: std::sync::OnceLock<GpuState>,
     epoch: Instant,
     slots: Mutex<HashMap<String, Arc<tokio::sync::OnceCell<Arc<Loaded>>>>>,
     /// Why models failed to load, by content key: the same content fails
@@ -162,13 +219,19 @@ pub(crate) enum LoadError {
 
 impl Models {
     /// A cache that evicts a model `idle` after its last use, whose
-    /// passes run within `memory`.
-    pub(crate) fn new(idle: Duration, batch: BatchSettings, memory: InferenceMemory) -> Models {
+    /// passes run within `memory` on `devices`; models on a GPU may hold
+    /// `gpu_memory` bytes of it (default: 90% of what the device has;
+    /// unlimited when it does not say).
+    pub(crate) fn new(idle: Duration, batch: BatchSettings, memory: InferenceMemory, devices: Devices, gpu_memory: Option<u64>) -> Models {
         Models {
             inner: Arc::new(ModelsInner {
                 idle,
                 batch,
                 budgets: Budgets::new(&memory),
+                devices,
+                tenants: Arc::default(),
+                gpu_memory,
+                gpu: std::sync::OnceLock::new(),
                 epoch: Instant::now(),
                 slots: Mutex::default(),
                 failed: Mutex::default(),
@@ -176,6 +239,143 @@ impl Models {
                 loads: AtomicU64::new(0),
             }),
         }
+    }
+
+    /// The node's devices.
+    pub fn devices(&self) -> &Devices {
+        &self.inner.devices
+    }
+
+    /// Sets `tenant`'s GPU memory quota and share of GPU time (from then
+    /// on: models it already holds stay).
+    pub fn set_tenant_gpu(&self, tenant: &str, settings: TenantGpu) {
+        self.inner.tenants.set(tenant, settings);
+    }
+
+    /// Each GPU's (name, budget, bytes held by models).
+    pub fn gpu_memory(&self) -> Vec<(String, u64, u64)> {
+        self.gpu().ledger.devices()
+    }
+
+    /// The GPUs' ledger and gates (finding the devices, the first time).
+    fn gpu(&self) -> &GpuState {
+        self.inner.gpu.get_or_init(|| {
+            let gpus = self.inner.devices.gpus();
+            let budget = |info: &gpuwasm_tensor::backend::DeviceInfo| {
+                self.inner.gpu_memory.or(info.memory_bytes.map(|b| b / 10 * 9)).unwrap_or(u64::MAX)
+            };
+            let tenants = &self.inner.tenants;
+            GpuState {
+                ledger: Ledger::new(gpus.iter().map(|g| (g.info().name.clone(), budget(g.info()))), tenants.clone()),
+                gates: gpus.iter().map(|g| (g.info().name.clone(), Arc::new(DeviceGate::new(tenants.clone())))).collect(),
+            }
+        })
+    }
+
+    /// The models resident on this node, by key and device.
+    pub fn resident(&self) -> Vec<ResidentModel> {
+        let slots = self.inner.slots.lock().unwrap();
+        let mut all: Vec<ResidentModel> = slots
+            .iter()
+            .filter_map(|(key, slot)| {
+                let loaded = slot.get()?;
+                let graph = loaded.batcher.graph();
+                let mut tenants: Vec<String> = loaded.tenant_charges.lock().unwrap().keys().cloned().collect();
+                tenants.sort();
+                Some(ResidentModel {
+                    key: key.rsplit_once('@').map_or(key.as_str(), |(k, _)| k).to_string(),
+                    device: graph.device().name.clone(),
+                    bytes: loaded.gpu_bytes().unwrap_or_else(|| graph.resident_bytes()),
+                    tenants,
+                    status: loaded.batcher.stats.status(),
+                })
+            })
+            .collect();
+        all.sort_by(|a, b| (&a.key, &a.device).cmp(&(&b.key, &b.device)));
+        all
+    }
+
+    /// The turns of a graph's device, when it is a GPU.
+    fn gate(&self, device: &gpuwasm_tensor::backend::DeviceInfo) -> Option<Arc<DeviceGate>> {
+        self.gpu().gates.get(&device.name).cloned()
+    }
+
+    /// `bytes` on `device`'s budget, evicting idle models of that device,
+    /// least recently used first, until they fit. `None` for a device
+    /// without a budget (the CPU).
+    pub(crate) fn charge_device(&self, device: &str, bytes: u64) -> Result<Option<Charge>, gpuwasm_tensor::Error> {
+        if !self.gpu().ledger.meters(device) {
+            return Ok(None);
+        }
+        loop {
+            match self.gpu().ledger.charge_device(device, bytes) {
+                Ok(charge) => return Ok(Some(charge)),
+                Err(refused) => {
+                    if !self.evict_one(|loaded| loaded.batcher.graph().device().name == device) {
+                        return Err(refused.into_error());
+                    }
+                }
+            }
+        }
+    }
+
+    /// `bytes` on `tenant`'s quota on `device`: when it does not fit, the
+    /// tenant lets go of idle models it holds (evicted when no tenant holds
+    /// them any more), least recently used first.
+    pub(crate) fn charge_tenant(&self, tenant: &str, device: &str, bytes: u64, keep: Option<&Loaded>) -> Result<Charge, gpuwasm_tensor::Error> {
+        loop {
+            match self.gpu().ledger.charge_tenant(tenant, device, bytes) {
+                Ok(charge) => return Ok(charge),
+                Err(refused) => {
+                    let released = {
+                        let slots = self.inner.slots.lock().unwrap();
+                        let mut idle: Vec<&Arc<Loaded>> = slots
+                            .values()
+                            .filter_map(|slot| slot.get())
+                            .filter(|l| Arc::strong_count(l) == 1 && !keep.is_some_and(|k| std::ptr::eq(k, l.as_ref())))
+                            .filter(|l| l.tenant_charges.lock().unwrap().contains_key(tenant))
+                            .collect();
+                        idle.sort_by_key(|l| l.last_used.load(Ordering::Relaxed));
+                        idle.first().and_then(|l| l.tenant_charges.lock().unwrap().remove(tenant))
+                    };
+                    match released {
+                        Some(charge) => drop(charge),
+                        None => return Err(refused.into_error()),
+                    }
+                    self.evict_unheld();
+                }
+            }
+        }
+    }
+
+    /// Evicts the least recently used idle model that `which` picks;
+    /// whether there was one.
+    fn evict_one(&self, which: impl Fn(&Loaded) -> bool) -> bool {
+        let mut slots = self.inner.slots.lock().unwrap();
+        let victim = slots
+            .iter()
+            .filter_map(|(key, slot)| slot.get().filter(|l| Arc::strong_count(l) == 1 && Arc::strong_count(slot) == 1 && which(l)).map(|l| (key, l)))
+            .min_by_key(|(_, l)| l.last_used.load(Ordering::Relaxed))
+            .map(|(key, _)| key.clone());
+        match victim {
+            Some(key) => {
+                tracing::info!(%key, "model evicted to make room on its device");
+                slots.remove(&key);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Evicts idle GPU models no tenant holds any more.
+    fn evict_unheld(&self) {
+        while self.evict_one(|l| l.device_charge.is_some() && l.tenant_charges.lock().unwrap().is_empty()) {}
+    }
+
+    /// The backend for a graph a guest asked to run on a GPU or not,
+    /// under the deployment's target.
+    pub(crate) fn backend(&self, wants_gpu: bool, target: Target) -> Result<SharedBackend, gpuwasm_tensor::Error> {
+        self.inner.devices.select(wants_gpu, target)
     }
 
     /// The budget of one compute call: what checking a model at push
@@ -194,21 +394,22 @@ impl Models {
         self.inner.loads.load(Ordering::Relaxed)
     }
 
-    /// The model loaded under `key` (a [`ModelEntry::key`]), if it is
-    /// resident: what it has done since it was loaded.
+    /// The model of `key` (a [`ModelEntry::key`]), if it is resident on a
+    /// device: what it has done since it was loaded (summed over devices).
     pub fn status(&self, key: &str) -> Option<ModelStatus> {
         let slots = self.inner.slots.lock().unwrap();
-        slots.get(key)?.get().map(|loaded| loaded.batcher.stats.status())
-    }
-
-    /// Models loaded on this node now.
-    pub fn resident(&self) -> usize {
-        self.inner.slots.lock().unwrap().values().filter(|s| s.initialized()).count()
+        let prefix = format!("{key}@");
+        slots
+            .iter()
+            .filter(|(k, _)| k.starts_with(&prefix))
+            .filter_map(|(_, slot)| slot.get().map(|loaded| loaded.batcher.stats.status()))
+            .reduce(|a, b| ModelStatus { batches: a.batches + b.batches, calls: a.calls + b.calls, largest_batch: a.largest_batch.max(b.largest_batch) })
     }
 
     /// The model `name` for a deployment with `access`: checked against
-    /// the allow-list, resolved, and loaded (once per node) on a blocking
-    /// thread.
+    /// the allow-list, resolved, and loaded (once per node and device) on a
+    /// blocking thread, on the GPU when the node has one and the target
+    /// allows it (`load-by-name` cannot ask for a device).
     pub(crate) async fn get(&self, access: &ModelAccess, name: &str) -> Result<Arc<Loaded>, LoadError> {
         if !access.allows(name) {
             return Err(LoadError::Denied(format!(
@@ -221,35 +422,55 @@ impl Models {
             .map_err(|e| LoadError::Io(e.0))?
             .ok_or_else(|| LoadError::NotFound(format!("no model named '{name}' in tenant '{}' or in public/", access.tenant)))?;
         self.start_sweeper();
-        if let Some(why) = self.inner.failed.lock().unwrap().get(&entry.key) {
+        let backend = self.backend(true, access.target).map_err(LoadError::Failed)?;
+        let key = format!("{}@{}", entry.key, backend.info().name);
+        if let Some(why) = self.inner.failed.lock().unwrap().get(&key) {
             return Err(LoadError::Failed(why.clone()));
         }
-        let slot = self.inner.slots.lock().unwrap().entry(entry.key.clone()).or_default().clone();
+        let device = backend.info().name.clone();
+        let slot = self.inner.slots.lock().unwrap().entry(key.clone()).or_default().clone();
         let loaded = slot
             .get_or_try_init(|| async {
-                let (catalog, entry2) = (catalog.clone(), entry.clone());
+                let (catalog, entry2, models, device2) = (catalog.clone(), entry.clone(), self.clone(), device.clone());
                 let started = Instant::now();
                 let graph = tokio::task::spawn_blocking(move || {
                     let files = catalog.read(&entry2).map_err(|e| LoadError::Io(e.0))?;
-                    gpuwasm_tensor::load(entry2.format, &files).map_err(LoadError::Failed)
+                    // Room for the files' bytes (about what the weights take)
+                    // before loading, for the weights' exact bytes after.
+                    let estimate = models.charge_device(&device2, files.values().map(|f| f.len() as u64).sum()).map_err(LoadError::Failed)?;
+                    let graph = gpuwasm_tensor::load(entry2.format, &files, backend).map_err(LoadError::Failed)?;
+                    drop(estimate);
+                    let charge = models.charge_device(&device2, graph.resident_bytes()).map_err(LoadError::Failed)?;
+                    Ok((graph, charge))
                 })
                 .await
                 .map_err(|e| LoadError::Io(format!("loading task failed: {e}")))?;
-                let graph = graph.inspect_err(|e| {
-                    if let LoadError::Failed(why) = e {
-                        self.remember_failure(&entry.key, why);
+                let (graph, device_charge) = graph.inspect_err(|e| {
+                    // Content that cannot be a model fails the same way
+                    // again; a device without room may have it later.
+                    if let LoadError::Failed(why @ (gpuwasm_tensor::Error::InvalidModel(_) | gpuwasm_tensor::Error::Unsupported(_))) = e {
+                        self.remember_failure(&key, why);
                     }
                 })?;
                 self.inner.loads.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(model = %name, key = %entry.key, ms = started.elapsed().as_millis() as u64, "model loaded");
+                tracing::info!(model = %name, %key, ms = started.elapsed().as_millis() as u64, bytes = graph.resident_bytes(), "model loaded");
+                let gate = self.gate(graph.device());
                 Ok::<_, LoadError>(Arc::new(Loaded {
-                    batcher: Batcher::start(graph, self.inner.batch.clone(), self.inner.budgets.clone()),
+                    batcher: Batcher::start(graph, self.inner.batch.clone(), self.inner.budgets.clone(), gate),
                     last_used: AtomicU64::new(0),
+                    device_charge,
+                    tenant_charges: Mutex::default(),
                 }))
             })
             .await?
             .clone();
         loaded.last_used.store(self.now_ms(), Ordering::Relaxed);
+        // The tenant pays for the weights it uses, once.
+        let paid = loaded.tenant_charges.lock().unwrap().contains_key(&access.tenant);
+        if let Some(bytes) = loaded.gpu_bytes().filter(|_| !paid) {
+            let charge = self.charge_tenant(&access.tenant, &device, bytes, Some(&loaded)).map_err(LoadError::Failed)?;
+            loaded.tenant_charges.lock().unwrap().entry(access.tenant.clone()).or_insert(charge);
+        }
         Ok(loaded)
     }
 

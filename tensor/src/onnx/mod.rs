@@ -11,6 +11,7 @@
 mod ops;
 mod proto;
 
+use crate::backend::{Array, Pass, SharedBackend};
 use crate::budget::Budget;
 use crate::error::{Error, invalid_input, invalid_model};
 use crate::model::Graph;
@@ -49,12 +50,16 @@ struct Input {
     dims: Option<Vec<Option<usize>>>,
 }
 
-/// A loaded ONNX model.
+/// A loaded ONNX model, on one backend.
 pub struct Model {
     inputs: Vec<Input>,
     outputs: Vec<String>,
     initializers: HashMap<String, Tensor>,
     nodes: Vec<Node>,
+    backend: SharedBackend,
+    /// Initializers that are the right-hand side of products, on the
+    /// backend's device once (empty on the CPU, which reads them in place).
+    prepared: HashMap<String, Array>,
 }
 
 const FLOAT: i64 = 1;
@@ -229,8 +234,8 @@ fn value_info(bytes: &[u8]) -> Result<Input, Error> {
 }
 
 impl Model {
-    /// Decodes and checks an ONNX model file.
-    pub fn load(bytes: &[u8]) -> Result<Model, Error> {
+    /// Decodes and checks an ONNX model file, to run on `backend`.
+    pub fn load(bytes: &[u8], backend: SharedBackend) -> Result<Model, Error> {
         let mut graph = None;
         let mut opset = None;
         let mut f = Fields::new(bytes);
@@ -258,7 +263,8 @@ impl Model {
         if opset.is_none_or(|v| v < 7) {
             return Err(Error::Unsupported(format!("onnx: opset {opset:?} (7 and later are supported)")));
         }
-        let mut model = Model { inputs: Vec::new(), outputs: Vec::new(), initializers: HashMap::new(), nodes: Vec::new() };
+        let mut model =
+            Model { inputs: Vec::new(), outputs: Vec::new(), initializers: HashMap::new(), nodes: Vec::new(), backend, prepared: HashMap::new() };
         let mut f = Fields::new(graph);
         while let Some((field, v)) = f.next_field()? {
             match field {
@@ -274,7 +280,27 @@ impl Model {
         }
         model.inputs.retain(|i| !model.initializers.contains_key(&i.name));
         model.check()?;
+        model.prepare()?;
         Ok(model)
+    }
+
+    /// Puts the right-hand sides of products that are initializers on the
+    /// backend's device, once (nothing to do on the CPU).
+    fn prepare(&mut self) -> Result<(), Error> {
+        if self.backend.info().kind == crate::backend::DeviceKind::Cpu {
+            return Ok(());
+        }
+        for node in &self.nodes {
+            // As stored: `[k, n]`, or `[n, k]` for a Gemm's transposed B.
+            let Some(name) = node.inputs.get(1).filter(|_| matches!(node.op.as_str(), "MatMul" | "Gemm")) else { continue };
+            let Some(t) = self.initializers.get(name) else { continue };
+            let (Data::F32(values), [rows, cols]) = (t.data(), t.shape()) else { continue };
+            if !self.prepared.contains_key(name) {
+                let array = self.backend.upload(vec![1, *rows, *cols], values.clone())?;
+                self.prepared.insert(name.clone(), array);
+            }
+        }
+        Ok(())
     }
 
     /// Every node's operator is supported and its inputs are defined
@@ -427,6 +453,19 @@ impl Graph for Model {
         format!("ONNX graph of {} nodes: {} -> {}", self.nodes.len(), inputs.join(", "), self.outputs.join(", "))
     }
 
+    fn device(&self) -> &crate::backend::DeviceInfo {
+        self.backend.info()
+    }
+
+    /// The initializers on the device (on the CPU, where they are read in
+    /// place, all of them).
+    fn resident_bytes(&self) -> u64 {
+        match self.prepared.is_empty() {
+            true => self.initializers.values().map(Tensor::memory_bytes).sum(),
+            false => self.prepared.values().map(|a| a.len() as u64 * 4).sum(),
+        }
+    }
+
     /// Calls whose inputs differ only in their first (symbolic, batch)
     /// dimension run as one pass over the rows of all of them; when that
     /// pass fails (one call's input is bad, or the merged pass does not
@@ -457,6 +496,7 @@ impl Graph for Model {
         self.check_inputs(&given)?;
         // Inputs and outputs stay until the pass ends, and so do their reservations.
         let mut alloc = ops::Alloc::new(budget);
+        let compute = ops::Compute { pass: Pass::new(self.backend.as_ref(), budget), prepared: &self.prepared };
         for t in given.values() {
             alloc.like(t)?;
         }
@@ -473,7 +513,7 @@ impl Graph for Model {
                     }
                 })
                 .collect();
-            let outputs = ops::apply(node, &args, &mut alloc).map_err(|e| match e {
+            let outputs = ops::apply(node, &args, &mut alloc, &compute).map_err(|e| match e {
                 Error::InvalidInput(m) => invalid_input(format!("{} node: {m}", node.op)),
                 other => other,
             })?;

@@ -3,10 +3,88 @@
 //! in NCHW layout.
 
 use super::{Attr, Node};
+use crate::backend::cpu::{View, activate, gemm, layer_norm, softmax_rows};
+use crate::backend::{Activation, Array, DeviceKind, HostWeight, Pass};
 use crate::budget::{Budget, Reservation};
-use crate::cpu::{View, gemm, layer_norm, softmax_rows};
 use crate::error::{Error, invalid_input};
 use crate::tensor::{Data, Tensor, element_count};
+use std::collections::HashMap;
+
+/// Where the interpreter's products, normalisations and activations run:
+/// the graph's backend. On the CPU they run on the host tensors in place;
+/// on a device the operands go there (weights once, at load: `prepared`),
+/// the kernel runs, and the result comes back. The other operators run on
+/// the host.
+pub(crate) struct Compute<'a> {
+    pub pass: Pass<'a>,
+    pub prepared: &'a HashMap<String, Array>,
+}
+
+impl Compute<'_> {
+    fn on_host(&self) -> bool {
+        self.pass.backend.info().kind == DeviceKind::Cpu
+    }
+
+    /// `alpha · a · b`: `a` is `[batch, m, k]`, `b` (named `b_name`, as a
+    /// graph input or initializer) is `[1 or batch, k, n]` (`[.., n, k]`
+    /// when `transpose_b`); `[batch, m, n]`.
+    #[allow(clippy::too_many_arguments)]
+    fn product(&self, a: &[f32], [batch, m, k]: [usize; 3], b: &[f32], b_name: &str, b_batch: usize, transpose_b: bool, n: usize, alpha: f32) -> Result<Vec<f32>, Error> {
+        if self.on_host() {
+            let mut out = vec![0.0; batch * m * n];
+            for i in 0..batch {
+                let boff = if b_batch == 1 { 0 } else { i * k * n };
+                let bview = if transpose_b { View::dense(n, k, boff).t() } else { View::dense(k, n, boff) };
+                gemm(alpha, a, View::dense(m, k, i * m * k), b, bview, 0.0, &mut out, View::dense(m, n, i * m * n));
+            }
+            return Ok(out);
+        }
+        let a = self.pass.upload(vec![batch, m, k], a.to_vec())?;
+        let uploaded;
+        let b = match self.prepared.get(b_name) {
+            Some(prepared) => prepared,
+            None => {
+                let shape = if transpose_b { vec![b_batch, n, k] } else { vec![b_batch, k, n] };
+                uploaded = self.pass.upload(shape, b.to_vec())?;
+                &uploaded
+            }
+        };
+        self.pass.download(&self.pass.matmul(&a, b, transpose_b, alpha)?)
+    }
+
+    /// `f` on every element of `values`.
+    fn activation(&self, mut values: Vec<f32>, f: Activation) -> Result<Vec<f32>, Error> {
+        if self.on_host() {
+            activate(&mut values, f);
+            return Ok(values);
+        }
+        let n = values.len();
+        self.pass.download(&self.pass.activation(&self.pass.upload(vec![n], values)?, f)?)
+    }
+
+    /// Softmax of each row of `width`.
+    fn softmax(&self, mut values: Vec<f32>, width: usize) -> Result<Vec<f32>, Error> {
+        if self.on_host() || width == 0 {
+            softmax_rows(&mut values, width);
+            return Ok(values);
+        }
+        let rows = values.len() / width;
+        self.pass.download(&self.pass.softmax(&self.pass.upload(vec![rows, width], values)?)?)
+    }
+
+    /// Layer normalisation of each row of `gamma.len()`.
+    fn layer_norm(&self, mut values: Vec<f32>, gamma: &[f32], beta: &[f32], eps: f32) -> Result<Vec<f32>, Error> {
+        let width = gamma.len();
+        if self.on_host() || width == 0 {
+            layer_norm(&mut values, gamma, beta, eps);
+            return Ok(values);
+        }
+        let backend = self.pass.backend;
+        let (g, b) = (backend.weight(HostWeight::vector(gamma.to_vec()))?, backend.weight(HostWeight::vector(beta.to_vec()))?);
+        let rows = values.len() / width;
+        self.pass.download(&self.pass.layer_norm(&self.pass.upload(vec![rows, width], values)?, &g, &b, eps)?)
+    }
+}
 
 /// Reserves every buffer a node allocates from the pass's budget before
 /// allocating it, and holds the reservations for as long as the pass keeps
@@ -89,7 +167,7 @@ fn axis(value: i64, rank: usize) -> Result<usize, Error> {
 }
 
 /// Runs one node, reserving what it allocates from `alloc` first.
-pub(crate) fn apply(node: &Node, args: &[Option<&Tensor>], alloc: &mut Alloc<'_>) -> Result<Vec<Tensor>, Error> {
+pub(crate) fn apply(node: &Node, args: &[Option<&Tensor>], alloc: &mut Alloc<'_>, compute: &Compute) -> Result<Vec<Tensor>, Error> {
     alloc.op.clone_from(&node.op);
     let x = || arg(args, 0);
     // Operators whose output is the size of their first input.
@@ -104,23 +182,19 @@ pub(crate) fn apply(node: &Node, args: &[Option<&Tensor>], alloc: &mut Alloc<'_>
         "Sub" => binary(x()?, arg(args, 1)?, |a, b| a - b, alloc)?,
         "Mul" => binary(x()?, arg(args, 1)?, |a, b| a * b, alloc)?,
         "Div" => binary(x()?, arg(args, 1)?, |a, b| a / b, alloc)?,
-        "Relu" => unary(x()?, |v| v.max(0.0))?,
-        "Sigmoid" => unary(x()?, |v| 1.0 / (1.0 + (-v).exp()))?,
-        "Tanh" => unary(x()?, f32::tanh)?,
-        "Erf" => unary(x()?, libm::erff)?,
+        "Relu" => activation(x()?, Activation::Relu, compute)?,
+        "Sigmoid" => activation(x()?, Activation::Sigmoid, compute)?,
+        "Tanh" => activation(x()?, Activation::Tanh, compute)?,
+        "Erf" => activation(x()?, Activation::Erf, compute)?,
         "Gelu" => match string(node, "approximate", "none") {
-            "none" => {
-                let mut y = x()?.as_f32("the input")?.to_vec();
-                crate::cpu::gelu(&mut y);
-                Tensor::f32(x()?.shape().to_vec(), y)
-            }
-            "tanh" => unary(x()?, |v| 0.5 * v * (1.0 + (0.797_884_6 * (v + 0.044715 * v * v * v)).tanh()))?,
+            "none" => activation(x()?, Activation::Gelu, compute)?,
+            "tanh" => activation(x()?, Activation::GeluTanh, compute)?,
             other => return Err(unsupported(node, &format!("approximate={other:?}"))),
         },
-        "Softmax" => softmax(x()?, int(node, "axis", -1))?,
-        "MatMul" => matmul(x()?, arg(args, 1)?, alloc)?,
-        "Gemm" => gemm_op(node, x()?, arg(args, 1)?, args.get(2).copied().flatten(), alloc)?,
-        "Conv" => conv(node, x()?, arg(args, 1)?, args.get(2).copied().flatten(), alloc)?,
+        "Softmax" => softmax(x()?, int(node, "axis", -1), compute)?,
+        "MatMul" => matmul(x()?, arg(args, 1)?, &node.inputs[1], alloc, compute)?,
+        "Gemm" => gemm_op(node, x()?, arg(args, 1)?, args.get(2).copied().flatten(), alloc, compute)?,
+        "Conv" => conv(node, x()?, arg(args, 1)?, args.get(2).copied().flatten(), alloc, compute)?,
         "MaxPool" | "AveragePool" => {
             if node.outputs.len() > 1 {
                 return Err(unsupported(node, "an Indices output"));
@@ -140,7 +214,7 @@ pub(crate) fn apply(node: &Node, args: &[Option<&Tensor>], alloc: &mut Alloc<'_>
             if node.outputs.len() > 1 {
                 return Err(unsupported(node, "Mean or InvStdDev outputs"));
             }
-            layer_norm_op(x()?, arg(args, 1)?, args.get(2).copied().flatten(), int(node, "axis", -1), float(node, "epsilon", 1e-5))?
+            layer_norm_op(x()?, arg(args, 1)?, args.get(2).copied().flatten(), int(node, "axis", -1), float(node, "epsilon", 1e-5), compute)?
         }
         "Identity" => x()?.clone(),
         "Constant" => constant(node, alloc)?,
@@ -164,9 +238,9 @@ fn constant(node: &Node, alloc: &mut Alloc<'_>) -> Result<Tensor, Error> {
     })
 }
 
-fn unary(t: &Tensor, f: impl Fn(f32) -> f32) -> Result<Tensor, Error> {
-    let v = t.as_f32("the input")?;
-    Ok(Tensor::f32(t.shape().to_vec(), v.iter().map(|&x| f(x)).collect()))
+fn activation(t: &Tensor, f: Activation, compute: &Compute) -> Result<Tensor, Error> {
+    let v = compute.activation(t.as_f32("the input")?.to_vec(), f)?;
+    Ok(Tensor::f32(t.shape().to_vec(), v))
 }
 
 /// Numpy-style broadcasting of two shapes.
@@ -228,7 +302,7 @@ fn binary(a: &Tensor, b: &Tensor, f: fn(f32, f32) -> f32, alloc: &mut Alloc<'_>)
     Ok(Tensor::f32(shape, out))
 }
 
-fn softmax(t: &Tensor, axis_attr: i64) -> Result<Tensor, Error> {
+fn softmax(t: &Tensor, axis_attr: i64, compute: &Compute) -> Result<Tensor, Error> {
     let a = axis(axis_attr, t.shape().len())?;
     let mut v = t.as_f32("the input")?.to_vec();
     if v.is_empty() {
@@ -236,7 +310,7 @@ fn softmax(t: &Tensor, axis_attr: i64) -> Result<Tensor, Error> {
     }
     let (len, inner) = (t.shape()[a], t.shape()[a + 1..].iter().product::<usize>());
     if inner == 1 {
-        softmax_rows(&mut v, len.max(1));
+        v = compute.softmax(v, len.max(1))?;
     } else {
         let mut column = vec![0.0; len];
         for block in v.chunks_exact_mut(len * inner) {
@@ -250,7 +324,7 @@ fn softmax(t: &Tensor, axis_attr: i64) -> Result<Tensor, Error> {
     Ok(Tensor::f32(t.shape().to_vec(), v))
 }
 
-fn matmul(a: &Tensor, b: &Tensor, alloc: &mut Alloc<'_>) -> Result<Tensor, Error> {
+fn matmul(a: &Tensor, b: &Tensor, b_name: &str, alloc: &mut Alloc<'_>, compute: &Compute) -> Result<Tensor, Error> {
     let (av, bv) = (a.as_f32("A")?, b.as_f32("B")?);
     let (sa, sb) = (a.shape(), b.shape());
     if sa.len() < 2 || sb.len() < 2 {
@@ -270,35 +344,26 @@ fn matmul(a: &Tensor, b: &Tensor, alloc: &mut Alloc<'_>) -> Result<Tensor, Error
         // Nothing to compute, however many empty batches the shapes name.
         return Ok(Tensor::f32(shape, Vec::new()));
     }
-    let mut out = vec![0.0; batches * m * n];
-    if nb_b == 1 {
+    let out = if nb_b == 1 {
         // One right-hand matrix: fold the batch into the rows.
-        gemm(1.0, av, View::dense(batches * m, k, 0), bv, View::dense(k, n, 0), 0.0, &mut out, View::dense(batches * m, n, 0));
+        compute.product(av, [1, batches * m, k], bv, b_name, 1, false, n, 1.0)?
     } else {
-        for i in 0..batches {
-            gemm(1.0, av, View::dense(m, k, i * m * k), bv, View::dense(k, n, i * k * n), 0.0, &mut out, View::dense(m, n, i * m * n));
-        }
-    }
+        compute.product(av, [batches, m, k], bv, b_name, batches, false, n, 1.0)?
+    };
     Ok(Tensor::f32(shape, out))
 }
 
-fn gemm_op(node: &Node, a: &Tensor, b: &Tensor, c: Option<&Tensor>, alloc: &mut Alloc<'_>) -> Result<Tensor, Error> {
+fn gemm_op(node: &Node, a: &Tensor, b: &Tensor, c: Option<&Tensor>, alloc: &mut Alloc<'_>, compute: &Compute) -> Result<Tensor, Error> {
     let (sa, sb) = (a.shape(), b.shape());
     if sa.len() != 2 || sb.len() != 2 {
         return Err(invalid_input(format!("Gemm needs matrices, got {sa:?} and {sb:?}")));
     }
-    let mut av = View::dense(sa[0], sa[1], 0);
-    let mut bv = View::dense(sb[0], sb[1], 0);
-    if int(node, "transA", 0) != 0 {
-        av = av.t();
-    }
-    if int(node, "transB", 0) != 0 {
-        bv = bv.t();
-    }
-    if av.cols != bv.rows {
+    let (trans_a, trans_b) = (int(node, "transA", 0) != 0, int(node, "transB", 0) != 0);
+    let (m, k) = if trans_a { (sa[1], sa[0]) } else { (sa[0], sa[1]) };
+    let (k2, n) = if trans_b { (sb[1], sb[0]) } else { (sb[0], sb[1]) };
+    if k != k2 {
         return Err(invalid_input(format!("Gemm of {sa:?} and {sb:?}: inner dimensions differ")));
     }
-    let (m, n) = (av.rows, bv.cols);
     let (alpha, beta) = (float(node, "alpha", 1.0), float(node, "beta", 1.0));
     alloc.f32(&[m, n], "output")?;
     let mut y = match c {
@@ -312,7 +377,16 @@ fn gemm_op(node: &Node, a: &Tensor, b: &Tensor, c: Option<&Tensor>, alloc: &mut 
         }
         None => vec![0.0; m * n],
     };
-    gemm(alpha, a.as_f32("A")?, av, b.as_f32("B")?, bv, 1.0, &mut y, View::dense(m, n, 0));
+    let av = a.as_f32("A")?;
+    let a_rows = if trans_a {
+        // A transposed, as rows: the products take `a` row-major.
+        alloc.f32(&[m, k], "transposed input")?;
+        (0..m).flat_map(|i| (0..k).map(move |j| av[j * m + i])).collect()
+    } else {
+        av.to_vec()
+    };
+    let product = compute.product(&a_rows, [1, m, k], b.as_f32("B")?, &node.inputs[1], 1, trans_b, n, alpha)?;
+    y.iter_mut().zip(product).for_each(|(y, p)| *y += p);
     Ok(Tensor::f32(vec![m, n], y))
 }
 
@@ -379,7 +453,7 @@ fn nchw(t: &Tensor) -> Result<[usize; 4], Error> {
     }
 }
 
-fn conv(node: &Node, x: &Tensor, w: &Tensor, bias: Option<&Tensor>, alloc: &mut Alloc<'_>) -> Result<Tensor, Error> {
+fn conv(node: &Node, x: &Tensor, w: &Tensor, bias: Option<&Tensor>, alloc: &mut Alloc<'_>, compute: &Compute) -> Result<Tensor, Error> {
     let [n, c, h, wd] = nchw(x)?;
     let [m, cg, kh, kw] = nchw(w)?;
     let group = int(node, "group", 1);
@@ -419,7 +493,9 @@ fn conv(node: &Node, x: &Tensor, w: &Tensor, bias: Option<&Tensor>, alloc: &mut 
                 }
             }
             let offset = (b * m + g * mg) * oh * ow;
-            gemm(1.0, wv, View::dense(mg, patch, g * mg * patch), &cols, View::dense(patch, oh * ow, 0), 0.0, &mut out, View::dense(mg, oh * ow, offset));
+            let weights = &wv[g * mg * patch..(g + 1) * mg * patch];
+            let product = compute.product(weights, [1, mg, patch], &cols, "", 1, false, oh * ow, 1.0)?;
+            out[offset..offset + mg * oh * ow].copy_from_slice(&product);
         }
     }
     if let Some(bias) = bias {
@@ -563,7 +639,7 @@ fn transpose(x: &Tensor, perm: Option<Vec<i64>>) -> Result<Tensor, Error> {
     Tensor::new(shape, data)
 }
 
-fn layer_norm_op(x: &Tensor, scale: &Tensor, bias: Option<&Tensor>, axis_attr: i64, eps: f32) -> Result<Tensor, Error> {
+fn layer_norm_op(x: &Tensor, scale: &Tensor, bias: Option<&Tensor>, axis_attr: i64, eps: f32, compute: &Compute) -> Result<Tensor, Error> {
     let a = axis(axis_attr, x.shape().len())?;
     let width: usize = x.shape()[a..].iter().product();
     let gamma = scale.as_f32("Scale")?;
@@ -574,20 +650,18 @@ fn layer_norm_op(x: &Tensor, scale: &Tensor, bias: Option<&Tensor>, axis_attr: i
     if gamma.len() != width || beta.len() != width {
         return Err(invalid_input(format!("LayerNormalization over {width} values has a scale of {} and a bias of {}", gamma.len(), beta.len())));
     }
-    let mut v = x.as_f32("X")?.to_vec();
-    layer_norm(&mut v, gamma, &beta, eps);
+    let v = compute.layer_norm(x.as_f32("X")?.to_vec(), gamma, &beta, eps)?;
     Ok(Tensor::f32(x.shape().to_vec(), v))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashMap;
 
     fn node(op: &str, attrs: &[(&str, Attr)]) -> Node {
         Node {
             op: op.into(),
-            inputs: vec![],
+            inputs: vec!["x".into(), "b".into()],
             outputs: vec!["y".into()],
             attrs: attrs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect::<HashMap<_, _>>(),
         }
@@ -604,7 +678,9 @@ mod tests {
     fn try_run(n: &Node, args: &[&Tensor]) -> Result<Tensor, Error> {
         let args: Vec<Option<&Tensor>> = args.iter().map(|a| Some(*a)).collect();
         let budget = Budget::new(1 << 20);
-        Ok(apply(n, &args, &mut Alloc::new(&budget))?.remove(0))
+        let (cpu, prepared) = (crate::backend::cpu::CpuBackend::new(), HashMap::new());
+        let compute = Compute { pass: Pass::new(&cpu, &budget), prepared: &prepared };
+        Ok(apply(n, &args, &mut Alloc::new(&budget), &compute)?.remove(0))
     }
 
     #[test]

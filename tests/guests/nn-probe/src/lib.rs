@@ -8,7 +8,8 @@
 //! - `/wrong-name?NAME`: an input the graph does not take.
 //! - `/onnx-garbage`: load bytes that are not ONNX.
 //! - `/onnx-bytes`: load examples/classify/digits.onnx from bytes built
-//!   into the component and classify an empty image.
+//!   into the component and classify an empty image; `/onnx-bytes-gpu`
+//!   the same, asking for a GPU.
 //! - `POST /embed-lines?NAME`: embed each line of the body in one call
 //!   (the benchmark's wasi-nn path); answers the token count.
 //! - `POST /zeros?NAME`: compute on the input `text`, FP32 of dimensions
@@ -41,8 +42,9 @@ fn probe(path: &str, name: &str, body: &[u8]) -> Result<String, Error> {
             let out = Graph::load_by_name(name)?.compute(&[("text", Tensor::texts(&lines)?)])?;
             Ok(format!("tokens {}", out.get("token_counts")?.to_i64()?.iter().sum::<i64>()))
         }
-        "/onnx-bytes" => {
-            let model = Graph::load_onnx(include_bytes!("../../../../examples/classify/digits.onnx"))?;
+        "/onnx-bytes" | "/onnx-bytes-gpu" => {
+            let bytes = include_bytes!("../../../../examples/classify/digits.onnx");
+            let model = if path == "/onnx-bytes" { Graph::load_onnx(bytes)? } else { Graph::load_onnx_on_gpu(bytes)? };
             let out = model.compute(&[("pixels", Tensor::f32(&[1, 1, 8, 8], &[0.0; 64]))])?;
             let p = out.get("probabilities")?.to_f32()?;
             Ok(format!("{} probabilities summing to {:.3}", p.len(), p.iter().sum::<f32>()))

@@ -1,0 +1,554 @@
+//! The CPU backend and its kernels: matrix multiply (matrixmultiply's
+//! sgemm, which picks AVX2/FMA or SSE at run time and threads large
+//! products), the row operations transformers and small classifiers need,
+//! attention over packed sequences (heads in parallel), rotary embeddings,
+//! and products with quantised weights decoded block by block.
+
+use super::{
+    Activation, Array, AttentionSpec, Backend, DeviceInfo, DeviceKind, HostData, HostWeight, RopeSpec, Weight, WeightFormat,
+    MatmulDims, check_attention, check_elementwise, check_linear, check_matmul, check_rope, check_values,
+};
+use crate::error::{Error, invalid_input};
+use crate::quant;
+use rayon::prelude::*;
+
+/// A matrix view: `data[offset + i * row_stride + j * col_stride]` for
+/// `i < rows`, `j < cols`.
+#[derive(Clone, Copy, Debug)]
+pub struct View {
+    /// Rows.
+    pub rows: usize,
+    /// Columns.
+    pub cols: usize,
+    /// First element.
+    pub offset: usize,
+    /// Distance between rows.
+    pub row_stride: usize,
+    /// Distance between columns.
+    pub col_stride: usize,
+}
+
+impl View {
+    /// A dense row-major `rows x cols` matrix at `offset`.
+    pub fn dense(rows: usize, cols: usize, offset: usize) -> View {
+        View { rows, cols, offset, row_stride: cols, col_stride: 1 }
+    }
+
+    /// The same elements seen transposed.
+    pub fn t(self) -> View {
+        View { rows: self.cols, cols: self.rows, row_stride: self.col_stride, col_stride: self.row_stride, ..self }
+    }
+
+    /// Whether every element lies inside a buffer of `len`.
+    fn fits(&self, len: usize) -> bool {
+        if self.rows == 0 || self.cols == 0 {
+            return true;
+        }
+        let last = (self.rows - 1)
+            .checked_mul(self.row_stride)
+            .and_then(|r| r.checked_add((self.cols - 1).checked_mul(self.col_stride)?))
+            .and_then(|x| x.checked_add(self.offset));
+        last.is_some_and(|last| last < len)
+    }
+}
+
+/// `c = alpha * a·b + beta * c` on views; panics when a view leaves its
+/// buffer or the dimensions disagree (callers check shapes first).
+pub fn gemm(alpha: f32, a: &[f32], av: View, b: &[f32], bv: View, beta: f32, c: &mut [f32], cv: View) {
+    assert!(av.cols == bv.rows && av.rows == cv.rows && bv.cols == cv.cols, "gemm dimensions disagree");
+    assert!(av.fits(a.len()) && bv.fits(b.len()) && cv.fits(c.len()), "gemm view out of bounds");
+    if cv.rows == 0 || cv.cols == 0 {
+        return;
+    }
+    // SAFETY: every element the views address is inside its slice (checked
+    // above), `c` is borrowed mutably and the strides fit in isize because
+    // the addressed offsets fit in the slices.
+    unsafe {
+        matrixmultiply::sgemm(
+            av.rows,
+            av.cols,
+            bv.cols,
+            alpha,
+            a.as_ptr().add(av.offset),
+            av.row_stride as isize,
+            av.col_stride as isize,
+            b.as_ptr().add(bv.offset),
+            bv.row_stride as isize,
+            bv.col_stride as isize,
+            beta,
+            c.as_mut_ptr().add(cv.offset),
+            cv.row_stride as isize,
+            cv.col_stride as isize,
+        );
+    }
+}
+
+/// `x[rows, inp] · wᵀ + bias` for a weight stored `[out, inp]` (the
+/// PyTorch `Linear` layout); returns `[rows, out]`.
+pub fn linear(x: &[f32], rows: usize, inp: usize, w: &[f32], out: usize, bias: Option<&[f32]>) -> Vec<f32> {
+    debug_assert!(x.len() == rows * inp && w.len() == out * inp);
+    let mut y = vec![0.0; rows * out];
+    if let Some(bias) = bias {
+        for row in y.chunks_exact_mut(out) {
+            row.copy_from_slice(bias);
+        }
+    }
+    let beta = if bias.is_some() { 1.0 } else { 0.0 };
+    gemm(1.0, x, View::dense(rows, inp, 0), w, View::dense(out, inp, 0).t(), beta, &mut y, View::dense(rows, out, 0));
+    y
+}
+
+/// Layer normalisation of each row of `x` (width `gamma.len()`), in place.
+pub fn layer_norm(x: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32) {
+    let width = gamma.len();
+    if width == 0 {
+        return;
+    }
+    for row in x.chunks_exact_mut(width) {
+        let mean = row.iter().sum::<f32>() / width as f32;
+        let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / width as f32;
+        let inv = 1.0 / (var + eps).sqrt();
+        for ((v, g), b) in row.iter_mut().zip(gamma).zip(beta) {
+            *v = (*v - mean) * inv * g + b;
+        }
+    }
+}
+
+/// The erf GELU, in place: `x/2 * (1 + erf(x/sqrt 2))`, with erf from
+/// Abramowitz & Stegun 7.1.26 (absolute error below 1e-6 in f32) and a
+/// branch-free exp, so the loop vectorises (8 lanes with AVX2 and FMA,
+/// chosen at run time; 4 with the SSE2 baseline).
+pub fn gelu(x: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU supports AVX2 and FMA, checked just above.
+        return unsafe { gelu_avx2(x) };
+    }
+    gelu_portable(x)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn gelu_avx2(x: &mut [f32]) {
+    gelu_portable(x)
+}
+
+#[inline(always)]
+fn gelu_portable(x: &mut [f32]) {
+    for v in x {
+        *v = 0.5 * *v * (1.0 + erf(*v * std::f32::consts::FRAC_1_SQRT_2));
+    }
+}
+
+/// erf by Abramowitz & Stegun 7.1.26.
+#[inline(always)]
+pub(crate) fn erf(x: f32) -> f32 {
+    let a = x.abs();
+    let t = 1.0 / (1.0 + 0.327_591_1 * a);
+    let poly = t * (0.254_829_6 + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152 + t * 1.061_405_4))));
+    let y = 1.0 - poly * exp(-a * a);
+    y.copysign(x)
+}
+
+/// e^x without branches or library calls: 2^n by exponent bits times a
+/// degree-6 polynomial on the remainder (relative error below 5e-6);
+/// inputs are clamped to [-87, 88].
+#[inline(always)]
+pub(crate) fn exp(x: f32) -> f32 {
+    let x = x.clamp(-87.0, 88.0);
+    // Round x / ln 2 to the nearest integer with the 1.5 * 2^23 trick.
+    const SHIFT: f32 = 12_582_912.0;
+    let n = (x * std::f32::consts::LOG2_E + SHIFT) - SHIFT;
+    let r = x - n * 0.693_145_75 - n * 1.428_606_8e-6;
+    let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    p * scale
+}
+
+/// Softmax of each row of width `width`, in place.
+pub fn softmax_rows(x: &mut [f32], width: usize) {
+    if width == 0 {
+        return;
+    }
+    for row in x.chunks_exact_mut(width) {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0.0;
+        for v in row.iter_mut() {
+            *v = (*v - max).exp();
+            sum += *v;
+        }
+        for v in row.iter_mut() {
+            *v /= sum;
+        }
+    }
+}
+
+/// RMS normalisation of each row of `x` (width `gamma.len()`), in place.
+pub fn rms_norm(x: &mut [f32], gamma: &[f32], eps: f32) {
+    let width = gamma.len();
+    if width == 0 {
+        return;
+    }
+    for row in x.chunks_exact_mut(width) {
+        let mean_square = row.iter().map(|v| v * v).sum::<f32>() / width as f32;
+        let inv = 1.0 / (mean_square + eps).sqrt();
+        row.iter_mut().zip(gamma).for_each(|(v, g)| *v *= inv * g);
+    }
+}
+
+/// `x σ(x)`, in place.
+pub fn silu(x: &mut [f32]) {
+    x.iter_mut().for_each(|v| *v /= 1.0 + exp(-*v));
+}
+
+/// `f` applied to every element of `x`, in place.
+pub fn activate(x: &mut [f32], f: Activation) {
+    match f {
+        Activation::Gelu => gelu(x),
+        Activation::Silu => silu(x),
+        Activation::GeluTanh => x.iter_mut().for_each(|v| *v = 0.5 * *v * (1.0 + (0.797_884_6 * (*v + 0.044715 * *v * *v * *v)).tanh())),
+        Activation::Relu => x.iter_mut().for_each(|v| *v = v.max(0.0)),
+        Activation::Sigmoid => x.iter_mut().for_each(|v| *v = 1.0 / (1.0 + exp(-*v))),
+        Activation::Tanh => x.iter_mut().for_each(|v| *v = v.tanh()),
+        Activation::Erf => x.iter_mut().for_each(|v| *v = erf(*v)),
+    }
+}
+
+/// Rotary position embedding of each row of `x` at `positions[row]`, in place.
+pub fn rope(x: &mut [f32], positions: &[u32], spec: &RopeSpec) {
+    let width = spec.heads * spec.dim;
+    let half = spec.rotated / 2;
+    let freqs: Vec<f32> = (0..half).map(|i| spec.theta.powf(-2.0 * i as f32 / spec.rotated as f32)).collect();
+    for (row, &pos) in x.chunks_exact_mut(width).zip(positions) {
+        for head in row.chunks_exact_mut(spec.dim) {
+            for (i, f) in freqs.iter().enumerate() {
+                let (sin, cos) = (pos as f32 * f).sin_cos();
+                let (a, b) = if spec.interleaved { (2 * i, 2 * i + 1) } else { (i, i + half) };
+                let (x0, x1) = (head[a], head[b]);
+                head[a] = x0 * cos - x1 * sin;
+                head[b] = x0 * sin + x1 * cos;
+            }
+        }
+    }
+}
+
+/// Attention over packed sequences (see [`AttentionSpec`]); heads of all
+/// sequences run in parallel.
+pub fn attention(q: &[f32], k: &[f32], v: &[f32], spec: &AttentionSpec) -> Vec<f32> {
+    let (heads, kv_heads, dim) = (spec.heads, spec.kv_heads, spec.dim);
+    let (qw, kw) = (heads * dim, kv_heads * dim);
+    let group = heads / kv_heads;
+    let mut starts = Vec::with_capacity(spec.lens.len());
+    let mut at = 0;
+    for &len in &spec.lens {
+        starts.push(at);
+        at += len;
+    }
+    let work: Vec<(usize, usize, usize)> =
+        starts.iter().zip(&spec.lens).flat_map(|(&start, &len)| (0..heads).map(move |head| (start, len, head))).collect();
+    let parts: Vec<Vec<f32>> = work
+        .par_iter()
+        .map(|&(start, len, head)| {
+            let kv = head / group;
+            let view = |offset: usize, stride: usize| View { rows: len, cols: dim, offset, row_stride: stride, col_stride: 1 };
+            let mut scores = vec![0.0; len * len];
+            gemm(spec.scale, q, view(start * qw + head * dim, qw), k, view(start * kw + kv * dim, kw).t(), 0.0, &mut scores, View::dense(len, len, 0));
+            if spec.causal {
+                for (i, row) in scores.chunks_exact_mut(len).enumerate() {
+                    row[i + 1..].iter_mut().for_each(|s| *s = f32::NEG_INFINITY);
+                }
+            }
+            softmax_rows(&mut scores, len);
+            let mut out = vec![0.0; len * dim];
+            gemm(1.0, &scores, View::dense(len, len, 0), v, view(start * kw + kv * dim, kw), 0.0, &mut out, View::dense(len, dim, 0));
+            out
+        })
+        .collect();
+    let mut context = vec![0.0; at * qw];
+    for (&(start, len, head), part) in work.iter().zip(parts) {
+        for i in 0..len {
+            context[(start + i) * qw + head * dim..][..dim].copy_from_slice(&part[i * dim..][..dim]);
+        }
+    }
+    context
+}
+
+/// `x [rows, cols] · wᵀ` for a weight of encoded rows: each output is a dot
+/// product with the weight's row decoded block by block (never the whole
+/// weight as floats); output columns are split across threads.
+pub fn linear_encoded(x: &[f32], rows: usize, cols: usize, format: WeightFormat, w: &[u8], out: usize) -> Vec<f32> {
+    let (values, size) = format.block();
+    let row_bytes = cols / values * size;
+    let mut y = vec![0.0; rows * out];
+    let columns: Vec<Vec<f32>> = (0..out)
+        .into_par_iter()
+        .map(|o| {
+            let mut block = vec![0.0; values];
+            let weights = &w[o * row_bytes..(o + 1) * row_bytes];
+            let mut dots = vec![0.0; rows];
+            for (b, encoded) in weights.chunks_exact(size).enumerate() {
+                quant::decode_block(format, encoded, &mut block);
+                for (r, dot) in dots.iter_mut().enumerate() {
+                    let xs = &x[r * cols + b * values..][..values];
+                    *dot += xs.iter().zip(&block).map(|(a, b)| a * b).sum::<f32>();
+                }
+            }
+            dots
+        })
+        .collect();
+    for (o, dots) in columns.iter().enumerate() {
+        for (r, d) in dots.iter().enumerate() {
+            y[r * out + o] = *d;
+        }
+    }
+    y
+}
+
+/// The host's CPUs.
+pub struct CpuBackend {
+    info: DeviceInfo,
+}
+
+impl CpuBackend {
+    /// The CPU backend, computing on the threads of rayon's global pool.
+    pub fn new() -> CpuBackend {
+        let threads = rayon::current_num_threads();
+        CpuBackend {
+            info: DeviceInfo {
+                kind: DeviceKind::Cpu,
+                name: "cpu".into(),
+                driver: format!("{threads} threads{}", if cfg!(target_arch = "x86_64") && std::arch::is_x86_feature_detected!("avx2") { ", AVX2" } else { "" }),
+                memory_bytes: None,
+                f16: false,
+            },
+        }
+    }
+}
+
+impl Default for CpuBackend {
+    fn default() -> Self {
+        CpuBackend::new()
+    }
+}
+
+/// The values of a host array, or an error for another backend's.
+fn values(a: &Array) -> Result<&[f32], Error> {
+    a.host_values().ok_or_else(|| Error::Unsupported("an array of another device was given to the CPU backend".into()))
+}
+
+/// A float weight's values (every weight of this backend but a linear
+/// layer's is kept as floats).
+fn floats(w: &Weight) -> Result<&[f32], Error> {
+    match w.host_data() {
+        Some(HostData::F32(v)) => Ok(v),
+        _ => Err(invalid_input(format!("a {:?} weight where floats are needed", w.format))),
+    }
+}
+
+fn elementwise(a: &Array, b: &Array, f: impl Fn(f32, f32) -> f32) -> Result<Array, Error> {
+    let row = check_elementwise(a, b)?;
+    let (av, bv) = (values(a)?, values(b)?);
+    let out = match row {
+        false => av.iter().zip(bv).map(|(x, y)| f(*x, *y)).collect(),
+        true => av.chunks_exact(bv.len().max(1)).flat_map(|r| r.iter().zip(bv).map(|(x, y)| f(*x, *y))).collect(),
+    };
+    Ok(Array::host(a.shape().to_vec(), out))
+}
+
+impl Backend for CpuBackend {
+    fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    fn upload(&self, shape: Vec<usize>, values: Vec<f32>) -> Result<Array, Error> {
+        check_values(&shape, values.len())?;
+        Ok(Array::host(shape, values))
+    }
+
+    fn download(&self, array: &Array) -> Result<Vec<f32>, Error> {
+        Ok(values(array)?.to_vec())
+    }
+
+    fn weight(&self, weight: HostWeight) -> Result<Weight, Error> {
+        // Half floats become floats (the CPU computes in f32); quantised
+        // blocks stay blocks, decoded as products run.
+        let weight = match weight.data {
+            HostData::Encoded(format @ (WeightFormat::F16 | WeightFormat::BF16), bytes) => {
+                HostWeight::f32(weight.rows, weight.cols, quant::decode(format, &bytes))
+            }
+            _ => weight,
+        };
+        Ok(Weight::host(weight))
+    }
+
+    fn embedding(&self, table: &Weight, ids: &[u32]) -> Result<Array, Error> {
+        let cols = table.cols;
+        let mut out = Vec::with_capacity(ids.len() * cols);
+        for &id in ids {
+            let id = id as usize;
+            if id >= table.rows {
+                return Err(invalid_input(format!("token id {id} outside the vocabulary of {}", table.rows)));
+            }
+            match table.host_data() {
+                Some(HostData::F32(v)) => out.extend_from_slice(&v[id * cols..(id + 1) * cols]),
+                Some(HostData::Encoded(format, bytes)) => {
+                    let row = format.row_bytes(cols).expect("checked when loaded");
+                    out.extend(quant::decode(*format, &bytes[id * row..(id + 1) * row]));
+                }
+                None => return Err(Error::Unsupported("a weight of another device was given to the CPU backend".into())),
+            }
+        }
+        Ok(Array::host(vec![ids.len(), cols], out))
+    }
+
+    fn linear(&self, x: &Array, w: &Weight, bias: Option<&Weight>) -> Result<Array, Error> {
+        let (rows, cols, out) = check_linear(x, w, bias)?;
+        let xv = values(x)?;
+        let mut y = match w.host_data() {
+            Some(HostData::F32(wv)) => linear(xv, rows, cols, wv, out, None),
+            Some(HostData::Encoded(format, bytes)) => linear_encoded(xv, rows, cols, *format, bytes, out),
+            None => return Err(Error::Unsupported("a weight of another device was given to the CPU backend".into())),
+        };
+        if let Some(bias) = bias {
+            let b = floats(bias)?;
+            y.chunks_exact_mut(out).for_each(|row| row.iter_mut().zip(b).for_each(|(v, b)| *v += b));
+        }
+        Ok(Array::host(vec![rows, out], y))
+    }
+
+    fn matmul(&self, a: &Array, b: &Array, transpose_b: bool, alpha: f32) -> Result<Array, Error> {
+        let MatmulDims { batch, b_batched, m, k, n, shape } = check_matmul(a, b, transpose_b)?;
+        let (av, bv) = (values(a)?, values(b)?);
+        let mut out = vec![0.0; batch * m * n];
+        if batch * m * n > 0 {
+            for i in 0..batch {
+                let boff = if b_batched { i * k * n } else { 0 };
+                let bview = if transpose_b { View::dense(n, k, boff).t() } else { View::dense(k, n, boff) };
+                gemm(alpha, av, View::dense(m, k, i * m * k), bv, bview, 0.0, &mut out, View::dense(m, n, i * m * n));
+            }
+        }
+        Ok(Array::host(shape, out))
+    }
+
+    fn add(&self, a: &Array, b: &Array) -> Result<Array, Error> {
+        elementwise(a, b, |x, y| x + y)
+    }
+
+    fn mul(&self, a: &Array, b: &Array) -> Result<Array, Error> {
+        elementwise(a, b, |x, y| x * y)
+    }
+
+    fn add_row(&self, x: &Array, row: &Weight) -> Result<Array, Error> {
+        let r = floats(row)?;
+        let xv = values(x)?;
+        if r.len() != x.matrix().1 {
+            return Err(invalid_input(format!("adding a row of {} to {:?}", r.len(), x.shape())));
+        }
+        let out = xv.chunks_exact(r.len().max(1)).flat_map(|row| row.iter().zip(r).map(|(a, b)| a + b)).collect();
+        Ok(Array::host(x.shape().to_vec(), out))
+    }
+
+    fn layer_norm(&self, x: &Array, gamma: &Weight, beta: &Weight, eps: f32) -> Result<Array, Error> {
+        let (g, b) = (floats(gamma)?, floats(beta)?);
+        if g.len() != x.matrix().1 || b.len() != g.len() {
+            return Err(invalid_input(format!("layer norm of {:?} with {} scales and {} biases", x.shape(), g.len(), b.len())));
+        }
+        let mut v = values(x)?.to_vec();
+        layer_norm(&mut v, g, b, eps);
+        Ok(Array::host(x.shape().to_vec(), v))
+    }
+
+    fn rms_norm(&self, x: &Array, gamma: &Weight, eps: f32) -> Result<Array, Error> {
+        let g = floats(gamma)?;
+        if g.len() != x.matrix().1 {
+            return Err(invalid_input(format!("RMS norm of {:?} with {} scales", x.shape(), g.len())));
+        }
+        let mut v = values(x)?.to_vec();
+        rms_norm(&mut v, g, eps);
+        Ok(Array::host(x.shape().to_vec(), v))
+    }
+
+    fn activation(&self, x: &Array, f: Activation) -> Result<Array, Error> {
+        let mut v = values(x)?.to_vec();
+        activate(&mut v, f);
+        Ok(Array::host(x.shape().to_vec(), v))
+    }
+
+    fn softmax(&self, x: &Array) -> Result<Array, Error> {
+        let mut v = values(x)?.to_vec();
+        softmax_rows(&mut v, x.matrix().1);
+        Ok(Array::host(x.shape().to_vec(), v))
+    }
+
+    fn attention(&self, q: &Array, k: &Array, v: &Array, spec: &AttentionSpec) -> Result<Array, Error> {
+        let tokens = check_attention(q, k, v, spec)?;
+        let out = attention(values(q)?, values(k)?, values(v)?, spec);
+        Ok(Array::host(vec![tokens, spec.heads * spec.dim], out))
+    }
+
+    fn rope(&self, x: &Array, positions: &[u32], spec: &RopeSpec) -> Result<Array, Error> {
+        check_rope(x, positions, spec)?;
+        let mut v = values(x)?.to_vec();
+        rope(&mut v, positions, spec);
+        Ok(Array::host(x.shape().to_vec(), v))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn linear_matches_naive() {
+        for (rows, inp, out) in [(3, 5, 4), (7, 37, 70), (60, 24, 9)] {
+            check_linear(rows, inp, out);
+        }
+    }
+
+    fn check_linear(rows: usize, inp: usize, out: usize) {
+        let x: Vec<f32> = (0..rows * inp).map(|i| (i as f32 * 0.37).sin()).collect();
+        let w: Vec<f32> = (0..out * inp).map(|i| (i as f32 * 0.11).cos()).collect();
+        let b: Vec<f32> = (0..out).map(|i| i as f32).collect();
+        let y = linear(&x, rows, inp, &w, out, Some(&b));
+        for r in 0..rows {
+            for o in 0..out {
+                let want: f32 = b[o] + (0..inp).map(|k| x[r * inp + k] * w[o * inp + k]).sum::<f32>();
+                assert!((y[r * out + o] - want).abs() < 1e-4, "{rows}x{inp}x{out} at {r},{o}");
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "out of bounds")]
+    fn views_are_bounds_checked() {
+        let a = [0.0; 4];
+        let mut c = [0.0; 4];
+        gemm(1.0, &a, View::dense(2, 3, 0), &a, View::dense(3, 2, 0), 0.0, &mut c, View::dense(2, 2, 0));
+    }
+
+    #[test]
+    fn erf_and_exp_are_accurate() {
+        for i in -2000..=2000 {
+            let x = i as f32 / 250.0;
+            assert!((erf(x) - libm::erff(x)).abs() < 1e-6, "erf({x}) = {}, want {}", erf(x), libm::erff(x));
+            let e = exp(x * 10.0);
+            let want = (x as f64 * 10.0).exp() as f32;
+            assert!(((e - want) / want).abs() < 5e-6, "exp({}) = {e}, want {want}", x * 10.0);
+        }
+        assert!(exp(-200.0) >= 0.0 && exp(-200.0) < 1e-37 && exp(200.0).is_finite());
+    }
+
+    #[test]
+    fn rows_ops() {
+        let mut x = vec![1.0, 2.0, 3.0, 1000.0, 1000.0, 1000.0];
+        softmax_rows(&mut x, 3);
+        assert!((x[0..3].iter().sum::<f32>() - 1.0).abs() < 1e-6 && x[2] > x[1]);
+        assert!((x[3] - 1.0 / 3.0).abs() < 1e-6);
+        let mut y = vec![1.0, 3.0];
+        layer_norm(&mut y, &[1.0, 1.0], &[0.0, 0.0], 0.0);
+        assert!((y[0] + 1.0).abs() < 1e-6 && (y[1] - 1.0).abs() < 1e-6);
+        let mut g = vec![0.0, 1.0];
+        gelu(&mut g);
+        assert!(g[0] == 0.0 && (g[1] - 0.841_344_7).abs() < 1e-6);
+    }
+}
