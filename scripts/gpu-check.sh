@@ -45,7 +45,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | head
 
 # The conformance suite, on every backend found; CUDA must be among them.
 cd "$root/tensor"
-step "kernels compile (NVRTC of the driver)" env GPUWASM_REQUIRE_NVRTC=1 "$out/cuda_kernels" --nocapture
+step "kernels compile (NVRTC found on this machine)" env GPUWASM_REQUIRE_NVRTC=1 "$out/cuda_kernels" --nocapture
 step "operators on every backend" env GPUWASM_REQUIRE_BACKENDS=cuda "$out/backends" --nocapture --test-threads 1
 step "MiniLM and digits on every backend" env GPUWASM_REQUIRE_BACKENDS=cuda "$out/models" --nocapture --test-threads 1
 cd "$root/cli"

@@ -72,7 +72,7 @@ async fn models_run_where_the_manifest_says() {
 
     assert_eq!(get(&url("on-gpu", "/embed?minilm")).await.body, "ok tokens 4");
     assert_eq!(get(&url("on-cpu", "/embed?minilm")).await.body, "ok tokens 4");
-    // Graphs from bytes go where the guest asks, within the target.
+    // Graphs from bytes load and run under either target.
     assert_eq!(get(&url("on-gpu", "/onnx-bytes-gpu")).await.body, "ok 10 probabilities summing to 1.000");
     assert_eq!(get(&url("on-cpu", "/onnx-bytes-gpu")).await.body, "ok 10 probabilities summing to 1.000");
 
@@ -114,12 +114,17 @@ async fn gpu_memory_quotas_budgets_and_eviction() {
     let probe = |tenant: &str, path: &str| format!("{}/{tenant}/probe{path}", server.url);
 
     // acme's quota is smaller than the model: its load fails with a clear
-    // error, and does not disturb the default tenant.
+    // error before anything is loaded or evicted for it, and does not
+    // disturb the default tenant.
     let set = stdout_of(&server.cli(&["tenant", "gpu", "acme", "--memory-mb", "50"]));
     assert!(set.contains("tenant acme: GPU 50 MiB, weight 1"), "{set}");
     let refused = get(&probe("acme", "/embed?minilm")).await.body;
     assert!(refused.starts_with("error too-large: too large: tenant 'acme' holds 0.0 of its 50.0 MiB of GPU memory"), "{refused}");
+    assert_eq!(resident(&server, support::TOKEN)["models"], serde_json::json!([]), "nothing loaded for a refused tenant");
     assert_eq!(get(&probe("default", "/embed?minilm")).await.body, "ok tokens 4");
+    // Setting one GPU setting keeps the other.
+    let set = stdout_of(&server.cli(&["tenant", "gpu", "acme", "--weight", "3"]));
+    assert!(set.contains("tenant acme: GPU 50 MiB, weight 3"), "{set}");
     // The same weights, already resident, are shared once the quota allows.
     stdout_of(&server.cli(&["tenant", "gpu", "acme", "--memory-mb", "100"]));
     assert_eq!(get(&probe("acme", "/embed?minilm")).await.body, "ok tokens 4");
@@ -138,12 +143,19 @@ async fn gpu_memory_quotas_budgets_and_eviction() {
     assert_eq!(names, ["public/other"], "{listed}");
 
     // A model larger than the device's whole budget fails that request
-    // with too-large; the server and the other models carry on.
+    // with too-large, evicting nothing for it; the server and the other
+    // models carry on.
     drop(server);
     let server = Server::start_with(&dir.path().join("data"), &["--gpus", "software", "--gpu-memory-mb", "40"]);
+    let digits = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/classify/digits.onnx");
+    stdout_of(&server.cli(&["model", "push", "public/digits", digits.to_str().unwrap()]));
+    deploy_probe(&server, support::TOKEN, "probe", &["minilm", "digits"], "gpu", dir.path());
+    assert_eq!(get(&format!("{}/default/probe/load?digits", server.url)).await.body, "ok loaded");
     let refused = get(&format!("{}/default/probe/embed?minilm", server.url)).await.body;
     assert!(refused.starts_with(&format!("error too-large: too large: {gpu} has 40.0 of its 40.0 MiB of model memory free")), "{refused}");
     let again = get(&format!("{}/default/probe/embed?minilm", server.url)).await.body;
     assert_eq!(again, refused, "the failure is not remembered as a broken model, and is the same again");
+    let listed = resident(&server, support::TOKEN);
+    assert_eq!(listed["models"][0]["names"], serde_json::json!(["public/digits"]), "the idle classifier stays: {listed}");
     assert_eq!(get(&format!("{}/default/probe/onnx-bytes-gpu", server.url)).await.body, "ok 10 probabilities summing to 1.000");
 }

@@ -132,7 +132,7 @@ impl ModelCatalog for Registry {
             Some(public) => self.get(PUBLIC, public),
             None => self.get(tenant, name).or_else(|| self.get(PUBLIC, name)),
         };
-        Ok(found.map(|r| ModelEntry { key: r.key, format: r.record.format }))
+        Ok(found.map(|r| ModelEntry { key: r.key, format: r.record.format, bytes: r.record.size_bytes }))
     }
 
     fn read(&self, entry: &ModelEntry) -> Result<ModelFiles, CatalogError> {

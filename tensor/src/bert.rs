@@ -73,7 +73,7 @@ struct Linear {
 impl Linear {
     fn load(backend: &SharedBackend, st: &SafeTensors, name: &str, out: usize, inp: usize) -> Result<Linear, Error> {
         Ok(Linear {
-            w: backend.weight(HostWeight::f32(out, inp, st.f32(&format!("{name}.weight"), &[out, inp])?))?,
+            w: backend.weight(st.matrix(&format!("{name}.weight"), out, inp)?)?,
             b: backend.weight(HostWeight::vector(st.f32(&format!("{name}.bias"), &[out])?))?,
         })
     }
@@ -214,12 +214,8 @@ impl Bert {
             return Err(invalid_model("model.safetensors: no token type embeddings"));
         }
         Ok(Bert {
-            word: b.weight(HostWeight::f32(config.vocab_size, h, st.f32(&name("embeddings.word_embeddings.weight"), &[config.vocab_size, h])?))?,
-            position: b.weight(HostWeight::f32(
-                config.max_position_embeddings,
-                h,
-                st.f32(&name("embeddings.position_embeddings.weight"), &[config.max_position_embeddings, h])?,
-            ))?,
+            word: b.weight(st.matrix(&name("embeddings.word_embeddings.weight"), config.vocab_size, h)?)?,
+            position: b.weight(st.matrix(&name("embeddings.position_embeddings.weight"), config.max_position_embeddings, h)?)?,
             token_type: b.weight(HostWeight::vector(token_types[..h].to_vec()))?,
             embed_norm: Norm::load(b, &st, &name("embeddings.LayerNorm"), h)?,
             backend,

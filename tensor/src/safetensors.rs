@@ -3,7 +3,7 @@
 //! Every range is checked against the file before anything is read.
 
 use crate::error::{Error, invalid_model};
-use crate::backend::WeightFormat;
+use crate::backend::{HostData, HostWeight, WeightFormat};
 use crate::quant;
 use crate::tensor::element_count;
 use std::collections::BTreeMap;
@@ -88,18 +88,32 @@ impl<'a> SafeTensors<'a> {
 
     /// Tensor `name` as floats, checking its shape is `shape`.
     pub fn f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, Error> {
+        let (format, bytes) = self.float_tensor(name, shape)?;
+        Ok(quant::decode(format, bytes))
+    }
+
+    /// Matrix `name` (`[rows, cols]`) as a weight in the file's format:
+    /// half floats stay half floats (a backend widens them if it must).
+    pub fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<HostWeight, Error> {
+        let (format, bytes) = self.float_tensor(name, &[rows, cols])?;
+        Ok(match format {
+            WeightFormat::F32 => HostWeight::f32(rows, cols, quant::decode(format, bytes)),
+            _ => HostWeight { rows, cols, data: HostData::Encoded(format, bytes.to_vec()) },
+        })
+    }
+
+    fn float_tensor(&self, name: &str, shape: &[usize]) -> Result<(WeightFormat, &[u8]), Error> {
         let entry = self.entries.get(name).ok_or_else(|| invalid_model(format!("safetensors: no tensor {name:?}")))?;
         if entry.shape != shape {
             return Err(invalid_model(format!("safetensors: tensor {name:?} has shape {:?}, expected {shape:?}", entry.shape)));
         }
-        let bytes = &self.data[entry.start..entry.end];
         let format = match entry.dtype.as_str() {
             "F32" => WeightFormat::F32,
             "F16" => WeightFormat::F16,
             "BF16" => WeightFormat::BF16,
             other => return Err(invalid_model(format!("safetensors: tensor {name:?} is {other}, expected a float type"))),
         };
-        Ok(quant::decode(format, bytes))
+        Ok((format, &self.data[entry.start..entry.end]))
     }
 }
 

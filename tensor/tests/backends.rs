@@ -6,7 +6,7 @@
 
 mod common;
 
-use gpuwasm_tensor::backend::{Activation, AttentionSpec, Backend, HostData, HostWeight, RopeSpec, WeightFormat};
+use gpuwasm_tensor::backend::{Activation, AttentionSpec, Backend, CachedAttention, CachedSeq, HostData, HostWeight, RopeSpec, WeightFormat};
 use gpuwasm_tensor::quant;
 
 /// A reproducible stream of numbers (xorshift).
@@ -72,8 +72,8 @@ fn encoded_rows(rng: &mut Rng, format: WeightFormat, rows: usize, cols: usize) -
     };
     for block in bytes.chunks_exact_mut(size) {
         for &at in halves {
-            // 0x2000..0x23ff: 2^-7 .. 2^-6 (with a random sign bit cleared).
-            let h = 0x2000u16 | (u16::from_le_bytes([block[at], block[at + 1]]) & 0x03ff);
+            // Magnitude 2^-7 .. 2^-6, random sign.
+            let h = 0x2000u16 | (u16::from_le_bytes([block[at], block[at + 1]]) & 0x83ff);
             block[at..at + 2].copy_from_slice(&h.to_le_bytes());
         }
     }
@@ -146,11 +146,32 @@ fn embeddings_from_float_and_quantised_tables() {
     let (vocab, cols) = (50, 64);
     for backend in common::backends() {
         let b = backend.as_ref();
-        for format in [WeightFormat::F32, WeightFormat::Q4_0, WeightFormat::Q4_1, WeightFormat::Q8_0] {
+        let (vocab, cols) = (vocab, cols * 4); // whole K-quant blocks
+        let formats = [
+            WeightFormat::F32,
+            WeightFormat::F16,
+            WeightFormat::BF16,
+            WeightFormat::Q4_0,
+            WeightFormat::Q4_1,
+            WeightFormat::Q8_0,
+            WeightFormat::Q4K,
+            WeightFormat::Q5K,
+            WeightFormat::Q6K,
+        ];
+        for format in formats {
             let (data, values) = match format {
                 WeightFormat::F32 => {
                     let v = rng.vec(vocab * cols);
                     (HostData::F32(v.clone()), v)
+                }
+                WeightFormat::F16 | WeightFormat::BF16 => {
+                    let v = rng.vec(vocab * cols);
+                    let bytes: Vec<u8> = v
+                        .iter()
+                        .flat_map(|x| if format == WeightFormat::F16 { half_bits(*x) } else { (x.to_bits() >> 16) as u16 }.to_le_bytes())
+                        .collect();
+                    let decoded = quant::decode(format, &bytes);
+                    (HostData::Encoded(format, bytes), decoded)
                 }
                 _ => {
                     let bytes = encoded_rows(&mut rng, format, vocab, cols);
@@ -317,10 +338,11 @@ fn reference_attention(q: &[f32], k: &[f32], v: &[f32], spec: &AttentionSpec) ->
 #[test]
 fn attention_of_packed_sequences() {
     let mut rng = Rng(31);
-    // Two short sequences and, past the wgpu kernel's 1024 keys, a long one.
-    for lens in [vec![5, 1, 9], vec![1100]] {
+    // Two short sequences and, past the wgpu kernel's 1024 keys, a long
+    // one; heads of 16 and of 128 values (more than one value per thread).
+    for (lens, dim) in [(vec![5, 1, 9], 16), (vec![3, 6], 128), (vec![1100], 16)] {
         let tokens: usize = lens.iter().sum();
-        let (heads, kv_heads, dim) = (4, 2, 16);
+        let (heads, kv_heads) = (4, 2);
         let q = rng.vec(tokens * heads * dim);
         let k = rng.vec(tokens * kv_heads * dim);
         let v = rng.vec(tokens * kv_heads * dim);
@@ -372,5 +394,88 @@ fn rotary_embeddings() {
             let got = b.rope(&b.upload(vec![rows, heads * dim], x.clone()).unwrap(), &positions, &spec).unwrap();
             close(&format!("rope of {rotated} (interleaved {interleaved})"), b, &b.download(&got).unwrap(), &want, 1e-4);
         }
+    }
+}
+
+#[test]
+fn rows_are_selected() {
+    let mut rng = Rng(53);
+    let x = rng.vec(6 * 10);
+    for backend in common::backends() {
+        let b = backend.as_ref();
+        let xa = b.upload(vec![6, 10], x.clone()).unwrap();
+        let got = b.download(&b.select_rows(&xa, &[5, 0, 5]).unwrap()).unwrap();
+        let want: Vec<f32> = [5, 0, 5].iter().flat_map(|&r| x[r * 10..][..10].to_vec()).collect();
+        close("select_rows", b, &got, &want, 0.0);
+        assert!(b.select_rows(&xa, &[6]).is_err(), "a row past the end");
+    }
+}
+
+/// Two sequences in a paged cache, their slots scattered: one prefilling
+/// three new positions after five cached ones, one decoding its 71st
+/// position (more keys than one chunk of the GPU kernels).
+#[test]
+fn attention_over_a_paged_cache() {
+    for dim in [16, 128] {
+        paged_attention(dim);
+    }
+}
+
+fn paged_attention(dim: usize) {
+    let mut rng = Rng(61);
+    let (heads, kv_heads, cache_slots) = (4, 2, 200);
+    let width = kv_heads * dim;
+    let lens = [8usize, 71];
+    let queries = [3usize, 1];
+    // Distinct slots, scattered over the cache.
+    let mut free: Vec<u32> = (0..cache_slots as u32).collect();
+    for i in (1..free.len()).rev() {
+        free.swap(i, rng.next() as usize % (i + 1));
+    }
+    let slots: Vec<Vec<u32>> = lens.iter().map(|&n| free.drain(..n).collect()).collect();
+    let k: Vec<Vec<f32>> = lens.iter().map(|&n| rng.vec(n * width)).collect();
+    let v: Vec<Vec<f32>> = lens.iter().map(|&n| rng.vec(n * width)).collect();
+    let q: Vec<f32> = rng.vec(queries.iter().sum::<usize>() * heads * dim);
+    let spec = CachedAttention {
+        heads,
+        kv_heads,
+        dim,
+        scale: 0.25,
+        seqs: (0..2).map(|s| CachedSeq { queries: queries[s], slots: slots[s].clone() }).collect(),
+    };
+    // The reference: query i of a sequence at position p sees positions 0..=p.
+    let mut want = Vec::new();
+    for s in 0..2 {
+        for i in 0..queries[s] {
+            let row = queries[..s].iter().sum::<usize>() + i;
+            let position = lens[s] - queries[s] + i;
+            for h in 0..heads {
+                let kv = h / (heads / kv_heads);
+                let qr = &q[(row * heads + h) * dim..][..dim];
+                let scores: Vec<f64> = (0..=position)
+                    .map(|j| (0..dim).map(|d| qr[d] as f64 * k[s][j * width + kv * dim + d] as f64).sum::<f64>() * 0.25)
+                    .collect();
+                let top = scores.iter().cloned().fold(f64::MIN, f64::max);
+                let total: f64 = scores.iter().map(|x| (x - top).exp()).sum();
+                for d in 0..dim {
+                    let acc: f64 = (0..=position).map(|j| (scores[j] - top).exp() * v[s][j * width + kv * dim + d] as f64).sum();
+                    want.push((acc / total) as f32);
+                }
+            }
+        }
+    }
+    for backend in common::backends() {
+        let b = backend.as_ref();
+        let mut cache = b.kv_cache(cache_slots, width).unwrap();
+        for s in 0..2 {
+            let (ka, va) = (b.upload(vec![lens[s], width], k[s].clone()).unwrap(), b.upload(vec![lens[s], width], v[s].clone()).unwrap());
+            b.write_kv(&mut cache, &ka, &va, &slots[s]).unwrap();
+        }
+        let qa = b.upload(vec![4, heads * dim], q.clone()).unwrap();
+        let got = b.download(&b.cached_attention(&qa, &cache, &spec).unwrap()).unwrap();
+        close("attention over a paged cache", b, &got, &want, 1e-5);
+        // A slot past the cache is refused.
+        let bad = CachedAttention { seqs: vec![CachedSeq { queries: 1, slots: vec![cache_slots as u32] }], ..spec.clone() };
+        assert!(b.cached_attention(&b.upload(vec![1, heads * dim], q[..heads * dim].to_vec()).unwrap(), &cache, &bad).is_err());
     }
 }

@@ -227,3 +227,83 @@ fn minilm_batches_larger_than_one_pass_agree_with_single_texts() {
     let (first, _) = bert.embed(&[long.as_str()], &unlimited()).unwrap();
     assert!(vectors[..384].iter().zip(&first).all(|(a, b)| (a - b).abs() < 1e-5));
 }
+
+/// `v` as IEEE half precision, rounded to nearest (even on ties; the
+/// encoder's weights are all normal halves or zero).
+fn to_half(v: f32) -> u16 {
+    let bits = v.to_bits();
+    let sign = ((bits >> 16) & 0x8000) as u16;
+    let exp = ((bits >> 23) & 0xff) as i32 - 127 + 15;
+    if exp <= 0 {
+        return sign; // below half's normal range: MiniLM's weights hold none that matter
+    }
+    assert!(exp < 31, "{v} overflows a half");
+    let mant = bits & 0x7f_ffff;
+    let mut h = ((exp as u32) << 10) | (mant >> 13);
+    let rest = mant & 0x1fff;
+    if rest > 0x1000 || (rest == 0x1000 && h & 1 == 1) {
+        h += 1;
+    }
+    sign | h as u16
+}
+
+/// MiniLM's safetensors file with every matrix converted to F16 (vectors
+/// stay F32), as many published models ship.
+fn minilm_half_files() -> ModelFiles {
+    let mut files = minilm_files();
+    let st = files.remove("model.safetensors").unwrap();
+    let header_len = u64::from_le_bytes(st[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&st[8..8 + header_len]).unwrap();
+    let data = &st[8 + header_len..];
+    let (mut out_header, mut out_data) = (serde_json::Map::new(), Vec::new());
+    for (name, info) in header {
+        if name == "__metadata__" {
+            continue;
+        }
+        let [start, end] = [0, 1].map(|i| info["data_offsets"][i].as_u64().unwrap() as usize);
+        let bytes = &data[start..end];
+        let matrix = info["shape"].as_array().unwrap().len() == 2 && info["dtype"] == "F32";
+        let at = out_data.len();
+        if matrix {
+            out_data.extend(bytes.chunks_exact(4).flat_map(|c| to_half(f32::from_le_bytes(c.try_into().unwrap())).to_le_bytes()));
+        } else {
+            out_data.extend_from_slice(bytes);
+        }
+        let dtype = if matrix { "F16".into() } else { info["dtype"].clone() };
+        out_header.insert(name, serde_json::json!({"dtype": dtype, "shape": info["shape"], "data_offsets": [at, out_data.len()]}));
+    }
+    let header = serde_json::to_vec(&out_header).unwrap();
+    let mut file = (header.len() as u64).to_le_bytes().to_vec();
+    file.extend(header);
+    file.extend(out_data);
+    files.insert("model.safetensors".into(), file);
+    files
+}
+
+#[test]
+fn minilm_in_half_precision_matches_too() {
+    let fixture: Fixture =
+        serde_json::from_str(include_str!("../../tests/fixtures/minilm-embeddings.json")).expect("fixture parses");
+    let texts: Vec<&str> = fixture.sentences.iter().take(12).map(String::as_str).collect();
+    let files = minilm_half_files();
+    let half_bytes = files["model.safetensors"].len();
+    for backend in backends() {
+        let kind = backend.info().kind.name();
+        let graph = gpuwasm_tensor::load(Format::Safetensors, &files, backend).expect("MiniLM in f16 loads");
+        // Matrices keep half precision on GPUs (half the bytes), the CPU widens them.
+        let resident = graph.resident_bytes() as usize;
+        match kind {
+            "cpu" => assert!(resident > 3 * half_bytes / 2, "cpu: {resident} bytes resident for a {half_bytes}-byte file"),
+            _ => assert!(resident < half_bytes, "{kind}: {resident} bytes resident for a {half_bytes}-byte file"),
+        }
+        let out = graph.run(vec![("text".into(), Tensor::texts(&texts))], &unlimited()).unwrap();
+        let vectors = out[0].1.as_f32("embeddings").unwrap();
+        let mut worst = 1.0f32;
+        for (i, reference) in fixture.embeddings.iter().take(texts.len()).enumerate() {
+            let c = cosine(&vectors[i * 384..(i + 1) * 384], reference);
+            assert!(c >= 0.999, "{kind}: sentence {i}: cosine {c} in f16");
+            worst = worst.min(c);
+        }
+        eprintln!("{kind}: MiniLM in f16: worst cosine over {} sentences: {worst:.6}, {resident} bytes resident", texts.len());
+    }
+}

@@ -2,7 +2,7 @@
 
 use crate::args::{ListArgs, ServerArgs, print_json};
 use crate::client::typed;
-use anyhow::Result;
+use anyhow::{Result, bail};
 use gpuwasm::nn::TenantGpu;
 use gpuwasm_server::api::{Domains, NewTenant, NewToken, Tenants};
 use gpuwasm_server::control_store::TenantRecord;
@@ -36,20 +36,22 @@ pub enum TenantCommand {
         #[command(flatten)]
         server: ServerArgs,
     },
-    /// Set a tenant's GPU memory quota and share of GPU time. Models it
-    /// holds already stay; its next loads and passes follow the new
-    /// settings.
+    /// Set a tenant's GPU memory quota and share of GPU time; what is not
+    /// given stays as it is. Models it holds already stay; its next loads
+    /// and passes follow the new settings.
     Gpu {
         /// The tenant.
         name: String,
-        /// GPU memory its resident models may hold on each GPU, in MiB
-        /// (omit for no quota beyond the device's budget).
-        #[arg(long)]
+        /// GPU memory its resident models may hold on each GPU, in MiB.
+        #[arg(long, conflicts_with = "no_memory_quota")]
         memory_mb: Option<u64>,
+        /// Remove the memory quota (the device's budget still applies).
+        #[arg(long)]
+        no_memory_quota: bool,
         /// Its share of GPU time against other tenants with work waiting:
-        /// weight 2 gets twice the time of weight 1.
-        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
-        weight: u32,
+        /// weight 2 gets twice the time of weight 1 (1 to 1000).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        weight: Option<u32>,
         #[command(flatten)]
         server: ServerArgs,
     },
@@ -86,9 +88,15 @@ pub async fn run(cmd: TenantCommand) -> Result<ExitCode> {
                 set => println!("tenant {name} may claim host names in {}", set.join(", ")),
             }
         }
-        TenantCommand::Gpu { name, memory_mb, weight, server } => {
-            let path = format!("tenants/{name}/gpu");
-            let tenant: TenantRecord = server.api()?.admin_send(Method::PUT, &path, &TenantGpu { memory_mb, weight }).await?;
+        TenantCommand::Gpu { name, memory_mb, no_memory_quota, weight, server } => {
+            let api = server.api()?;
+            let Tenants { tenants } = typed(api.admin_json(Method::GET, "tenants", &[], Bytes::new()).await?)?;
+            let Some(current) = tenants.into_iter().find(|t| t.name == name) else { bail!("no tenant named '{name}'") };
+            let gpu = TenantGpu {
+                memory_mb: if no_memory_quota { None } else { memory_mb.or(current.gpu.memory_mb) },
+                weight: weight.unwrap_or(current.gpu.weight),
+            };
+            let tenant: TenantRecord = api.admin_send(Method::PUT, &format!("tenants/{name}/gpu"), &gpu).await?;
             println!("tenant {name}: GPU {}", gpu_text(&tenant.gpu));
         }
     }

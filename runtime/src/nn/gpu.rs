@@ -112,17 +112,18 @@ impl Charge {
 }
 
 /// Why the ledger refused a charge: the device's budget, or the tenant's
-/// quota.
+/// quota, is full now (making room may help) or smaller than the charge
+/// (nothing will).
 #[derive(Debug)]
 pub(crate) enum Refused {
-    Device(String),
-    Tenant(String),
+    Full(String),
+    Never(String),
 }
 
 impl Refused {
     pub(crate) fn into_error(self) -> Error {
         match self {
-            Refused::Device(m) | Refused::Tenant(m) => Error::TooLarge(m),
+            Refused::Full(m) | Refused::Never(m) => Error::TooLarge(m),
         }
     }
 }
@@ -134,24 +135,16 @@ impl Ledger {
         Arc::new(Ledger { state: Mutex::new(LedgerState { devices, tenants: HashMap::new() }), tenants })
     }
 
-    /// Whether `device` is metered (a GPU).
-    pub(crate) fn meters(&self, device: &str) -> bool {
-        self.state.lock().unwrap().devices.contains_key(device)
-    }
-
     /// `bytes` on `device`'s budget.
     pub(crate) fn charge_device(self: &Arc<Self>, device: &str, bytes: u64) -> Result<Charge, Refused> {
         let mut state = self.state.lock().unwrap();
         let Some((budget, used)) = state.devices.get_mut(device) else {
-            return Err(Refused::Device(format!("{device} is not a GPU of this node")));
+            return Err(Refused::Never(format!("{device} is not a GPU of this node")));
         };
         if used.saturating_add(bytes) > *budget {
-            return Err(Refused::Device(format!(
-                "{device} has {} of its {} MiB of model memory free, the model needs {} MiB",
-                mib(*budget - *used),
-                mib(*budget),
-                mib(bytes)
-            )));
+            let message =
+                format!("{device} has {} of its {} MiB of model memory free, the model needs {} MiB", mib(*budget - *used), mib(*budget), mib(bytes));
+            return Err(if bytes > *budget { Refused::Never(message) } else { Refused::Full(message) });
         }
         *used += bytes;
         Ok(Charge { ledger: self.clone(), device: device.to_string(), tenant: None, bytes })
@@ -174,7 +167,7 @@ impl Ledger {
             if *used == 0 {
                 state.tenants.remove(&(tenant.to_string(), device.to_string()));
             }
-            return Err(Refused::Tenant(message));
+            return Err(if bytes > quota { Refused::Never(message) } else { Refused::Full(message) });
         }
         *used += bytes;
         Ok(Charge { ledger: self.clone(), device: device.to_string(), tenant: Some(tenant.to_string()), bytes })
@@ -292,18 +285,19 @@ mod tests {
         tenants.set("small", TenantGpu { memory_mb: Some(1), weight: 1 });
         let ledger = Ledger::new([("gpu".to_string(), 3 << 20)], tenants);
         let a = ledger.charge_device("gpu", 2 << 20).unwrap();
-        assert!(matches!(ledger.charge_device("gpu", 2 << 20), Err(Refused::Device(_))), "over the device's budget");
+        assert!(matches!(ledger.charge_device("gpu", 2 << 20), Err(Refused::Full(_))), "over what is free of the device's budget");
+        assert!(matches!(ledger.charge_device("gpu", 4 << 20), Err(Refused::Never(_))), "over the device's whole budget");
         let b = ledger.charge_device("gpu", 1 << 20).unwrap();
         assert_eq!(ledger.devices(), [("gpu".to_string(), 3 << 20, 3 << 20)]);
         drop((a, b));
         assert_eq!(ledger.devices(), [("gpu".to_string(), 3 << 20, 0)]);
         let held = ledger.charge_tenant("small", "gpu", 1 << 20).unwrap();
-        let Err(Refused::Tenant(why)) = ledger.charge_tenant("small", "gpu", 1) else { panic!("over the quota") };
+        let Err(Refused::Full(why)) = ledger.charge_tenant("small", "gpu", 1) else { panic!("over the quota") };
         assert!(why.contains("tenant 'small'"), "{why}");
+        assert!(matches!(ledger.charge_tenant("small", "gpu", 2 << 20), Err(Refused::Never(_))), "over the whole quota");
         assert!(ledger.charge_tenant("other", "gpu", 1 << 30).is_ok(), "no quota set: only the device's budget binds");
         drop(held);
         assert!(ledger.charge_tenant("small", "gpu", 1 << 20).is_ok(), "given back");
-        assert!(!ledger.meters("cpu"));
     }
 
     /// Three threads of a busy tenant hold the device in turn; a light

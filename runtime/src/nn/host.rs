@@ -4,6 +4,7 @@
 //! tokio worker.
 
 use super::batch::Tensors;
+use super::gpu::Charge;
 use super::models::{LoadError, Loaded, ModelAccess, Models};
 use gpuwasm_tensor::{DType, Format, Tensor};
 use std::sync::Arc;
@@ -158,16 +159,19 @@ impl graph::Host for NnView<'_> {
             Ok(backend) => backend,
             Err(e) => return self.engine_error(e),
         };
-        // On a GPU, the model's bytes are charged to the device and the
-        // tenant before it loads (the file's size: about its weights').
-        let (models, tenant, device) = (self.ctx.models.clone(), self.ctx.access.tenant.clone(), backend.info().name.clone());
-        let size = bytes.len() as u64;
+        // On a GPU, the tenant's quota and then the device are charged the
+        // file's size (about its weights') before it loads, the weights'
+        // exact bytes after.
+        let (models, tenant, device) = (self.ctx.models.clone(), self.ctx.access.tenant.clone(), backend.info().clone());
         let loaded = tokio::task::spawn_blocking(move || {
-            let charges = match models.charge_device(&device, size)? {
-                Some(on_device) => Some((on_device, models.charge_tenant(&tenant, &device, size, None)?)),
-                None => None,
+            let charge = |size: u64| -> Result<Option<(Charge, Charge)>, gpuwasm_tensor::Error> {
+                let quota = models.charge_tenant(&tenant, &device, size, None)?;
+                Ok(models.charge_device(&device, size)?.zip(quota))
             };
+            let estimate = charge(bytes.len() as u64)?;
             let graph = gpuwasm_tensor::load(format, &[("model.onnx".into(), bytes)].into(), backend)?;
+            drop(estimate);
+            let charges = charge(graph.resident_bytes())?;
             Ok::<_, gpuwasm_tensor::Error>(Loaded::unshared(graph, &models, &tenant, charges))
         })
         .await?;

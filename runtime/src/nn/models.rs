@@ -3,7 +3,8 @@
 //! and evicts it when idle.
 
 use super::batch::{BatchSettings, Batcher, Budgets, InferenceMemory, ModelStatus};
-use super::gpu::{Charge, DeviceGate, Ledger, TenantGpu, TenantSettings};
+use super::gpu::{Charge, DeviceGate, Ledger, Refused, TenantGpu, TenantSettings};
+use gpuwasm_tensor::backend::{DeviceInfo, DeviceKind};
 use gpuwasm_tensor::backend::{Devices, SharedBackend, Target};
 use gpuwasm_tensor::{Format, ModelFiles};
 use std::collections::HashMap;
@@ -23,6 +24,8 @@ pub struct ModelEntry {
     pub key: String,
     /// Its format.
     pub format: Format,
+    /// Bytes of its files (about what its weights take on a device).
+    pub bytes: u64,
 }
 
 /// Why a catalog could not resolve or read a model.
@@ -52,6 +55,14 @@ impl LocalModels {
     pub fn add(&mut self, name: &str, format: Format, path: PathBuf) {
         self.models.insert(name.to_string(), (format, path));
     }
+
+    fn size(format: Format, path: &std::path::Path) -> u64 {
+        let len = |p: &std::path::Path| std::fs::metadata(p).map_or(0, |m| m.len());
+        match format.files() {
+            Some(names) => names.iter().map(|n| len(&path.join(n))).sum(),
+            None => len(path),
+        }
+    }
 }
 
 /// Reads a model's files from `path`: the known files of a directory
@@ -78,7 +89,11 @@ pub fn read_model_files(format: Format, path: &std::path::Path) -> Result<ModelF
 
 impl ModelCatalog for LocalModels {
     fn resolve(&self, _tenant: &str, name: &str) -> Result<Option<ModelEntry>, CatalogError> {
-        Ok(self.models.get(name).map(|(format, path)| ModelEntry { key: path.display().to_string(), format: *format }))
+        Ok(self.models.get(name).map(|(format, path)| ModelEntry {
+            key: path.display().to_string(),
+            format: *format,
+            bytes: LocalModels::size(*format, path),
+        }))
     }
 
     fn read(&self, entry: &ModelEntry) -> Result<ModelFiles, CatalogError> {
@@ -296,43 +311,56 @@ impl Models {
     }
 
     /// The turns of a graph's device, when it is a GPU.
-    fn gate(&self, device: &gpuwasm_tensor::backend::DeviceInfo) -> Option<Arc<DeviceGate>> {
-        self.gpu().gates.get(&device.name).cloned()
+    fn gate(&self, device: &DeviceInfo) -> Option<Arc<DeviceGate>> {
+        match device.kind {
+            DeviceKind::Cpu => None,
+            _ => self.gpu().gates.get(&device.name).cloned(),
+        }
     }
 
     /// `bytes` on `device`'s budget, evicting idle models of that device,
-    /// least recently used first, until they fit. `None` for a device
-    /// without a budget (the CPU).
-    pub(crate) fn charge_device(&self, device: &str, bytes: u64) -> Result<Option<Charge>, gpuwasm_tensor::Error> {
-        if !self.gpu().ledger.meters(device) {
+    /// least recently used first, until they fit (nothing is evicted for
+    /// a charge larger than the whole budget). `None` for the CPU, which
+    /// has no such budget.
+    pub(crate) fn charge_device(&self, device: &DeviceInfo, bytes: u64) -> Result<Option<Charge>, gpuwasm_tensor::Error> {
+        if device.kind == DeviceKind::Cpu {
             return Ok(None);
         }
         loop {
-            match self.gpu().ledger.charge_device(device, bytes) {
+            match self.gpu().ledger.charge_device(&device.name, bytes) {
                 Ok(charge) => return Ok(Some(charge)),
-                Err(refused) => {
-                    if !self.evict_one(|loaded| loaded.batcher.graph().device().name == device) {
-                        return Err(refused.into_error());
+                Err(Refused::Full(why)) => {
+                    if !self.evict_one(|loaded| loaded.batcher.graph().device().name == device.name) {
+                        return Err(Refused::Full(why).into_error());
                     }
                 }
+                Err(never) => return Err(never.into_error()),
             }
         }
     }
 
-    /// `bytes` on `tenant`'s quota on `device`: when it does not fit, the
-    /// tenant lets go of idle models it holds (evicted when no tenant holds
-    /// them any more), least recently used first.
-    pub(crate) fn charge_tenant(&self, tenant: &str, device: &str, bytes: u64, keep: Option<&Loaded>) -> Result<Charge, gpuwasm_tensor::Error> {
+    /// `bytes` on `tenant`'s quota on a GPU: when it does not fit, the
+    /// tenant lets go of idle models it holds on that device (evicted when
+    /// no tenant holds them any more), least recently used first, `keep`
+    /// excepted. `None` for the CPU.
+    pub(crate) fn charge_tenant(&self, tenant: &str, device: &DeviceInfo, bytes: u64, keep: Option<&Loaded>) -> Result<Option<Charge>, gpuwasm_tensor::Error> {
+        if device.kind == DeviceKind::Cpu {
+            return Ok(None);
+        }
         loop {
-            match self.gpu().ledger.charge_tenant(tenant, device, bytes) {
-                Ok(charge) => return Ok(charge),
+            match self.gpu().ledger.charge_tenant(tenant, &device.name, bytes) {
+                Ok(charge) => return Ok(Some(charge)),
+                Err(never @ Refused::Never(_)) => return Err(never.into_error()),
                 Err(refused) => {
                     let released = {
                         let slots = self.inner.slots.lock().unwrap();
+                        // Idle: held by the cache alone, no load of it in flight.
                         let mut idle: Vec<&Arc<Loaded>> = slots
                             .values()
+                            .filter(|slot| Arc::strong_count(slot) == 1)
                             .filter_map(|slot| slot.get())
                             .filter(|l| Arc::strong_count(l) == 1 && !keep.is_some_and(|k| std::ptr::eq(k, l.as_ref())))
+                            .filter(|l| l.batcher.graph().device().name == device.name)
                             .filter(|l| l.tenant_charges.lock().unwrap().contains_key(tenant))
                             .collect();
                         idle.sort_by_key(|l| l.last_used.load(Ordering::Relaxed));
@@ -427,8 +455,16 @@ impl Models {
         if let Some(why) = self.inner.failed.lock().unwrap().get(&key) {
             return Err(LoadError::Failed(why.clone()));
         }
-        let device = backend.info().name.clone();
+        let device = backend.info().clone();
         let slot = self.inner.slots.lock().unwrap().entry(key.clone()).or_default().clone();
+        // On a GPU the tenant's quota comes first: nothing is loaded or
+        // evicted for a tenant that could not hold the model.
+        let resident = slot.get().cloned();
+        let paid = resident.as_ref().is_some_and(|l| l.tenant_charges.lock().unwrap().contains_key(&access.tenant));
+        let estimate = resident.as_ref().and_then(|l| l.gpu_bytes()).unwrap_or(entry.bytes);
+        let mut quota =
+            if paid { None } else { self.charge_tenant(&access.tenant, &device, estimate, resident.as_deref()).map_err(LoadError::Failed)? };
+        drop(resident);
         let loaded = slot
             .get_or_try_init(|| async {
                 let (catalog, entry2, models, device2) = (catalog.clone(), entry.clone(), self.clone(), device.clone());
@@ -465,11 +501,25 @@ impl Models {
             .await?
             .clone();
         loaded.last_used.store(self.now_ms(), Ordering::Relaxed);
-        // The tenant pays for the weights it uses, once.
+        // The tenant pays for the weights it uses, once, at their exact bytes.
         let paid = loaded.tenant_charges.lock().unwrap().contains_key(&access.tenant);
         if let Some(bytes) = loaded.gpu_bytes().filter(|_| !paid) {
-            let charge = self.charge_tenant(&access.tenant, &device, bytes, Some(&loaded)).map_err(LoadError::Failed)?;
-            loaded.tenant_charges.lock().unwrap().entry(access.tenant.clone()).or_insert(charge);
+            let charge = match quota.take().filter(|c| c.bytes() == bytes) {
+                Some(charge) => Some(charge),
+                None => match self.charge_tenant(&access.tenant, &device, bytes, Some(&loaded)) {
+                    Ok(charge) => charge,
+                    Err(e) => {
+                        // Loaded for a tenant that cannot hold it after all:
+                        // not kept unless another tenant holds it.
+                        drop(loaded);
+                        self.evict_unheld();
+                        return Err(LoadError::Failed(e));
+                    }
+                },
+            };
+            if let Some(charge) = charge {
+                loaded.tenant_charges.lock().unwrap().entry(access.tenant.clone()).or_insert(charge);
+            }
         }
         Ok(loaded)
     }

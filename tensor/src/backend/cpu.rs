@@ -6,7 +6,8 @@
 
 use super::{
     Activation, Array, AttentionSpec, Backend, DeviceInfo, DeviceKind, HostData, HostWeight, RopeSpec, Weight, WeightFormat,
-    MatmulDims, check_attention, check_elementwise, check_linear, check_matmul, check_rope, check_values,
+    CachedAttention, KvCache, MatmulDims, check_attention, check_cached_attention, check_elementwise, check_linear, check_matmul,
+    check_rope, check_rows, check_values, check_write_kv,
 };
 use crate::error::{Error, invalid_input};
 use crate::quant;
@@ -273,6 +274,31 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], spec: &AttentionSpec) -> Vec<f
     context
 }
 
+/// Attention of query rows over cached keys and values (see
+/// [`CachedAttention`]); (row, head) pairs run in parallel.
+pub fn cached_attention(q: &[f32], keys: &[f32], vals: &[f32], spec: &CachedAttention) -> Vec<f32> {
+    let (heads, dim) = (spec.heads, spec.dim);
+    let (qw, kw) = (heads * dim, spec.kv_heads * dim);
+    let group = heads / spec.kv_heads;
+    let (offsets, counts, slots) = spec.rows();
+    let mut out = vec![0.0; offsets.len() * qw];
+    out.par_chunks_mut(dim).enumerate().for_each(|(i, o)| {
+        let (row, head) = (i / heads, i % heads);
+        let kv = head / group;
+        let qr = &q[row * qw + head * dim..][..dim];
+        let seen = &slots[offsets[row] as usize..][..counts[row] as usize];
+        let mut scores: Vec<f32> = seen
+            .iter()
+            .map(|&s| qr.iter().zip(&keys[s as usize * kw + kv * dim..][..dim]).map(|(a, b)| a * b).sum::<f32>() * spec.scale)
+            .collect();
+        softmax_rows(&mut scores, seen.len());
+        for (w, &s) in scores.iter().zip(seen) {
+            o.iter_mut().zip(&vals[s as usize * kw + kv * dim..][..dim]).for_each(|(o, v)| *o += w * v);
+        }
+    });
+    out
+}
+
 /// `x [rows, cols] · wᵀ` for a weight of encoded rows: each output is a dot
 /// product with the weight's row decoded block by block (never the whole
 /// weight as floats); output columns are split across threads.
@@ -333,7 +359,11 @@ impl Default for CpuBackend {
 
 /// The values of a host array, or an error for another backend's.
 fn values(a: &Array) -> Result<&[f32], Error> {
-    a.host_values().ok_or_else(|| Error::Unsupported("an array of another device was given to the CPU backend".into()))
+    a.host_values().ok_or_else(wrong_device)
+}
+
+fn wrong_device() -> Error {
+    Error::Unsupported("memory of another device was given to the CPU backend".into())
 }
 
 /// A float weight's values (every weight of this backend but a linear
@@ -491,6 +521,36 @@ impl Backend for CpuBackend {
         let mut v = values(x)?.to_vec();
         rope(&mut v, positions, spec);
         Ok(Array::host(x.shape().to_vec(), v))
+    }
+
+    fn select_rows(&self, x: &Array, rows: &[u32]) -> Result<Array, Error> {
+        check_rows(x, rows)?;
+        let (v, cols) = (values(x)?, x.matrix().1);
+        let out = rows.iter().flat_map(|&r| v[r as usize * cols..][..cols].iter().copied()).collect();
+        Ok(Array::host(vec![rows.len(), cols], out))
+    }
+
+    fn kv_cache(&self, slots: usize, width: usize) -> Result<KvCache, Error> {
+        Ok(KvCache::host(slots, width))
+    }
+
+    fn write_kv(&self, cache: &mut KvCache, k: &Array, v: &Array, slots: &[u32]) -> Result<(), Error> {
+        check_write_kv(cache, k, v, slots)?;
+        let width = cache.width;
+        let (kv, vv) = (values(k)?, values(v)?);
+        let (keys, vals) = cache.host_values_mut().ok_or_else(|| wrong_device())?;
+        for (row, &slot) in slots.iter().enumerate() {
+            let at = slot as usize * width;
+            keys[at..at + width].copy_from_slice(&kv[row * width..][..width]);
+            vals[at..at + width].copy_from_slice(&vv[row * width..][..width]);
+        }
+        Ok(())
+    }
+
+    fn cached_attention(&self, q: &Array, cache: &KvCache, spec: &CachedAttention) -> Result<Array, Error> {
+        let rows = check_cached_attention(q, cache, spec)?;
+        let (keys, vals) = cache.host_values().ok_or_else(|| wrong_device())?;
+        Ok(Array::host(vec![rows, spec.heads * spec.dim], cached_attention(values(q)?, keys, vals, spec)))
     }
 }
 

@@ -8,7 +8,9 @@
 //! deployment allows ([`Target`]).
 
 use super::cpu::CpuBackend;
-use super::{Backend, DeviceInfo, DeviceKind, SharedBackend};
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+use super::Backend;
+use super::{DeviceInfo, DeviceKind, SharedBackend};
 use crate::error::Error;
 use std::sync::{Arc, OnceLock};
 
@@ -73,6 +75,7 @@ impl Devices {
 
     fn found(&self) -> &Found {
         self.found.get_or_init(|| {
+            #[cfg_attr(not(any(feature = "wgpu", feature = "cuda")), allow(unused_mut))]
             let mut found = Found::default();
             #[cfg(feature = "cuda")]
             match super::cuda::CudaBackend::all() {

@@ -361,6 +361,108 @@ pub struct RopeSpec {
     pub interleaved: bool,
 }
 
+/// One layer's keys and values for the sequences a generation engine
+/// runs: `slots` rows of `width` values (`kv_heads * dim`) each, addressed
+/// by slot; an engine hands each sequence slots from fixed-size blocks
+/// (a paged cache), so sequences of any length share one allocation.
+pub struct KvCache {
+    /// Rows.
+    pub slots: usize,
+    /// Values per row.
+    pub width: usize,
+    keys: Data<Vec<f32>>,
+    values: Data<Vec<f32>>,
+}
+
+impl KvCache {
+    /// A cache in host memory, zeroed.
+    pub fn host(slots: usize, width: usize) -> KvCache {
+        KvCache { slots, width, keys: Data::Host(vec![0.0; slots * width]), values: Data::Host(vec![0.0; slots * width]) }
+    }
+
+    /// A cache in device memory.
+    pub fn device(slots: usize, width: usize, keys: Box<dyn DeviceMemory>, values: Box<dyn DeviceMemory>) -> KvCache {
+        KvCache { slots, width, keys: Data::Device(keys), values: Data::Device(values) }
+    }
+
+    /// Bytes it holds.
+    pub fn bytes(&self) -> u64 {
+        (2 * self.slots * self.width * 4) as u64
+    }
+
+    /// Keys and values, when in host memory.
+    pub fn host_values(&self) -> Option<(&[f32], &[f32])> {
+        match (&self.keys, &self.values) {
+            (Data::Host(k), Data::Host(v)) => Some((k, v)),
+            _ => None,
+        }
+    }
+
+    /// Keys and values to write, when in host memory.
+    pub fn host_values_mut(&mut self) -> Option<(&mut [f32], &mut [f32])> {
+        match (&mut self.keys, &mut self.values) {
+            (Data::Host(k), Data::Host(v)) => Some((k, v)),
+            _ => None,
+        }
+    }
+
+    /// Keys and values as the backend's device memory type `M`.
+    pub fn device_memory<M: 'static>(&self) -> Result<(&M, &M), Error> {
+        match (&self.keys, &self.values) {
+            (Data::Device(k), Data::Device(v)) => Ok((
+                k.as_any().downcast_ref::<M>().ok_or_else(|| wrong_device("a cache"))?,
+                v.as_any().downcast_ref::<M>().ok_or_else(|| wrong_device("a cache"))?,
+            )),
+            _ => Err(wrong_device("a cache")),
+        }
+    }
+}
+
+/// Attention of new query rows over their sequences' keys and values in a
+/// [`KvCache`]: `q` is `[rows, heads * dim]`, the rows of each sequence in
+/// turn.
+#[derive(Clone, Debug)]
+pub struct CachedAttention {
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads (`heads` is a multiple of it).
+    pub kv_heads: usize,
+    /// Values per head.
+    pub dim: usize,
+    /// The factor on `q·k`.
+    pub scale: f32,
+    /// The sequences, in the order of their rows.
+    pub seqs: Vec<CachedSeq>,
+}
+
+/// One sequence of a [`CachedAttention`].
+#[derive(Clone, Debug)]
+pub struct CachedSeq {
+    /// Its query rows (its newest positions).
+    pub queries: usize,
+    /// The cache slot of each of its positions, in order, the queries'
+    /// own included (written before the attention): query `i` sits at
+    /// position `slots.len() - queries + i` and sees positions up to it.
+    pub slots: Vec<u32>,
+}
+
+impl CachedAttention {
+    /// Per query row: where its sequence's slots start in the
+    /// concatenation of all sequences' slots, and how many keys it sees.
+    pub(crate) fn rows(&self) -> (Vec<u32>, Vec<u32>, Vec<u32>) {
+        let (mut offsets, mut keys, mut all) = (Vec::new(), Vec::new(), Vec::new());
+        for seq in &self.seqs {
+            let first = seq.slots.len() - seq.queries;
+            for i in 0..seq.queries {
+                offsets.push(all.len() as u32);
+                keys.push((first + i + 1) as u32);
+            }
+            all.extend_from_slice(&seq.slots);
+        }
+        (offsets, keys, all)
+    }
+}
+
 /// A device and its kernels. Every method checks its inputs' shapes and
 /// fails with [`Error::InvalidInput`] when they disagree; arrays and
 /// weights of another backend are refused.
@@ -398,6 +500,15 @@ pub trait Backend: Send + Sync {
     fn attention(&self, q: &Array, k: &Array, v: &Array, spec: &AttentionSpec) -> Result<Array, Error>;
     /// Rotary position embedding of each row at `positions[row]`.
     fn rope(&self, x: &Array, positions: &[u32], spec: &RopeSpec) -> Result<Array, Error>;
+    /// Rows `rows` of `x` (`[rows.len(), cols]`).
+    fn select_rows(&self, x: &Array, rows: &[u32]) -> Result<Array, Error>;
+    /// A zeroed key/value cache of `slots` rows of `width` on the device.
+    fn kv_cache(&self, slots: usize, width: usize) -> Result<KvCache, Error>;
+    /// Writes row `i` of `k` and `v` to slot `slots[i]` of `cache`.
+    fn write_kv(&self, cache: &mut KvCache, k: &Array, v: &Array, slots: &[u32]) -> Result<(), Error>;
+    /// Attention over cached keys and values (see [`CachedAttention`]):
+    /// `[rows, heads * dim]`.
+    fn cached_attention(&self, q: &Array, cache: &KvCache, spec: &CachedAttention) -> Result<Array, Error>;
 }
 
 /// One pass of a model on a backend, within a memory [`Budget`]: every
@@ -507,6 +618,21 @@ impl<'a> Pass<'a> {
     pub fn rope(&self, x: &Array, positions: &[u32], spec: &RopeSpec) -> Result<Array, Error> {
         self.make("rotated rows", x.shape().to_vec(), || self.backend.rope(x, positions, spec))
     }
+
+    /// [`Backend::select_rows`].
+    pub fn select_rows(&self, x: &Array, rows: &[u32]) -> Result<Array, Error> {
+        self.make("rows", vec![rows.len(), x.matrix().1], || self.backend.select_rows(x, rows))
+    }
+
+    /// [`Backend::write_kv`].
+    pub fn write_kv(&self, cache: &mut KvCache, k: &Array, v: &Array, slots: &[u32]) -> Result<(), Error> {
+        self.backend.write_kv(cache, k, v, slots)
+    }
+
+    /// [`Backend::cached_attention`].
+    pub fn cached_attention(&self, q: &Array, cache: &KvCache, spec: &CachedAttention) -> Result<Array, Error> {
+        self.make("attention output", q.shape().to_vec(), || self.backend.cached_attention(q, cache, spec))
+    }
 }
 
 /// Checks an upload's values fill its shape.
@@ -601,6 +727,56 @@ pub(crate) fn check_attention(q: &Array, k: &Array, v: &Array, spec: &AttentionS
         )));
     }
     Ok(tokens)
+}
+
+/// Checks a row selection: every row inside `x`.
+pub(crate) fn check_rows(x: &Array, rows: &[u32]) -> Result<(), Error> {
+    let (n, _) = x.matrix();
+    match rows.iter().find(|&&r| r as usize >= n) {
+        Some(r) => Err(invalid_input(format!("row {r} of {:?}", x.shape()))),
+        None => Ok(()),
+    }
+}
+
+/// Checks a cache write: `k` and `v` of the cache's width, a slot inside
+/// it for each of their rows.
+pub(crate) fn check_write_kv(cache: &KvCache, k: &Array, v: &Array, slots: &[u32]) -> Result<(), Error> {
+    let ok = k.shape() == v.shape()
+        && k.matrix() == (slots.len(), cache.width)
+        && slots.iter().all(|&s| (s as usize) < cache.slots);
+    if !ok {
+        return Err(invalid_input(format!(
+            "writing k {:?} and v {:?} to {} slots of a cache of {} rows of {}",
+            k.shape(),
+            v.shape(),
+            slots.len(),
+            cache.slots,
+            cache.width
+        )));
+    }
+    Ok(())
+}
+
+/// Checks a cached attention's inputs; the query rows.
+pub(crate) fn check_cached_attention(q: &Array, cache: &KvCache, spec: &CachedAttention) -> Result<usize, Error> {
+    let rows: usize = spec.seqs.iter().map(|s| s.queries).sum();
+    let ok = spec.kv_heads > 0
+        && spec.heads.is_multiple_of(spec.kv_heads)
+        && q.shape() == [rows, spec.heads * spec.dim]
+        && cache.width == spec.kv_heads * spec.dim
+        && spec.seqs.iter().all(|s| s.queries <= s.slots.len() && s.slots.iter().all(|&x| (x as usize) < cache.slots));
+    if !ok {
+        return Err(invalid_input(format!(
+            "cached attention of q {:?} with {} heads ({} for keys) of {} over a cache of {} rows of {}",
+            q.shape(),
+            spec.heads,
+            spec.kv_heads,
+            spec.dim,
+            cache.slots,
+            cache.width
+        )));
+    }
+    Ok(rows)
 }
 
 /// Checks a rotary embedding's input: a row per position, `spec.heads`

@@ -260,3 +260,55 @@ extern "C" __global__ void add_bias(float* y, const float* bias, int n, int cols
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) y[i] += bias[i % cols];
 }
+
+// Rows of src to rows slots[i] of dst (a key/value cache write).
+extern "C" __global__ void scatter_rows(const float* src, const u32* slots, float* dst, int n, int width) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) dst[(size_t)slots[i / width] * width + i % width] = src[i];
+}
+
+// Attention of query rows over a key/value cache: one block of 128 per
+// (row, head); row r sees keys[r] keys at slots[offsets[r]..], in chunks
+// with a running softmax (any number of keys). Heads of up to 512 values.
+extern "C" __global__ void cached_attention(const float* q, const float* k, const float* v, const u32* offsets, const u32* keys,
+                                            const u32* slots, float* out, int heads, int kv_heads, int dim, int rows, float scale) {
+    int r = blockIdx.x, h = blockIdx.y, t = threadIdx.x;
+    if (r >= rows) return;
+    __shared__ float w[CHUNK];
+    int n = (int)keys[r];
+    const u32* seen = slots + offsets[r];
+    int kvh = h / (heads / kv_heads), kvw = kv_heads * dim;
+    const float* qr = q + (size_t)r * heads * dim + h * dim;
+    float acc[DIMS_PER_THREAD] = {0.0f, 0.0f, 0.0f, 0.0f};
+    float m = -3.4e38f, total = 0.0f;
+    for (int base = 0; base < n; base += CHUNK) {
+        int j = base + t;
+        float s = -3.4e38f;
+        if (j < n) {
+            const float* kr = k + (size_t)seen[j] * kvw + kvh * dim;
+            s = 0.0f;
+            for (int d = 0; d < dim; d++) s += qr[d] * kr[d];
+            s *= scale;
+        }
+        float top = fmaxf(m, block_reduce(s, true));
+        float e = j < n ? expf(s - top) : 0.0f;
+        w[t] = e;
+        float correction = expf(m - top);
+        total = total * correction + block_reduce(e, false);
+        m = top;
+        int chunk = min(CHUNK, n - base);
+        for (int x = 0; x < DIMS_PER_THREAD; x++) {
+            int d = t + x * CHUNK;
+            if (d >= dim) break;
+            float a = acc[x] * correction;
+            for (int jj = 0; jj < chunk; jj++) a += w[jj] * v[(size_t)seen[base + jj] * kvw + kvh * dim + d];
+            acc[x] = a;
+        }
+        __syncthreads();
+    }
+    float* o = out + (size_t)r * heads * dim + h * dim;
+    for (int x = 0; x < DIMS_PER_THREAD; x++) {
+        int d = t + x * CHUNK;
+        if (d < dim) o[d] = acc[x] / total;
+    }
+}

@@ -11,7 +11,8 @@
 
 use super::{
     Activation, Array, AttentionSpec, Backend, DeviceInfo, DeviceKind, DeviceMemory, HostData, HostWeight, RopeSpec, Weight,
-    WeightFormat, MatmulDims, check_attention, check_elementwise, check_linear, check_matmul, check_rope, check_values,
+    WeightFormat, CachedAttention, KvCache, MatmulDims, check_attention, check_cached_attention, check_elementwise, check_linear, check_matmul,
+    check_rope, check_rows, check_values, check_write_kv,
 };
 use crate::error::{Error, invalid_input};
 use cudarc::cublas::{CudaBlas, Gemm, GemmConfig, StridedBatchedConfig, sys::cublasOperation_t};
@@ -25,7 +26,8 @@ use std::sync::{Arc, Mutex};
 const KERNELS: &str = include_str!("kernels.cu");
 
 /// The kernels of `kernels.cu`, by name.
-pub const KERNEL_NAMES: [&str; 9] = ["linear_encoded", "gather", "unary", "binary", "normalise", "softmax", "attention", "rope", "add_bias"];
+pub const KERNEL_NAMES: [&str; 11] =
+    ["linear_encoded", "gather", "unary", "binary", "normalise", "softmax", "attention", "rope", "add_bias", "scatter_rows", "cached_attention"];
 
 /// Compiles the kernels to PTX for `arch` (`compute_90` for an H100 or
 /// H200); NVRTC must be loadable. The backend does this when it starts;
@@ -96,10 +98,25 @@ impl CudaBackend {
         if count == 0 {
             return Err("the driver found no device".into());
         }
-        (0..count as usize).map(|ordinal| CudaBackend::new(ordinal).map_err(|e| format!("device {ordinal}: {e}"))).collect()
+        // Devices that fail to start are left out, with the reason logged
+        // by the caller when none is left.
+        let mut found = Vec::new();
+        let mut failed = Vec::new();
+        for ordinal in 0..count as usize {
+            match CudaBackend::new(ordinal, count > 1) {
+                Ok(backend) => found.push(backend),
+                Err(e) => failed.push(format!("device {ordinal}: {e}")),
+            }
+        }
+        match found.is_empty() {
+            true => Err(failed.join("; ")),
+            false => Ok(found),
+        }
     }
 
-    fn new(ordinal: usize) -> Result<CudaBackend, Error> {
+    /// Device `ordinal`; its name carries the ordinal when there are
+    /// several (`NVIDIA H200 (cuda:1)`), so every device has its own.
+    fn new(ordinal: usize, several: bool) -> Result<CudaBackend, Error> {
         let ctx = CudaContext::new(ordinal).map_err(driver("opening the device"))?;
         let (major, minor) = ctx.compute_capability().map_err(driver("reading the compute capability"))?;
         let ptx = compile(&format!("compute_{major}{minor}"))?;
@@ -107,7 +124,10 @@ impl CudaBackend {
         let kernels = KERNEL_NAMES.iter().map(|n| module.load_function(n).map_err(driver(n))).collect::<Result<Vec<_>, _>>()?;
         let stream = ctx.default_stream();
         let blas = CudaBlas::new(stream.clone()).map_err(|e| Error::Unsupported(format!("cuBLAS failed to start: {e:?}")))?;
-        let name = ctx.name().map_err(driver("reading the device's name"))?;
+        let mut name = ctx.name().map_err(driver("reading the device's name"))?;
+        if several {
+            name = format!("{name} (cuda:{ordinal})");
+        }
         let memory = ctx.total_mem().map_err(driver("reading the device's memory"))?;
         Ok(CudaBackend {
             info: DeviceInfo {
@@ -145,8 +165,11 @@ impl CudaBackend {
     }
 
     /// Device memory for an output of `n` values (at least one: CUDA has
-    /// no empty allocations).
+    /// no empty allocations), zeroed. Kernels index with 32-bit counts.
     fn output(&self, n: usize) -> Result<CudaSlice<f32>, Error> {
+        if n > i32::MAX as usize {
+            return Err(Error::TooLarge(format!("an output of {n} values on CUDA (2^31 at most)")));
+        }
         self.stream.alloc_zeros::<f32>(n.max(1)).map_err(driver("an output"))
     }
 
@@ -262,7 +285,11 @@ impl Backend for CudaBackend {
     fn linear(&self, x: &Array, w: &Weight, bias: Option<&Weight>) -> Result<Array, Error> {
         let (rows, cols, out) = check_linear(x, w, bias)?;
         let mut y = self.output(rows * out)?;
-        if rows * out == 0 {
+        if rows * out == 0 || cols == 0 {
+            // Nothing to compute (an empty product is the zeros of `output`).
+            if let Some(bias) = bias.filter(|_| rows * out > 0) {
+                return self.add_row(&self.array(vec![rows, out], y), bias);
+            }
             return Ok(self.array(vec![rows, out], y));
         }
         let xs = f32s(x)?;
@@ -299,6 +326,9 @@ impl Backend for CudaBackend {
             };
             let none = self.output(1)?;
             let args = (rows as i32, cols as i32, out as i32, format_code(w.format), row_bytes as i32, bias.is_some() as i32);
+            if rows > 65535 {
+                return Err(invalid_input(format!("{rows} rows at once by an encoded weight on CUDA (65535 at most)")));
+            }
             let config = LaunchConfig { grid_dim: (out.div_ceil(8) as u32, rows as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
             let mut b = self.call("linear_encoded");
             b.0.arg(xs).arg(ws).arg(bias.unwrap_or(&none)).arg(&mut y);
@@ -312,7 +342,7 @@ impl Backend for CudaBackend {
     fn matmul(&self, a: &Array, b: &Array, transpose_b: bool, alpha: f32) -> Result<Array, Error> {
         let MatmulDims { batch, b_batched, m, k, n, shape } = check_matmul(a, b, transpose_b)?;
         let mut y = self.output(batch * m * n)?;
-        if batch * m * n > 0 {
+        if batch * m * n > 0 && k > 0 {
             // Row-major c = a·b is column-major cᵀ = bᵀ·aᵀ.
             let config = StridedBatchedConfig {
                 gemm: GemmConfig {
@@ -441,6 +471,73 @@ impl Backend for CudaBackend {
             unsafe { launch(b, per_item(n)) }?;
         }
         Ok(self.array(x.shape().to_vec(), y))
+    }
+
+    fn select_rows(&self, x: &Array, rows: &[u32]) -> Result<Array, Error> {
+        check_rows(x, rows)?;
+        let cols = x.matrix().1;
+        let n = rows.len() * cols;
+        let mut y = self.output(n)?;
+        if n > 0 {
+            let ids = self.stream.clone_htod(rows).map_err(driver("row ids"))?;
+            // The gather kernel reads the array as a table of f32 rows.
+            let args = (n as i32, cols as i32, format_code(WeightFormat::F32), (cols * 4) as i32);
+            let mut b = self.call("gather");
+            b.0.arg(f32s(x)?).arg(&ids).arg(&mut y).arg(&args.0).arg(&args.1).arg(&args.2).arg(&args.3);
+            // Safety: the arguments of `gather`, sizes checked above.
+            unsafe { launch(b, per_item(n)) }?;
+        }
+        Ok(self.array(vec![rows.len(), cols], y))
+    }
+
+    fn kv_cache(&self, slots: usize, width: usize) -> Result<KvCache, Error> {
+        let zeros = || self.stream.alloc_zeros::<f32>((slots * width).max(1)).map_err(driver("a key/value cache"));
+        let (keys, values) = (self.count(zeros()?, Slice::F32), self.count(zeros()?, Slice::F32));
+        Ok(KvCache::device(slots, width, Box::new(keys), Box::new(values)))
+    }
+
+    fn write_kv(&self, cache: &mut KvCache, k: &Array, v: &Array, slots: &[u32]) -> Result<(), Error> {
+        check_write_kv(cache, k, v, slots)?;
+        let n = slots.len() * cache.width;
+        if n == 0 {
+            return Ok(());
+        }
+        let slot_ids = self.stream.clone_htod(slots).map_err(driver("cache slots"))?;
+        let (keys, values) = cache.device_memory::<Memory>()?;
+        let (count, width) = (n as i32, cache.width as i32);
+        for (src, dst) in [(k, keys), (v, values)] {
+            let Slice::F32(dst) = &dst.slice else { return Err(invalid_input("a cache of bytes")) };
+            let mut b = self.call("scatter_rows");
+            // The kernel writes through a pointer the cache holds; cudarc
+            // sees a shared reference, the stream orders the writes.
+            b.0.arg(f32s(src)?).arg(&slot_ids).arg(dst).arg(&count).arg(&width);
+            // Safety: the arguments of `scatter_rows`, slots checked above.
+            unsafe { launch(b, per_item(n)) }?;
+        }
+        Ok(())
+    }
+
+    fn cached_attention(&self, q: &Array, cache: &KvCache, spec: &CachedAttention) -> Result<Array, Error> {
+        let rows = check_cached_attention(q, cache, spec)?;
+        if spec.dim > 512 {
+            return Err(Error::Unsupported(format!("attention heads of {} values on CUDA (512 at most)", spec.dim)));
+        }
+        let mut y = self.output(rows * spec.heads * spec.dim)?;
+        if rows > 0 {
+            let (offsets, keys, slots) = spec.rows();
+            let upload = |v: &[u32]| self.stream.clone_htod(v).map_err(driver("attention"));
+            let (offsets, keys, slots) = (upload(&offsets)?, upload(&keys)?, upload(&slots)?);
+            let (k, v) = cache.device_memory::<Memory>()?;
+            let (Slice::F32(k), Slice::F32(v)) = (&k.slice, &v.slice) else { return Err(invalid_input("a cache of bytes")) };
+            let args = (spec.heads as i32, spec.kv_heads as i32, spec.dim as i32, rows as i32, spec.scale);
+            let config = LaunchConfig { grid_dim: (rows as u32, spec.heads as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+            let mut b = self.call("cached_attention");
+            b.0.arg(f32s(q)?).arg(k).arg(v).arg(&offsets).arg(&keys).arg(&slots).arg(&mut y);
+            b.0.arg(&args.0).arg(&args.1).arg(&args.2).arg(&args.3).arg(&args.4);
+            // Safety: the arguments of `cached_attention`, sizes checked above.
+            unsafe { launch(b, config) }?;
+        }
+        Ok(self.array(vec![rows, spec.heads * spec.dim], y))
     }
 }
 

@@ -15,7 +15,8 @@
 
 use super::{
     Activation, Array, AttentionSpec, Backend, DeviceInfo, DeviceKind, DeviceMemory, HostData, HostWeight, RopeSpec, Weight,
-    WeightFormat, MatmulDims, check_attention, check_elementwise, check_linear, check_matmul, check_rope, check_values,
+    WeightFormat, CachedAttention, KvCache, MatmulDims, check_attention, check_cached_attention, check_elementwise, check_linear, check_matmul,
+    check_rope, check_rows, check_values, check_write_kv,
 };
 use crate::error::{Error, invalid_input};
 use std::any::Any;
@@ -55,6 +56,8 @@ struct Kernels {
     gather: wgpu::ComputePipeline,
     attention: wgpu::ComputePipeline,
     rope: wgpu::ComputePipeline,
+    scatter: wgpu::ComputePipeline,
+    cached_attention: wgpu::ComputePipeline,
 }
 
 /// A wgpu device and its kernels.
@@ -105,7 +108,7 @@ impl WgpuBackend {
             required_limits: wgpu::Limits {
                 max_storage_buffer_binding_size: limits.max_storage_buffer_binding_size,
                 max_buffer_size: limits.max_buffer_size,
-                max_storage_buffers_per_shader_stage: limits.max_storage_buffers_per_shader_stage.max(6),
+                max_storage_buffers_per_shader_stage: limits.max_storage_buffers_per_shader_stage.max(7),
                 ..wgpu::Limits::default()
             },
             ..Default::default()
@@ -137,6 +140,11 @@ impl WgpuBackend {
             gather: pipeline(&module("gather", concat!(include_str!("quant.wgsl"), include_str!("gather.wgsl"))), "main"),
             attention: pipeline(&module("attention", concat!(include_str!("reduce.wgsl"), include_str!("attention.wgsl"))), "main"),
             rope: pipeline(&module("rope", include_str!("rope.wgsl")), "main"),
+            scatter: pipeline(&module("scatter", include_str!("scatter.wgsl")), "main"),
+            cached_attention: pipeline(
+                &module("cached_attention", concat!(include_str!("reduce.wgsl"), include_str!("cached_attention.wgsl"))),
+                "main",
+            ),
         };
         let zeros = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("zeros"),
@@ -144,13 +152,14 @@ impl WgpuBackend {
             usage: wgpu::BufferUsages::STORAGE,
             mapped_at_creation: false,
         });
-        let memory_bytes = (info.device_type != wgpu::DeviceType::Cpu).then_some(limits.max_buffer_size);
         Ok(WgpuBackend {
             info: DeviceInfo {
                 kind: DeviceKind::Wgpu,
                 name: info.name.clone(),
                 driver: format!("{:?} {}", info.backend, info.driver_info).trim().to_string(),
-                memory_bytes,
+                // wgpu does not say how much memory a device has (its
+                // limits are per buffer): budgets come from the node.
+                memory_bytes: None,
                 f16,
             },
             device,
@@ -238,6 +247,12 @@ impl WgpuBackend {
             Some(e) => Err(Error::Unsupported(format!("the device refused a kernel: {e}"))),
             None => Ok(()),
         }
+    }
+
+    /// A buffer holding `values`.
+    fn u32s(&self, values: &[u32]) -> Result<Memory, Error> {
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.buffer(bytes.len() as u64, Some(&bytes))
     }
 
     fn mem<'a>(&self, a: &'a Array) -> Result<&'a wgpu::Buffer, Error> {
@@ -339,8 +354,7 @@ impl Backend for WgpuBackend {
         let (out, buf) = self.output(vec![ids.len(), cols])?;
         let n = ids.len() * cols;
         if n > 0 {
-            let id_bytes: Vec<u8> = ids.iter().flat_map(|v| v.to_le_bytes()).collect();
-            let ids = self.buffer(id_bytes.len() as u64, Some(&id_bytes))?;
+            let ids = self.u32s(ids)?;
             let params = [n as u32, cols as u32, format, row_bytes as u32];
             self.run(&self.kernels.gather, &params, &[self.weight_buffer(table)?, &ids.buffer, &buf], spread(n, 256))?;
         }
@@ -454,8 +468,7 @@ impl Backend for WgpuBackend {
             lens.extend(std::iter::repeat_n(len as u32, len));
             at += len as u32;
         }
-        let as_bytes = |v: &[u32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
-        let (starts, lens) = (self.buffer(tokens as u64 * 4, Some(&as_bytes(&starts)))?, self.buffer(tokens as u64 * 4, Some(&as_bytes(&lens)))?);
+        let (starts, lens) = (self.u32s(&starts)?, self.u32s(&lens)?);
         let params = [spec.heads as u32, spec.kv_heads as u32, spec.dim as u32, tokens as u32, spec.causal as u32, spec.scale.to_bits(), 0, 0];
         let [x, y, _] = spread(tokens, 1);
         self.run(
@@ -472,8 +485,7 @@ impl Backend for WgpuBackend {
         let (out, buf) = self.output(x.shape().to_vec())?;
         let n = positions.len() * spec.heads * (spec.dim - spec.rotated / 2);
         if n > 0 {
-            let bytes: Vec<u8> = positions.iter().flat_map(|v| v.to_le_bytes()).collect();
-            let positions_buf = self.buffer(bytes.len() as u64, Some(&bytes))?;
+            let positions_buf = self.u32s(positions)?;
             let params = [
                 positions.len() as u32,
                 spec.heads as u32,
@@ -486,6 +498,62 @@ impl Backend for WgpuBackend {
             ];
             self.run(&self.kernels.rope, &params, &[self.mem(x)?, &positions_buf.buffer, &buf], spread(n, 256))?;
         }
+        Ok(out)
+    }
+
+    fn select_rows(&self, x: &Array, rows: &[u32]) -> Result<Array, Error> {
+        check_rows(x, rows)?;
+        let cols = x.matrix().1;
+        let (out, buf) = self.output(vec![rows.len(), cols])?;
+        let n = rows.len() * cols;
+        if n > 0 {
+            let ids = self.u32s(rows)?;
+            // The gather kernel reads the array as a table of f32 rows.
+            let params = [n as u32, cols as u32, quant_code(WeightFormat::F32), (cols * 4) as u32];
+            self.run(&self.kernels.gather, &params, &[self.mem(x)?, &ids.buffer, &buf], spread(n, 256))?;
+        }
+        Ok(out)
+    }
+
+    fn kv_cache(&self, slots: usize, width: usize) -> Result<KvCache, Error> {
+        let bytes = (slots * width * 4) as u64;
+        let (keys, values) = (self.buffer(bytes, None)?, self.buffer(bytes, None)?);
+        Ok(KvCache::device(slots, width, Box::new(keys), Box::new(values)))
+    }
+
+    fn write_kv(&self, cache: &mut KvCache, k: &Array, v: &Array, slots: &[u32]) -> Result<(), Error> {
+        check_write_kv(cache, k, v, slots)?;
+        let n = slots.len() * cache.width;
+        if n == 0 {
+            return Ok(());
+        }
+        let slot_buf = self.u32s(slots)?;
+        let (keys, values) = cache.device_memory::<Memory>()?;
+        let params = [n as u32, cache.width as u32, 0, 0];
+        self.run(&self.kernels.scatter, &params, &[self.mem(k)?, &slot_buf.buffer, &keys.buffer], spread(n, 256))?;
+        self.run(&self.kernels.scatter, &params, &[self.mem(v)?, &slot_buf.buffer, &values.buffer], spread(n, 256))
+    }
+
+    fn cached_attention(&self, q: &Array, cache: &KvCache, spec: &CachedAttention) -> Result<Array, Error> {
+        let rows = check_cached_attention(q, cache, spec)?;
+        if spec.dim > 256 {
+            return Err(Error::Unsupported(format!("attention heads of {} values on wgpu (256 at most)", spec.dim)));
+        }
+        let (out, buf) = self.output(vec![rows, spec.heads * spec.dim])?;
+        if rows == 0 {
+            return Ok(out);
+        }
+        let (offsets, keys, slots) = spec.rows();
+        let (offsets, keys, slots) = (self.u32s(&offsets)?, self.u32s(&keys)?, self.u32s(&slots)?);
+        let (k, v) = cache.device_memory::<Memory>()?;
+        let params = [spec.heads as u32, spec.kv_heads as u32, spec.dim as u32, rows as u32, spec.scale.to_bits(), 0, 0, 0];
+        let [x, y, _] = spread(rows, 1);
+        self.run(
+            &self.kernels.cached_attention,
+            &params,
+            &[self.mem(q)?, &k.buffer, &v.buffer, &offsets.buffer, &keys.buffer, &slots.buffer, &buf],
+            [x, y, spec.heads as u32],
+        )?;
         Ok(out)
     }
 }
