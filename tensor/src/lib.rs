@@ -13,7 +13,9 @@
 //! - [`onnx`]: an interpreter for ONNX graphs with the operators small
 //!   classifiers use.
 //! - [`gguf`]: GGUF (llama.cpp) files: metadata, tensor directory and
-//!   dequantisation, for the text-generation engine.
+//!   dequantisation.
+//! - [`llm`]: text generation with llama-family GGUF models: the decoder,
+//!   tokenizer, chat template, sampling and a continuous-batching engine.
 //!
 //! Models are written once over the [`backend`] seam: the CPU always, and
 //! GPUs through wgpu (feature `wgpu`) and CUDA (feature `cuda`); a graph is
@@ -29,6 +31,7 @@ pub mod bert;
 mod budget;
 mod error;
 pub mod gguf;
+pub mod llm;
 mod model;
 pub mod onnx;
 pub mod quant;
