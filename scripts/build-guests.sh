@@ -20,11 +20,11 @@ guest_cargo() { # guest_cargo DIR ARGS...: the toolchain's pitfalls handled here
       /usr/bin/cargo --config "$conf" "$@" --target-dir "$root/target/guest")
 }
 
-for dir in examples/hello examples/embeddings examples/classify tests/guests; do
+for dir in examples/hello examples/embeddings examples/classify examples/chat tests/guests; do
   echo "build-guests: $dir" >&2
   guest_cargo "$dir" build --release --locked --quiet
 done
-for name in hello embeddings classify behaviors unsupported_import stateful bigheap slowinit init_trap init_prints wizer_convention nn_probe; do
+for name in hello embeddings classify chat behaviors unsupported_import stateful bigheap slowinit init_trap init_prints wizer_convention nn_probe; do
   cp "$root/target/guest/wasm32-wasip2/release/$name.wasm" "$root/target/wasm/$name.wasm"
 done
 ls -l "$root"/target/wasm/*.wasm >&2

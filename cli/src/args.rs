@@ -97,6 +97,13 @@ pub struct PoolArgs {
     /// Longest queue wait, in ms, any deployment may be given.
     #[arg(long, default_value_t = Limits::default_ceilings().queue_timeout_ms)]
     max_queue_timeout_ms: u64,
+    /// Most tokens any deployment may let one generation produce.
+    #[arg(long, default_value_t = Limits::default_ceilings().max_tokens)]
+    max_max_tokens: u32,
+    /// Longest wall-clock time, in ms, any deployment may give a request
+    /// that streams a generation.
+    #[arg(long, default_value_t = Limits::default_ceilings().stream_ms)]
+    max_stream_ms: u64,
     /// Host memory one inference call may allocate, in MiB (a call over it
     /// fails with wasi-nn `too-large`; model pushes are checked against it).
     #[arg(long, default_value_t = InferenceMemory::default().per_call_mb)]
@@ -147,6 +154,8 @@ impl PoolArgs {
             concurrency: self.max_concurrency,
             queue: self.max_queue,
             queue_timeout_ms: self.max_queue_timeout_ms,
+            max_tokens: self.max_max_tokens,
+            stream_ms: self.max_stream_ms,
         };
         let mut builder = Runtime::builder()
             .max_instances(self.max_instances)
@@ -194,6 +203,12 @@ pub struct LimitArgs {
     /// How long a queued request waits before `503`, in ms.
     #[arg(long)]
     queue_timeout_ms: Option<u64>,
+    /// Tokens one LLM generation may produce.
+    #[arg(long)]
+    max_tokens: Option<u64>,
+    /// Wall-clock time, in ms, of a request that streams a generation.
+    #[arg(long)]
+    stream_ms: Option<u64>,
 }
 
 impl LimitArgs {
@@ -207,6 +222,8 @@ impl LimitArgs {
             ("concurrency", self.concurrency),
             ("queue", self.queue),
             ("queue_timeout_ms", self.queue_timeout_ms),
+            ("max_tokens", self.max_tokens),
+            ("stream_ms", self.stream_ms),
         ]
         .into_iter()
         .filter_map(|(name, v)| Some((name, v?)))
@@ -299,8 +316,8 @@ pub fn default_limits_help() -> String {
     let l = Limits::default();
     format!(
         "Default limits: --memory-mb {} --cpu-ms {} --timeout-ms {} --max-body-bytes {} \
-         --concurrency {} --queue {} --queue-timeout-ms {}",
-        l.memory_mb, l.cpu_ms, l.timeout_ms, l.max_body_bytes, l.concurrency, l.queue, l.queue_timeout_ms
+         --concurrency {} --queue {} --queue-timeout-ms {} --max-tokens {} --stream-ms {}",
+        l.memory_mb, l.cpu_ms, l.timeout_ms, l.max_body_bytes, l.concurrency, l.queue, l.queue_timeout_ms, l.max_tokens, l.stream_ms
     )
 }
 
@@ -342,15 +359,7 @@ pub fn load_manifest(file: &Path, explicit: Option<&Path>) -> Result<(Manifest, 
     };
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     // The server (or `run`'s runtime) checks the limits against its own maxima.
-    let no_ceilings = Limits {
-        memory_mb: u64::MAX,
-        cpu_ms: u64::MAX,
-        timeout_ms: u64::MAX,
-        max_body_bytes: u64::MAX,
-        concurrency: u32::MAX,
-        queue: u32::MAX,
-        queue_timeout_ms: u64::MAX,
-    };
+    let no_ceilings = Limits::unbounded();
     let manifest = Manifest::parse(&text, &no_ceilings).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     Ok((manifest, path.parent().unwrap_or(Path::new(".")).to_path_buf()))
 }

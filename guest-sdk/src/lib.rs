@@ -47,7 +47,14 @@ use wasip2::io::streams::{InputStream, OutputStream};
 #[doc(hidden)]
 pub use wasip2 as __wasip2;
 
+pub mod llm;
 pub mod nn;
+
+/// `n` bytes from the host's secure random source (`wasi:random`), fresh
+/// for every request even in an instance restored from a snapshot.
+pub fn random_bytes(n: usize) -> Vec<u8> {
+    wasip2::random::random::get_random_bytes(n as u64)
+}
 
 /// Bindings for the `gpuwasm:runtime/init` export (wit/init.wit).
 #[doc(hidden)]

@@ -4,6 +4,7 @@
 //! body limits, and a guest that ends when its client leaves.
 
 use crate::capabilities::{Capabilities, SharedCapabilities};
+use crate::deadline::Deadline;
 use crate::error::{Error, chain};
 use crate::failure::{BoxError, Failure, ResponseBody, Saturated};
 use crate::host_state::RequestState;
@@ -187,6 +188,8 @@ impl Deployment {
             return Err(Failure::Stopped);
         }
         let deadline = Instant::now() + limits.timeout();
+        // The guest's own deadline: a generation it starts moves it to `stream_ms`.
+        let guest_deadline = Arc::new(Deadline::new(limits.timeout_ms));
         let request = with_authority(small_body_first(request, declared, limits, deadline).await?);
         let permits = self.admit().await?;
 
@@ -194,6 +197,7 @@ impl Deployment {
             .runtime
             .new_store(limits.memory_bytes(), limits.cpu_ms, &me.capabilities, &me.shared)
             .map_err(Failure::Trap)?;
+        store.data_mut().allow_generation(limits, guest_deadline.clone());
 
         let body_too_large = Arc::new(AtomicBool::new(false));
         let request = limit_body(request, limits.max_body_bytes, body_too_large.clone());
@@ -213,7 +217,6 @@ impl Deployment {
         let (req, out, rx) = setup(&mut store).map_err(|e| Failure::Trap(chain(&e)))?;
 
         let name = me.name.clone();
-        let timeout_ms = limits.timeout_ms;
         let mut stopped = me.stop.subscribe();
         let guest = tokio::spawn(async move {
             let _permits = permits;
@@ -222,10 +225,10 @@ impl Deployment {
             // dropping `call` (timeout, stop, or an abort of this task when
             // the client leaves) interrupts it within a tick.
             let result = tokio::select! {
-                called = timeout_at(deadline, call) => match called {
-                    Err(_) => Err(Failure::Timeout(timeout_ms)),
-                    Ok(Err(err)) => Err(Failure::from_call(store.data(), &err, cpu_ms, memory_mb)),
-                    Ok(Ok(())) => Ok(()),
+                called = guest_deadline.run(call) => match called {
+                    None => Err(Failure::Timeout(guest_deadline.limit_ms())),
+                    Some(Err(err)) => Err(Failure::from_call(store.data(), &err, cpu_ms, memory_mb)),
+                    Some(Ok(())) => Ok(()),
                 },
                 _ = stopped.wait_for(|&stop| stop) => Err(Failure::Stopped),
             };

@@ -5,7 +5,7 @@
 use crate::capabilities::{Capabilities, OutboundPolicy, SharedCapabilities};
 use crate::memory_limit::MemoryLimiter;
 use crate::nn::Models;
-use crate::nn::host::{NnCtx, NnView};
+use crate::nn::host::{GenerationLimits, NnCtx, NnView};
 use crate::output::GuestOutput;
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
@@ -50,12 +50,19 @@ impl RequestState {
             http: WasiHttpCtx::new(),
             table: ResourceTable::new(),
             hooks: OutboundPolicy { allow: shared.outbound.clone() },
-            nn: NnCtx { models: models.clone(), access: shared.models.clone(), held: 0, limit: memory_limit },
+            nn: NnCtx { models: models.clone(), access: shared.models.clone(), held: 0, limit: memory_limit, generation: None },
             limiter: MemoryLimiter { limit: memory_limit, exceeded: false },
             output,
             cpu_ticks: 0,
             cpu_exceeded: false,
         })
+    }
+
+    /// Lets the guest generate text under `limits`: at most `max_tokens` a
+    /// generation, and `stream_ms` of wall clock for the request once it
+    /// starts one (moving `deadline`).
+    pub(crate) fn allow_generation(&mut self, limits: &crate::Limits, deadline: std::sync::Arc<crate::deadline::Deadline>) {
+        self.nn.generation = Some(GenerationLimits { max_tokens: limits.max_tokens, stream_ms: limits.stream_ms, deadline });
     }
 
     /// The wasi-nn view of this request's state.

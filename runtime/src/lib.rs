@@ -37,6 +37,7 @@
 //! ```
 
 mod capabilities;
+mod deadline;
 mod deployment;
 mod engine;
 mod error;

@@ -32,6 +32,13 @@ pub struct Limits {
     /// How long, in milliseconds, a queued request waits for an instance
     /// before it gets `503` with `Retry-After`.
     pub queue_timeout_ms: u64,
+    /// Tokens one generation may produce (`gpuwasm:llm`); a guest asking
+    /// for more gets this many, and is told.
+    pub max_tokens: u32,
+    /// Wall-clock time, in milliseconds, of a request that starts a
+    /// generation (instead of `timeout_ms`, when longer): streamed answers
+    /// take longer than ordinary requests.
+    pub stream_ms: u64,
 }
 
 impl Default for Limits {
@@ -44,6 +51,8 @@ impl Default for Limits {
             concurrency: 64,
             queue: 1024,
             queue_timeout_ms: 10_000,
+            max_tokens: 1024,
+            stream_ms: 300_000,
         }
     }
 }
@@ -53,7 +62,8 @@ impl Limits {
     /// configured otherwise ([`RuntimeBuilder::max_limits`](crate::RuntimeBuilder::max_limits)):
     /// 1 GiB of memory, a minute of CPU, ten minutes of wall clock (long
     /// enough for streamed responses), 1 GiB bodies, 256 instances, a
-    /// queue of 4096 waiting a minute at most.
+    /// queue of 4096 waiting a minute at most, 32768 generated tokens and
+    /// an hour of streaming.
     pub fn default_ceilings() -> Limits {
         Limits {
             memory_mb: 1024,
@@ -63,11 +73,29 @@ impl Limits {
             concurrency: 256,
             queue: 4096,
             queue_timeout_ms: 60_000,
+            max_tokens: 32_768,
+            stream_ms: 3_600_000,
+        }
+    }
+
+    /// No ceiling at all (what a manifest is parsed against before a
+    /// server checks it against its own).
+    pub fn unbounded() -> Limits {
+        Limits {
+            memory_mb: u64::MAX,
+            cpu_ms: u64::MAX,
+            timeout_ms: u64::MAX,
+            max_body_bytes: u64::MAX,
+            concurrency: u32::MAX,
+            queue: u32::MAX,
+            queue_timeout_ms: u64::MAX,
+            max_tokens: u32::MAX,
+            stream_ms: u64::MAX,
         }
     }
 
     /// Every field as a (name, value) pair, in the serialised names.
-    fn fields(&self) -> [(&'static str, u64); 7] {
+    fn fields(&self) -> [(&'static str, u64); 9] {
         [
             ("memory_mb", self.memory_mb),
             ("cpu_ms", self.cpu_ms),
@@ -76,6 +104,8 @@ impl Limits {
             ("concurrency", u64::from(self.concurrency)),
             ("queue", u64::from(self.queue)),
             ("queue_timeout_ms", self.queue_timeout_ms),
+            ("max_tokens", u64::from(self.max_tokens)),
+            ("stream_ms", self.stream_ms),
         ]
     }
 
@@ -112,6 +142,8 @@ impl Limits {
             "concurrency" => self.concurrency = small(parse(value)?)?,
             "queue" => self.queue = small(parse(value)?)?,
             "queue_timeout_ms" => self.queue_timeout_ms = parse(value)?,
+            "max_tokens" => self.max_tokens = small(parse(value)?)?,
+            "stream_ms" => self.stream_ms = parse(value)?,
             _ => return Err(Error::InvalidLimits(format!("unknown limit `{name}`"))),
         }
         Ok(())

@@ -9,7 +9,7 @@ use crate::engine::{self, PoolSettings, TICK};
 use crate::error::{Error, chain};
 use crate::host_state::RequestState;
 use crate::limits::Limits;
-use crate::nn::{BatchSettings, InferenceMemory, Models};
+use crate::nn::{BatchSettings, InferenceMemory, LlmSettings, Models};
 use crate::preinit;
 use gpuwasm_tensor::backend::Devices;
 use crate::capabilities::SharedCapabilities;
@@ -32,6 +32,7 @@ pub struct RuntimeBuilder {
     inference: InferenceMemory,
     devices: Option<Devices>,
     gpu_memory: Option<u64>,
+    llm: LlmSettings,
 }
 
 impl RuntimeBuilder {
@@ -94,6 +95,12 @@ impl RuntimeBuilder {
         self
     }
 
+    /// How text models generate: their key/value cache and step sizes.
+    pub fn llm(mut self, settings: LlmSettings) -> Self {
+        self.llm = settings;
+        self
+    }
+
     /// How concurrent inference calls on one model are batched.
     pub fn batching(mut self, batch: BatchSettings) -> Self {
         self.batch = batch;
@@ -107,6 +114,7 @@ impl RuntimeBuilder {
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
             .and_then(|()| wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker))
             .and_then(|()| crate::nn::host::add_to_linker(&mut linker, RequestState::nn))
+            .and_then(|()| crate::nn::llm::add_to_linker(&mut linker, RequestState::nn))
             .map_err(|e| Error::Engine(chain(&e)))?;
         engine::start_ticker(&engine);
         let per_tenant = self.tenant_instances.unwrap_or(self.pool.max_instances.div_ceil(2)).min(self.pool.max_instances);
@@ -117,7 +125,7 @@ impl RuntimeBuilder {
                 per_tenant,
                 engine,
                 linker,
-                models: Models::new(self.model_idle, self.batch, self.inference, self.devices.unwrap_or_else(Devices::cpu_only), self.gpu_memory),
+                models: Models::new(self.model_idle, self.batch, self.inference, self.llm, self.devices.unwrap_or_else(Devices::cpu_only), self.gpu_memory),
                 pool: self.pool,
                 ceilings: self.ceilings,
             }),
@@ -167,6 +175,7 @@ impl Runtime {
             inference: InferenceMemory::default(),
             devices: None,
             gpu_memory: None,
+            llm: LlmSettings::default(),
         }
     }
 

@@ -40,5 +40,5 @@ mod tensor;
 
 pub use budget::{Budget, MemoryPool, Reservation};
 pub use error::Error;
-pub use model::{Format, Graph, ModelFiles, check, load};
+pub use model::{Format, Graph, ModelFiles, check, load, single_file};
 pub use tensor::{DType, Data, Tensor};

@@ -82,8 +82,8 @@ pub trait Graph: Send + Sync {
     }
 }
 
-/// The single file of a one-file model.
-pub(crate) fn single_file(files: &ModelFiles) -> Result<&[u8], Error> {
+/// The single file of a one-file model (an error naming the count otherwise).
+pub fn single_file(files: &ModelFiles) -> Result<&[u8], Error> {
     match files.values().collect::<Vec<_>>().as_slice() {
         [only] => Ok(only),
         _ => Err(invalid_model(format!("expected one file, got {}", files.len()))),

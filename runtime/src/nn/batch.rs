@@ -109,12 +109,35 @@ pub(crate) struct BatchStats {
 /// What a loaded model has done since it was loaded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ModelStatus {
-    /// Engine passes run.
+    /// Engine passes run (for a text model: steps).
     pub batches: usize,
-    /// Compute calls answered.
+    /// Compute calls answered (for a text model: generations started).
     pub calls: usize,
-    /// The most calls merged into one pass.
+    /// The most calls merged into one pass (for a text model: sequences
+    /// in one step).
     pub largest_batch: usize,
+    /// A text model's engine now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<GenerationStatus>,
+}
+
+/// What a text model's engine is doing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct GenerationStatus {
+    /// Sequences running.
+    pub running: usize,
+    /// Sequences waiting to be admitted.
+    pub waiting: usize,
+    /// Blocks of its key/value cache free.
+    pub free_blocks: usize,
+    /// Blocks of its key/value cache.
+    pub total_blocks: usize,
+    /// Tokens generated.
+    pub generated_tokens: u64,
+    /// Generations cancelled because their reader went away.
+    pub cancelled: u64,
+    /// Sequences preempted and recomputed later.
+    pub preempted: u64,
 }
 
 impl BatchStats {
@@ -123,6 +146,7 @@ impl BatchStats {
             batches: self.batches.load(Ordering::Relaxed),
             calls: self.calls.load(Ordering::Relaxed),
             largest_batch: self.largest.load(Ordering::Relaxed),
+            generation: None,
         }
     }
 }

@@ -3,7 +3,7 @@
 //! await the model cache and the batching scheduler, never blocking a
 //! tokio worker.
 
-use super::batch::Tensors;
+use super::batch::{Batcher, Tensors};
 use super::gpu::Charge;
 use super::models::{LoadError, Loaded, ModelAccess, Models};
 use gpuwasm_tensor::{DType, Format, Tensor};
@@ -30,8 +30,14 @@ use errors::ErrorCode;
 use graph::{ExecutionTarget, GraphEncoding};
 use tensor::TensorType;
 
-/// A graph a guest holds: a shared model (or one it loaded from bytes).
+/// A graph a guest holds: a shared model (or one it loaded from bytes);
+/// never a text model (`load-by-name` refuses those).
 pub struct GraphResource(Arc<Loaded>);
+
+/// The scheduler of a graph resource's model.
+fn batcher(loaded: &Loaded) -> &Batcher {
+    loaded.batcher().expect("graph resources hold graphs: load-by-name refuses text models")
+}
 
 /// A tensor a guest built or received.
 pub struct TensorResource {
@@ -46,7 +52,7 @@ pub struct ContextResource(Arc<Loaded>);
 
 impl Drop for ContextResource {
     fn drop(&mut self) {
-        self.0.batcher.contexts.fetch_sub(1, Ordering::Relaxed);
+        batcher(&self.0).contexts.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -66,6 +72,19 @@ pub(crate) struct NnCtx {
     pub held: usize,
     /// The most that may be held: the instance's memory limit.
     pub limit: usize,
+    /// What a generation may do (`None`: the instance serves no request,
+    /// as at pre-initialisation, and may not generate).
+    pub generation: Option<GenerationLimits>,
+}
+
+/// The deployment's limits on text generation, for one request.
+pub(crate) struct GenerationLimits {
+    /// Tokens one generation may produce.
+    pub max_tokens: u32,
+    /// The request's wall-clock time once it generates.
+    pub stream_ms: u64,
+    /// The request's deadline, which a generation moves.
+    pub deadline: Arc<crate::deadline::Deadline>,
 }
 
 impl NnCtx {
@@ -183,6 +202,10 @@ impl graph::Host for NnView<'_> {
 
     async fn load_by_name(&mut self, name: String) -> Fallible<Resource<GraphResource>> {
         match self.ctx.models.get(&self.ctx.access, &name).await {
+            Ok(loaded) if loaded.batcher().is_none() => self.fail(
+                ErrorCode::UnsupportedOperation,
+                format!("model '{name}' generates text: load it with gpuwasm:llm (docs/llm.md), not wasi-nn"),
+            ),
             Ok(loaded) => Ok(Ok(self.table.push(GraphResource(loaded))?)),
             Err(LoadError::Denied(m)) => self.fail(ErrorCode::Security, m),
             Err(LoadError::NotFound(m)) => self.fail(ErrorCode::NotFound, m),
@@ -195,7 +218,7 @@ impl graph::Host for NnView<'_> {
 impl graph::HostGraph for NnView<'_> {
     async fn init_execution_context(&mut self, graph: Resource<GraphResource>) -> Fallible<Resource<ContextResource>> {
         let loaded = self.table.get(&graph)?.0.clone();
-        loaded.batcher.contexts.fetch_add(1, Ordering::Relaxed);
+        batcher(&loaded).contexts.fetch_add(1, Ordering::Relaxed);
         Ok(Ok(self.table.push(ContextResource(loaded))?))
     }
 
@@ -246,13 +269,13 @@ impl inference::HostGraphExecutionContext for NnView<'_> {
             match Tensor::from_bytes(dims, dtype(t.ty), &t.data) {
                 Ok(tensor) => tensors.push((name, tensor)),
                 Err(err) => {
-                    let message = format!("input {name:?}: {err}; the graph takes {}", loaded.batcher.signature());
+                    let message = format!("input {name:?}: {err}; the graph takes {}", batcher(&loaded).signature());
                     return self.fail(ErrorCode::InvalidArgument, message);
                 }
             }
         }
         self.ctx.models.touch(&loaded);
-        match loaded.batcher.compute(self.ctx.access.tenant.as_str().into(), tensors).await {
+        match batcher(&loaded).compute(self.ctx.access.tenant.as_str().into(), tensors).await {
             Ok(outputs) => {
                 let bytes: usize = outputs.iter().map(|(_, t)| t.memory_bytes() as usize).sum();
                 if let Err(why) = self.ctx.hold(bytes) {
@@ -267,7 +290,7 @@ impl inference::HostGraphExecutionContext for NnView<'_> {
                 Ok(Ok(named))
             }
             Err(err @ gpuwasm_tensor::Error::InvalidInput(_)) => {
-                let message = format!("{err}; the graph takes {}", loaded.batcher.signature());
+                let message = format!("{err}; the graph takes {}", batcher(&loaded).signature());
                 self.fail(ErrorCode::InvalidArgument, message)
             }
             Err(err) => self.engine_error(err),

@@ -6,9 +6,10 @@
 mod batch;
 mod gpu;
 pub(crate) mod host;
+pub(crate) mod llm;
 mod models;
 
-pub use batch::{BatchSettings, InferenceMemory, ModelStatus};
+pub use batch::{BatchSettings, GenerationStatus, InferenceMemory, ModelStatus};
 pub use gpu::TenantGpu;
 pub use gpuwasm_tensor::backend::{DeviceInfo, DeviceKind, Devices, Target};
-pub use models::{CatalogError, LocalModels, ModelAccess, ModelCatalog, ModelEntry, Models, PUBLIC, ResidentModel, read_model_files};
+pub use models::{CatalogError, LlmSettings, LocalModels, ModelAccess, ModelCatalog, ModelEntry, Models, PUBLIC, ResidentModel, read_model_files};

@@ -2,9 +2,11 @@
 //! node-wide cache that loads each one once, shares it between instances
 //! and evicts it when idle.
 
-use super::batch::{BatchSettings, Batcher, Budgets, InferenceMemory, ModelStatus};
+use super::batch::{BatchSettings, Batcher, Budgets, GenerationStatus, InferenceMemory, ModelStatus};
 use super::gpu::{Charge, DeviceGate, Ledger, Refused, TenantGpu, TenantSettings};
 use gpuwasm_tensor::backend::{DeviceInfo, DeviceKind};
+use gpuwasm_tensor::llm::Llm;
+use gpuwasm_tensor::llm::engine::{Engine, EngineSettings};
 use gpuwasm_tensor::backend::{Devices, SharedBackend, Target};
 use gpuwasm_tensor::{Format, ModelFiles};
 use std::collections::HashMap;
@@ -133,10 +135,12 @@ impl std::fmt::Debug for ModelAccess {
     }
 }
 
-/// A model loaded on this node: its graph behind a batching scheduler,
-/// and, on a GPU, what it is charged.
+/// A model loaded on this node: a graph behind its batching scheduler,
+/// or a text model with its generation engine; and, on a GPU, what it is
+/// charged.
 pub(crate) struct Loaded {
-    pub batcher: Batcher,
+    work: Work,
+    device: DeviceInfo,
     /// Milliseconds since the cache's epoch when it was last used.
     last_used: AtomicU64,
     /// Its weights' bytes on the device's budget (GPUs only).
@@ -155,7 +159,8 @@ impl Loaded {
             None => (None, HashMap::new()),
         };
         Loaded {
-            batcher: Batcher::unbatched(graph, models.inner.budgets.clone(), gate),
+            device: graph.device().clone(),
+            work: Work::Graph(Batcher::unbatched(graph, models.inner.budgets.clone(), gate)),
             last_used: AtomicU64::new(0),
             device_charge,
             tenant_charges: Mutex::new(tenant_charges),
@@ -165,6 +170,92 @@ impl Loaded {
     /// Its bytes on a GPU, when it is on one.
     fn gpu_bytes(&self) -> Option<u64> {
         self.device_charge.as_ref().map(Charge::bytes)
+    }
+
+    /// The graph's scheduler, for a wasi-nn graph.
+    pub(crate) fn batcher(&self) -> Option<&Batcher> {
+        match &self.work {
+            Work::Graph(batcher) => Some(batcher),
+            Work::Text(_) => None,
+        }
+    }
+
+    /// The text model, for one that generates.
+    pub(crate) fn text(&self) -> Option<&TextModel> {
+        match &self.work {
+            Work::Text(text) => Some(text),
+            Work::Graph(_) => None,
+        }
+    }
+
+    /// Bytes it holds on its device (weights, and a text model's cache).
+    fn resident_bytes(&self) -> u64 {
+        match &self.work {
+            Work::Graph(batcher) => batcher.graph().resident_bytes(),
+            Work::Text(text) => text.llm.model.resident_bytes() + text.cache_bytes,
+        }
+    }
+
+    fn status(&self) -> ModelStatus {
+        match &self.work {
+            Work::Graph(batcher) => batcher.stats.status(),
+            Work::Text(text) => text.status(),
+        }
+    }
+}
+
+/// What a loaded model does.
+enum Work {
+    /// A wasi-nn graph: tensors in, tensors out.
+    Graph(Batcher),
+    /// A text model (`gpuwasm:llm`).
+    Text(TextModel),
+}
+
+/// A text model and the engine that generates with it.
+pub(crate) struct TextModel {
+    /// Decoder, tokenizer and chat template.
+    pub llm: Llm,
+    /// The continuous-batching engine.
+    pub engine: Engine,
+    cache_bytes: u64,
+}
+
+impl TextModel {
+    fn status(&self) -> ModelStatus {
+        let s = &self.engine.stats;
+        ModelStatus {
+            batches: s.steps.load(Ordering::Relaxed) as usize,
+            calls: s.generations.load(Ordering::Relaxed) as usize,
+            largest_batch: s.largest_step.load(Ordering::Relaxed),
+            generation: Some(GenerationStatus {
+                running: s.running.load(Ordering::Relaxed),
+                waiting: s.waiting.load(Ordering::Relaxed),
+                free_blocks: s.free_blocks.load(Ordering::Relaxed),
+                total_blocks: s.total_blocks.load(Ordering::Relaxed),
+                generated_tokens: s.generated.load(Ordering::Relaxed),
+                cancelled: s.cancelled.load(Ordering::Relaxed),
+                preempted: s.preempted.load(Ordering::Relaxed),
+            }),
+        }
+    }
+}
+
+/// How text models generate on this node.
+#[derive(Clone, Debug)]
+pub struct LlmSettings {
+    /// Memory for each text model's key/value cache, in MiB (default 256):
+    /// it decides how many tokens its running sequences may hold in all.
+    pub cache_mb: u64,
+    /// Sequences one model runs at once (default 64).
+    pub max_seqs: usize,
+    /// Tokens one step computes at most: decodes and prompt chunks (default 256).
+    pub step_tokens: usize,
+}
+
+impl Default for LlmSettings {
+    fn default() -> Self {
+        LlmSettings { cache_mb: 256, max_seqs: 64, step_tokens: 256 }
     }
 }
 
@@ -199,6 +290,7 @@ struct ModelsInner {
     idle: Duration,
     batch: BatchSettings,
     budgets: Budgets,
+    llm: LlmSettings,
     devices: Devices,
     /// Tenants' GPU quotas and weights.
     tenants: Arc<TenantSettings>,
@@ -237,12 +329,13 @@ impl Models {
     /// passes run within `memory` on `devices`; models on a GPU may hold
     /// `gpu_memory` bytes of it (default: 90% of what the device has;
     /// unlimited when it does not say).
-    pub(crate) fn new(idle: Duration, batch: BatchSettings, memory: InferenceMemory, devices: Devices, gpu_memory: Option<u64>) -> Models {
+    pub(crate) fn new(idle: Duration, batch: BatchSettings, memory: InferenceMemory, llm: LlmSettings, devices: Devices, gpu_memory: Option<u64>) -> Models {
         Models {
             inner: Arc::new(ModelsInner {
                 idle,
                 batch,
                 budgets: Budgets::new(&memory),
+                llm,
                 devices,
                 tenants: Arc::default(),
                 gpu_memory,
@@ -294,15 +387,14 @@ impl Models {
             .iter()
             .filter_map(|(key, slot)| {
                 let loaded = slot.get()?;
-                let graph = loaded.batcher.graph();
                 let mut tenants: Vec<String> = loaded.tenant_charges.lock().unwrap().keys().cloned().collect();
                 tenants.sort();
                 Some(ResidentModel {
                     key: key.rsplit_once('@').map_or(key.as_str(), |(k, _)| k).to_string(),
-                    device: graph.device().name.clone(),
-                    bytes: loaded.gpu_bytes().unwrap_or_else(|| graph.resident_bytes()),
+                    device: loaded.device.name.clone(),
+                    bytes: loaded.gpu_bytes().unwrap_or_else(|| loaded.resident_bytes()),
                     tenants,
-                    status: loaded.batcher.stats.status(),
+                    status: loaded.status(),
                 })
             })
             .collect();
@@ -330,7 +422,7 @@ impl Models {
             match self.gpu().ledger.charge_device(&device.name, bytes) {
                 Ok(charge) => return Ok(Some(charge)),
                 Err(Refused::Full(why)) => {
-                    if !self.evict_one(|loaded| loaded.batcher.graph().device().name == device.name) {
+                    if !self.evict_one(|loaded| loaded.device.name == device.name) {
                         return Err(Refused::Full(why).into_error());
                     }
                 }
@@ -360,7 +452,7 @@ impl Models {
                             .filter(|slot| Arc::strong_count(slot) == 1)
                             .filter_map(|slot| slot.get())
                             .filter(|l| Arc::strong_count(l) == 1 && !keep.is_some_and(|k| std::ptr::eq(k, l.as_ref())))
-                            .filter(|l| l.batcher.graph().device().name == device.name)
+                            .filter(|l| l.device.name == device.name)
                             .filter(|l| l.tenant_charges.lock().unwrap().contains_key(tenant))
                             .collect();
                         idle.sort_by_key(|l| l.last_used.load(Ordering::Relaxed));
@@ -430,8 +522,13 @@ impl Models {
         slots
             .iter()
             .filter(|(k, _)| k.starts_with(&prefix))
-            .filter_map(|(_, slot)| slot.get().map(|loaded| loaded.batcher.stats.status()))
-            .reduce(|a, b| ModelStatus { batches: a.batches + b.batches, calls: a.calls + b.calls, largest_batch: a.largest_batch.max(b.largest_batch) })
+            .filter_map(|(_, slot)| slot.get().map(|loaded| loaded.status()))
+            .reduce(|a, b| ModelStatus {
+                batches: a.batches + b.batches,
+                calls: a.calls + b.calls,
+                largest_batch: a.largest_batch.max(b.largest_batch),
+                generation: a.generation.or(b.generation),
+            })
     }
 
     /// The model `name` for a deployment with `access`: checked against
@@ -469,19 +566,20 @@ impl Models {
             .get_or_try_init(|| async {
                 let (catalog, entry2, models, device2) = (catalog.clone(), entry.clone(), self.clone(), device.clone());
                 let started = Instant::now();
-                let graph = tokio::task::spawn_blocking(move || {
+                let loaded = tokio::task::spawn_blocking(move || {
                     let files = catalog.read(&entry2).map_err(|e| LoadError::Io(e.0))?;
                     // Room for the files' bytes (about what the weights take)
-                    // before loading, for the weights' exact bytes after.
+                    // before loading, for the exact bytes after.
                     let estimate = models.charge_device(&device2, files.values().map(|f| f.len() as u64).sum()).map_err(LoadError::Failed)?;
-                    let graph = gpuwasm_tensor::load(entry2.format, &files, backend).map_err(LoadError::Failed)?;
+                    let work = models.load_work(entry2.format, &files, backend).map_err(LoadError::Failed)?;
                     drop(estimate);
-                    let charge = models.charge_device(&device2, graph.resident_bytes()).map_err(LoadError::Failed)?;
-                    Ok((graph, charge))
+                    let loaded = Loaded { work, device: device2, last_used: AtomicU64::new(0), device_charge: None, tenant_charges: Mutex::default() };
+                    let charge = models.charge_device(&loaded.device, loaded.resident_bytes()).map_err(LoadError::Failed)?;
+                    Ok(Loaded { device_charge: charge, ..loaded })
                 })
                 .await
                 .map_err(|e| LoadError::Io(format!("loading task failed: {e}")))?;
-                let (graph, device_charge) = graph.inspect_err(|e| {
+                let loaded = loaded.inspect_err(|e| {
                     // Content that cannot be a model fails the same way
                     // again; a device without room may have it later.
                     if let LoadError::Failed(why @ (gpuwasm_tensor::Error::InvalidModel(_) | gpuwasm_tensor::Error::Unsupported(_))) = e {
@@ -489,14 +587,8 @@ impl Models {
                     }
                 })?;
                 self.inner.loads.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(model = %name, %key, ms = started.elapsed().as_millis() as u64, bytes = graph.resident_bytes(), "model loaded");
-                let gate = self.gate(graph.device());
-                Ok::<_, LoadError>(Arc::new(Loaded {
-                    batcher: Batcher::start(graph, self.inner.batch.clone(), self.inner.budgets.clone(), gate),
-                    last_used: AtomicU64::new(0),
-                    device_charge,
-                    tenant_charges: Mutex::default(),
-                }))
+                tracing::info!(model = %name, %key, ms = started.elapsed().as_millis() as u64, bytes = loaded.resident_bytes(), "model loaded");
+                Ok::<_, LoadError>(Arc::new(loaded))
             })
             .await?
             .clone();
@@ -522,6 +614,27 @@ impl Models {
             }
         }
         Ok(loaded)
+    }
+
+    /// Loads a model's files onto `backend`: a GGUF file as a text model
+    /// with its engine, anything else as a graph behind its scheduler.
+    fn load_work(&self, format: Format, files: &ModelFiles, backend: SharedBackend) -> Result<Work, gpuwasm_tensor::Error> {
+        let gate = self.gate(backend.info());
+        if format != Format::Gguf {
+            let graph = gpuwasm_tensor::load(format, files, backend)?;
+            return Ok(Work::Graph(Batcher::start(graph, self.inner.batch.clone(), self.inner.budgets.clone(), gate)));
+        }
+        let file = gpuwasm_tensor::single_file(files)?;
+        let llm = Llm::load(&gpuwasm_tensor::gguf::Gguf::parse(file)?, backend)?;
+        let settings = &self.inner.llm;
+        // The cache: as many positions as its memory holds (keys and values, f32).
+        let per_token = (llm.model.config.layers * llm.model.config.kv_width() * 8) as u64;
+        let cache_tokens = (settings.cache_mb.saturating_mul(1 << 20) / per_token).max(16) as usize;
+        let engine_settings =
+            EngineSettings { cache_tokens, max_seqs: settings.max_seqs, step_tokens: settings.step_tokens, ..EngineSettings::default() };
+        let engine = Engine::start(llm.model.clone(), llm.tokenizer.clone(), engine_settings, self.inner.budgets.for_calls(1))?;
+        let cache_bytes = engine.stats.total_blocks.load(Ordering::Relaxed) as u64 * EngineSettings::default().block as u64 * per_token;
+        Ok(Work::Text(TextModel { llm, engine, cache_bytes }))
     }
 
     fn remember_failure(&self, key: &str, why: &gpuwasm_tensor::Error) {

@@ -102,6 +102,10 @@ pub struct EngineStats {
     pub cancelled: AtomicU64,
     /// Sequences preempted (recomputed later).
     pub preempted: AtomicU64,
+    /// Generations submitted.
+    pub generations: AtomicU64,
+    /// The most sequences one step held.
+    pub largest_step: AtomicUsize,
 }
 
 /// A running engine; dropping it stops the thread once its work is done.
@@ -162,6 +166,7 @@ impl Engine {
                 self.capacity
             )));
         }
+        self.stats.generations.fetch_add(1, Ordering::Relaxed);
         self.jobs.send(request).map_err(|_| Error::Unsupported("the engine stopped".into()))
     }
 }
@@ -406,6 +411,7 @@ impl State {
                 sampled.push(i);
             }
         }
+        self.stats.largest_step.fetch_max(plan.len(), Ordering::Relaxed);
         let pass = Pass::new(self.model.backend().as_ref(), &self.budget);
         let logits = self.model.forward(&pass, &mut self.cache, &step);
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
@@ -457,16 +463,17 @@ impl State {
         self.free.append(&mut seq.blocks);
     }
 
-    /// Ends `seq`: the rest of its text and the final event, its blocks back.
+    /// Ends `seq`: its blocks back first (so whoever sees it done sees them
+    /// free), then the rest of its text and the final event.
     fn finish(&mut self, mut seq: Seq, reason: FinishReason) {
+        self.free.append(&mut seq.blocks);
+        self.publish();
         let rest = std::mem::take(&mut seq.held) + &seq.text.finish();
         if !rest.is_empty() && reason != FinishReason::Stop {
             (seq.sink)(Event::Text { text: rest, tokens: 0 });
         }
         let (prompt_tokens, completion_tokens) = (seq.prompt_len, seq.generated());
         (seq.sink)(Event::Done { reason, prompt_tokens, completion_tokens });
-        self.release(seq);
-        self.publish();
     }
 }
 

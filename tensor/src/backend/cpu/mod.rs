@@ -9,6 +9,8 @@ use super::{
     CachedAttention, KvCache, MatmulDims, check_attention, check_cached_attention, check_elementwise, check_linear, check_matmul,
     check_rope, check_rows, check_values, check_write_kv,
 };
+mod qdot;
+
 use crate::error::{Error, invalid_input};
 use crate::quant;
 use rayon::prelude::*;
@@ -299,37 +301,6 @@ pub fn cached_attention(q: &[f32], keys: &[f32], vals: &[f32], spec: &CachedAtte
     out
 }
 
-/// `x [rows, cols] · wᵀ` for a weight of encoded rows: each output is a dot
-/// product with the weight's row decoded block by block (never the whole
-/// weight as floats); output columns are split across threads.
-pub fn linear_encoded(x: &[f32], rows: usize, cols: usize, format: WeightFormat, w: &[u8], out: usize) -> Vec<f32> {
-    let (values, size) = format.block();
-    let row_bytes = cols / values * size;
-    let mut y = vec![0.0; rows * out];
-    let columns: Vec<Vec<f32>> = (0..out)
-        .into_par_iter()
-        .map(|o| {
-            let mut block = vec![0.0; values];
-            let weights = &w[o * row_bytes..(o + 1) * row_bytes];
-            let mut dots = vec![0.0; rows];
-            for (b, encoded) in weights.chunks_exact(size).enumerate() {
-                quant::decode_block(format, encoded, &mut block);
-                for (r, dot) in dots.iter_mut().enumerate() {
-                    let xs = &x[r * cols + b * values..][..values];
-                    *dot += xs.iter().zip(&block).map(|(a, b)| a * b).sum::<f32>();
-                }
-            }
-            dots
-        })
-        .collect();
-    for (o, dots) in columns.iter().enumerate() {
-        for (r, d) in dots.iter().enumerate() {
-            y[r * out + o] = *d;
-        }
-    }
-    y
-}
-
 /// The host's CPUs.
 pub struct CpuBackend {
     info: DeviceInfo,
@@ -436,7 +407,9 @@ impl Backend for CpuBackend {
         let xv = values(x)?;
         let mut y = match w.host_data() {
             Some(HostData::F32(wv)) => linear(xv, rows, cols, wv, out, None),
-            Some(HostData::Encoded(format, bytes)) => linear_encoded(xv, rows, cols, *format, bytes, out),
+            // Half floats were widened to floats when prepared: what is
+            // encoded here is quantised.
+            Some(HostData::Encoded(format, bytes)) => qdot::linear(&qdot::quantize_rows(xv, rows, cols), *format, bytes, out),
             None => return Err(Error::Unsupported("a weight of another device was given to the CPU backend".into())),
         };
         if let Some(bias) = bias {
