@@ -127,3 +127,67 @@ pub fn gguf_with_u8_array(n: u64) -> Vec<u8> {
     b.resize(b.len() + n as usize, 1);
     b
 }
+
+/// A tiny llama-architecture GGUF (width 64, 4 heads, one block,
+/// feed-forward 128, 4 tokens, f32 zeros) that declares a vocabulary of
+/// `vocab_size` and gives `blk.0.attn_q.weight` `q_rows` rows (64 is
+/// right): the sizes a hostile file lies about.
+pub fn gguf_decoder(vocab_size: u64, q_rows: u64) -> Vec<u8> {
+    fn string(b: &mut Vec<u8>, s: &str) {
+        b.extend((s.len() as u64).to_le_bytes());
+        b.extend(s.as_bytes());
+    }
+    let (dim, ffn) = (64u64, 128u64);
+    let tensors: Vec<(&str, Vec<u64>)> = vec![
+        ("token_embd.weight", vec![dim, 4]),
+        ("output_norm.weight", vec![dim]),
+        ("blk.0.attn_norm.weight", vec![dim]),
+        ("blk.0.attn_q.weight", vec![dim, q_rows]),
+        ("blk.0.attn_k.weight", vec![dim, dim]),
+        ("blk.0.attn_v.weight", vec![dim, dim]),
+        ("blk.0.attn_output.weight", vec![dim, dim]),
+        ("blk.0.ffn_norm.weight", vec![dim]),
+        ("blk.0.ffn_gate.weight", vec![dim, ffn]),
+        ("blk.0.ffn_up.weight", vec![dim, ffn]),
+        ("blk.0.ffn_down.weight", vec![ffn, dim]),
+    ];
+    let uints = [
+        ("llama.block_count", 1),
+        ("llama.embedding_length", dim),
+        ("llama.attention.head_count", 4),
+        ("llama.feed_forward_length", ffn),
+        ("llama.vocab_size", vocab_size),
+    ];
+    let tokens = ["a", "b", "c", "d"];
+    let mut b = b"GGUF".to_vec();
+    b.extend(3u32.to_le_bytes());
+    b.extend((tensors.len() as u64).to_le_bytes());
+    b.extend((uints.len() as u64 + 3).to_le_bytes());
+    string(&mut b, "general.architecture");
+    b.extend(8u32.to_le_bytes());
+    string(&mut b, "llama");
+    string(&mut b, "tokenizer.ggml.model");
+    b.extend(8u32.to_le_bytes());
+    string(&mut b, "gpt2");
+    string(&mut b, "tokenizer.ggml.tokens");
+    b.extend(9u32.to_le_bytes());
+    b.extend(8u32.to_le_bytes());
+    b.extend((tokens.len() as u64).to_le_bytes());
+    tokens.iter().for_each(|t| string(&mut b, t));
+    for (key, value) in uints {
+        string(&mut b, key);
+        b.extend(10u32.to_le_bytes()); // u64
+        b.extend(value.to_le_bytes());
+    }
+    let mut offset = 0u64;
+    for (name, dims) in &tensors {
+        string(&mut b, name);
+        b.extend((dims.len() as u32).to_le_bytes());
+        dims.iter().for_each(|d| b.extend(d.to_le_bytes()));
+        b.extend(0u32.to_le_bytes()); // f32
+        b.extend(offset.to_le_bytes());
+        offset += (dims.iter().product::<u64>() * 4).next_multiple_of(32);
+    }
+    b.resize(b.len().next_multiple_of(32) + offset as usize, 0);
+    b
+}

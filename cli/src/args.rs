@@ -6,7 +6,7 @@ use crate::client::Api;
 use crate::commands;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use gpuwasm::nn::{Devices, InferenceMemory};
+use gpuwasm::nn::{Devices, InferenceMemory, LlmSettings};
 use gpuwasm::{Limits, Runtime};
 use gpuwasm_server::manifest::Manifest;
 use std::path::{Path, PathBuf};
@@ -115,6 +115,18 @@ pub struct PoolArgs {
     /// the next request that needs it).
     #[arg(long, default_value_t = 600)]
     model_idle_secs: u64,
+    /// Memory for each loaded LLM's key/value cache, in MiB: it bounds the
+    /// tokens (prompt and generated) its running sequences hold in all;
+    /// sequences beyond it wait or are preempted.
+    #[arg(long, default_value_t = LlmSettings::default().cache_mb)]
+    llm_cache_mb: u64,
+    /// Sequences each loaded LLM generates at once (more wait their turn).
+    #[arg(long, default_value_t = LlmSettings::default().max_seqs)]
+    llm_max_seqs: usize,
+    /// Tokens one LLM step computes at most (decodes plus prompt chunks):
+    /// lower keeps decodes smooth while long prompts arrive.
+    #[arg(long, default_value_t = LlmSettings::default().step_tokens)]
+    llm_step_tokens: usize,
     #[command(flatten)]
     pub gpus: GpuArgs,
 }
@@ -161,7 +173,8 @@ impl PoolArgs {
             .max_instances(self.max_instances)
             .max_limits(ceilings)
             .inference_memory(InferenceMemory { per_call_mb: self.inference_call_mb, node_mb: self.inference_node_mb })
-            .model_idle_timeout(std::time::Duration::from_secs(self.model_idle_secs));
+            .model_idle_timeout(std::time::Duration::from_secs(self.model_idle_secs))
+            .llm(LlmSettings { cache_mb: self.llm_cache_mb, max_seqs: self.llm_max_seqs, step_tokens: self.llm_step_tokens });
         if let Some(n) = self.max_tenant_instances {
             builder = builder.max_instances_per_tenant(n);
         }

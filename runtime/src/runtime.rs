@@ -109,6 +109,13 @@ impl RuntimeBuilder {
 
     /// Creates the engine, its instance pool and its epoch ticker.
     pub fn build(self) -> Result<Runtime, Error> {
+        let llm = &self.llm;
+        if llm.cache_mb == 0 || llm.max_seqs == 0 || llm.step_tokens == 0 {
+            return Err(Error::InvalidLimits(format!(
+                "text generation needs a key/value cache of at least 1 MiB, 1 sequence and 1 token a step (got {} MiB, {}, {})",
+                llm.cache_mb, llm.max_seqs, llm.step_tokens
+            )));
+        }
         let engine = engine::new_engine(&self.pool).map_err(|e| Error::Engine(chain(&e)))?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)

@@ -115,7 +115,18 @@ pub fn load(format: Format, files: &ModelFiles, backend: SharedBackend) -> Resul
 /// failing every call later.
 pub fn check(format: Format, files: &ModelFiles, budget: &Budget) -> Result<String, Error> {
     match format {
-        Format::Gguf => gguf::Gguf::parse(single_file(files)?).map(|g| g.describe()),
+        Format::Gguf => {
+            // A decoder of an architecture we run is checked whole (shapes,
+            // tokenizer, template); other GGUF files only parse, and their
+            // loads say what is unsupported.
+            let file = gguf::Gguf::parse(single_file(files)?)?;
+            match file.architecture() {
+                Some(arch) if crate::llm::model::ARCHITECTURES.contains(&arch) => {
+                    Ok(format!("{}: {}", file.describe(), crate::llm::Llm::check(&file)?))
+                }
+                _ => Ok(file.describe()),
+            }
+        }
         Format::Onnx => {
             let model = onnx::Model::load(single_file(files)?, Arc::new(CpuBackend::new()))?;
             model.smallest_run(budget)?;

@@ -54,9 +54,13 @@ fn bad(param: &str, message: &str) -> Response {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct ChatMessage {
     role: String,
     content: Value,
+    #[serde(default)]
+    #[allow(dead_code)]
+    name: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -65,53 +69,85 @@ struct StreamOptions {
     include_usage: bool,
 }
 
-/// The fields of both endpoints (OpenAI's names; llama.cpp's extras).
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+/// The fields of both endpoints (OpenAI's names; llama.cpp's extras),
+/// each read on its own so that an error names its field.
 struct CompletionRequest {
     model: String,
-    #[serde(default)]
     messages: Option<Vec<ChatMessage>>,
-    #[serde(default)]
     prompt: Option<Value>,
-    #[serde(default)]
     stream: bool,
-    #[serde(default)]
     stream_options: Option<StreamOptions>,
-    #[serde(default, alias = "max_completion_tokens")]
     max_tokens: Option<u32>,
-    #[serde(default)]
     temperature: Option<f32>,
-    #[serde(default)]
     top_p: Option<f32>,
-    #[serde(default)]
     top_k: Option<u32>,
-    #[serde(default)]
     min_p: Option<f32>,
-    #[serde(default)]
     repetition_penalty: Option<f32>,
-    #[serde(default)]
     presence_penalty: Option<f32>,
-    #[serde(default)]
     frequency_penalty: Option<f32>,
-    #[serde(default)]
     seed: Option<u64>,
-    #[serde(default)]
     stop: Option<Value>,
-    #[serde(default)]
     logit_bias: Option<HashMap<String, f32>>,
-    #[serde(default)]
     n: Option<u32>,
-    #[serde(default)]
-    #[allow(dead_code)]
-    user: Option<String>,
+}
+
+impl CompletionRequest {
+    fn parse(body: &[u8]) -> Result<CompletionRequest, Response> {
+        let value: Value = serde_json::from_slice(body).map_err(|e| bad("body", &format!("invalid JSON body: {e}")))?;
+        let Value::Object(mut fields) = value else {
+            return Err(bad("body", "the body must be a JSON object"));
+        };
+        fn take<T: serde::de::DeserializeOwned>(fields: &mut serde_json::Map<String, Value>, name: &str) -> Result<Option<T>, Response> {
+            match fields.remove(name) {
+                None | Some(Value::Null) => Ok(None),
+                Some(v) => serde_json::from_value(v).map(Some).map_err(|e| bad(name, &format!("`{name}`: {e}"))),
+            }
+        }
+        let messages = match fields.remove("messages") {
+            None | Some(Value::Null) => None,
+            Some(Value::Array(items)) => Some(
+                items
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, m)| serde_json::from_value(m).map_err(|e| bad(&format!("messages[{i}]"), &format!("`messages[{i}]`: {e}"))))
+                    .collect::<Result<_, _>>()?,
+            ),
+            Some(_) => return Err(bad("messages", "`messages` must be a list of messages")),
+        };
+        let max_tokens = take(&mut fields, "max_tokens")?;
+        let request = CompletionRequest {
+            model: take(&mut fields, "model")?.ok_or_else(|| bad("model", "`model` is required"))?,
+            messages,
+            prompt: take(&mut fields, "prompt")?,
+            stream: take(&mut fields, "stream")?.unwrap_or(false),
+            stream_options: take(&mut fields, "stream_options")?,
+            max_tokens: max_tokens.or(take(&mut fields, "max_completion_tokens")?),
+            temperature: take(&mut fields, "temperature")?,
+            top_p: take(&mut fields, "top_p")?,
+            top_k: take(&mut fields, "top_k")?,
+            min_p: take(&mut fields, "min_p")?,
+            repetition_penalty: take(&mut fields, "repetition_penalty")?,
+            presence_penalty: take(&mut fields, "presence_penalty")?,
+            frequency_penalty: take(&mut fields, "frequency_penalty")?,
+            seed: take(&mut fields, "seed")?,
+            stop: take(&mut fields, "stop")?,
+            logit_bias: take(&mut fields, "logit_bias")?,
+            n: take(&mut fields, "n")?,
+        };
+        // Accepted and ignored: who the user is.
+        take::<String>(&mut fields, "user")?;
+        if let Some(unknown) = fields.keys().next() {
+            return Err(bad(unknown, &format!("unrecognized request argument supplied: {unknown}")));
+        }
+        Ok(request)
+    }
 }
 
 /// Tokens generated when the request does not say.
 const DEFAULT_MAX_TOKENS: u32 = 256;
 
 fn complete(body: &[u8], chat: bool) -> Result<Response, Response> {
-    let req: CompletionRequest = serde_json::from_slice(body).map_err(|e| bad("body", &format!("invalid JSON body: {e}")))?;
+    let req = CompletionRequest::parse(body)?;
     if !served().contains(&req.model) {
         let message = format!("The model `{}` does not exist or you do not have access to it.", req.model);
         return Err(error(404, "invalid_request_error", Some("model"), Some("model_not_found"), &message));

@@ -29,22 +29,49 @@ pub struct Llm {
 impl Llm {
     /// Loads everything a GGUF file declares for generation onto `backend`.
     pub fn load(gguf: &Gguf, backend: SharedBackend) -> Result<Llm, Error> {
-        let tokenizer = tokenizer::Tokenizer::from_gguf(gguf)?;
+        let (tokenizer, template) = text_parts(gguf)?;
         let model = model::Llama::load(gguf, backend)?;
-        if tokenizer.vocab() > model.config.vocab {
-            return Err(crate::error::invalid_model(format!(
-                "gguf: the tokenizer has {} tokens, the model's vocabulary {}",
-                tokenizer.vocab(),
-                model.config.vocab
-            )));
-        }
-        let template = match gguf.metadata.get("tokenizer.chat_template") {
-            Some(Value::Str(source)) => {
-                let text = |id: Option<u32>| id.map_or("", |id| tokenizer.text(id)).to_string();
-                Some(template::ChatTemplate::new(source, &text(tokenizer.bos), &text(tokenizer.stops.first().copied()))?)
-            }
-            _ => None,
-        };
+        check_vocab(&tokenizer, &model.config)?;
         Ok(Llm { model: Arc::new(model), tokenizer: Arc::new(tokenizer), template })
     }
+
+    /// Checks everything [`Llm::load`] would, loading no weights: the
+    /// configuration, every tensor's shape and encoding, the tokenizer and
+    /// the chat template. Returns a one-line description.
+    pub fn check(gguf: &Gguf) -> Result<String, Error> {
+        let config = model::Llama::check(gguf)?;
+        let (tokenizer, template) = text_parts(gguf)?;
+        check_vocab(&tokenizer, &config)?;
+        Ok(format!(
+            "{} decoder, {} layers, width {}, {} heads ({} key/value), vocabulary {}, context {}{}",
+            config.architecture,
+            config.layers,
+            config.dim,
+            config.heads,
+            config.kv_heads,
+            config.vocab,
+            config.context,
+            if template.is_some() { ", chat template" } else { ", no chat template" }
+        ))
+    }
+}
+
+/// The tokenizer and chat template `gguf` declares.
+fn text_parts(gguf: &Gguf) -> Result<(tokenizer::Tokenizer, Option<template::ChatTemplate>), Error> {
+    let tokenizer = tokenizer::Tokenizer::from_gguf(gguf)?;
+    let template = match gguf.metadata.get("tokenizer.chat_template") {
+        Some(Value::Str(source)) => {
+            let text = |id: Option<u32>| id.map_or("", |id| tokenizer.text(id)).to_string();
+            Some(template::ChatTemplate::new(source, &text(tokenizer.bos), &text(tokenizer.stops.first().copied()))?)
+        }
+        _ => None,
+    };
+    Ok((tokenizer, template))
+}
+
+fn check_vocab(tokenizer: &tokenizer::Tokenizer, config: &model::LlamaConfig) -> Result<(), Error> {
+    if tokenizer.vocab() > config.vocab {
+        return Err(crate::error::invalid_model(format!("gguf: the tokenizer has {} tokens, the model's vocabulary {}", tokenizer.vocab(), config.vocab)));
+    }
+    Ok(())
 }

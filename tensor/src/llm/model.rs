@@ -171,42 +171,93 @@ pub struct Step {
     pub logits: Vec<u32>,
 }
 
+/// A tensor the decoder reads: its name, its shape as `[rows, cols]`
+/// (`rows` 1 for vectors), and whether a file may leave it out.
+struct Tensor {
+    name: String,
+    rows: usize,
+    cols: usize,
+    optional: bool,
+}
+
+/// Every tensor a decoder of `c` reads, in one place for checking and
+/// loading.
+fn layout(c: &LlamaConfig) -> Vec<Tensor> {
+    let t = |name: String, rows: usize, cols: usize, optional: bool| Tensor { name, rows, cols, optional };
+    let (q_rows, kv_rows) = (c.heads * c.head_dim, c.kv_width());
+    let mut all = vec![
+        t("token_embd.weight".into(), c.vocab, c.dim, false),
+        t("output_norm.weight".into(), 1, c.dim, false),
+        t("output.weight".into(), c.vocab, c.dim, true),
+    ];
+    for i in 0..c.layers {
+        let n = |part: &str| format!("blk.{i}.{part}");
+        all.extend([
+            t(n("attn_norm.weight"), 1, c.dim, false),
+            t(n("attn_q.weight"), q_rows, c.dim, false),
+            t(n("attn_k.weight"), kv_rows, c.dim, false),
+            t(n("attn_v.weight"), kv_rows, c.dim, false),
+            t(n("attn_q.bias"), 1, q_rows, true),
+            t(n("attn_k.bias"), 1, kv_rows, true),
+            t(n("attn_v.bias"), 1, kv_rows, true),
+            t(n("attn_output.weight"), c.dim, q_rows, false),
+            t(n("ffn_norm.weight"), 1, c.dim, false),
+            t(n("ffn_gate.weight"), c.ffn, c.dim, false),
+            t(n("ffn_up.weight"), c.ffn, c.dim, false),
+            t(n("ffn_down.weight"), c.dim, c.ffn, false),
+        ]);
+    }
+    all
+}
+
 impl Llama {
+    /// Checks `gguf`'s configuration and every tensor's presence, shape and
+    /// encoding against it, copying nothing: what a push runs.
+    pub fn check(gguf: &Gguf) -> Result<LlamaConfig, Error> {
+        let config = LlamaConfig::from_gguf(gguf)?;
+        for t in layout(&config) {
+            if !t.optional || gguf.tensors.contains_key(&t.name) {
+                tensor_bytes(gguf, &t.name, t.rows, t.cols)?;
+            }
+        }
+        Ok(config)
+    }
+
     /// Loads the decoder of `gguf` onto `backend`, checking every tensor's
     /// presence, shape and encoding against the configuration first.
     pub fn load(gguf: &Gguf, backend: SharedBackend) -> Result<Llama, Error> {
-        let config = LlamaConfig::from_gguf(gguf)?;
-        let c = &config;
-        let weight = |name: &str, rows: usize, cols: usize| -> Result<Weight, Error> { backend.weight(host_weight(gguf, name, rows, cols)?) };
-        let optional = |name: &str, rows: usize, cols: usize| -> Result<Option<Weight>, Error> {
-            match gguf.tensors.contains_key(name) {
-                true => weight(name, rows, cols).map(Some),
-                false => Ok(None),
+        let config = Self::check(gguf)?;
+        let mut weights = std::collections::HashMap::new();
+        for t in layout(&config) {
+            if gguf.tensors.contains_key(&t.name) {
+                weights.insert(t.name.clone(), backend.weight(host_weight(gguf, &t.name, t.rows, t.cols)?)?);
             }
-        };
-        let (q_rows, kv_rows) = (c.heads * c.head_dim, c.kv_width());
-        let mut blocks = Vec::with_capacity(c.layers);
-        for i in 0..c.layers {
-            let n = |part: &str| format!("blk.{i}.{part}");
-            blocks.push(Block {
-                attn_norm: weight(&n("attn_norm.weight"), 1, c.dim)?,
-                q: weight(&n("attn_q.weight"), q_rows, c.dim)?,
-                k: weight(&n("attn_k.weight"), kv_rows, c.dim)?,
-                v: weight(&n("attn_v.weight"), kv_rows, c.dim)?,
-                q_bias: optional(&n("attn_q.bias"), 1, q_rows)?,
-                k_bias: optional(&n("attn_k.bias"), 1, kv_rows)?,
-                v_bias: optional(&n("attn_v.bias"), 1, kv_rows)?,
-                out: weight(&n("attn_output.weight"), c.dim, q_rows)?,
-                ffn_norm: weight(&n("ffn_norm.weight"), 1, c.dim)?,
-                gate: weight(&n("ffn_gate.weight"), c.ffn, c.dim)?,
-                up: weight(&n("ffn_up.weight"), c.ffn, c.dim)?,
-                down: weight(&n("ffn_down.weight"), c.dim, c.ffn)?,
-            });
         }
+        // Every required tensor was checked present above.
+        let mut take = |name: String| weights.remove(&name);
+        let blocks = (0..config.layers)
+            .map(|i| {
+                let mut n = |part: &str| take(format!("blk.{i}.{part}"));
+                Block {
+                    attn_norm: n("attn_norm.weight").expect("checked"),
+                    q: n("attn_q.weight").expect("checked"),
+                    k: n("attn_k.weight").expect("checked"),
+                    v: n("attn_v.weight").expect("checked"),
+                    q_bias: n("attn_q.bias"),
+                    k_bias: n("attn_k.bias"),
+                    v_bias: n("attn_v.bias"),
+                    out: n("attn_output.weight").expect("checked"),
+                    ffn_norm: n("ffn_norm.weight").expect("checked"),
+                    gate: n("ffn_gate.weight").expect("checked"),
+                    up: n("ffn_up.weight").expect("checked"),
+                    down: n("ffn_down.weight").expect("checked"),
+                }
+            })
+            .collect();
         Ok(Llama {
-            embed: weight("token_embd.weight", c.vocab, c.dim)?,
-            norm: weight("output_norm.weight", 1, c.dim)?,
-            output: optional("output.weight", c.vocab, c.dim)?,
+            embed: take("token_embd.weight".into()).expect("checked"),
+            norm: take("output_norm.weight".into()).expect("checked"),
+            output: take("output.weight".into()),
             blocks,
             backend,
             config,
@@ -279,7 +330,9 @@ impl Llama {
 
 /// Tensor `name` of the file as a `rows` x `cols` weight in its encoding,
 /// checked against what the configuration says it must be.
-fn host_weight(gguf: &Gguf, name: &str, rows: usize, cols: usize) -> Result<HostWeight, Error> {
+/// Tensor `name`'s format and bytes, after checking it is `[rows, cols]`
+/// in a format the kernels read.
+fn tensor_bytes<'a>(gguf: &Gguf<'a>, name: &str, rows: usize, cols: usize) -> Result<(WeightFormat, &'a [u8]), Error> {
     let info = gguf.tensors.get(name).ok_or_else(|| invalid_model(format!("gguf: no tensor {name}")))?;
     let shape_ok = match info.dims.as_slice() {
         [c] => rows == 1 && *c == cols,
@@ -293,7 +346,11 @@ fn host_weight(gguf: &Gguf, name: &str, rows: usize, cols: usize) -> Result<Host
     if format.row_bytes(cols).is_none() {
         return Err(invalid_model(format!("gguf: tensor {name}: {cols} columns are not whole {format:?} blocks")));
     }
-    let bytes = gguf.raw(name).expect("listed above");
+    Ok((format, gguf.raw(name).expect("listed above")))
+}
+
+fn host_weight(gguf: &Gguf, name: &str, rows: usize, cols: usize) -> Result<HostWeight, Error> {
+    let (format, bytes) = tensor_bytes(gguf, name, rows, cols)?;
     Ok(match format {
         WeightFormat::F32 => HostWeight::f32(rows, cols, crate::quant::decode(format, bytes)),
         _ => HostWeight { rows, cols, data: HostData::Encoded(format, bytes.to_vec()) },
