@@ -18,6 +18,7 @@ use std::sync::mpsc::channel;
 
 #[path = "../../tests/test_models.rs"]
 mod test_models;
+mod common;
 
 #[derive(serde::Deserialize)]
 struct Fixture {
@@ -37,12 +38,13 @@ struct Prompt {
     margins: Vec<f64>,
 }
 
-fn fixture() -> Fixture {
-    serde_json::from_str(include_str!("../../tests/fixtures/smollm2-q4_1-llama-cpp.json")).unwrap()
-}
+/// The Q4_1 file, and the same with its feed-forward down projections in
+/// Q4_K, Q5_K and Q6_K (scripts/make-kquant-model.py).
+const Q4_1: (&str, &str) = ("smollm2", include_str!("../../tests/fixtures/smollm2-q4_1-llama-cpp.json"));
+const KQUANT: (&str, &str) = ("smollm2-kquant", include_str!("../../tests/fixtures/smollm2-kquant-llama-cpp.json"));
 
-fn smollm2() -> Vec<u8> {
-    std::fs::read(test_models::model_path("smollm2")).unwrap()
+fn fixture((_, json): (&str, &str)) -> Fixture {
+    serde_json::from_str(json).unwrap()
 }
 
 fn sha256(bytes: &[u8]) -> String {
@@ -85,8 +87,8 @@ fn greedy(llm: &Llm, prompt: &[u32], steps: usize, forced: Option<&[u32]>) -> (V
     (tokens, rows)
 }
 
-fn load() -> (Vec<u8>, Llm) {
-    let bytes = smollm2();
+fn load((model, _): (&str, &str)) -> (Vec<u8>, Llm) {
+    let bytes = std::fs::read(test_models::model_path(model)).unwrap();
     let llm = Llm::load(&Gguf::parse(&bytes).unwrap(), Devices::cpu_only().cpu().clone()).unwrap();
     (bytes, llm)
 }
@@ -114,8 +116,17 @@ const NEAR_TIE: f32 = 0.75;
 /// near-tie it takes the other branch.
 #[test]
 fn template_tokenizer_and_greedy_decoding_match_llama_cpp() {
-    let fixture = fixture();
-    let (bytes, llm) = load();
+    greedy_matches(Q4_1);
+}
+
+#[test]
+fn greedy_decoding_with_k_quants_matches_llama_cpp() {
+    greedy_matches(KQUANT);
+}
+
+fn greedy_matches(model: (&str, &str)) {
+    let fixture = fixture(model);
+    let (bytes, llm) = load(model);
     assert_eq!(sha256(&bytes), fixture.model_sha256, "the fixture was made from another file");
     let template = llm.template.as_ref().expect("SmolLM2 has a chat template");
     let (mut steps, mut exact) = (0, 0);
@@ -146,14 +157,23 @@ fn template_tokenizer_and_greedy_decoding_match_llama_cpp() {
         let same = free.iter().zip(&p.tokens).take_while(|(a, b)| a == b).count();
         eprintln!("{:?}: free-running, the first {same} of {} tokens the same: {:?}", p.question, p.tokens.len(), llm.tokenizer.decode(&free));
     }
-    eprintln!("{exact} of {steps} steps chose exactly llama.cpp's token");
+    eprintln!("{}: {exact} of {steps} steps chose exactly llama.cpp's token", model.0);
     assert!(exact * 100 >= steps * 93, "only {exact} of {steps} steps chose llama.cpp's token");
 }
 
 #[test]
 fn perplexity_matches_llama_cpp() {
-    let fixture = fixture();
-    let (_, llm) = load();
+    perplexity_matches(Q4_1);
+}
+
+#[test]
+fn perplexity_with_k_quants_matches_llama_cpp() {
+    perplexity_matches(KQUANT);
+}
+
+fn perplexity_matches(model: (&str, &str)) {
+    let fixture = fixture(model);
+    let (_, llm) = load(model);
     let tokens = &fixture.text_tokens;
     let n = tokens.len();
     let budget = Budget::unlimited();
@@ -185,8 +205,8 @@ fn perplexity_matches_llama_cpp() {
 /// share steps): each gets exactly the tokens it gets alone.
 #[test]
 fn concurrent_sequences_get_their_solo_tokens() {
-    let fixture = fixture();
-    let (_, llm) = load();
+    let fixture = fixture(Q4_1);
+    let (_, llm) = load(Q4_1);
     let solo: Vec<Vec<u32>> = fixture.prompts.iter().map(|p| greedy(&llm, &p.prompt_tokens, 24, None).0).collect();
     let settings = EngineSettings { cache_tokens: 640, block: 16, max_seqs: 8, step_tokens: 48 };
     let engine = Engine::start(llm.model.clone(), llm.tokenizer.clone(), settings, Budget::unlimited()).unwrap();
@@ -234,3 +254,27 @@ fn concurrent_sequences_get_their_solo_tokens() {
     assert!(stats.largest_step.load(std::sync::atomic::Ordering::Relaxed) > 1, "sequences shared steps");
 }
 
+
+/// The decoder on every backend this machine has (lavapipe's Vulkan in
+/// CI): fed llama.cpp's tokens for the first prompt, each step's choice
+/// is llama.cpp's or a near-tie, on the Q4_1 file and the K-quant one.
+#[test]
+fn the_decoder_runs_on_every_backend() {
+    for model in [Q4_1, KQUANT] {
+        let fixture = fixture(model);
+        let bytes = std::fs::read(test_models::model_path(model.0)).unwrap();
+        let gguf = Gguf::parse(&bytes).unwrap();
+        let p = &fixture.prompts[0];
+        let steps = 8;
+        for backend in common::backends() {
+            let name = format!("{} on {}", model.0, backend.info().name);
+            let llm = Llm::load(&gguf, backend).unwrap();
+            let (ours, logits) = greedy(&llm, &p.prompt_tokens, steps, Some(&p.tokens));
+            for (i, ((mine, theirs), row)) in ours.iter().zip(&p.tokens).zip(&logits).enumerate() {
+                let gap = row[*mine as usize] - row[*theirs as usize];
+                assert!(gap < NEAR_TIE, "{name}: at step {i} we choose {mine}, llama.cpp {theirs}, {gap:.3} below ours");
+            }
+            eprintln!("{name}: {:?}", llm.tokenizer.decode(&ours));
+        }
+    }
+}
