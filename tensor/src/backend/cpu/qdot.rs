@@ -21,27 +21,52 @@ pub struct QuantRows {
     d: Vec<f32>,
     /// The sum of each block of 16's values (for the weights' offsets).
     sum16: Vec<i32>,
+    /// Each block of 32's sum, times its scale: the activations' own sum,
+    /// which a weight block's minimum (or offset) multiplies.
+    s: Vec<f32>,
 }
 
-/// Quantises `rows` rows of `cols` values (a multiple of 32).
+/// Quantises `rows` rows of `cols` values (a multiple of 32). Values
+/// round to the nearest integer, ties to even (as llama.cpp's AVX2 code
+/// rounds).
 pub fn quantize_rows(x: &[f32], rows: usize, cols: usize) -> QuantRows {
     debug_assert!(cols.is_multiple_of(32) && x.len() == rows * cols);
     let blocks = x.len() / 32;
     let mut q = vec![0i8; x.len()];
     let mut d = vec![0f32; blocks];
     let mut sum16 = vec![0i32; blocks * 2];
+    let mut sums = vec![0f32; blocks];
     for (b, (xs, qs)) in x.chunks_exact(32).zip(q.chunks_exact_mut(32)).enumerate() {
-        let max = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let scale = max / 127.0;
+        let xs: &[f32; 32] = xs.try_into().expect("blocks of 32");
+        let qs: &mut [i8; 32] = qs.try_into().expect("blocks of 32");
+        #[cfg(target_arch = "x86_64")]
+        let (scale, halves) = if avx2() {
+            // Safety: AVX2, FMA and F16C are present (checked at run time).
+            unsafe { avx2::quantize32(xs, qs) }
+        } else {
+            quantize32(xs, qs)
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let (scale, halves) = quantize32(xs, qs);
         d[b] = scale;
-        let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-        for (o, v) in qs.iter_mut().zip(xs) {
-            *o = (v * inv).round() as i8;
-        }
-        sum16[2 * b] = qs[..16].iter().map(|v| *v as i32).sum();
-        sum16[2 * b + 1] = qs[16..].iter().map(|v| *v as i32).sum();
+        sum16[2 * b] = halves[0];
+        sum16[2 * b + 1] = halves[1];
+        sums[b] = (halves[0] + halves[1]) as f32 * scale;
     }
-    QuantRows { rows, cols, q, d, sum16 }
+    QuantRows { rows, cols, q, d, sum16, s: sums }
+}
+
+/// One block of 32 values to 8 bits: its scale and the sums of its two
+/// halves' integers.
+fn quantize32(xs: &[f32; 32], qs: &mut [i8; 32]) -> (f32, [i32; 2]) {
+    let max = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let scale = max / 127.0;
+    let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+    for (o, v) in qs.iter_mut().zip(xs) {
+        *o = (v * inv).round_ties_even() as i8;
+    }
+    let half = |r: std::ops::Range<usize>| qs[r].iter().map(|v| *v as i32).sum::<i32>();
+    (scale, [half(0..16), half(16..32)])
 }
 
 fn half(b: &[u8]) -> f32 {
@@ -91,19 +116,25 @@ mod avx2 {
     /// unpacking (compiled here with AVX2 too).
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn rows(format: WeightFormat, w: &[u8], row_bytes: usize, start: usize, end: usize, x: &QuantRows, acc: &mut [f32]) {
+        assert!(x.q.len() >= x.rows * x.cols && x.d.len() * 32 >= x.rows * x.cols && x.s.len() * 32 >= x.rows * x.cols);
+        assert!(w.len() >= end * row_bytes && acc.len() >= (end - start) * x.rows);
         for o in start..end {
             let row = &w[o * row_bytes..(o + 1) * row_bytes];
             let acc = &mut acc[(o - start) * x.rows..][..x.rows];
-            // Rows of x four at a time: each weight block is unpacked once for them.
-            for (tile, out) in acc.chunks_mut(TILE).enumerate() {
-                let first = tile * TILE;
-                // Safety: AVX2, FMA and F16C are enabled here.
+            // Rows of x up to four at a time: each weight block is unpacked
+            // once for them, their sums stay in registers.
+            let mut first = 0;
+            while first < x.rows {
+                let n = (x.rows - first).min(TILE);
+                let out = &mut acc[first..first + n];
+                // Safety: AVX2, FMA and F16C are enabled here; x holds rows
+                // first..first + n and row holds x.cols values (asserted above).
                 unsafe {
                     match format {
-                        WeightFormat::Q4_0 => q4(row, x, first, out, false),
-                        WeightFormat::Q4_1 => q4(row, x, first, out, true),
-                        WeightFormat::Q8_0 => q8_0(row, x, first, out),
-                        WeightFormat::Q4K => q4_k(row, x, first, out),
+                        WeightFormat::Q4_0 => tile!(n, q4, row, x, first, out, false),
+                        WeightFormat::Q4_1 => tile!(n, q4, row, x, first, out, true),
+                        WeightFormat::Q8_0 => tile!(n, q8_0, row, x, first, out),
+                        WeightFormat::Q4K => tile!(n, q4_k, row, x, first, out),
                         _ => {
                             for (k, a) in out.iter_mut().enumerate() {
                                 let mut one = [0f32];
@@ -113,12 +144,56 @@ mod avx2 {
                         }
                     }
                 }
+                first += n;
             }
+        }
+    }
+
+    /// [`super::quantize32`] in a few instructions.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn quantize32(xs: &[f32; 32], qs: &mut [i8; 32]) -> (f32, [i32; 2]) {
+        // Safety: 32 floats read and 32 bytes written, unaligned.
+        unsafe {
+            let v: [__m256; 4] = std::array::from_fn(|i| _mm256_loadu_ps(xs.as_ptr().add(8 * i)));
+            let sign = _mm256_set1_ps(-0.0);
+            let abs = |v: __m256| _mm256_andnot_ps(sign, v);
+            let m = _mm256_max_ps(_mm256_max_ps(abs(v[0]), abs(v[1])), _mm256_max_ps(abs(v[2]), abs(v[3])));
+            let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+            let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+            let max = _mm_cvtss_f32(_mm_max_ss(m2, _mm_shuffle_ps(m2, m2, 1)));
+            let scale = max / 127.0;
+            let inv = _mm256_set1_ps(if scale > 0.0 { 1.0 / scale } else { 0.0 });
+            let i: [__m256i; 4] =
+                std::array::from_fn(|k| _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[k], inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
+            let sum = |a: __m256i, b: __m256i| {
+                let s = _mm256_add_epi32(a, b);
+                let s = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+                hsum(s)
+            };
+            let halves = [sum(i[0], i[1]), sum(i[2], i[3])];
+            // Pack to bytes (lane-wise), then put the 32-bit groups back in order.
+            let packed = _mm256_packs_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3]));
+            let ordered = _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            _mm256_storeu_si256(qs.as_mut_ptr() as *mut __m256i, ordered);
+            (scale, halves)
         }
     }
 
     /// Rows of x that share one unpacking of a weight block.
     const TILE: usize = 4;
+
+    /// Calls kernel `$f::<N>` for a tile of `$n` rows (1 to [`TILE`]).
+    macro_rules! tile {
+        ($n:expr, $f:ident, $($arg:expr),*) => {
+            match $n {
+                1 => $f::<1>($($arg),*),
+                2 => $f::<2>($($arg),*),
+                3 => $f::<3>($($arg),*),
+                _ => $f::<4>($($arg),*),
+            }
+        };
+    }
+    use tile;
 
     /// Row `r` of `x` alone.
     fn one_row(x: &QuantRows, r: usize) -> QuantRows {
@@ -129,6 +204,7 @@ mod avx2 {
             q: x.q[r * cols..(r + 1) * cols].to_vec(),
             d: x.d[r * blocks..(r + 1) * blocks].to_vec(),
             sum16: x.sum16[2 * r * blocks..2 * (r + 1) * blocks].to_vec(),
+            s: x.s[r * blocks..(r + 1) * blocks].to_vec(),
         }
     }
 
@@ -138,12 +214,23 @@ mod avx2 {
         _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(u16::from_le_bytes([b[0], b[1]]) as i32)))
     }
 
+    /// The f16 at `b`, as f32.
+    ///
+    /// Safety: two readable bytes at `b`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn half_at(b: *const u8) -> f32 {
+        // Safety: as the caller promises.
+        let bits = unsafe { u16::from_le_bytes([*b, *b.add(1)]) };
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+    }
+
     /// 32 nibbles of 16 bytes: low nibbles, then high nibbles.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn nibbles16(q: &[u8]) -> __m256i {
-        // Safety: 16 bytes, unaligned load.
-        let v = unsafe { _mm_loadu_si128(q.as_ptr() as *const __m128i) };
+    unsafe fn nibbles16(q: *const u8) -> __m256i {
+        // Safety: the caller gives 16 readable bytes; unaligned load.
+        let v = unsafe { _mm_loadu_si128(q as *const __m128i) };
         let mask = _mm_set1_epi8(15);
         _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), mask), _mm_and_si128(v, mask))
     }
@@ -151,9 +238,9 @@ mod avx2 {
     /// 32 unsigned weights (< 128) times 32 activations, as 8 f32 partial sums.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot_ps(w: __m256i, x: &[i8]) -> __m256 {
-        // Safety: 32 bytes, unaligned load.
-        let xv = unsafe { _mm256_loadu_si256(x.as_ptr() as *const __m256i) };
+    unsafe fn dot_ps(w: __m256i, x: *const i8) -> __m256 {
+        // Safety: the caller gives 32 readable bytes; unaligned load.
+        let xv = unsafe { _mm256_loadu_si256(x as *const __m256i) };
         _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(w, xv), _mm256_set1_epi16(1)))
     }
 
@@ -166,25 +253,28 @@ mod avx2 {
         _mm_cvtss_f32(s)
     }
 
-    /// Q4_0 (`value = d (q - 8)`) or Q4_1 (`value = d q + m`): the rows
-    /// of x from `first`, one per value of `out`.
+    /// Q4_0 (`value = d (q - 8)`) or Q4_1 (`value = d q + m`): the `N`
+    /// rows of x from `first`, one per value of `out`.
+    ///
+    /// Safety: x holds rows `first..first + N`, `row` `x.cols` values.
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q4(row: &[u8], x: &QuantRows, first: usize, out: &mut [f32], with_min: bool) {
+    unsafe fn q4<const N: usize>(row: &[u8], x: &QuantRows, first: usize, out: &mut [f32], with_min: bool) {
         let blocks = x.cols / 32;
         let (size, data) = if with_min { (20, 4) } else { (18, 2) };
-        let mut acc = [_mm256_setzero_ps(); TILE];
-        let mut rest = [0f32; TILE];
+        let (xq, xd, xs) = (x.q.as_ptr(), x.d.as_ptr(), x.s.as_ptr());
+        let mut acc = [_mm256_setzero_ps(); N];
+        let mut rest = [0f32; N];
         for b in 0..blocks {
-            let blk = &row[b * size..][..size];
-            // Safety: the features are enabled here; slices are long enough.
+            // Safety: block b of the row and of rows first.. of x exist.
             unsafe {
-                let (d, offset) = (half(blk), if with_min { half(&blk[2..]) } else { -8.0 * half(blk) });
-                let w = nibbles16(&blk[data..]);
-                for k in 0..out.len() {
+                let blk = row.as_ptr().add(b * size);
+                let d = half_at(blk);
+                let offset = if with_min { half_at(blk.add(2)) } else { -8.0 * d };
+                let w = nibbles16(blk.add(data));
+                for k in 0..N {
                     let at = (first + k) * blocks + b;
-                    let xd = x.d[at];
-                    acc[k] = _mm256_fmadd_ps(dot_ps(w, &x.q[at * 32..]), _mm256_set1_ps(d * xd), acc[k]);
-                    rest[k] += offset * (x.sum16[2 * at] + x.sum16[2 * at + 1]) as f32 * xd;
+                    acc[k] = _mm256_fmadd_ps(dot_ps(w, xq.add(at * 32)), _mm256_set1_ps(d * *xd.add(at)), acc[k]);
+                    rest[k] = offset.mul_add(*xs.add(at), rest[k]);
                 }
             }
         }
@@ -194,24 +284,28 @@ mod avx2 {
         }
     }
 
-    /// Q8_0: signed weights, |w| times x with w's sign; the rows of x
+    /// Q8_0: signed weights, |w| times x with w's sign; the `N` rows of x
     /// from `first`, one per value of `out`.
+    ///
+    /// Safety: as [`q4`].
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q8_0(row: &[u8], x: &QuantRows, first: usize, out: &mut [f32]) {
+    unsafe fn q8_0<const N: usize>(row: &[u8], x: &QuantRows, first: usize, out: &mut [f32]) {
         let blocks = x.cols / 32;
-        let mut acc = [_mm256_setzero_ps(); TILE];
+        let (xq, xd) = (x.q.as_ptr(), x.d.as_ptr());
+        let mut acc = [_mm256_setzero_ps(); N];
+        let ones = _mm256_set1_epi16(1);
         for b in 0..blocks {
-            let blk = &row[b * 34..][..34];
-            // Safety: 32 bytes each, unaligned loads; the features are enabled.
+            // Safety: block b of the row and of rows first.. of x exist.
             unsafe {
-                let w = _mm256_loadu_si256(blk[2..].as_ptr() as *const __m256i);
-                let (magnitude, d) = (_mm256_sign_epi8(w, w), half(blk));
-                for k in 0..out.len() {
+                let blk = row.as_ptr().add(b * 34);
+                let w = _mm256_loadu_si256(blk.add(2) as *const __m256i);
+                let (magnitude, d) = (_mm256_sign_epi8(w, w), half_at(blk));
+                for k in 0..N {
                     let at = (first + k) * blocks + b;
-                    let xv = _mm256_loadu_si256(x.q[at * 32..].as_ptr() as *const __m256i);
+                    let xv = _mm256_loadu_si256(xq.add(at * 32) as *const __m256i);
                     let p = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(xv, w));
-                    let s = _mm256_cvtepi32_ps(_mm256_madd_epi16(p, _mm256_set1_epi16(1)));
-                    acc[k] = _mm256_fmadd_ps(s, _mm256_set1_ps(d * x.d[at]), acc[k]);
+                    let s = _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
+                    acc[k] = _mm256_fmadd_ps(s, _mm256_set1_ps(d * *xd.add(at)), acc[k]);
                 }
             }
         }
@@ -224,15 +318,19 @@ mod avx2 {
     /// Q4_K row `r`: per 256 values, 8 sub-blocks of 32 with 6-bit scales
     /// and minimums; pair j's 32 bytes hold sub-block 2j in their low
     /// nibbles and 2j+1 in their high ones.
+    ///
+    /// Safety: as [`q4`].
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q4_k(row: &[u8], x: &QuantRows, first: usize, out: &mut [f32]) {
+    unsafe fn q4_k<const N: usize>(row: &[u8], x: &QuantRows, first: usize, out: &mut [f32]) {
         let blocks = x.cols / 32;
-        let mut acc = [_mm256_setzero_ps(); TILE];
-        let mut rest = [0f32; TILE];
+        let (xq, xd, xs) = (x.q.as_ptr(), x.d.as_ptr(), x.s.as_ptr());
+        let mut acc = [_mm256_setzero_ps(); N];
+        let mut rest = [0f32; N];
         let mask = _mm256_set1_epi8(15);
         for sb in 0..blocks / 8 {
             let blk = &row[sb * 144..][..144];
-            // Safety: the features are enabled here; slices are long enough.
+            // Safety: the features are enabled here; block sb of rows
+            // first.. of x exists.
             unsafe {
                 let (d, dmin) = (half(blk), half(&blk[2..]));
                 for pair in 0..4 {
@@ -241,11 +339,11 @@ mod avx2 {
                     for (h, w) in halves.into_iter().enumerate() {
                         let sub = 2 * pair + h;
                         let (sc, m) = scale_min(sub, &blk[4..16]);
-                        for k in 0..out.len() {
+                        let (scale, min) = (d * sc, -dmin * m);
+                        for k in 0..N {
                             let at = (first + k) * blocks + sb * 8 + sub;
-                            let xd = x.d[at];
-                            acc[k] = _mm256_fmadd_ps(dot_ps(w, &x.q[at * 32..]), _mm256_set1_ps(d * sc * xd), acc[k]);
-                            rest[k] -= dmin * m * (x.sum16[2 * at] + x.sum16[2 * at + 1]) as f32 * xd;
+                            acc[k] = _mm256_fmadd_ps(dot_ps(w, xq.add(at * 32)), _mm256_set1_ps(scale * *xd.add(at)), acc[k]);
+                            rest[k] = min.mul_add(*xs.add(at), rest[k]);
                         }
                     }
                 }
@@ -428,10 +526,10 @@ pub fn linear(x: &QuantRows, format: WeightFormat, w: &[u8], out: usize) -> Vec<
     // Columns are stored column-major per chunk: transpose to [rows, out].
     let mut y = vec![0f32; x.rows * out];
     for (c, col) in columns.iter().enumerate() {
-        let start = c * chunk;
-        for (k, v) in col.iter().enumerate() {
-            let (o, r) = (start + k / x.rows, k % x.rows);
-            y[r * out + o] = *v;
+        for (o, values) in (c * chunk..).zip(col.chunks_exact(x.rows)) {
+            for (r, v) in values.iter().enumerate() {
+                y[r * out + o] = *v;
+            }
         }
     }
     y
@@ -501,5 +599,28 @@ mod tests {
         let s: [u8; 32] = std::array::from_fn(|i| if i == 0 { 0x80 } else { (rng(&mut seed) * 127.0) as i8 as u8 });
         let signed = |r: std::ops::Range<usize>| r.map(|i| s[i] as i8 as i32 * x[i] as i32).sum::<i32>();
         assert_eq!(dot32(&s, true, &x), (signed(0..16), signed(16..32)));
+    }
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn the_avx2_quantiser_agrees_with_the_portable_one() {
+        if !avx2() {
+            eprintln!("NOT RUN: this CPU has no AVX2");
+            return;
+        }
+        let mut seed = 11;
+        for case in 0..200 {
+            // Ties (x.5 after scaling) and all-zero blocks included.
+            let xs: [f32; 32] = std::array::from_fn(|i| match case % 3 {
+                0 => rng(&mut seed) * 10.0,
+                1 => (i as f32 - 16.0) * 0.5,
+                _ => 0.0,
+            });
+            let (mut a, mut b) = ([0i8; 32], [0i8; 32]);
+            // Safety: AVX2 is present (checked above).
+            let fast = unsafe { avx2::quantize32(&xs, &mut a) };
+            assert_eq!(fast, quantize32(&xs, &mut b), "case {case}");
+            assert_eq!(a, b, "case {case}");
+        }
     }
 }
