@@ -27,16 +27,11 @@ for round in $(seq "$rounds"); do
   target/release/gpuwasm bench llm --model "$model" --chat target/wasm/chat.wasm --gpus none | sed 's/^key /key ours_/' | tee -a "$out"
   target/llama-venv/bin/python scripts/bench-llm-llama-cpp.py "$model" | sed 's/^key /key theirs_/' | tee -a "$out"
 done
-python3 - "$out" <<'PY'
-import statistics, sys
-rounds = []
-for line in open(sys.argv[1]):
-    if line.startswith("round "):
-        rounds.append({})
-    elif line.startswith("key "):
-        name, value = line[4:].strip().split("=")
-        rounds[-1][name] = float(value)
-med = lambda f: statistics.median(f(r) for r in rounds)
+PYTHONPATH=scripts python3 - "$out" <<'PY'
+import sys
+from bench_rounds import median, read_rounds
+rounds = read_rounds(sys.argv[1])
+med = lambda f: median(rounds, f)
 print()
 print(f"medians of {len(rounds)} rounds            gpuwasm   llama.cpp   ratio")
 for name, label, better in [("decode_tok_s", "decode, 1 sequence, tok/s", "higher"),

@@ -27,16 +27,12 @@ for round in $(seq "$rounds"); do
   target/release/gpuwasm bench nn --minilm "$minilm" --probe target/wasm/nn_probe.wasm \
     --sentences scripts/bench-sentences.txt --onnx examples/classify/digits.onnx --seconds "$seconds" --rounds 1 | tee -a "$out"
 done
-python3 - "$out" <<'PY'
-import statistics, sys
-rounds = []
-for line in open(sys.argv[1]):
-    if line.startswith("round "):
-        rounds.append({})
-    elif line.startswith("key "):
-        name, value = line[4:].strip().split("=")
-        rounds[-1][name] = float(value)
-med = lambda f: statistics.median(f(r) for r in rounds)
+PYTHONPATH=scripts python3 - "$out" <<'PY'
+import sys
+import statistics
+from bench_rounds import median, read_rounds
+rounds = read_rounds(sys.argv[1])
+med = lambda f: median(rounds, f)
 print()
 print(f"all-MiniLM-L6-v2, embeddings/s, median of {len(rounds)} rounds   batch 1   batch 32")
 for label, key in [("sentence-transformers", "st"), ("gpuwasm native engine", "native"), ("gpuwasm via wasi-nn", "wasi")]:

@@ -50,6 +50,27 @@ pub use wasip2 as __wasip2;
 pub mod llm;
 pub mod nn;
 
+/// Why a host call failed ([`nn`] or [`llm`]): the host's error code and
+/// its message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Error {
+    /// The error code, as its WIT name: wasi-nn's (`not-found`,
+    /// `invalid-argument`, `security`, `too-large`, ...) or `gpuwasm:llm`'s
+    /// (`not-found`, `denied`, `invalid-argument`, `too-large`,
+    /// `unsupported`, `runtime-error`).
+    pub code: &'static str,
+    /// What the host said.
+    pub message: String,
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}
+
+impl std::error::Error for Error {}
+
 /// `n` bytes from the host's secure random source (`wasi:random`), fresh
 /// for every request even in an instance restored from a snapshot.
 pub fn random_bytes(n: usize) -> Vec<u8> {

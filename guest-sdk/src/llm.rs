@@ -15,7 +15,6 @@
 //! A [`Generation`] is an iterator of chunks; dropping it cancels the
 //! generation at once.
 
-use std::fmt;
 
 #[allow(missing_docs)]
 mod bindings {
@@ -31,23 +30,7 @@ use bindings::gpuwasm::llm::generate as wit;
 
 pub use wit::FinishReason;
 
-/// Why a call failed: the host's error code and its message.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Error {
-    /// The code, as its WIT name (`not-found`, `denied`, `invalid-argument`,
-    /// `too-large`, `unsupported`, `runtime-error`).
-    pub code: &'static str,
-    /// What the host said.
-    pub message: String,
-}
-
-impl fmt::Display for Error {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.code, self.message)
-    }
-}
-
-impl std::error::Error for Error {}
+pub use crate::Error;
 
 impl From<wit::Error> for Error {
     fn from(e: wit::Error) -> Self {

@@ -12,7 +12,6 @@
 //! Tensors here are plain guest-side values; they cross to the host only
 //! when `compute` runs, so building and reading them is cheap.
 
-use std::fmt;
 
 #[allow(missing_docs)]
 mod bindings {
@@ -27,23 +26,7 @@ use bindings::wasi::nn::{errors, graph, inference, tensor};
 
 pub use tensor::TensorType;
 
-/// Why a wasi-nn call failed: the host's error code and its message.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Error {
-    /// The wasi-nn error code, as its WIT name (`not-found`,
-    /// `invalid-argument`, `security`, ...).
-    pub code: &'static str,
-    /// What the host said.
-    pub message: String,
-}
-
-impl fmt::Display for Error {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.code, self.message)
-    }
-}
-
-impl std::error::Error for Error {}
+pub use crate::Error;
 
 impl From<errors::Error> for Error {
     fn from(e: errors::Error) -> Self {

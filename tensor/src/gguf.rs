@@ -374,7 +374,7 @@ mod tests {
         dims.iter().for_each(|d| b.extend(d.to_le_bytes()));
         b.extend(0u32.to_le_bytes());
         b.extend(offset.to_le_bytes());
-        while b.len() % 32 != 0 {
+        while !b.len().is_multiple_of(32) {
             b.push(0);
         }
         data.iter().for_each(|x| b.extend(x.to_le_bytes()));

@@ -209,7 +209,7 @@ enum Work {
     /// A wasi-nn graph: tensors in, tensors out.
     Graph(Batcher),
     /// A text model (`gpuwasm:llm`).
-    Text(TextModel),
+    Text(Box<TextModel>),
 }
 
 /// A text model and the engine that generates with it.
@@ -634,7 +634,7 @@ impl Models {
             EngineSettings { cache_tokens, max_seqs: settings.max_seqs, step_tokens: settings.step_tokens, ..EngineSettings::default() };
         let engine = Engine::start(llm.model.clone(), llm.tokenizer.clone(), engine_settings, self.inner.budgets.for_calls(1))?;
         let cache_bytes = engine.stats.total_blocks.load(Ordering::Relaxed) as u64 * EngineSettings::default().block as u64 * per_token;
-        Ok(Work::Text(TextModel { llm, engine, cache_bytes }))
+        Ok(Work::Text(Box::new(TextModel { llm, engine, cache_bytes })))
     }
 
     fn remember_failure(&self, key: &str, why: &gpuwasm_tensor::Error) {

@@ -511,7 +511,7 @@ impl Backend for CpuBackend {
         check_write_kv(cache, k, v, slots)?;
         let width = cache.width;
         let (kv, vv) = (values(k)?, values(v)?);
-        let (keys, vals) = cache.host_values_mut().ok_or_else(|| wrong_device())?;
+        let (keys, vals) = cache.host_values_mut().ok_or_else(wrong_device)?;
         for (row, &slot) in slots.iter().enumerate() {
             let at = slot as usize * width;
             keys[at..at + width].copy_from_slice(&kv[row * width..][..width]);
@@ -522,7 +522,7 @@ impl Backend for CpuBackend {
 
     fn cached_attention(&self, q: &Array, cache: &KvCache, spec: &CachedAttention) -> Result<Array, Error> {
         let rows = check_cached_attention(q, cache, spec)?;
-        let (keys, vals) = cache.host_values().ok_or_else(|| wrong_device())?;
+        let (keys, vals) = cache.host_values().ok_or_else(wrong_device)?;
         Ok(Array::host(vec![rows, spec.heads * spec.dim], cached_attention(values(q)?, keys, vals, spec)))
     }
 }

@@ -107,6 +107,9 @@ fn avx2() -> bool {
 }
 
 #[cfg(target_arch = "x86_64")]
+// The kernels index several arrays by the row `k` of a tile of constant
+// size, which the compiler unrolls: a range loop says that best.
+#[allow(clippy::needless_range_loop)]
 mod avx2 {
     use super::{QuantRows, WeightFormat, row_unpacked, scale_min};
     use std::arch::x86_64::*;
@@ -434,7 +437,6 @@ fn unpack(format: WeightFormat, row: &[u8], i: usize, out: &mut Unpacked) {
             out.scale = [d, d];
             out.offset = 0;
             out.min = [0.0; 2];
-            return;
         }
         WeightFormat::Q4K | WeightFormat::Q5K => {
             let size = if format == WeightFormat::Q4K { 144 } else { 176 };
