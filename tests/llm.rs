@@ -276,3 +276,52 @@ async fn hostile_gguf_files_fail_the_push_cleanly() {
     let listed = stdout_of(&server.cli(&["model", "list"]));
     assert!(listed.contains("no models"), "nothing was recorded: {listed}");
 }
+
+/// The text and finish reason of a whole answer of the text endpoint.
+async fn completion(server: &Server, deployment: &str, body: Value) -> (u16, String, String) {
+    let (status, _, reply) = post(server, deployment, "completions", &body.to_string()).await;
+    let text = reply["choices"][0]["text"].as_str().unwrap_or_default().to_string();
+    let finish = reply["choices"][0]["finish_reason"].as_str().unwrap_or_default().to_string();
+    (status, text, finish)
+}
+
+#[tokio::test]
+async fn seeds_repeat_stops_end_and_stream_time_is_limited() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = chat_server(&dir, &[]);
+    // The same seed, the same text; another seed, another text.
+    let sampled = |seed: u64| json!({"model": "smollm2", "prompt": "Once upon a time", "max_tokens": 24, "temperature": 0.9, "top_p": 0.95, "seed": seed});
+    let (status, first, _) = completion(&server, "chat", sampled(42)).await;
+    assert_eq!(status, 200, "{first}");
+    let (_, again, _) = completion(&server, "chat", sampled(42)).await;
+    let (_, other, _) = completion(&server, "chat", sampled(43)).await;
+    assert_eq!(first, again, "seed 42 twice");
+    assert_ne!(first, other, "seeds 42 and 43 gave the same 24 sampled tokens");
+
+    // A stop string ends the text before it, with finish_reason stop.
+    let counting = json!({"model": "smollm2", "prompt": "1, 2, 3, 4, 5,", "max_tokens": 40, "temperature": 0, "stop": [" 9"]});
+    let (_, text, finish) = completion(&server, "chat", counting).await;
+    assert!(text.contains('8') && !text.contains('9'), "{text:?}");
+    assert_eq!(finish, "stop", "{text:?}");
+
+    // A generation longer than the deployment's stream_ms is cut off, and
+    // its sequence freed.
+    let manifest = manifest();
+    server.deploy("brief", "chat", &["--manifest", manifest.to_str().unwrap(), "--stream-ms", "1500", "--timeout-ms", "1000"]);
+    let start = Instant::now();
+    let long = json!({"model": "smollm2", "prompt": "1, 2, 3, 4, 5,", "max_tokens": 2000, "temperature": 0});
+    let reply = send("POST", &url(&server, "brief", "completions"), &[("content-type", "application/json")], long.to_string()).await;
+    let took = start.elapsed();
+    assert_eq!(reply.status, 504, "after {took:?}: {}", reply.body);
+    assert!(reply.body.contains("within its time limit of 1500 ms"), "{}", reply.body);
+    assert!(took >= Duration::from_millis(1500) && took < Duration::from_secs(10), "{took:?}");
+    let start = Instant::now();
+    loop {
+        let now = engine(&server).await;
+        if now["running"] == 0 && now["free_blocks"] == now["total_blocks"] {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "the cut-off generation still runs: {now}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -217,6 +217,7 @@ impl Deployment {
         let (req, out, rx) = setup(&mut store).map_err(|e| Failure::Trap(chain(&e)))?;
 
         let name = me.name.clone();
+        let head_deadline = guest_deadline.clone();
         let mut stopped = me.stop.subscribe();
         let guest = tokio::spawn(async move {
             let _permits = permits;
@@ -246,21 +247,23 @@ impl Deployment {
         // response body dropped) stops it.
         let guard = AbortOnDrop(Some(guest.abort_handle()));
         let too_large = || Failure::BodyTooLarge(me.limits.max_body_bytes);
-        match timeout_at(deadline, rx).await {
+        // The head may wait as long as the guest may run: `stream_ms` once
+        // it generates (a whole, unstreamed answer comes at the end).
+        match head_deadline.run(rx).await {
             // A guest that answers after its request body was cut off at
             // the limit answered a truncated request: the client learns why.
-            Ok(Ok(_)) if body_too_large.load(Ordering::Relaxed) => Err(too_large()),
-            Ok(Ok(Ok(response))) => Ok(response.map(|body| GuestBody { body, guard }.boxed_unsync())),
-            Ok(Ok(Err(code))) => Err(Failure::Guest(format!("{code:?}"))),
-            Ok(Err(_)) => match guest.await {
+            Some(Ok(_)) if body_too_large.load(Ordering::Relaxed) => Err(too_large()),
+            Some(Ok(Ok(response))) => Ok(response.map(|body| GuestBody { body, guard }.boxed_unsync())),
+            Some(Ok(Err(code))) => Err(Failure::Guest(format!("{code:?}"))),
+            Some(Err(_)) => match guest.await {
                 _ if body_too_large.load(Ordering::Relaxed) => Err(too_large()),
                 Ok(Err(failure)) => Err(failure),
                 Ok(Ok(())) => Err(Failure::NoResponse),
                 Err(join) => Err(Failure::Trap(format!("guest task failed: {join}"))),
             },
-            Err(_) => {
+            None => {
                 guest.abort();
-                Err(Failure::Timeout(me.limits.timeout_ms))
+                Err(Failure::Timeout(head_deadline.limit_ms()))
             }
         }
     }

@@ -278,3 +278,36 @@ fn the_decoder_runs_on_every_backend() {
         }
     }
 }
+
+/// Tenants take turns: with room for two sequences, a tenant that queues
+/// one request behind another tenant's six is served before most of them.
+#[test]
+fn tenants_take_turns_for_the_engine() {
+    let (_, llm) = load(Q4_1);
+    let settings = EngineSettings { cache_tokens: 2048, block: 16, max_seqs: 2, step_tokens: 64 };
+    let engine = Engine::start(llm.model.clone(), llm.tokenizer.clone(), settings, Budget::unlimited()).unwrap();
+    let (tx, rx) = channel();
+    let prompt = llm.tokenizer.encode("1, 2, 3,").unwrap();
+    for (tenant, i) in (0..6).map(|i| ("busy", i)).chain([("quiet", 0)]) {
+        let tx = tx.clone();
+        engine
+            .submit(Request {
+                tenant: tenant.into(),
+                prompt: prompt.clone(),
+                params: SamplingParams { temperature: 0.0, ..Default::default() },
+                max_tokens: 8,
+                stop: Vec::new(),
+                sink: Box::new(move |event| {
+                    if let Event::Done { .. } = event {
+                        let _ = tx.send((tenant, i));
+                    }
+                    true
+                }),
+            })
+            .unwrap();
+    }
+    drop(tx);
+    let order: Vec<(&str, i32)> = rx.iter().collect();
+    let quiet = order.iter().position(|(t, _)| *t == "quiet").unwrap();
+    assert!(quiet <= 3, "the quiet tenant finished {}th of 7: {order:?}", quiet + 1);
+}
