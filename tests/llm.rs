@@ -155,6 +155,9 @@ async fn bad_requests_get_openai_errors_naming_the_field() {
         (r#"{"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "logit_bias": {"x": 1}}"#, "logit_bias", "not a token id"),
         (r#"{"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "tools": []}"#, "tools", "unrecognized request argument"),
         (r#"{"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "n": 2}"#, "n", "only n = 1"),
+        (r#"{"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "temperature": 150}"#, "temperature", "out of range: 0 to 100"),
+        (r#"{"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "stop": [""]}"#, "stop", "1 to 256 allowed"),
+        (r#"{"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "logit_bias": {"99999999": 1}}"#, "logit_bias", "not in the 49152-token vocabulary"),
     ];
     for (body, param, message) in cases {
         let (status, _, reply) = post(&server, "chat", "chat/completions", body).await;
@@ -319,6 +322,9 @@ async fn seeds_repeat_stops_end_and_stream_time_is_limited() {
     loop {
         let now = engine(&server).await;
         if now["running"] == 0 && now["free_blocks"] == now["total_blocks"] {
+            assert_eq!(now["cancelled"], 1, "the cut-off generation was cancelled: {now}");
+            // Everything generated in this test: 3 x 24, at most 40, and the cut-off one.
+            assert!(now["generated_tokens"].as_u64().unwrap() < 1000, "the cut-off generation ran on: {now}");
             break;
         }
         assert!(start.elapsed() < Duration::from_secs(10), "the cut-off generation still runs: {now}");

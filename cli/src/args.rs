@@ -123,8 +123,9 @@ pub struct PoolArgs {
     /// Sequences each loaded LLM generates at once (more wait their turn).
     #[arg(long, default_value_t = LlmSettings::default().max_seqs)]
     llm_max_seqs: usize,
-    /// Tokens one LLM step computes at most (decodes plus prompt chunks):
-    /// lower keeps decodes smooth while long prompts arrive.
+    /// Tokens one LLM step computes at most (decodes plus prompt chunks;
+    /// at least --llm-max-seqs): lower keeps decodes smooth while long
+    /// prompts arrive.
     #[arg(long, default_value_t = LlmSettings::default().step_tokens)]
     llm_step_tokens: usize,
     #[command(flatten)]

@@ -13,7 +13,7 @@
 //! ```
 //!
 //! A [`Generation`] is an iterator of chunks; dropping it cancels the
-//! generation at once.
+//! generation before the engine's next step.
 
 
 #[allow(missing_docs)]

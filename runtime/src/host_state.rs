@@ -62,7 +62,7 @@ impl RequestState {
     /// generation, and `stream_ms` of wall clock for the request once it
     /// starts one (moving `deadline`).
     pub(crate) fn allow_generation(&mut self, limits: &crate::Limits, deadline: std::sync::Arc<crate::deadline::Deadline>) {
-        self.nn.generation = Some(GenerationLimits { max_tokens: limits.max_tokens, stream_ms: limits.stream_ms, deadline });
+        self.nn.generation = Some(GenerationLimits { max_tokens: limits.max_tokens, stream_ms: limits.stream_ms, deadline, started: 0 });
     }
 
     /// The wasi-nn view of this request's state.

@@ -110,9 +110,10 @@ impl RuntimeBuilder {
     /// Creates the engine, its instance pool and its epoch ticker.
     pub fn build(self) -> Result<Runtime, Error> {
         let llm = &self.llm;
-        if llm.cache_mb == 0 || llm.max_seqs == 0 || llm.step_tokens == 0 {
+        if llm.cache_mb == 0 || llm.max_seqs == 0 || llm.step_tokens < llm.max_seqs {
             return Err(Error::InvalidLimits(format!(
-                "text generation needs a key/value cache of at least 1 MiB, 1 sequence and 1 token a step (got {} MiB, {}, {})",
+                "text generation needs a key/value cache of at least 1 MiB, 1 sequence, and a step of at least one token for each \
+                 sequence (got {} MiB, {} sequences, {} tokens a step)",
                 llm.cache_mb, llm.max_seqs, llm.step_tokens
             )));
         }

@@ -14,6 +14,8 @@ use gpuwasm_tensor::llm::model::Step;
 use gpuwasm_tensor::llm::sample::SamplingParams;
 use gpuwasm_tensor::llm::template::Message;
 use gpuwasm_tensor::Budget;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::channel;
 
 #[path = "../../tests/test_models.rs"]
@@ -201,14 +203,15 @@ fn perplexity_matches(model: (&str, &str)) {
 }
 
 /// Every prompt at once, three times each, through the engine with a
-/// small cache and a small step (so sequences wait, prefill in chunks and
-/// share steps): each gets exactly the tokens it gets alone.
+/// small cache and a small step (so sequences wait, prefill in chunks,
+/// share steps and are preempted and recomputed when the cache runs out):
+/// each gets exactly the tokens it gets alone.
 #[test]
 fn concurrent_sequences_get_their_solo_tokens() {
     let fixture = fixture(Q4_1);
     let (_, llm) = load(Q4_1);
     let solo: Vec<Vec<u32>> = fixture.prompts.iter().map(|p| greedy(&llm, &p.prompt_tokens, 24, None).0).collect();
-    let settings = EngineSettings { cache_tokens: 640, block: 16, max_seqs: 8, step_tokens: 48 };
+    let settings = EngineSettings { cache_tokens: 96, block: 16, max_seqs: 8, step_tokens: 48 };
     let engine = Engine::start(llm.model.clone(), llm.tokenizer.clone(), settings, Budget::unlimited()).unwrap();
     let (tx, rx) = channel();
     for round in 0..3 {
@@ -233,6 +236,7 @@ fn concurrent_sequences_get_their_solo_tokens() {
                         }
                         true
                     }),
+                    cancelled: Box::new(|| false),
                 })
                 .unwrap();
         }
@@ -252,6 +256,7 @@ fn concurrent_sequences_get_their_solo_tokens() {
     let stats = &engine.stats;
     assert_eq!(stats.free_blocks.load(std::sync::atomic::Ordering::Relaxed), stats.total_blocks.load(std::sync::atomic::Ordering::Relaxed), "every block given back");
     assert!(stats.largest_step.load(std::sync::atomic::Ordering::Relaxed) > 1, "sequences shared steps");
+    assert!(stats.preempted.load(std::sync::atomic::Ordering::Relaxed) > 0, "the cache ran out and sequences were preempted");
 }
 
 
@@ -303,6 +308,7 @@ fn tenants_take_turns_for_the_engine() {
                     }
                     true
                 }),
+                cancelled: Box::new(|| false),
             })
             .unwrap();
     }
@@ -310,4 +316,47 @@ fn tenants_take_turns_for_the_engine() {
     let order: Vec<(&str, i32)> = rx.iter().collect();
     let quiet = order.iter().position(|(t, _)| *t == "quiet").unwrap();
     assert!(quiet <= 3, "the quiet tenant finished {}th of 7: {order:?}", quiet + 1);
+}
+
+/// A waiting generation whose reader left is dropped before it costs a
+/// prefill, and a running one before its next token.
+#[test]
+fn cancelled_generations_leave_before_their_next_step() {
+    let (_, llm) = load(Q4_1);
+    let settings = EngineSettings { cache_tokens: 2048, block: 16, max_seqs: 1, step_tokens: 64 };
+    let engine = Engine::start(llm.model.clone(), llm.tokenizer.clone(), settings, Budget::unlimited()).unwrap();
+    let prompt = llm.tokenizer.encode("1, 2, 3,").unwrap();
+    let (tx, rx) = channel();
+    let gone: Vec<Arc<AtomicBool>> = (0..3).map(|_| Arc::new(AtomicBool::new(false))).collect();
+    for (i, flag) in gone.iter().enumerate() {
+        let (tx, flag) = (tx.clone(), flag.clone());
+        engine
+            .submit(Request {
+                tenant: "t".into(),
+                prompt: prompt.clone(),
+                params: SamplingParams { temperature: 0.0, ..Default::default() },
+                max_tokens: if i == 0 { 2000 } else { 8 },
+                stop: Vec::new(),
+                sink: Box::new(move |event| {
+                    let _ = tx.send((i, matches!(event, Event::Done { .. })));
+                    true
+                }),
+                cancelled: Box::new(move || flag.load(Ordering::Relaxed)),
+            })
+            .unwrap();
+    }
+    drop(tx);
+    // The first runs (one at a time); the second is cancelled while it waits.
+    assert_eq!(rx.recv().unwrap().0, 0);
+    gone[1].store(true, Ordering::Relaxed);
+    // Then the first, running, is cancelled: the third gets the engine.
+    gone[0].store(true, Ordering::Relaxed);
+    let rest: Vec<(usize, bool)> = rx.iter().collect();
+    assert!(rest.iter().all(|(i, _)| *i != 1), "the cancelled waiting generation ran: {rest:?}");
+    assert_eq!(rest.last(), Some(&(2, true)), "the third ran to its end: {rest:?}");
+    let from_first = rest.iter().filter(|(i, _)| *i == 0).count();
+    assert!(from_first < 1000, "the first ran on for {from_first} tokens after it was cancelled");
+    let stats = &engine.stats;
+    assert_eq!(stats.cancelled.load(Ordering::Relaxed), 2);
+    assert_eq!(stats.free_blocks.load(Ordering::Relaxed), stats.total_blocks.load(Ordering::Relaxed));
 }

@@ -220,9 +220,16 @@ fn complete(body: &[u8], chat: bool) -> Result<Response, Response> {
     };
     let generation = model.generate(&prompt, &params).map_err(|e| match e.code {
         "invalid-argument" => {
-            let param = if e.message.contains("prompt") { if chat { "messages" } else { "prompt" } } else { "body" };
-            let code = e.message.contains("at most").then_some("context_length_exceeded");
-            error(400, "invalid_request_error", Some(param), code, &e.message)
+            // The host names the parameter first (`temperature: ...`,
+            // `stop: ...`); a prompt over the context says "the prompt has".
+            let too_long = e.message.contains("the prompt has");
+            let named = e.message.split_once(':').map(|(name, _)| name.replace('-', "_")).filter(|n| !n.contains(' '));
+            let param = match (too_long, named) {
+                (true, _) => if chat { "messages".to_string() } else { "prompt".to_string() },
+                (false, Some(name)) => name,
+                (false, None) => "body".to_string(),
+            };
+            error(400, "invalid_request_error", Some(&param), too_long.then_some("context_length_exceeded"), &e.message)
         }
         "too-large" => error(503, "server_error", None, None, &e.message),
         _ => error(500, "server_error", None, None, &e.message),

@@ -85,6 +85,8 @@ pub(crate) struct GenerationLimits {
     pub stream_ms: u64,
     /// The request's deadline, which a generation moves.
     pub deadline: Arc<crate::deadline::Deadline>,
+    /// Generations the request has started.
+    pub started: u32,
 }
 
 impl NnCtx {

@@ -3,7 +3,7 @@
 //! tokenizers, and generations a guest reads chunk by chunk (waiting, or
 //! through a `wasi:io` pollable). A generation's events come from the
 //! model's engine thread through a channel; dropping the generation drops
-//! the receiver, which the engine notices at its next token and cancels.
+//! the receiver, which the engine notices before its next step and cancels.
 
 use super::host::NnView;
 use super::models::{LoadError, Loaded};
@@ -32,8 +32,11 @@ use generated::gpuwasm::llm::generate::{self, Chunk, Error, ErrorCode, FinishRea
 /// A text model a guest holds.
 pub struct ModelResource(Arc<Loaded>);
 
-/// A generation a guest reads.
+/// A generation a guest reads. It holds its model, so the model stays
+/// loaded (and charged) while the generation runs, even after the guest
+/// drops the model resource.
 pub struct GenerationResource {
+    _model: Arc<Loaded>,
     events: UnboundedReceiver<Event>,
     /// An event taken by the pollable, not yet returned.
     ready: Option<Event>,
@@ -79,6 +82,32 @@ fn engine_error<T>(err: gpuwasm_tensor::Error) -> Fallible<T> {
 }
 
 impl generate::Host for NnView<'_> {}
+
+/// Generations one request may start.
+const MAX_GENERATIONS: u32 = 16;
+/// Stop texts of one generation, and bytes in each.
+const MAX_STOPS: usize = 16;
+const MAX_STOP_BYTES: usize = 256;
+/// Tokens one generation may bias.
+const MAX_BIASES: usize = 1024;
+
+/// Why `params`' stop texts or logit biases are refused, if they are:
+/// each step of the shared engine pays for them.
+fn check_stops_and_bias(params: &Params, vocab: usize) -> Option<String> {
+    if params.stop.len() > MAX_STOPS {
+        return Some(format!("stop: {} texts, at most {MAX_STOPS}", params.stop.len()));
+    }
+    if let Some(bad) = params.stop.iter().find(|s| s.is_empty() || s.len() > MAX_STOP_BYTES) {
+        return Some(format!("stop: {} bytes in a stop text, 1 to {MAX_STOP_BYTES} allowed", bad.len()));
+    }
+    if params.logit_bias.len() > MAX_BIASES {
+        return Some(format!("logit-bias: {} tokens, at most {MAX_BIASES}", params.logit_bias.len()));
+    }
+    if let Some((token, _)) = params.logit_bias.iter().find(|(t, _)| *t as usize >= vocab) {
+        return Some(format!("logit-bias: token {token} is not in the {vocab}-token vocabulary"));
+    }
+    None
+}
 
 impl NnView<'_> {
     fn model(&self, model: &Resource<ModelResource>) -> wasmtime::Result<Arc<Loaded>> {
@@ -142,9 +171,17 @@ impl generate::HostModel for NnView<'_> {
 
     async fn generate(&mut self, model: Resource<ModelResource>, prompt: String, params: Params) -> Fallible<Resource<GenerationResource>> {
         let loaded = self.model(&model)?;
-        let Some(limits) = &self.ctx.generation else {
+        let Some(limits) = &mut self.ctx.generation else {
             return error(ErrorCode::Unsupported, "generating text while the component initialises");
         };
+        if limits.started >= MAX_GENERATIONS {
+            return error(ErrorCode::TooLarge, format!("a request may start at most {MAX_GENERATIONS} generations"));
+        }
+        if let Some(why) = check_stops_and_bias(&params, text(&loaded).llm.model.config.vocab) {
+            return error(ErrorCode::InvalidArgument, why);
+        }
+        limits.started += 1;
+        let limits = &*limits;
         let max_tokens = params.max_tokens.min(limits.max_tokens);
         let sampling = SamplingParams {
             temperature: params.temperature,
@@ -170,6 +207,7 @@ impl generate::HostModel for NnView<'_> {
         };
         let prompt_tokens = tokens.len() as u32;
         let (tx, events) = unbounded_channel();
+        let probe = tx.clone();
         let request = Request {
             tenant: self.ctx.access.tenant.as_str().into(),
             prompt: tokens,
@@ -177,6 +215,7 @@ impl generate::HostModel for NnView<'_> {
             max_tokens: max_tokens as usize,
             stop: params.stop,
             sink: Box::new(move |event| tx.send(event).is_ok()),
+            cancelled: Box::new(move || probe.is_closed()),
         };
         if let Err(e) = model.engine.submit(request) {
             return engine_error(e);
@@ -184,7 +223,8 @@ impl generate::HostModel for NnView<'_> {
         self.ctx.models.touch(&loaded);
         // Streaming takes longer than an ordinary request.
         limits.deadline.extend_to(limits.stream_ms);
-        let generation = GenerationResource { events, ready: None, finish: None, prompt_tokens, completion_tokens: 0, max_tokens };
+        let generation =
+            GenerationResource { _model: loaded.clone(), events, ready: None, finish: None, prompt_tokens, completion_tokens: 0, max_tokens };
         Ok(Ok(self.table.push(generation)?))
     }
 

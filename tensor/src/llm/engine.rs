@@ -81,6 +81,10 @@ pub struct Request {
     /// Receives the events; returns `false` when nobody listens any more,
     /// which cancels the generation.
     pub sink: Box<dyn FnMut(Event) -> bool + Send>,
+    /// Whether nobody listens any more, asked before each step: a waiting
+    /// or running sequence whose reader left is dropped there, before it
+    /// costs a prefill or a token.
+    pub cancelled: Box<dyn Fn() -> bool + Send>,
 }
 
 /// What an engine is doing, for tests and `model list`.
@@ -114,6 +118,8 @@ pub struct Engine {
     /// Its counters.
     pub stats: Arc<EngineStats>,
     capacity: usize,
+    /// The model's context (`capacity` is less when the cache is).
+    context: usize,
 }
 
 impl Engine {
@@ -126,7 +132,8 @@ impl Engine {
         let stats = Arc::new(EngineStats::default());
         stats.free_blocks.store(blocks, Ordering::Relaxed);
         stats.total_blocks.store(blocks, Ordering::Relaxed);
-        let capacity = (blocks * block).min(model.config.context);
+        let context = model.config.context;
+        let capacity = (blocks * block).min(context);
         let (jobs, rx) = channel();
         let mut state = State {
             model,
@@ -146,7 +153,7 @@ impl Engine {
             .name("gpuwasm-llm".into())
             .spawn(move || state.run(rx))
             .map_err(|e| Error::Unsupported(format!("starting the engine's thread: {e}")))?;
-        Ok(Engine { jobs, stats, capacity })
+        Ok(Engine { jobs, stats, capacity, context })
     }
 
     /// Positions one sequence may reach: the model's context, or the cache.
@@ -160,8 +167,9 @@ impl Engine {
             return Err(invalid_input("an empty prompt"));
         }
         if request.prompt.len() >= self.capacity {
+            let bound = if self.capacity < self.context { "this node's key/value cache for it holds" } else { "the model's context is" };
             return Err(invalid_input(format!(
-                "the prompt has {} tokens; this model takes at most {} in all",
+                "the prompt has {} tokens; {bound} at most {} in all",
                 request.prompt.len(),
                 self.capacity
             )));
@@ -187,6 +195,7 @@ struct Seq {
     /// Text held back: it may be the start of a stop sequence.
     held: String,
     sink: Box<dyn FnMut(Event) -> bool + Send>,
+    cancelled: Box<dyn Fn() -> bool + Send>,
 }
 
 impl Seq {
@@ -223,6 +232,7 @@ impl State {
             while let Ok(request) = rx.try_recv() {
                 self.enqueue(request);
             }
+            self.drop_cancelled();
             self.admit();
             self.publish();
             if self.running.is_empty() {
@@ -236,8 +246,30 @@ impl State {
         }
     }
 
+    /// Drops the waiting and running sequences whose readers left.
+    fn drop_cancelled(&mut self) {
+        let mut gone = 0;
+        for queue in self.waiting.values_mut() {
+            let before = queue.len();
+            queue.retain(|seq| !(seq.cancelled)());
+            gone += before - queue.len();
+        }
+        self.waiting.retain(|_, queue| !queue.is_empty());
+        let mut i = 0;
+        while i < self.running.len() {
+            if (self.running[i].cancelled)() {
+                let seq = self.running.remove(i);
+                self.release(seq);
+                gone += 1;
+            } else {
+                i += 1;
+            }
+        }
+        self.stats.cancelled.fetch_add(gone as u64, Ordering::Relaxed);
+    }
+
     fn enqueue(&mut self, request: Request) {
-        let Request { tenant, prompt, params, max_tokens, stop, sink } = request;
+        let Request { tenant, prompt, params, max_tokens, stop, sink, cancelled } = request;
         let seq = Seq {
             id: self.next_id,
             tenant: tenant.clone(),
@@ -251,6 +283,7 @@ impl State {
             text: TextStream::default(),
             held: String::new(),
             sink,
+            cancelled,
         };
         self.next_id += 1;
         self.waiting.entry(tenant).or_default().push_back(seq);
@@ -292,8 +325,13 @@ impl State {
                 self.pop_waiting()
             } else {
                 let starved = self.waiting.keys().find(|t| !self.running.iter().any(|s| &s.tenant == *t)).cloned();
+                // Only when what the busiest tenant gives up makes room.
+                let fits = |tenant: &Arc<str>| {
+                    let need = self.waiting[tenant].front().map_or(usize::MAX, |s| self.blocks_for(s.tokens.len() + 1));
+                    need <= self.free.len() + self.busiest_newest().map_or(0, |i| self.running[i].blocks.len())
+                };
                 match starved {
-                    Some(tenant) if self.preempt_from_busiest() => self.pop_tenant(&tenant),
+                    Some(tenant) if fits(&tenant) && self.preempt_from_busiest() => self.pop_tenant(&tenant),
                     _ => return,
                 }
             };
@@ -322,20 +360,23 @@ impl State {
         seq
     }
 
-    /// Preempts the newest sequence of the tenant running the most (when
-    /// it runs more than one); whether one was.
-    fn preempt_from_busiest(&mut self) -> bool {
+    /// The newest running sequence of the tenant running the most, when
+    /// that tenant runs more than one.
+    fn busiest_newest(&self) -> Option<usize> {
         let mut counts: BTreeMap<&Arc<str>, usize> = BTreeMap::new();
         for s in &self.running {
             *counts.entry(&s.tenant).or_default() += 1;
         }
-        let Some((tenant, n)) = counts.into_iter().max_by_key(|(_, n)| *n) else { return false };
+        let (tenant, n) = counts.into_iter().max_by_key(|(_, n)| *n)?;
         if n < 2 {
-            return false;
+            return None;
         }
-        let tenant = tenant.clone();
-        let newest = self.running.iter().enumerate().filter(|(_, s)| s.tenant == tenant).max_by_key(|(_, s)| s.id).map(|(i, _)| i);
-        match newest {
+        self.running.iter().enumerate().filter(|(_, s)| &s.tenant == tenant).max_by_key(|(_, s)| s.id).map(|(i, _)| i)
+    }
+
+    /// Preempts [`State::busiest_newest`]; whether there was one.
+    fn preempt_from_busiest(&mut self) -> bool {
+        match self.busiest_newest() {
             Some(i) => {
                 self.preempt(i);
                 true

@@ -29,6 +29,9 @@ pub struct Llm {
 impl Llm {
     /// Loads everything a GGUF file declares for generation onto `backend`.
     pub fn load(gguf: &Gguf, backend: SharedBackend) -> Result<Llm, Error> {
+        // What the file is first: a file of another kind says so, not
+        // what its tokenizer lacks.
+        model::LlamaConfig::from_gguf(gguf)?;
         // The tokenizer's tables build while the weights are copied.
         let (text, model) = std::thread::scope(|s| {
             let text = s.spawn(|| text_parts(gguf));

@@ -74,7 +74,10 @@ const MAX_CONTEXT: usize = 1 << 20;
 impl LlamaConfig {
     /// Reads and checks the configuration of `gguf`.
     pub fn from_gguf(gguf: &Gguf) -> Result<LlamaConfig, Error> {
-        let arch = gguf.architecture().ok_or_else(|| invalid_model("gguf: no general.architecture"))?.to_string();
+        let arch = gguf
+            .architecture()
+            .ok_or_else(|| Error::Unsupported("a GGUF file that names no architecture (general.architecture)".into()))?
+            .to_string();
         if !ARCHITECTURES.contains(&arch.as_str()) {
             return Err(Error::Unsupported(format!("the {arch} architecture (llama, qwen2 and mistral are supported)")));
         }

@@ -48,28 +48,29 @@ impl Default for SamplingParams {
 }
 
 impl SamplingParams {
-    /// Checks the values are in their ranges; names the first that is not.
+    /// Checks the values are in their ranges; names the first that is
+    /// not, with its range (`NAME: ...`, OpenAI's parameter names).
     pub fn check(&self) -> Result<(), String> {
-        let bad = |name: &str, v: f32| Err(format!("{name} must be a finite number in its range, got {v}"));
+        let bad = |name: &str, v: f32, range: &str| Err(format!("{name}: {v} is out of range: {range}"));
         if !(0.0..=100.0).contains(&self.temperature) {
-            return bad("temperature", self.temperature);
+            return bad("temperature", self.temperature, "0 to 100 (0: greedy)");
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return bad("top_p", self.top_p);
+            return bad("top_p", self.top_p, "above 0, at most 1");
         }
         if !(0.0..=1.0).contains(&self.min_p) {
-            return bad("min_p", self.min_p);
+            return bad("min_p", self.min_p, "0 to 1");
         }
         if !(self.repetition_penalty > 0.0 && self.repetition_penalty <= 100.0) {
-            return bad("repetition_penalty", self.repetition_penalty);
+            return bad("repetition_penalty", self.repetition_penalty, "above 0, at most 100 (1: off)");
         }
         for (name, v) in [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)] {
             if !(-100.0..=100.0).contains(&v) {
-                return bad(name, v);
+                return bad(name, v, "-100 to 100");
             }
         }
         match self.logit_bias.values().find(|b| !(-100.0..=100.0).contains(*b)) {
-            Some(b) => bad("logit_bias", *b),
+            Some(b) => bad("logit_bias", *b, "-100 to 100"),
             None => Ok(()),
         }
     }

@@ -119,6 +119,8 @@ mod avx2 {
     /// unpacking (compiled here with AVX2 too).
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn rows(format: WeightFormat, w: &[u8], row_bytes: usize, start: usize, end: usize, x: &QuantRows, acc: &mut [f32]) {
+        // What the kernels' unchecked reads rely on.
+        assert!(x.cols.is_multiple_of(32) && format.row_bytes(x.cols) == Some(row_bytes));
         assert!(x.q.len() >= x.rows * x.cols && x.d.len() * 32 >= x.rows * x.cols && x.s.len() * 32 >= x.rows * x.cols);
         assert!(w.len() >= end * row_bytes && acc.len() >= (end - start) * x.rows);
         for o in start..end {
@@ -569,22 +571,59 @@ mod tests {
 
     /// Against the decoded weights times the quantised activations (what
     /// the integers stand for), every format: equal but for rounding.
+    /// Row counts of x that take every tile size (1 to 4) and several tiles.
+    const ROWS: [usize; 5] = [1, 2, 4, 5, 9];
+
     #[test]
     fn integer_products_match_decoded_weights() {
         let mut seed = 0x5eed;
-        let (rows, cols, out) = (3, 512, 21);
-        let x: Vec<f32> = (0..rows * cols).map(|_| rng(&mut seed) * 2.0).collect();
-        let qx = quantize_rows(&x, rows, cols);
-        let xq: Vec<f32> = qx.q.iter().enumerate().map(|(i, q)| *q as f32 * qx.d[i / 32]).collect();
-        for format in [WeightFormat::Q4_0, WeightFormat::Q4_1, WeightFormat::Q8_0, WeightFormat::Q4K, WeightFormat::Q5K, WeightFormat::Q6K] {
-            let w = blocks(format, out, cols, &mut seed);
-            let dw = quant::decode(format, &w);
-            let y = linear(&qx, format, &w, out);
-            for r in 0..rows {
+        let (cols, out) = (512, 21);
+        for rows in ROWS {
+            let x: Vec<f32> = (0..rows * cols).map(|_| rng(&mut seed) * 2.0).collect();
+            let qx = quantize_rows(&x, rows, cols);
+            let xq: Vec<f32> = qx.q.iter().enumerate().map(|(i, q)| *q as f32 * qx.d[i / 32]).collect();
+            for format in [WeightFormat::Q4_0, WeightFormat::Q4_1, WeightFormat::Q8_0, WeightFormat::Q4K, WeightFormat::Q5K, WeightFormat::Q6K] {
+                let w = blocks(format, out, cols, &mut seed);
+                let dw = quant::decode(format, &w);
+                let y = linear(&qx, format, &w, out);
+                for r in 0..rows {
+                    for o in 0..out {
+                        let want: f64 = (0..cols).map(|c| xq[r * cols + c] as f64 * dw[o * cols + c] as f64).sum();
+                        let got = y[r * out + o] as f64;
+                        assert!((got - want).abs() <= 1e-4 * want.abs().max(1.0), "{format:?}, {rows} rows, at {r},{o}: {got} vs {want}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// The generic unpacking path (what CPUs without AVX2 run for every
+    /// format) against the AVX2 kernels, tile sizes 1 to 4.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn the_unpacking_path_agrees_with_the_avx2_kernels() {
+        if !avx2() {
+            eprintln!("NOT RUN: this CPU has no AVX2");
+            return;
+        }
+        let mut seed = 0xa11;
+        let (cols, out) = (512, 7);
+        for rows in ROWS {
+            let x: Vec<f32> = (0..rows * cols).map(|_| rng(&mut seed) * 2.0).collect();
+            let qx = quantize_rows(&x, rows, cols);
+            for format in [WeightFormat::Q4_0, WeightFormat::Q4_1, WeightFormat::Q8_0, WeightFormat::Q4K] {
+                let w = blocks(format, out, cols, &mut seed);
+                let row_bytes = format.row_bytes(cols).unwrap();
+                let mut fast = vec![0f32; out * rows];
+                // Safety: AVX2, FMA and F16C are present (checked above).
+                unsafe { avx2::rows(format, &w, row_bytes, 0, out, &qx, &mut fast) };
                 for o in 0..out {
-                    let want: f64 = (0..cols).map(|c| xq[r * cols + c] as f64 * dw[o * cols + c] as f64).sum();
-                    let got = y[r * out + o] as f64;
-                    assert!((got - want).abs() <= 1e-4 * want.abs().max(1.0), "{format:?} at {r},{o}: {got} vs {want}");
+                    let mut slow = vec![0f32; rows];
+                    row_unpacked(format, &w[o * row_bytes..(o + 1) * row_bytes], &qx, &mut slow);
+                    for r in 0..rows {
+                        let (a, b) = (fast[o * rows + r], slow[r]);
+                        assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{format:?}, {rows} rows, at {o},{r}: {a} vs {b}");
+                    }
                 }
             }
         }
