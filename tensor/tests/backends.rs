@@ -99,18 +99,7 @@ fn linear_layers_in_every_weight_format() {
     let bias = rng.vec(out);
     for backend in common::backends() {
         let b = backend.as_ref();
-        let formats = [
-            WeightFormat::F32,
-            WeightFormat::F16,
-            WeightFormat::BF16,
-            WeightFormat::Q4_0,
-            WeightFormat::Q4_1,
-            WeightFormat::Q8_0,
-            WeightFormat::Q4K,
-            WeightFormat::Q5K,
-            WeightFormat::Q6K,
-        ];
-        for format in formats {
+        for format in WeightFormat::ALL {
             let data = match format {
                 WeightFormat::F32 => HostData::F32(rng.vec(out * cols)),
                 WeightFormat::F16 => HostData::Encoded(format, rng.vec(out * cols).iter().flat_map(|v| half_bits(*v).to_le_bytes()).collect()),
@@ -155,18 +144,7 @@ fn embeddings_from_float_and_quantised_tables() {
     for backend in common::backends() {
         let b = backend.as_ref();
         let (vocab, cols) = (vocab, cols * 4); // whole K-quant blocks
-        let formats = [
-            WeightFormat::F32,
-            WeightFormat::F16,
-            WeightFormat::BF16,
-            WeightFormat::Q4_0,
-            WeightFormat::Q4_1,
-            WeightFormat::Q8_0,
-            WeightFormat::Q4K,
-            WeightFormat::Q5K,
-            WeightFormat::Q6K,
-        ];
-        for format in formats {
+        for format in WeightFormat::ALL {
             let (data, values) = match format {
                 WeightFormat::F32 => {
                     let v = rng.vec(vocab * cols);

@@ -57,6 +57,19 @@ fn sha256(bytes: &[u8]) -> String {
     String::from_utf8(out.stdout).unwrap().split_whitespace().next().unwrap().to_string()
 }
 
+/// A step of one sequence: `tokens` at positions (and cache slots) from
+/// `at`, the logits of rows `logits`.
+fn one_sequence(tokens: Vec<u32>, at: usize, logits: Vec<u32>) -> Step {
+    let end = (at + tokens.len()) as u32;
+    Step {
+        positions: (at as u32..end).collect(),
+        slots: (at as u32..end).collect(),
+        seqs: vec![CachedSeq { queries: tokens.len(), slots: (0..end).collect() }],
+        logits,
+        tokens,
+    }
+}
+
 /// Greedy decoding, one sequence at a time, straight through the model:
 /// the tokens and each step's logits. With `forced`, each step is fed
 /// `forced`'s token instead of our choice (teacher forcing).
@@ -69,13 +82,8 @@ fn greedy(llm: &Llm, prompt: &[u32], steps: usize, forced: Option<&[u32]>) -> (V
     let mut at = 0;
     for _ in 0..steps {
         let end = at + feed.len();
-        let step = Step {
-            positions: (at as u32..end as u32).collect(),
-            slots: (at as u32..end as u32).collect(),
-            seqs: vec![CachedSeq { queries: feed.len(), slots: (0..end as u32).collect() }],
-            logits: vec![feed.len() as u32 - 1],
-            tokens: std::mem::take(&mut feed),
-        };
+        let last = feed.len() as u32 - 1;
+        let step = one_sequence(std::mem::take(&mut feed), at, vec![last]);
         let logits = llm.model.forward(&pass, &mut cache, &step).unwrap();
         let token = (0..logits.len()).max_by(|a, b| logits[*a].total_cmp(&logits[*b])).unwrap() as u32;
         tokens.push(token);
@@ -181,13 +189,7 @@ fn perplexity_matches(model: (&str, &str)) {
     let budget = Budget::unlimited();
     let pass = Pass::new(llm.model.backend().as_ref(), &budget);
     let mut cache = llm.model.cache(n).unwrap();
-    let step = Step {
-        tokens: tokens.clone(),
-        positions: (0..n as u32).collect(),
-        slots: (0..n as u32).collect(),
-        seqs: vec![CachedSeq { queries: n, slots: (0..n as u32).collect() }],
-        logits: (0..n as u32 - 1).collect(),
-    };
+    let step = one_sequence(tokens.clone(), 0, (0..n as u32 - 1).collect());
     let logits = llm.model.forward(&pass, &mut cache, &step).unwrap();
     let vocab = llm.model.config.vocab;
     let mut nll = 0.0f64;

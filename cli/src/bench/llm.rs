@@ -16,6 +16,7 @@ use gpuwasm::nn::{LlmSettings, LocalModels, ModelAccess, Target};
 use gpuwasm::{Capabilities, Limits, Runtime};
 use gpuwasm_server::serve_connections;
 use gpuwasm_tensor::Format;
+use gpuwasm_tensor::llm::tokenizer::Tokenizer;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
@@ -59,11 +60,15 @@ fn counting(from: usize, numbers: usize) -> String {
     (from..from + numbers).map(|n| format!("{n}, ")).collect::<String>().trim_end().to_string()
 }
 
-/// Prose of `tokens` tokens as `model`'s tokenizer counts them, starting
-/// with `seed` so that no two are alike.
-fn long_prompt(model: &std::path::Path, seed: usize, tokens: usize) -> Result<String> {
+/// `model`'s tokenizer.
+fn tokenizer(model: &std::path::Path) -> Result<Tokenizer> {
     let bytes = std::fs::read(model)?;
-    let tokenizer = gpuwasm_tensor::llm::tokenizer::Tokenizer::from_gguf(&gpuwasm_tensor::gguf::Gguf::parse(&bytes)?)?;
+    Ok(Tokenizer::from_gguf(&gpuwasm_tensor::gguf::Gguf::parse(&bytes)?)?)
+}
+
+/// Prose of `tokens` tokens as `tokenizer` counts them, starting with
+/// `seed` so that no two are alike.
+fn long_prompt(tokenizer: &Tokenizer, seed: usize, tokens: usize) -> Result<String> {
     let words = "the history of every science is a long story of small steps taken by many people who asked simple questions ";
     let text = format!("{seed} {}", words.repeat(tokens / 10 + 2));
     let ids = tokenizer.encode(&text)?;
@@ -171,9 +176,10 @@ pub async fn run(args: LlmArgs) -> Result<ExitCode> {
 
     // Time to first token for a long prompt: one token asked, whole answer.
     let mut ttft = Vec::new();
+    let tokenizer = tokenizer(&args.model)?;
     for i in 0..args.repeat {
         // A different prompt each time: nothing can be reused.
-        let prompt = long_prompt(&args.model, i, args.prompt_tokens)?;
+        let prompt = long_prompt(&tokenizer, i, args.prompt_tokens)?;
         let start = Instant::now();
         let (tokens, _) = server.complete(&prompt, 1, false).await?;
         ttft.push(start.elapsed().as_secs_f64() * 1e3);

@@ -88,23 +88,14 @@ const MAX_GENERATIONS: u32 = 16;
 /// Stop texts of one generation, and bytes in each.
 const MAX_STOPS: usize = 16;
 const MAX_STOP_BYTES: usize = 256;
-/// Tokens one generation may bias.
-const MAX_BIASES: usize = 1024;
-
-/// Why `params`' stop texts or logit biases are refused, if they are:
-/// each step of the shared engine pays for them.
-fn check_stops_and_bias(params: &Params, vocab: usize) -> Option<String> {
+/// Why `params`' stop texts are refused, if they are: each step of the
+/// shared engine pays for them.
+fn check_stops(params: &Params) -> Option<String> {
     if params.stop.len() > MAX_STOPS {
         return Some(format!("stop: {} texts, at most {MAX_STOPS}", params.stop.len()));
     }
     if let Some(bad) = params.stop.iter().find(|s| s.is_empty() || s.len() > MAX_STOP_BYTES) {
         return Some(format!("stop: {} bytes in a stop text, 1 to {MAX_STOP_BYTES} allowed", bad.len()));
-    }
-    if params.logit_bias.len() > MAX_BIASES {
-        return Some(format!("logit-bias: {} tokens, at most {MAX_BIASES}", params.logit_bias.len()));
-    }
-    if let Some((token, _)) = params.logit_bias.iter().find(|(t, _)| *t as usize >= vocab) {
-        return Some(format!("logit-bias: token {token} is not in the {vocab}-token vocabulary"));
     }
     None
 }
@@ -177,7 +168,7 @@ impl generate::HostModel for NnView<'_> {
         if limits.started >= MAX_GENERATIONS {
             return error(ErrorCode::TooLarge, format!("a request may start at most {MAX_GENERATIONS} generations"));
         }
-        if let Some(why) = check_stops_and_bias(&params, text(&loaded).llm.model.config.vocab) {
+        if let Some(why) = check_stops(&params) {
             return error(ErrorCode::InvalidArgument, why);
         }
         limits.started += 1;
@@ -194,7 +185,7 @@ impl generate::HostModel for NnView<'_> {
             logit_bias: params.logit_bias.into_iter().collect(),
             seed: params.seed,
         };
-        if let Err(why) = sampling.check() {
+        if let Err(why) = sampling.check(text(&loaded).llm.model.config.vocab) {
             return error(ErrorCode::InvalidArgument, why);
         }
         if max_tokens == 0 {

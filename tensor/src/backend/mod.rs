@@ -93,6 +93,19 @@ pub enum WeightFormat {
 }
 
 impl WeightFormat {
+    /// Every format.
+    pub const ALL: [WeightFormat; 9] = [
+        WeightFormat::F32,
+        WeightFormat::F16,
+        WeightFormat::BF16,
+        WeightFormat::Q4_0,
+        WeightFormat::Q4_1,
+        WeightFormat::Q8_0,
+        WeightFormat::Q4K,
+        WeightFormat::Q5K,
+        WeightFormat::Q6K,
+    ];
+
     /// (values per block, bytes per block).
     pub fn block(self) -> (usize, usize) {
         match self {

@@ -258,8 +258,8 @@ impl State {
         let mut i = 0;
         while i < self.running.len() {
             if (self.running[i].cancelled)() {
-                let seq = self.running.remove(i);
-                self.release(seq);
+                let mut seq = self.running.remove(i);
+                self.release(&mut seq);
                 gone += 1;
             } else {
                 i += 1;
@@ -389,7 +389,7 @@ impl State {
     /// of its tenant, to be recomputed.
     fn preempt(&mut self, i: usize) {
         let mut seq = self.running.remove(i);
-        self.free.append(&mut seq.blocks);
+        self.release(&mut seq);
         seq.computed = 0;
         self.stats.preempted.fetch_add(1, Ordering::Relaxed);
         let tenant = seq.tenant.clone();
@@ -496,12 +496,12 @@ impl State {
         }
         done.sort_unstable_by_key(|d| std::cmp::Reverse(d.0));
         for (i, reason) in done {
-            let seq = self.running.remove(i);
+            let mut seq = self.running.remove(i);
             match reason {
                 Some(FinishReason::Error(_)) | None => {
                     // The receiver went away.
                     self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
-                    self.release(seq);
+                    self.release(&mut seq);
                 }
                 Some(reason) => self.finish(seq, reason),
             }
@@ -509,14 +509,15 @@ impl State {
         self.publish();
     }
 
-    fn release(&mut self, mut seq: Seq) {
+    /// Gives `seq`'s blocks back.
+    fn release(&mut self, seq: &mut Seq) {
         self.free.append(&mut seq.blocks);
     }
 
     /// Ends `seq`: its blocks back first (so whoever sees it done sees them
     /// free), then the rest of its text and the final event.
     fn finish(&mut self, mut seq: Seq, reason: FinishReason) {
-        self.free.append(&mut seq.blocks);
+        self.release(&mut seq);
         self.publish();
         let rest = std::mem::take(&mut seq.held) + &seq.text.finish();
         if !rest.is_empty() && reason != FinishReason::Stop {

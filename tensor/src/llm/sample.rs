@@ -47,10 +47,21 @@ impl Default for SamplingParams {
     }
 }
 
+/// Tokens one generation may bias: each step of the shared engine pays
+/// for them.
+pub const MAX_BIASES: usize = 1024;
+
 impl SamplingParams {
-    /// Checks the values are in their ranges; names the first that is
-    /// not, with its range (`NAME: ...`, OpenAI's parameter names).
-    pub fn check(&self) -> Result<(), String> {
+    /// Checks the values are in their ranges, and the biased tokens in a
+    /// `vocab`-token vocabulary (at most [`MAX_BIASES`] of them); names the
+    /// first that is not, with its range (`NAME: ...`, OpenAI's names).
+    pub fn check(&self, vocab: usize) -> Result<(), String> {
+        if self.logit_bias.len() > MAX_BIASES {
+            return Err(format!("logit_bias: {} tokens, at most {MAX_BIASES}", self.logit_bias.len()));
+        }
+        if let Some(token) = self.logit_bias.keys().find(|t| **t as usize >= vocab) {
+            return Err(format!("logit_bias: token {token} is not in the {vocab}-token vocabulary"));
+        }
         let bad = |name: &str, v: f32, range: &str| Err(format!("{name}: {v} is out of range: {range}"));
         if !(0.0..=100.0).contains(&self.temperature) {
             return bad("temperature", self.temperature, "0 to 100 (0: greedy)");
@@ -212,9 +223,11 @@ mod tests {
 
     #[test]
     fn parameters_are_checked() {
-        assert!(SamplingParams::default().check().is_ok());
-        let e = SamplingParams { top_p: 0.0, ..Default::default() }.check().unwrap_err();
+        assert!(SamplingParams::default().check(10).is_ok());
+        let e = SamplingParams { top_p: 0.0, ..Default::default() }.check(10).unwrap_err();
         assert!(e.contains("top_p"), "{e}");
-        assert!(SamplingParams { temperature: f32::NAN, ..Default::default() }.check().is_err());
+        assert!(SamplingParams { temperature: f32::NAN, ..Default::default() }.check(10).is_err());
+        let e = SamplingParams { logit_bias: [(10, 1.0)].into(), ..Default::default() }.check(10).unwrap_err();
+        assert!(e.contains("token 10 is not in the 10-token vocabulary"), "{e}");
     }
 }
