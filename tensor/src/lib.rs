@@ -37,6 +37,7 @@ pub mod onnx;
 pub mod quant;
 pub mod safetensors;
 mod tensor;
+pub mod turns;
 
 pub use budget::{Budget, MemoryPool, Reservation};
 pub use error::Error;

@@ -16,6 +16,7 @@
 //! slice (20 ms, or one call), so a tenant arriving waits little.
 
 use super::gpu::DeviceGate;
+use gpuwasm_tensor::turns::next_after;
 use gpuwasm_tensor::{Budget, Error, Graph, MemoryPool, Tensor};
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -255,7 +256,7 @@ impl Scheduler {
                     // one call when another tenant has work waiting, here
                     // or at the device, so a pass is never longer than one
                     // call while the device is shared.
-                    let tenant = next_tenant(&queues, &last_first).expect("calls are queued");
+                    let tenant = next_after(&queues, last_first.as_ref()).expect("calls are queued");
                     last_first = Some(tenant.clone());
                     let shared = queues.len() > 1 || gate.contended();
                     let queue = queues.get_mut(&tenant).expect("a queued tenant");
@@ -318,12 +319,6 @@ impl Slice {
         let per_call = took.as_secs_f64() / calls.max(1) as f64;
         self.per_call = Some(self.per_call.map_or(per_call, |old| 0.7 * old + 0.3 * per_call));
     }
-}
-
-/// The tenant with calls queued after `last` in name order (wrapping).
-fn next_tenant(queues: &BTreeMap<Arc<str>, VecDeque<Job>>, last: &Option<Arc<str>>) -> Option<Arc<str>> {
-    let after = last.as_ref().and_then(|l| queues.range::<str, _>((std::ops::Bound::Excluded(l.as_ref()), std::ops::Bound::Unbounded)).next());
-    after.or_else(|| queues.iter().next()).map(|(t, _)| t.clone())
 }
 
 /// Up to `max` jobs, one per tenant per turn, starting after the tenant

@@ -303,12 +303,7 @@ impl State {
 
     /// The next waiting sequence, tenants in turn.
     fn pop_waiting(&mut self) -> Option<Seq> {
-        let tenant = {
-            let after = self.last_tenant.as_ref().and_then(|l| {
-                self.waiting.range::<str, _>((std::ops::Bound::Excluded(l.as_ref()), std::ops::Bound::Unbounded)).next()
-            });
-            after.or_else(|| self.waiting.iter().next()).map(|(t, _)| t.clone())?
-        };
+        let tenant = crate::turns::next_after(&self.waiting, self.last_tenant.as_ref())?;
         self.last_tenant = Some(tenant.clone());
         self.pop_tenant(&tenant)
     }
