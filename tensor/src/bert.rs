@@ -260,25 +260,29 @@ impl Bert {
             ids.extend_from_slice(seq);
             positions.extend(0..seq.len() as u32);
         }
-        let pass = Pass::new(self.backend.as_ref(), budget);
-        let words = pass.embedding(&self.word, &ids)?;
-        let places = pass.embedding(&self.position, &positions)?;
+        let lens: Vec<usize> = seqs.iter().map(Vec::len).collect();
+        Pass::new(self.backend.as_ref(), budget).run(|pass| self.encode(pass, &ids, &positions, &lens))
+    }
+
+    /// The encoder's pass over packed sequences of `lens` tokens: pooled embeddings.
+    fn encode(&self, pass: &Pass, ids: &[u32], positions: &[u32], lens: &[usize]) -> Result<Vec<f32>, Error> {
+        let words = pass.embedding(&self.word, ids)?;
+        let places = pass.embedding(&self.position, positions)?;
         let sum = pass.add_row(&pass.add(&words, &places)?, &self.token_type)?;
         drop((words, places));
         let mut x = pass.layer_norm(&sum, &self.embed_norm.gamma, &self.embed_norm.beta, self.eps)?;
         drop(sum);
-        let lens: Vec<usize> = seqs.iter().map(Vec::len).collect();
         let (heads, dim) = (self.heads, self.hidden / self.heads);
-        let spec = AttentionSpec { lens: lens.clone(), heads, kv_heads: heads, dim, causal: false, scale: 1.0 / (dim as f32).sqrt() };
+        let spec = AttentionSpec { lens: lens.to_vec(), heads, kv_heads: heads, dim, causal: false, scale: 1.0 / (dim as f32).sqrt() };
         for layer in &self.layers {
-            let (q, k, v) = (layer.query.apply(&pass, &x)?, layer.key.apply(&pass, &x)?, layer.value.apply(&pass, &x)?);
+            let (q, k, v) = (layer.query.apply(pass, &x)?, layer.key.apply(pass, &x)?, layer.value.apply(pass, &x)?);
             let context = pass.attention(&q, &k, &v, &spec)?;
             drop((q, k, v));
-            x = add_norm(&pass, &layer.attn_out.apply(&pass, &context)?, &x, &layer.attn_norm, self.eps)?;
-            let inner = pass.activation(&layer.up.apply(&pass, &x)?, Activation::Gelu)?;
-            x = add_norm(&pass, &layer.down.apply(&pass, &inner)?, &x, &layer.out_norm, self.eps)?;
+            x = add_norm(pass, &layer.attn_out.apply(pass, &context)?, &x, &layer.attn_norm, self.eps)?;
+            let inner = pass.activation(&layer.up.apply(pass, &x)?, Activation::Gelu)?;
+            x = add_norm(pass, &layer.down.apply(pass, &inner)?, &x, &layer.out_norm, self.eps)?;
         }
-        Ok(self.pool(&pass.download(&x)?, &lens))
+        Ok(self.pool(&pass.download(&x)?, lens))
     }
 
     fn pool(&self, x: &[f32], lens: &[usize]) -> Vec<f32> {

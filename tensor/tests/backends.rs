@@ -40,9 +40,10 @@ fn close(what: &str, backend: &dyn Backend, got: &[f32], want: &[f32], tolerance
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
         assert!(
             (g - w).abs() <= tolerance * scale,
-            "{what} on {} ({}): value {i} is {g}, want {w} (tolerance {tolerance} of {scale})",
+            "{what} on {} ({}, {}): value {i} is {g}, want {w} (tolerance {tolerance} of {scale})",
             backend.info().name,
-            backend.info().kind.name()
+            backend.info().kind.name(),
+            backend.info().driver
         );
     }
 }

@@ -48,7 +48,7 @@ fn minilm_matches_sentence_transformers() {
     assert!(fixture.sentences.len() >= 50);
     let texts: Vec<&str> = fixture.sentences.iter().map(String::as_str).collect();
     for backend in backends() {
-        let kind = backend.info().kind.name();
+        let kind = format!("{} ({})", backend.info().kind.name(), backend.info().driver);
         let graph = gpuwasm_tensor::load(Format::Safetensors, &minilm_files(), backend).expect("MiniLM loads");
 
         // All at once (one packed batch) and a few alone must agree with the reference.

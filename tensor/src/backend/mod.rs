@@ -540,6 +540,18 @@ impl<'a> Pass<'a> {
         Pass { backend, budget }
     }
 
+    /// Runs `f`, the body of a pass, where the backend computes best: for
+    /// the CPU on a worker of rayon's pool, so the pass's parallel kernels
+    /// split there instead of the calling thread handing each one over and
+    /// sleeping until it is done (two context switches a kernel); for
+    /// other backends on the calling thread.
+    pub fn run<T: Send>(&self, f: impl FnOnce(&Pass<'a>) -> T + Send) -> T {
+        match self.backend.info().kind {
+            DeviceKind::Cpu => rayon::scope(|_| f(self)),
+            _ => f(self),
+        }
+    }
+
     /// Runs `op`, whose result has `shape`, with its memory reserved first.
     fn make(&self, what: &str, shape: Vec<usize>, op: impl FnOnce() -> Result<Array, Error>) -> Result<Array, Error> {
         let held = self.budget.reserve_tensor(&shape, 4, || format!("the {what}"))?;

@@ -19,7 +19,7 @@
 use super::model::{Llama, Step};
 use super::sample::{Sampler, SamplingParams};
 use super::tokenizer::{TextStream, Tokenizer};
-use crate::backend::{CachedSeq, DeviceKind, KvCache, Pass};
+use crate::backend::{CachedSeq, KvCache, Pass};
 use crate::budget::Budget;
 use crate::error::{Error, invalid_input};
 use std::collections::{BTreeMap, VecDeque};
@@ -450,15 +450,7 @@ impl State {
         self.stats.largest_step.fetch_max(plan.len(), Ordering::Relaxed);
         let pass = Pass::new(self.model.backend().as_ref(), &self.budget);
         let (model, cache) = (&self.model, &mut self.cache);
-        let logits = if model.backend().info().kind == DeviceKind::Cpu {
-            // On a worker of the CPU's thread pool: the pass's hundreds of
-            // parallel products then split there, instead of this thread
-            // handing each one over and sleeping until it is done (two
-            // context switches a product).
-            rayon::scope(|_| model.forward(&pass, cache, &step))
-        } else {
-            model.forward(&pass, cache, &step)
-        };
+        let logits = pass.run(|pass| model.forward(pass, cache, &step));
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
         let logits = match logits {
             Ok(l) => l,

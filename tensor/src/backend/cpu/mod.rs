@@ -1,15 +1,22 @@
-//! The CPU backend and its kernels: matrix multiply (matrixmultiply's
-//! sgemm, which picks AVX2/FMA or SSE at run time and threads large
-//! products), the row operations transformers and small classifiers need,
-//! attention over packed sequences (heads in parallel), rotary embeddings,
-//! and products with quantised weights decoded block by block.
+//! The CPU backend and its kernels: products with float weights packed in
+//! panels when they load (`panels`: AVX-512, AVX2 or portable kernels,
+//! chosen at run time), products with quantised weights in their blocks
+//! (`qdot`), products of two activations (matrixmultiply's sgemm, one
+//! thread per product: parallelism comes from rayon's pool, the one pool
+//! of the process), the row operations transformers and small classifiers
+//! need, attention over packed sequences one query row at a time, and
+//! rotary embeddings.
 
 use super::{
     Activation, Array, AttentionSpec, Backend, DeviceInfo, DeviceKind, HostData, HostWeight, RopeSpec, Weight, WeightFormat,
     CachedAttention, KvCache, MatmulDims, check_attention, check_cached_attention, check_elementwise, check_linear, check_matmul,
     check_rope, check_rows, check_values, check_write_kv,
 };
+mod panels;
 mod qdot;
+
+pub use panels::Isa;
+use panels::Panels;
 
 use crate::error::{Error, invalid_input};
 use crate::quant;
@@ -235,44 +242,60 @@ pub fn rope(x: &mut [f32], positions: &[u32], spec: &RopeSpec) {
     }
 }
 
-/// Attention over packed sequences (see [`AttentionSpec`]); heads of all
-/// sequences run in parallel.
+/// Multiply-adds of attention worth one task of rayon's pool.
+const ATTENTION_TASK: usize = 1 << 16;
+
+/// `Σ a·b`, in eight independent lanes so the compiler vectorises it.
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ac.remainder().iter().zip(bc.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ac.zip(bc) {
+        lanes.iter_mut().zip(x.iter().zip(y)).for_each(|(l, (x, y))| *l += x * y);
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// One query row of one head attending to `n` keys and values, which
+/// `kv(j)` gives: `out = softmax(scale · q·kⱼ) · vⱼ`. `scores` is scratch.
+#[inline(always)]
+fn attend<'a>(q: &[f32], n: usize, kv: impl Fn(usize) -> (&'a [f32], &'a [f32]), scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
+    scores.clear();
+    scores.extend((0..n).map(|j| dot(q, kv(j).0) * scale));
+    softmax_rows(scores, n);
+    out.fill(0.0);
+    for (j, w) in scores.iter().enumerate() {
+        out.iter_mut().zip(kv(j).1).for_each(|(o, v)| *o += w * v);
+    }
+}
+
+/// Attention over packed sequences (see [`AttentionSpec`]), one query row
+/// at a time, so nothing larger than one row of scores is materialised;
+/// rows run in parallel when there are enough of them.
 pub fn attention(q: &[f32], k: &[f32], v: &[f32], spec: &AttentionSpec) -> Vec<f32> {
-    let (heads, kv_heads, dim) = (spec.heads, spec.kv_heads, spec.dim);
-    let (qw, kw) = (heads * dim, kv_heads * dim);
-    let group = heads / kv_heads;
-    let mut starts = Vec::with_capacity(spec.lens.len());
-    let mut at = 0;
+    let (heads, dim) = (spec.heads, spec.dim);
+    let (qw, kw) = (heads * dim, spec.kv_heads * dim);
+    let group = heads / spec.kv_heads.max(1);
+    // Each token's sequence start and length, and its position in it.
+    let mut rows = Vec::new();
+    let mut start = 0;
     for &len in &spec.lens {
-        starts.push(at);
-        at += len;
+        rows.extend((0..len).map(|i| (start, len, i)));
+        start += len;
     }
-    let work: Vec<(usize, usize, usize)> =
-        starts.iter().zip(&spec.lens).flat_map(|(&start, &len)| (0..heads).map(move |head| (start, len, head))).collect();
-    let parts: Vec<Vec<f32>> = work
-        .par_iter()
-        .map(|&(start, len, head)| {
-            let kv = head / group;
-            let view = |offset: usize, stride: usize| View { rows: len, cols: dim, offset, row_stride: stride, col_stride: 1 };
-            let mut scores = vec![0.0; len * len];
-            gemm(spec.scale, q, view(start * qw + head * dim, qw), k, view(start * kw + kv * dim, kw).t(), 0.0, &mut scores, View::dense(len, len, 0));
-            if spec.causal {
-                for (i, row) in scores.chunks_exact_mut(len).enumerate() {
-                    row[i + 1..].iter_mut().for_each(|s| *s = f32::NEG_INFINITY);
-                }
-            }
-            softmax_rows(&mut scores, len);
-            let mut out = vec![0.0; len * dim];
-            gemm(1.0, &scores, View::dense(len, len, 0), v, view(start * kw + kv * dim, kw), 0.0, &mut out, View::dense(len, dim, 0));
-            out
-        })
-        .collect();
-    let mut context = vec![0.0; at * qw];
-    for (&(start, len, head), part) in work.iter().zip(parts) {
-        for i in 0..len {
-            context[(start + i) * qw + head * dim..][..dim].copy_from_slice(&part[i * dim..][..dim]);
+    let mut context = vec![0.0; rows.len() * qw];
+    let longest = spec.lens.iter().copied().max().unwrap_or(0);
+    let min_rows = (ATTENTION_TASK / (qw * longest).max(1)).max(1);
+    let tasks = context.par_chunks_mut(qw.max(1)).zip(&rows).with_min_len(min_rows);
+    tasks.for_each_init(Vec::new, |scores, (out, &(start, len, i))| {
+        let seen = if spec.causal { i + 1 } else { len };
+        for (head, o) in out.chunks_exact_mut(dim).enumerate() {
+            let at = (head / group) * dim;
+            let kv = |j: usize| (&k[(start + j) * kw + at..][..dim], &v[(start + j) * kw + at..][..dim]);
+            attend(&q[(start + i) * qw + head * dim..][..dim], seen, kv, spec.scale, scores, o);
         }
-    }
+    });
     context
 }
 
@@ -284,19 +307,15 @@ pub fn cached_attention(q: &[f32], keys: &[f32], vals: &[f32], spec: &CachedAtte
     let group = heads / spec.kv_heads;
     let (offsets, counts, slots) = spec.rows();
     let mut out = vec![0.0; offsets.len() * qw];
-    out.par_chunks_mut(dim).enumerate().for_each(|(i, o)| {
+    out.par_chunks_mut(dim).enumerate().for_each_init(Vec::new, |scores, (i, o)| {
         let (row, head) = (i / heads, i % heads);
-        let kv = head / group;
-        let qr = &q[row * qw + head * dim..][..dim];
+        let at = (head / group) * dim;
         let seen = &slots[offsets[row] as usize..][..counts[row] as usize];
-        let mut scores: Vec<f32> = seen
-            .iter()
-            .map(|&s| qr.iter().zip(&keys[s as usize * kw + kv * dim..][..dim]).map(|(a, b)| a * b).sum::<f32>() * spec.scale)
-            .collect();
-        softmax_rows(&mut scores, seen.len());
-        for (w, &s) in scores.iter().zip(seen) {
-            o.iter_mut().zip(&vals[s as usize * kw + kv * dim..][..dim]).for_each(|(o, v)| *o += w * v);
-        }
+        let kv = |j: usize| {
+            let s = seen[j] as usize * kw + at;
+            (&keys[s..][..dim], &vals[s..][..dim])
+        };
+        attend(&q[row * qw + head * dim..][..dim], seen.len(), kv, spec.scale, scores, o);
     });
     out
 }
@@ -304,21 +323,33 @@ pub fn cached_attention(q: &[f32], keys: &[f32], vals: &[f32], spec: &CachedAtte
 /// The host's CPUs.
 pub struct CpuBackend {
     info: DeviceInfo,
+    isa: Isa,
 }
 
 impl CpuBackend {
-    /// The CPU backend, computing on the threads of rayon's global pool.
+    /// The CPU backend, computing on the threads of rayon's global pool
+    /// with the fastest float kernels the CPU runs.
     pub fn new() -> CpuBackend {
+        CpuBackend::with_isa(Isa::best()).expect("the best kernels run")
+    }
+
+    /// The CPU backend with float kernels `isa` (to test or compare them),
+    /// or an error when this CPU cannot run them.
+    pub fn with_isa(isa: Isa) -> Result<CpuBackend, Error> {
+        if !Isa::available().contains(&isa) {
+            return Err(Error::Unsupported(format!("{} kernels on this CPU", isa.name())));
+        }
         let threads = rayon::current_num_threads();
-        CpuBackend {
+        Ok(CpuBackend {
             info: DeviceInfo {
                 kind: DeviceKind::Cpu,
                 name: "cpu".into(),
-                driver: format!("{threads} threads{}", if cfg!(target_arch = "x86_64") && std::arch::is_x86_feature_detected!("avx2") { ", AVX2" } else { "" }),
+                driver: format!("{threads} threads, {}", isa.name()),
                 memory_bytes: None,
                 f16: false,
             },
-        }
+            isa,
+        })
     }
 }
 
@@ -371,15 +402,20 @@ impl Backend for CpuBackend {
     }
 
     fn weight(&self, weight: HostWeight) -> Result<Weight, Error> {
-        // Half floats become floats (the CPU computes in f32); quantised
-        // blocks stay blocks, decoded as products run.
-        let weight = match weight.data {
-            HostData::Encoded(format @ (WeightFormat::F16 | WeightFormat::BF16), bytes) => {
-                HostWeight::f32(weight.rows, weight.cols, quant::decode(format, &bytes))
-            }
-            _ => weight,
+        // Half floats become floats (the CPU computes in f32) and float
+        // matrices are packed in panels for the product kernels; vectors
+        // stay as they are, and quantised blocks stay blocks, decoded as
+        // products run.
+        let (rows, cols) = (weight.rows, weight.cols);
+        let floats = match weight.data {
+            HostData::Encoded(format @ (WeightFormat::F16 | WeightFormat::BF16), bytes) => quant::decode(format, &bytes),
+            HostData::F32(values) => values,
+            HostData::Encoded(..) => return Ok(Weight::host(weight)),
         };
-        Ok(Weight::host(weight))
+        Ok(match rows {
+            1 => Weight::host(HostWeight::f32(rows, cols, floats)),
+            _ => Weight::device(rows, cols, WeightFormat::F32, Box::new(Panels::pack(rows, cols, &floats))),
+        })
     }
 
     fn embedding(&self, table: &Weight, ids: &[u32]) -> Result<Array, Error> {
@@ -396,7 +432,7 @@ impl Backend for CpuBackend {
                     let row = format.row_bytes(cols).expect("checked when loaded");
                     out.extend(quant::decode(*format, &bytes[id * row..(id + 1) * row]));
                 }
-                None => return Err(Error::Unsupported("a weight of another device was given to the CPU backend".into())),
+                None => table.device_memory::<Panels>()?.push_row(id, &mut out),
             }
         }
         Ok(Array::host(vec![ids.len(), cols], out))
@@ -405,17 +441,20 @@ impl Backend for CpuBackend {
     fn linear(&self, x: &Array, w: &Weight, bias: Option<&Weight>) -> Result<Array, Error> {
         let (rows, cols, out) = check_linear(x, w, bias)?;
         let xv = values(x)?;
-        let mut y = match w.host_data() {
-            Some(HostData::F32(wv)) => linear(xv, rows, cols, wv, out, None),
+        let bias = bias.map(floats).transpose()?;
+        let y = match w.host_data() {
+            Some(HostData::F32(wv)) => linear(xv, rows, cols, wv, out, bias),
             // Half floats were widened to floats when prepared: what is
             // encoded here is quantised.
-            Some(HostData::Encoded(format, bytes)) => qdot::linear(&qdot::quantize_rows(xv, rows, cols), *format, bytes, out),
-            None => return Err(Error::Unsupported("a weight of another device was given to the CPU backend".into())),
+            Some(HostData::Encoded(format, bytes)) => {
+                let mut y = qdot::linear(&qdot::quantize_rows(xv, rows, cols), *format, bytes, out);
+                if let Some(b) = bias {
+                    y.chunks_exact_mut(out).for_each(|row| row.iter_mut().zip(b).for_each(|(v, b)| *v += b));
+                }
+                y
+            }
+            None => w.device_memory::<Panels>()?.linear(self.isa, xv, rows, bias),
         };
-        if let Some(bias) = bias {
-            let b = floats(bias)?;
-            y.chunks_exact_mut(out).for_each(|row| row.iter_mut().zip(b).for_each(|(v, b)| *v += b));
-        }
         Ok(Array::host(vec![rows, out], y))
     }
 
@@ -424,11 +463,11 @@ impl Backend for CpuBackend {
         let (av, bv) = (values(a)?, values(b)?);
         let mut out = vec![0.0; batch * m * n];
         if batch * m * n > 0 {
-            for i in 0..batch {
+            out.par_chunks_mut(m * n).enumerate().for_each(|(i, c)| {
                 let boff = if b_batched { i * k * n } else { 0 };
                 let bview = if transpose_b { View::dense(n, k, boff).t() } else { View::dense(k, n, boff) };
-                gemm(alpha, av, View::dense(m, k, i * m * k), bv, bview, 0.0, &mut out, View::dense(m, n, i * m * n));
-            }
+                gemm(alpha, av, View::dense(m, k, i * m * k), bv, bview, 0.0, c, View::dense(m, n, 0));
+            });
         }
         Ok(Array::host(shape, out))
     }
