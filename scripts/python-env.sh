@@ -1,13 +1,20 @@
 #!/usr/bin/env bash
-# Makes the project's Python environment, target/venv, with the tools the
-# tests drive (scripts/requirements-test.txt). Stock Debian refuses pip
-# installs into the system Python (PEP 668), so everything goes into the
-# venv; python3-venv comes from apt when it is missing. A second run with
-# the same requirements does nothing.
+# Makes one of the project's Python environments: `test` (the default),
+# target/venv, with the tools the tests drive
+# (scripts/requirements-test.txt); `bench`, target/bench-venv, with the
+# baselines the benchmarks run (scripts/requirements-bench.txt). Stock
+# Debian refuses pip installs into the system Python (PEP 668), so
+# everything goes into a venv; python3-venv comes from apt when it is
+# missing. A second run with the same requirements does nothing.
+# Usage: scripts/python-env.sh [test|bench]
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-venv=$root/target/venv
-requirements=$root/scripts/requirements-test.txt
+case ${1:-test} in
+  test) venv=$root/target/venv ;;
+  bench) venv=$root/target/bench-venv ;;
+  *) echo "usage: scripts/python-env.sh [test|bench]" >&2; exit 2 ;;
+esac
+requirements=$root/scripts/requirements-${1:-test}.txt
 stamp=$venv/.requirements
 if [ -x "$venv/bin/python" ] && cmp -s "$requirements" "$stamp"; then
   exit 0
