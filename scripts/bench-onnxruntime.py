@@ -14,20 +14,12 @@ the same thing.
 import json
 import os
 import sys
-import time
 
 import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-
-def rate(seconds, call):
-    call()  # warm up
-    start, calls = time.perf_counter(), 0
-    while time.perf_counter() - start < seconds:
-        call()
-        calls += 1
-    return calls / (time.perf_counter() - start)
+from bench_rounds import rate
 
 
 def main():

@@ -8,19 +8,11 @@ on the CPU with PyTorch's default threads (all cores), or on the GPU with
 --device cuda (scripts/gpu-check.sh).
 """
 import sys
-import time
 
 import torch
 from sentence_transformers import SentenceTransformer
 
-
-def rate(seconds, call):
-    call()  # warm up
-    start, calls = time.perf_counter(), 0
-    while time.perf_counter() - start < seconds:
-        call()
-        calls += 1
-    return calls / (time.perf_counter() - start)
+from bench_rounds import rate
 
 
 def main():
