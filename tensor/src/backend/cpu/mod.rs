@@ -108,6 +108,19 @@ pub fn linear(x: &[f32], rows: usize, inp: usize, w: &[f32], out: usize, bias: O
     y
 }
 
+/// `Σ f(v)` over `v`, in eight independent lanes so the compiler
+/// vectorises it.
+#[inline(always)]
+fn sum_by(v: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut lanes = [0f32; 8];
+    let chunks = v.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().map(|x| f(*x)).sum();
+    for c in chunks {
+        lanes.iter_mut().zip(c).for_each(|(l, x)| *l += f(*x));
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
 /// Layer normalisation of each row of `x` (width `gamma.len()`), in place.
 pub fn layer_norm(x: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32) {
     let width = gamma.len();
@@ -115,8 +128,8 @@ pub fn layer_norm(x: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32) {
         return;
     }
     for row in x.chunks_exact_mut(width) {
-        let mean = row.iter().sum::<f32>() / width as f32;
-        let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / width as f32;
+        let mean = sum_by(row, |v| v) / width as f32;
+        let var = sum_by(row, |v| (v - mean) * (v - mean)) / width as f32;
         let inv = 1.0 / (var + eps).sqrt();
         for ((v, g), b) in row.iter_mut().zip(gamma).zip(beta) {
             *v = (*v - mean) * inv * g + b;
@@ -378,13 +391,18 @@ fn floats(w: &Weight) -> Result<&[f32], Error> {
 }
 
 fn elementwise(a: &Array, b: &Array, f: impl Fn(f32, f32) -> f32) -> Result<Array, Error> {
-    let row = check_elementwise(a, b)?;
-    let (av, bv) = (values(a)?, values(b)?);
-    let out = match row {
-        false => av.iter().zip(bv).map(|(x, y)| f(*x, *y)).collect(),
-        true => av.chunks_exact(bv.len().max(1)).flat_map(|r| r.iter().zip(bv).map(|(x, y)| f(*x, *y))).collect(),
-    };
-    Ok(Array::host(a.shape().to_vec(), out))
+    check_elementwise(a, b)?;
+    Ok(Array::host(a.shape().to_vec(), combine(values(a)?, values(b)?, f)))
+}
+
+/// `f(a, b)` elementwise, `b` of `a`'s length or one row repeated over
+/// `a`'s rows; written in place over a copy of `a` so the loop vectorises.
+fn combine(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> Vec<f32> {
+    let mut out = a.to_vec();
+    for row in out.chunks_mut(b.len().max(1)) {
+        row.iter_mut().zip(b).for_each(|(x, y)| *x = f(*x, *y));
+    }
+    out
 }
 
 impl Backend for CpuBackend {
@@ -486,8 +504,7 @@ impl Backend for CpuBackend {
         if r.len() != x.matrix().1 {
             return Err(invalid_input(format!("adding a row of {} to {:?}", r.len(), x.shape())));
         }
-        let out = xv.chunks_exact(r.len().max(1)).flat_map(|row| row.iter().zip(r).map(|(a, b)| a + b)).collect();
-        Ok(Array::host(x.shape().to_vec(), out))
+        Ok(Array::host(x.shape().to_vec(), combine(xv, r, |a, b| a + b)))
     }
 
     fn layer_norm(&self, x: &Array, gamma: &Weight, beta: &Weight, eps: f32) -> Result<Array, Error> {
