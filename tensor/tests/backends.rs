@@ -466,3 +466,37 @@ fn paged_attention(dim: usize) {
         assert!(b.cached_attention(&b.upload(vec![1, heads * dim], q[..heads * dim].to_vec()).unwrap(), &cache, &bad).is_err());
     }
 }
+
+/// CPU passes, many at once, on a pool with more threads than cores, some
+/// starting inside others' spinners: the workers that spin while a pass
+/// runs must never stall one, and every pass computes what the product
+/// alone computes.
+#[test]
+fn concurrent_cpu_passes_on_a_wide_pool_finish() {
+    use gpuwasm_tensor::backend::{Pass, cpu::CpuBackend};
+    use rayon::prelude::*;
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(8).build().unwrap();
+    let cpu = CpuBackend::new();
+    let mut rng = Rng(7);
+    let w = cpu.weight(HostWeight::f32(512, 512, rng.vec(512 * 512))).unwrap();
+    let x = cpu.upload(vec![16, 512], rng.vec(16 * 512)).unwrap();
+    let want = cpu.download(&cpu.linear(&x, &w, None).unwrap()).unwrap();
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let passes: usize = pool.install(|| {
+            (0..64)
+                .into_par_iter()
+                .map(|_| {
+                    let budget = gpuwasm_tensor::Budget::unlimited();
+                    let pass = Pass::new(&cpu, &budget);
+                    let y = pass.run(|p| (0..8).map(|_| p.download(&p.linear(&x, &w, None).unwrap()).unwrap()).last().unwrap());
+                    assert_eq!(y, want, "a pass's product differs from the same product alone");
+                    1
+                })
+                .sum()
+        });
+        done.send(passes).unwrap();
+    });
+    let passes = finished.recv_timeout(std::time::Duration::from_secs(120)).expect("64 concurrent passes on an 8-thread pool finish within 2 minutes");
+    assert_eq!(passes, 64);
+}

@@ -28,6 +28,7 @@ pub use devices::{Devices, Target};
 use crate::budget::{Budget, Reservation};
 use crate::error::{Error, invalid_input};
 use std::any::Any;
+use std::cell::Cell;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -525,6 +526,27 @@ pub trait Backend: Send + Sync {
     fn cached_attention(&self, q: &Array, cache: &KvCache, spec: &CachedAttention) -> Result<Array, Error>;
 }
 
+thread_local! {
+    /// How many CPU passes and spinners this thread is inside.
+    static BUSY: Cell<u32> = const { Cell::new(0) };
+}
+
+/// This thread inside a CPU pass or a spinner, until dropped.
+struct Busy;
+
+impl Busy {
+    fn enter() -> Busy {
+        BUSY.set(BUSY.get() + 1);
+        Busy
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        BUSY.set(BUSY.get() - 1);
+    }
+}
+
 /// Sets its flag when dropped.
 struct Ends<'f>(&'f AtomicBool);
 
@@ -569,9 +591,18 @@ impl<'a> Pass<'a> {
         match self.backend.info().kind {
             DeviceKind::Cpu => {
                 let done = AtomicBool::new(false);
+                let done = &done;
                 rayon::scope(|scope| {
                     for _ in 1..rayon::current_num_threads() {
-                        scope.spawn(|_| {
+                        scope.spawn(move |_| {
+                            // Only on a thread that is in no pass and no
+                            // spinner: one taken by a thread that waits
+                            // below it (for half of a product) could
+                            // otherwise wait for the pass it stalls.
+                            if BUSY.get() > 0 {
+                                return;
+                            }
+                            let _busy = Busy::enter();
                             while !done.load(Ordering::Acquire) {
                                 if rayon::yield_now() != Some(rayon::Yield::Executed) {
                                     std::hint::spin_loop();
@@ -580,7 +611,8 @@ impl<'a> Pass<'a> {
                         });
                     }
                     // Set when the pass ends, even by a panic, so the spinners stop.
-                    let _ends = Ends(&done);
+                    let _ends = Ends(done);
+                    let _busy = Busy::enter();
                     f(self)
                 })
             }
