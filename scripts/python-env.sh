@@ -2,17 +2,20 @@
 # Makes one of the project's Python environments: `test` (the default),
 # target/venv, with the tools the tests drive
 # (scripts/requirements-test.txt); `bench`, target/bench-venv, with the
-# baselines the benchmarks run (scripts/requirements-bench.txt). Stock
+# baselines the benchmarks run (scripts/requirements-bench.txt);
+# `componentize`, target/componentize-venv, with componentize-py, which
+# builds Python handlers (scripts/requirements-componentize.txt). Stock
 # Debian refuses pip installs into the system Python (PEP 668), so
 # everything goes into a venv; python3-venv comes from apt when it is
 # missing. A second run with the same requirements does nothing.
-# Usage: scripts/python-env.sh [test|bench]
+# Usage: scripts/python-env.sh [test|bench|componentize]
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 case ${1:-test} in
   test) venv=$root/target/venv ;;
   bench) venv=$root/target/bench-venv ;;
-  *) echo "usage: scripts/python-env.sh [test|bench]" >&2; exit 2 ;;
+  componentize) venv=$root/target/componentize-venv ;;
+  *) echo "usage: scripts/python-env.sh [test|bench|componentize]" >&2; exit 2 ;;
 esac
 requirements=$root/scripts/requirements-${1:-test}.txt
 stamp=$venv/.requirements
