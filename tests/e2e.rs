@@ -557,14 +557,35 @@ fn bench_commands_run_and_report_every_section() {
     assert_eq!(text.lines().filter(|l| l.trim_end().ends_with(" 0")).count(), 2, "two levels, no errors:\n{text}");
 
     let out = gpuwasm()
-        .args(["bench", "coldstart", "--deployments", "3", "--idle", "3", "--instantiations", "20"])
-        .args(["--slow-requests", "2", "--duration", "0.2", "--wasmtime", "/nonexistent/wasmtime"])
+        .args(["bench", "coldstart", "--deployments", "3", "--idle", "3", "--instantiations", "20", "--slow-requests", "2"])
         .arg("--wasm-dir")
         .arg(&dir)
         .output()
         .unwrap();
     let text = stdout_of(&out);
-    for section in ["1. instantiate", "2. first request", "after restart: server side", "3. a handler", "speed-up", "4. hello", "comparison skipped", "5. resident memory", "per deployment"] {
+    for section in ["1. instantiate", "2. first request", "after restart: server side", "3. a handler", "speed-up", "4. resident memory", "per deployment"] {
         assert!(text.contains(section), "{section:?} missing from:\n{text}");
     }
+
+    // `bench serve` without wasmtime says so, and measures gpuwasm on all
+    // cores and pinned: a row per server and level, requests answered, none failed.
+    let out = gpuwasm()
+        .args(["bench", "serve", wasm("hello").to_str().unwrap(), "--wasmtime", "/nonexistent/wasmtime"])
+        .args(["--concurrency", "1,4", "--duration", "0.2", "--rounds", "1"])
+        .output()
+        .unwrap();
+    let text = stdout_of(&out);
+    assert!(text.contains("comparing with: NOTHING"), "{text}");
+    let rows: Vec<Vec<&str>> = text
+        .lines()
+        .filter(|l| l.starts_with("gpuwasm run"))
+        .map(|l| l.split_whitespace().rev().collect())
+        .collect();
+    assert_eq!(rows.len(), 4, "two servers at two levels:\n{text}");
+    for row in &rows {
+        // Reversed: errors, kernel, cores, p99, req/s, concurrency.
+        assert_eq!(row[0], "0", "errors in:\n{text}");
+        assert!(row[4].parse::<f64>().unwrap() > 0.0, "no requests answered:\n{text}");
+    }
+    assert_eq!(text.matches("gpuwasm all cores/one core").count(), 2, "{text}");
 }

@@ -7,20 +7,20 @@
 //!    deploy and again after a server restart: server side (the
 //!    `Server-Timing` header) and end to end (the client's clock).
 //! 3. A handler whose setup takes 200 ms, with and without pre-initialisation.
-//! 4. Hello throughput and p99 at concurrency 64 against `wasmtime serve`.
-//! 5. Resident memory of a server holding many idle deployments.
+//! 4. Resident memory of a server holding many idle deployments.
 //!
-//! Servers run as child processes (`gpuwasm serve`, `gpuwasm run`,
-//! `wasmtime serve`) on 127.0.0.1; this process is the client.
+//! Servers run as child processes (`gpuwasm serve`) on 127.0.0.1; this
+//! process is the client. Throughput against `wasmtime serve` is
+//! `gpuwasm bench serve`.
 
-use super::http::{load, percentile};
+use super::http::percentile;
+use super::{read_listen_line, vm_rss_mib};
 use crate::client::Api;
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use clap::Args;
 use gpuwasm::{Limits, Runtime};
 use http::Method;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
@@ -43,12 +43,6 @@ pub struct ColdstartArgs {
     /// Requests per variant for the 200 ms-setup comparison.
     #[arg(long, default_value_t = 20)]
     slow_requests: usize,
-    /// The `wasmtime` executable to compare with (skipped if it cannot run).
-    #[arg(long, default_value = "wasmtime")]
-    wasmtime: String,
-    /// Seconds of load per throughput run (each server runs twice, alternating).
-    #[arg(long, default_value_t = 5.0)]
-    duration: f64,
 }
 
 const TOKEN: &str = "coldstart-bench";
@@ -65,7 +59,6 @@ pub async fn run(args: ColdstartArgs) -> Result<ExitCode> {
     instantiation(&hello, &bigheap, args.instantiations).await?;
     first_requests(&work.join("first"), &hello, args.deployments).await?;
     preinit(&work.join("preinit"), &slowinit, args.slow_requests).await?;
-    throughput(&args, &args.wasm_dir.join("hello.wasm")).await?;
     idle_memory(&work.join("idle"), &hello, args.idle).await?;
     let _ = std::fs::remove_dir_all(&work);
     Ok(ExitCode::SUCCESS)
@@ -157,16 +150,6 @@ impl ServerProcess {
             .context("no Server-Timing header")?;
         Ok((e2e, server))
     }
-
-    fn rss_mib(&self) -> Result<f64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
-        let kb: f64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .context("no VmRSS in /proc/PID/status")?;
-        Ok(kb / 1024.0)
-    }
 }
 
 impl Drop for ServerProcess {
@@ -174,15 +157,6 @@ impl Drop for ServerProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn read_listen_line(child: &mut Child) -> Result<String> {
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().context("no stdout")?).read_line(&mut line)?;
-    line.trim()
-        .strip_prefix("gpuwasm listening on ")
-        .map(str::to_string)
-        .with_context(|| format!("unexpected first line from the server: {line:?}"))
 }
 
 async fn first_requests(dir: &Path, hello: &[u8], n: usize) -> Result<()> {
@@ -237,104 +211,19 @@ async fn preinit(dir: &Path, slowinit: &[u8], n: usize) -> Result<()> {
     Ok(())
 }
 
-async fn throughput(args: &ColdstartArgs, hello: &Path) -> Result<()> {
-    println!("\n4. hello at concurrency 64, {} s per run, runs alternating", args.duration);
-    let mut gpuwasm = Command::new(std::env::current_exe()?)
-        .arg("run")
-        .arg(hello)
-        .args(["--listen", "127.0.0.1:0", "--concurrency", "64"])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()?;
-    let gpuwasm_url = read_listen_line(&mut gpuwasm)?;
-    let port = {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
-        probe.local_addr()?.port()
-    };
-    let wasmtime = Command::new(&args.wasmtime)
-        .args(["serve", "-S", "cli=y", "--addr", &format!("127.0.0.1:{port}")])
-        .arg(hello)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn();
-    let mut wasmtime = match wasmtime {
-        Ok(child) => Some(child),
-        Err(e) => {
-            println!("  `{} serve` could not start ({e}); comparison skipped", args.wasmtime);
-            None
-        }
-    };
-    let version = Command::new(&args.wasmtime).arg("--version").output().ok();
-    let wasmtime_url = format!("http://127.0.0.1:{port}");
-    if wasmtime.is_some() && !wait_for(&format!("127.0.0.1:{port}"), Duration::from_secs(20)).await {
-        println!("  `{} serve` did not listen within 20 s; comparison skipped", args.wasmtime);
-        wasmtime = None;
-    }
-    let duration = Duration::from_secs_f64(args.duration);
-    let mut targets = vec![("gpuwasm run", gpuwasm_url)];
-    if wasmtime.is_some() {
-        let v = version.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default();
-        targets.push(("wasmtime serve", wasmtime_url));
-        println!("  comparing with: {v} (`wasmtime serve -S cli=y`, its defaults otherwise)");
-    }
-    let mut totals = vec![(0usize, 0f64, Vec::<f64>::new(), 0u64); targets.len()];
-    for _round in 0..2 {
-        for (i, (_, url)) in targets.iter().enumerate() {
-            let uri: http::Uri = format!("{url}/").parse()?;
-            let authority = uri.authority().context("no authority")?.to_string();
-            load(&uri, &authority, 64, Duration::from_millis(500)).await?;
-            let r = load(&uri, &authority, 64, duration).await?;
-            totals[i].0 += r.latencies.len();
-            totals[i].1 += r.elapsed.as_secs_f64();
-            totals[i].2.extend(r.latencies);
-            totals[i].3 += r.errors;
-        }
-    }
-    let mut rates = Vec::new();
-    for ((name, _), (count, secs, mut lat, errors)) in targets.iter().zip(totals) {
-        lat.sort_by(f64::total_cmp);
-        let rate = count as f64 / secs;
-        rates.push(rate);
-        println!(
-            "  {name:<16} {rate:>9.0} req/s  p50 {:>7.3} ms  p99 {:>7.3} ms  errors {errors}",
-            percentile(&lat, 0.5),
-            percentile(&lat, 0.99)
-        );
-    }
-    if rates.len() == 2 {
-        println!("  throughput ratio gpuwasm / wasmtime serve: {:.2}x", rates[0] / rates[1]);
-    }
-    for child in [Some(&mut gpuwasm), wasmtime.as_mut()].into_iter().flatten() {
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-    Ok(())
-}
-
-async fn wait_for(addr: &str, limit: Duration) -> bool {
-    let until = Instant::now() + limit;
-    while Instant::now() < until {
-        if tokio::net::TcpStream::connect(addr).await.is_ok() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    false
-}
-
 async fn idle_memory(dir: &Path, hello: &[u8], n: usize) -> Result<()> {
-    println!("\n5. resident memory (VmRSS) of `gpuwasm serve` with {n} idle deployments of hello");
+    println!("\n4. resident memory (VmRSS) of `gpuwasm serve` with {n} idle deployments of hello");
     let (server, _) = ServerProcess::start(dir)?;
-    let empty = server.rss_mib()?;
+    let empty = vm_rss_mib(server.child.id())?;
     let t = Instant::now();
     for i in 0..n {
         server.deploy(&format!("idle{i}"), hello, "").await?;
     }
-    let deployed = server.rss_mib()?;
+    let deployed = vm_rss_mib(server.child.id())?;
     println!("  deployed {n} in {:.1} s", t.elapsed().as_secs_f64());
     drop(server);
     let (server, restart) = ServerProcess::start(dir)?;
-    let restarted = server.rss_mib()?;
+    let restarted = vm_rss_mib(server.child.id())?;
     println!("  no deployments:                    {empty:>8.1} MiB");
     println!(
         "  {n} deployed (each instantiated once at deploy): {deployed:>8.1} MiB = {:.1} KiB per deployment",

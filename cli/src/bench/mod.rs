@@ -4,9 +4,10 @@ mod coldstart;
 mod http;
 mod llm;
 mod nn;
+mod serve;
 mod share;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Subcommand;
 use std::process::ExitCode;
 
@@ -16,8 +17,12 @@ pub enum Bench {
     #[command(after_help = crate::args::default_limits_help())]
     Http(http::HttpArgs),
     /// Cold starts: instantiation, first requests after deploy and restart,
-    /// pre-initialisation, throughput against `wasmtime serve`, idle memory.
+    /// pre-initialisation, idle memory.
     Coldstart(coldstart::ColdstartArgs),
+    /// Throughput, p99 and the kernel's share of CPU of `gpuwasm run`
+    /// against `wasmtime serve`, for several components, each server also
+    /// pinned to one core (scripts/bench-serve.sh builds what it needs).
+    Serve(serve::ServeArgs),
     /// Inference: embeddings/s and images/s on every backend present (the
     /// CPU the baseline) and through wasi-nn, and model load times
     /// (scripts/bench-nn.sh adds sentence-transformers).
@@ -45,10 +50,45 @@ async fn embed_lines(probe: &gpuwasm::Deployment, text: impl Into<bytes::Bytes>)
     Ok(())
 }
 
+/// The URL in the first line `gpuwasm run` or `gpuwasm serve` prints.
+fn read_listen_line(child: &mut std::process::Child) -> Result<String> {
+    use std::io::BufRead;
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().context("no stdout")?).read_line(&mut line)?;
+    line.trim()
+        .strip_prefix("gpuwasm listening on ")
+        .map(str::to_string)
+        .with_context(|| format!("unexpected first line from the server: {line:?}"))
+}
+
+/// Resident memory (VmRSS) of process `pid`, in MiB.
+fn vm_rss_mib(pid: u32) -> Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmRSS in /proc/PID/status")?;
+    Ok(kb / 1024.0)
+}
+
+/// Whether something accepts TCP connections on `addr` within `limit`.
+async fn wait_for(addr: &str, limit: std::time::Duration) -> bool {
+    let until = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < until {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    false
+}
+
 pub async fn run(bench: Bench) -> Result<ExitCode> {
     match bench {
         Bench::Http(args) => http::run(args).await,
         Bench::Coldstart(args) => coldstart::run(args).await,
+        Bench::Serve(args) => serve::run(args).await,
         Bench::Nn(args) => nn::run(args).await,
         Bench::GpuShare(args) => share::run(args).await,
         Bench::Llm(args) => llm::run(args).await,
