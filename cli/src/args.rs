@@ -79,6 +79,11 @@ pub struct PoolArgs {
     /// Largest memory limit, in MiB, any deployment may be given.
     #[arg(long, default_value_t = Limits::default_ceilings().memory_mb)]
     max_memory_mb: u64,
+    /// Memory each instance slot may keep resident between requests, in
+    /// MiB: the pages a request wrote are reset by copying (Linux 6.7+),
+    /// not unmapped, which would interrupt every core; 0 unmaps all.
+    #[arg(long, default_value_t = gpuwasm::DEFAULT_KEEP_RESIDENT_MB)]
+    keep_resident_mb: u64,
     /// Largest CPU time limit, in ms, any deployment may be given.
     #[arg(long, default_value_t = Limits::default_ceilings().cpu_ms)]
     max_cpu_ms: u64,
@@ -173,6 +178,7 @@ impl PoolArgs {
         let mut builder = Runtime::builder()
             .max_instances(self.max_instances)
             .max_limits(ceilings)
+            .keep_resident_mb(self.keep_resident_mb)
             .inference_memory(InferenceMemory { per_call_mb: self.inference_call_mb, node_mb: self.inference_node_mb })
             .model_idle_timeout(std::time::Duration::from_secs(self.model_idle_secs))
             .llm(LlmSettings { cache_mb: self.llm_cache_mb, max_seqs: self.llm_max_seqs, step_tokens: self.llm_step_tokens });

@@ -2,7 +2,7 @@
 //! copy-on-write memory images, and epoch interruption driven by one ticker.
 
 use std::time::Duration;
-use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+use wasmtime::{Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 /// How often the ticker thread advances the engine's epoch. Guests yield to
 /// the async executor and have their CPU time checked once per tick.
@@ -15,6 +15,9 @@ pub(crate) struct PoolSettings {
     pub max_instances: u32,
     /// Largest linear memory any deployment may be given, in MiB.
     pub max_memory_mb: u64,
+    /// Written memory each pool slot may keep between instances, in MiB
+    /// (reset by copying, not unmapping); 0 unmaps everything at reset.
+    pub keep_resident_mb: u64,
 }
 
 pub(crate) fn new_engine(pool: &PoolSettings) -> wasmtime::Result<Engine> {
@@ -31,11 +34,22 @@ pub(crate) fn new_engine(pool: &PoolSettings) -> wasmtime::Result<Engine> {
         .max_core_instances_per_component(16)
         .max_memories_per_component(4)
         .max_tables_per_component(8)
-        .max_memory_size(usize::try_from(pool.max_memory_mb << 20).unwrap_or(usize::MAX))
-        // Keep a little memory resident per slot so a reused slot does not
-        // fault in fresh pages for the most common small heaps.
-        .linear_memory_keep_resident(64 << 10)
-        .table_keep_resident(16 << 10);
+        .max_memory_size(usize::try_from(pool.max_memory_mb << 20).unwrap_or(usize::MAX));
+    // Resetting a slot for its next instance. Unmapping pages (madvise)
+    // changes the page tables of a process whose threads run on every core,
+    // so each reset interrupts every core to flush its TLB: on a loaded
+    // server that was most of the CPU (docs/performance.md). With
+    // PAGEMAP_SCAN (Linux 6.7+) wasmtime finds the pages the instance
+    // wrote and copies them back from the snapshot or zeroes them, leaving
+    // page tables alone, for up to `keep_resident` bytes of each memory and
+    // table; only what lies beyond is unmapped. Without the scan, kept bytes
+    // are reset whether written or not, so only a little is kept.
+    let keep = usize::try_from(pool.keep_resident_mb << 20).unwrap_or(usize::MAX);
+    if keep > 0 && PoolingAllocationConfig::is_pagemap_scan_available() {
+        pooling.pagemap_scan(Enabled::Yes).linear_memory_keep_resident(keep).table_keep_resident(keep);
+    } else if keep > 0 {
+        pooling.linear_memory_keep_resident(64 << 10).table_keep_resident(16 << 10);
+    }
 
     let mut config = Config::new();
     config

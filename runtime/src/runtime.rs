@@ -35,6 +35,9 @@ pub struct RuntimeBuilder {
     llm: LlmSettings,
 }
 
+/// The default of [`RuntimeBuilder::keep_resident_mb`].
+pub const DEFAULT_KEEP_RESIDENT_MB: u64 = 16;
+
 impl RuntimeBuilder {
     /// Instances that may be live at once over all deployments (default
     /// 256). Requests beyond it wait in their deployment's queue.
@@ -60,6 +63,19 @@ impl RuntimeBuilder {
     pub fn max_limits(mut self, ceilings: Limits) -> Self {
         self.pool.max_memory_mb = ceilings.memory_mb.max(1);
         self.ceilings = ceilings;
+        self
+    }
+
+    /// Memory, in MiB, each memory and table slot of the instance pool may
+    /// keep resident between instances (default
+    /// [`DEFAULT_KEEP_RESIDENT_MB`]). Where Linux offers `PAGEMAP_SCAN`
+    /// (6.7 and later) the pages an instance wrote, up to this much, are
+    /// reset by copying them back from the snapshot instead of being
+    /// unmapped, which would interrupt every core to flush its TLB; the
+    /// cost is up to this much resident memory per slot that has run a
+    /// large instance. 0 unmaps everything at each reset.
+    pub fn keep_resident_mb(mut self, mb: u64) -> Self {
+        self.pool.keep_resident_mb = mb;
         self
     }
 
@@ -175,7 +191,11 @@ impl Runtime {
     pub fn builder() -> RuntimeBuilder {
         let ceilings = Limits::default_ceilings();
         RuntimeBuilder {
-            pool: PoolSettings { max_instances: 256, max_memory_mb: ceilings.memory_mb },
+            pool: PoolSettings {
+                max_instances: 256,
+                max_memory_mb: ceilings.memory_mb,
+                keep_resident_mb: DEFAULT_KEEP_RESIDENT_MB,
+            },
             ceilings,
             tenant_instances: None,
             model_idle: std::time::Duration::from_secs(600),

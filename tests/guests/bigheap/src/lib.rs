@@ -1,20 +1,39 @@
 //! Init builds a 20 MB heap; the snapshot carries it, and copy-on-write
-//! means an instance maps it rather than copying it.
+//! means an instance maps it rather than copying it. `/scribble` checks
+//! that the heap is exactly as init left it, then writes over every other
+//! page of it and over a fresh 4 MiB allocation: whatever a request wrote,
+//! the next instance in the same pool slot must see init's heap again.
 
 use gpuwasm_guest::{Request, Response};
-use std::sync::OnceLock;
+use std::sync::Mutex;
 
-static HEAP: OnceLock<Vec<u8>> = OnceLock::new();
+static HEAP: Mutex<Vec<u8>> = Mutex::new(Vec::new());
 
-fn setup() {
-    HEAP.get_or_init(|| (0..20 << 20).map(|i: usize| (i % 251) as u8).collect());
+fn expected(i: usize) -> u8 {
+    (i % 251) as u8
 }
 
-fn handle(_request: Request) -> Response {
-    match HEAP.get() {
-        Some(heap) => Response::text(200, format!("{} bytes, byte[1000]={}", heap.len(), heap[1000])),
-        None => Response::text(500, "not initialised"),
+fn setup() {
+    *HEAP.lock().unwrap() = (0..20 << 20).map(expected).collect();
+}
+
+fn handle(request: Request) -> Response {
+    let mut heap = HEAP.lock().unwrap();
+    if heap.is_empty() {
+        return Response::text(500, "not initialised");
     }
+    if request.path() != "/scribble" {
+        return Response::text(200, format!("{} bytes, byte[1000]={}", heap.len(), heap[1000]));
+    }
+    let wrong = heap.iter().enumerate().filter(|&(i, &b)| b != expected(i)).count();
+    let mut pages = 0;
+    for page in heap.chunks_mut(4096).step_by(2) {
+        page.fill(0xEE);
+        pages += 1;
+    }
+    let fresh = std::hint::black_box(vec![0xAAu8; 4 << 20]);
+    let status = if wrong == 0 { 200 } else { 500 };
+    Response::text(status, format!("{wrong} bytes differed from init's heap; wrote {pages} pages and {} more bytes", fresh.len()))
 }
 
 gpuwasm_guest::export!(handle, init = setup);
