@@ -46,7 +46,7 @@ pub struct ServeArgs {
     no_pinned: bool,
     /// Also measure `gpuwasm run` with these extra arguments, on all cores
     /// (repeatable; e.g. --variant "--keep-resident-mb 0").
-    #[arg(long = "variant", value_name = "ARGS")]
+    #[arg(long = "variant", value_name = "ARGS", allow_hyphen_values = true)]
     variants: Vec<String>,
 }
 
