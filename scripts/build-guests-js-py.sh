@@ -54,7 +54,7 @@ out=$root/target/wasm/hello-py.wasm
 if ! fresh "$out" "$root/bench/components/python" "$root/wit/deps" "$venv/.requirements" "$0"; then
   echo "build-guests-js-py: bench/components/python ($("$venv/bin/componentize-py" --version))" >&2
   world "$work/py-wit" 0.2.12
-  (cd "$root/bench/components/python" && "$venv/bin/componentize-py" -d "$work/py-wit" -w hello \
+  (cd "$root/bench/components/python" && PYTHONDONTWRITEBYTECODE=1 "$venv/bin/componentize-py" -d "$work/py-wit" -w hello \
     componentize app -o "$work/hello-py.wasm" >/dev/null)
   mv "$work/hello-py.wasm" "$out"
 fi
