@@ -574,6 +574,49 @@ async fn init_failures_refuse_the_deploy_with_the_reason() {
     assert!(stderr.contains("does not fit the limit of 1 MiB"), "{stderr}");
 }
 
+/// SIGTERM: the server stops accepting, lets the request in flight finish
+/// (a handler sleeping 1.5 s), then exits 0.
+#[tokio::test]
+async fn sigterm_lets_requests_in_flight_finish_then_exits_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(&dir);
+    server.deploy("beh", "behaviors", &[]);
+    let url = format!("{}/default/beh/sleep?ms=1500", server.url);
+    let in_flight = tokio::spawn(async move { get(&url).await });
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    server.signal(libc::SIGTERM);
+    // New connections are refused once the listener is closed.
+    let addr = server.url.trim_start_matches("http://").to_string();
+    let refused = async {
+        while tokio::net::TcpStream::connect(&addr).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(1), refused).await.expect("still accepting 1 s after SIGTERM");
+    let reply = in_flight.await.unwrap();
+    assert_eq!((reply.status, reply.body.as_str()), (200, "slept"));
+    let status = server.wait_exit(Duration::from_secs(5)).expect("no exit 5 s after the last request");
+    assert_eq!(status.code(), Some(0), "{status}");
+}
+
+/// A second signal exits at once, cutting off what is still in flight.
+#[tokio::test]
+async fn a_second_signal_exits_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(&dir);
+    server.deploy("beh", "behaviors", &["--timeout-ms", "60000"]);
+    let url = format!("{}/default/beh/sleep?ms=30000", server.url);
+    let in_flight = tokio::spawn(async move { get(&url).await });
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    server.signal(libc::SIGTERM);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(server.wait_exit(Duration::ZERO).is_none(), "exited at the first signal with a request in flight");
+    server.signal(libc::SIGINT);
+    let status = server.wait_exit(Duration::from_secs(3)).expect("still running 3 s after the second signal");
+    assert_eq!(status.code(), Some(1), "{status}");
+    in_flight.abort();
+}
+
 /// The benchmark commands keep working (their figures are not asserted:
 /// timing belongs to benchmarks, not tests).
 #[test]

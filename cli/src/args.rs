@@ -199,6 +199,16 @@ impl PoolArgs {
     }
 }
 
+/// How the server stops.
+#[derive(Args)]
+pub struct ShutdownArgs {
+    /// At SIGTERM or Ctrl-C the server stops accepting connections and lets
+    /// requests in flight (streams included) finish for up to this many
+    /// seconds, then exits; a second signal exits at once.
+    #[arg(long, default_value_t = 30)]
+    pub drain_secs: u64,
+}
+
 /// Per-deployment limits; each one not given keeps its default (see the help footer).
 #[derive(Args, Default)]
 pub struct LimitArgs {

@@ -229,12 +229,17 @@ impl Server {
         }
     }
 
-    /// Serves HTTP/1.1 connections from `listener` until the task is dropped.
-    pub async fn serve(self, listener: TcpListener) -> std::io::Result<()> {
-        serve_connections(listener, move |req| {
-            let server = self.clone();
-            async move { server.handle(req).await }
-        })
+    /// Serves HTTP/1.1 connections from `listener` until `stop` completes,
+    /// then drains them (see [`serve_connections`]).
+    pub async fn serve(self, listener: TcpListener, stop: impl Future<Output = ()>) -> std::io::Result<()> {
+        serve_connections(
+            listener,
+            move |req| {
+                let server = self.clone();
+                async move { server.handle(req).await }
+            },
+            stop,
+        )
         .await
     }
 }
@@ -262,25 +267,36 @@ async fn invoke(entry: &Entry, request: Request<Incoming>) -> Response<ResponseB
 }
 
 /// Serves HTTP/1.1 connections from `listener`, answering each request with
-/// `handler`, until the returned future is dropped.
-pub async fn serve_connections<H, F>(listener: TcpListener, handler: H) -> std::io::Result<()>
+/// `handler`, until `stop` completes (pass [`std::future::pending`] to serve
+/// until the returned future is dropped). Then it stops accepting, lets each
+/// open connection finish the request it is on, streamed bodies included,
+/// closes it, and returns once every connection has closed.
+pub async fn serve_connections<H, F>(listener: TcpListener, handler: H, stop: impl Future<Output = ()>) -> std::io::Result<()>
 where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<ResponseBody>> + Send + 'static,
 {
+    let (closing, closing_rx) = tokio::sync::watch::channel(false);
+    let mut connections = tokio::task::JoinSet::new();
+    tokio::pin!(stop);
     loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(conn) => conn,
-            Err(e) => {
-                // Running out of file descriptors must not end the server.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // Running out of file descriptors must not end the server.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+            () = &mut stop => break,
         };
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
-        tokio::spawn(async move {
+        let mut closing = closing_rx.clone();
+        connections.spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let fut = handler(req);
                 async move { Ok::<_, std::convert::Infallible>(fut.await) }
@@ -289,11 +305,23 @@ where
                 .timer(TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(30))
                 .serve_connection(TokioIo::new(stream), service);
-            if let Err(e) = conn.await {
+            tokio::pin!(conn);
+            let result = tokio::select! {
+                result = conn.as_mut() => result,
+                _ = closing.changed() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         });
     }
+    drop(listener);
+    closing.send_replace(true);
+    while connections.join_next().await.is_some() {}
+    Ok(())
 }
 
 /// Checks a name of a `kind` of thing (`tenant`, `deployment`, `model`):

@@ -50,10 +50,11 @@ pub async fn run(args: HttpArgs) -> Result<ExitCode> {
             let deployment = runtime.load("bench", &wasm, limits).await?;
             let listener = TcpListener::bind("127.0.0.1:0").await?;
             let addr = listener.local_addr()?;
-            tokio::spawn(serve_connections(listener, move |req| {
+            let handler = move |req| {
                 let deployment = deployment.clone();
                 async move { deployment.handle(req).await }
-            }));
+            };
+            tokio::spawn(serve_connections(listener, handler, std::future::pending()));
             (format!("http://{addr}/"), format!("{} served in-process", file.display()))
         }
         (None, None) => bail!("give a component file or --url"),

@@ -103,10 +103,11 @@ async fn serve(args: &LlmArgs, max_streams: usize) -> Result<Server> {
     let deployment = Arc::new(runtime.load_with("bench", &wasm, limits, capabilities).await?);
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let authority = listener.local_addr()?.to_string();
-    tokio::spawn(serve_connections(listener, move |req| {
+    let handler = move |req| {
         let deployment = deployment.clone();
         async move { deployment.handle(req).await }
-    }));
+    };
+    tokio::spawn(serve_connections(listener, handler, std::future::pending()));
     Ok(Server { authority })
 }
 

@@ -2,7 +2,7 @@
 //! `wasmtime serve`); a gpuwasm.toml beside it applies.
 
 use super::serve::{announce, bind, until_signal};
-use crate::args::{LimitArgs, PoolArgs, load_manifest, read_component};
+use crate::args::{LimitArgs, PoolArgs, ShutdownArgs, load_manifest, read_component};
 use anyhow::{Context, Result};
 use clap::Args;
 use gpuwasm::Capabilities;
@@ -26,6 +26,8 @@ pub struct RunArgs {
     limits: LimitArgs,
     #[command(flatten)]
     pool: PoolArgs,
+    #[command(flatten)]
+    shutdown: ShutdownArgs,
 }
 
 pub async fn run(args: RunArgs) -> Result<ExitCode> {
@@ -48,10 +50,10 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
         .with_context(|| format!("loading {}", args.file.display()))?;
     let listener = bind(args.listen).await?;
     announce(&listener)?;
-    until_signal(serve_connections(listener, move |req| {
+    let handler = move |req| {
         let deployment = deployment.clone();
         async move { deployment.handle(req).await }
-    }))
-    .await
+    };
+    until_signal(args.shutdown, |stop| serve_connections(listener, handler, stop)).await
 }
 

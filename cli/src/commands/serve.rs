@@ -2,7 +2,7 @@
 //! `serve` and `run` share: binding, announcing the address, and stopping
 //! on a signal.
 
-use crate::args::{PoolArgs, default_data_dir};
+use crate::args::{PoolArgs, ShutdownArgs, default_data_dir};
 use anyhow::{Context, Result};
 use clap::Args;
 use gpuwasm_server::{Server, ServerConfig, TenantQuotas};
@@ -26,6 +26,8 @@ pub struct ServeArgs {
     admin_token: Option<String>,
     #[command(flatten)]
     pool: PoolArgs,
+    #[command(flatten)]
+    shutdown: ShutdownArgs,
     /// Largest component upload accepted, in MiB.
     #[arg(long, default_value_t = 64)]
     max_upload_mb: usize,
@@ -82,7 +84,7 @@ pub async fn run(args: ServeArgs) -> Result<ExitCode> {
     let listener = bind(args.listen).await?;
     tracing::info!(data_dir = %args.data_dir.display(), deployments = server.deployments().len(), "server ready");
     announce(&listener)?;
-    until_signal(server.serve(listener)).await
+    until_signal(args.shutdown, |stop| server.serve(listener, stop)).await
 }
 
 /// The token stored in `data_dir/admin-token`, created (mode 0600) if absent.
@@ -120,13 +122,52 @@ pub fn announce(listener: &TcpListener) -> Result<()> {
     Ok(())
 }
 
-/// Runs `serving` until Ctrl-C or SIGTERM.
-pub async fn until_signal(serving: impl std::future::Future<Output = std::io::Result<()>>) -> Result<ExitCode> {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+/// Runs `serve` until it ends or a signal (Ctrl-C, SIGTERM) comes. At the
+/// first signal `serve`'s stop future completes: it stops accepting and
+/// drains, and the process exits 0 once it has drained or after the drain
+/// timeout, whichever is first. A second signal exits at once (status 1).
+pub async fn until_signal<S>(shutdown: ShutdownArgs, serve: impl FnOnce(StopFuture) -> S) -> Result<ExitCode>
+where
+    S: std::future::Future<Output = std::io::Result<()>>,
+{
+    use tokio::signal::unix::{SignalKind, signal};
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = serve(Box::pin(async move {
+        let _ = stopped.await;
+    }));
+    tokio::pin!(serving);
+    let mut term = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
     tokio::select! {
-        result = serving => { result?; }
-        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; shutting down"),
-        _ = term.recv() => tracing::info!("terminated; shutting down"),
+        result = &mut serving => {
+            result?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        _ = interrupt.recv() => {}
+        _ = term.recv() => {}
     }
-    Ok(ExitCode::SUCCESS)
+    let drain = std::time::Duration::from_secs(shutdown.drain_secs);
+    tracing::info!(drain_secs = shutdown.drain_secs, "signal received: accepting nothing new, letting requests in flight finish (a second signal stops at once)");
+    let _ = stop.send(());
+    tokio::select! {
+        result = &mut serving => {
+            result?;
+            tracing::info!("every request in flight finished; exiting");
+            Ok(ExitCode::SUCCESS)
+        }
+        _ = tokio::time::sleep(drain) => {
+            tracing::warn!(drain_secs = shutdown.drain_secs, "drain timeout: exiting with requests still in flight");
+            Ok(ExitCode::SUCCESS)
+        }
+        _ = interrupt.recv() => second_signal(),
+        _ = term.recv() => second_signal(),
+    }
+}
+
+/// What [`until_signal`] hands the server: completes at the first signal.
+pub type StopFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+fn second_signal() -> Result<ExitCode> {
+    tracing::warn!("second signal: exiting at once, requests in flight are cut off");
+    Ok(ExitCode::from(1))
 }
