@@ -185,8 +185,9 @@ async fn restart_keeps_tenants_tokens_versions_and_routes() {
 }
 
 /// Kills the server with SIGKILL at varying moments of deploys, again and
-/// again: every acknowledged deploy is there after the restart, and what
-/// is there always loads and serves (never a half deployment).
+/// again: every acknowledged deploy is there after the restart, and every
+/// version there loads and serves (never a half deployment), the last
+/// round's included.
 #[tokio::test]
 async fn kill_9_during_deploys_never_loses_or_half_applies_one() {
     let dir = tempfile::tempdir().unwrap();
@@ -197,17 +198,34 @@ async fn kill_9_during_deploys_never_loses_or_half_applies_one() {
     // Kill moments from "at once" to "long after": compiling a new
     // component takes a few hundred ms here, a cached one a few ms.
     let delays_ms = [0, 5, 20, 60, 150, 400, 1500];
-    for round in 0..14u64 {
-        let server = Server::start_in(&data);
-        // What is there serves.
-        let (_, json) = api(&server, TOKEN, "GET", "deployments/app/versions", Bytes::new()).await;
+    // What is there after a restart: every acknowledged version, and each
+    // version listed loads and serves its own component.
+    let check = async |server: &Server, round: u64, acknowledged: &BTreeSet<u64>| -> BTreeSet<u64> {
+        let (_, json) = api(server, TOKEN, "GET", "deployments/app/versions", Bytes::new()).await;
         let listed: BTreeSet<u64> = json["versions"].as_array().map_or(BTreeSet::new(), |vs| vs.iter().map(|v| v["version"].as_u64().unwrap()).collect());
         assert!(acknowledged.is_subset(&listed), "round {round}: acknowledged {acknowledged:?}, listed {listed:?}");
-        if let Some(active) = json["active"].as_u64() {
+        let active = json["active"].as_u64();
+        let mut serving = active;
+        for &version in &listed {
+            if serving != Some(version) {
+                serving = Some(version);
+                let (status, body) = api(server, TOKEN, "POST", &format!("deployments/app/rollback?to={version}"), Bytes::new()).await;
+                assert_eq!(status, 200, "round {round}: rollback to {version}: {body}");
+            }
             let reply = get(&format!("{}/default/app/", server.url)).await;
-            let component = (active - 1) as usize % components.len();
-            assert_eq!((reply.status, reply.body.as_str()), (200, bodies[component]), "round {round}, version {active}");
+            let component = (version - 1) as usize % components.len();
+            assert_eq!((reply.status, reply.body.as_str()), (200, bodies[component]), "round {round}, version {version}");
         }
+        if let (Some(active), Some(&last)) = (active, listed.last()) {
+            if active != last {
+                api(server, TOKEN, "POST", &format!("deployments/app/rollback?to={active}"), Bytes::new()).await;
+            }
+        }
+        listed
+    };
+    for round in 0..14u64 {
+        let server = Server::start_in(&data);
+        let listed = check(&server, round, &acknowledged).await;
         // Deploy the next version and kill the server at some moment of it.
         let next = listed.last().copied().unwrap_or(0) + 1;
         let bytes = Bytes::from(std::fs::read(wasm(components[(next - 1) as usize % components.len()])).unwrap());
@@ -228,6 +246,9 @@ async fn kill_9_during_deploys_never_loses_or_half_applies_one() {
             acknowledged.insert(next);
         }
     }
+    // The last round's kill is checked too.
+    let server = Server::start_in(&data);
+    check(&server, 14, &acknowledged).await;
     eprintln!("kill -9 loop: {} of 14 deploys acknowledged before their kill", acknowledged.len());
     assert!(!acknowledged.is_empty(), "no deploy finished before a kill; the test proves nothing");
     assert!(acknowledged.len() < 14, "every deploy finished before its kill; no kill landed mid-deploy");

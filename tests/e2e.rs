@@ -357,17 +357,25 @@ async fn deployments_and_artifacts_survive_a_restart() {
     let hello = json["deployments"].as_array().unwrap().iter().find(|d| d["name"] == "hello").unwrap();
     assert_eq!(hello["limits"]["memory_mb"], 64);
 
-    // A corrupted artifact is detected and rebuilt, never run.
+    // A corrupted artifact is detected and rebuilt, never run: after the
+    // restart each file holds a good artifact again, not the damaged bytes.
     server.kill();
+    let mut damaged = Vec::new();
     for path in &cwasm {
         let mut bytes = std::fs::read(path).unwrap();
         let mid = bytes.len() / 2;
         bytes[mid] ^= 0xff;
-        std::fs::write(path, bytes).unwrap();
+        std::fs::write(path, &bytes).unwrap();
+        damaged.push(bytes);
     }
     let server = Server::start_in(&data);
     assert_eq!(get(&format!("{}/default/hello/", server.url)).await.body, HELLO_ROOT);
     assert_eq!(get(&format!("{}/default/beh/", server.url)).await.body, "behaviors ok");
+    for (path, damaged) in cwasm.iter().zip(&damaged) {
+        let now = std::fs::read(path).unwrap();
+        assert_ne!(&now, damaged, "{} was not rewritten", path.display());
+        assert_eq!(now.len(), damaged.len(), "{} rebuilt to a different size", path.display());
+    }
 }
 
 #[tokio::test]
