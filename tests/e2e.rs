@@ -625,6 +625,78 @@ async fn a_second_signal_exits_at_once() {
     in_flight.abort();
 }
 
+/// Opens a connection to `server` from local address `from` (any of
+/// 127.0.0.0/8) and sends `head` without waiting for an answer.
+async fn connect_from(server: &Server, from: &str, head: &str) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    let mut stream = socket.connect(server.url.trim_start_matches("http://").parse().unwrap()).await.unwrap();
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream
+}
+
+/// Reads what the server sends until it closes the connection (at most 5 s).
+async fn read_to_close(mut stream: tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut out)).await.expect("the server kept the connection open").ok();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Connections beyond the per-client and the total caps are answered 503
+/// with Retry-After and closed; a place freed is taken again.
+#[tokio::test]
+async fn connections_over_the_caps_are_refused_with_503() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with(&dir.path().join("data"), &["--max-connections", "5", "--max-connections-per-client", "3"]);
+    server.deploy("hello", "hello", &[]);
+    let request = "GET /default/hello/ HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n";
+    let mut idle_a = Vec::new();
+    for _ in 0..3 {
+        idle_a.push(connect_from(&server, "127.0.0.1", "").await);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let refused = read_to_close(connect_from(&server, "127.0.0.1", request).await).await;
+    assert!(refused.starts_with("HTTP/1.1 503") && refused.contains("retry-after: 1") && refused.contains("one client"), "{refused}");
+    // Another address is still served, until the total is reached.
+    let mut idle_b = Vec::new();
+    for _ in 0..2 {
+        idle_b.push(connect_from(&server, "127.0.0.2", "").await);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let refused = read_to_close(connect_from(&server, "127.0.0.3", request).await).await;
+    assert!(refused.starts_with("HTTP/1.1 503") && refused.contains("as many connections open as it takes"), "{refused}");
+    drop(idle_b);
+    drop(idle_a);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let served = read_to_close(connect_from(&server, "127.0.0.1", request).await).await;
+    assert!(served.starts_with("HTTP/1.1 200") && served.contains("hello from gpuwasm"), "{served}");
+}
+
+/// A client that does not finish its request head within the header
+/// timeout is cut off; heads over the size or field-count limits get 431.
+#[tokio::test]
+async fn slow_and_oversized_request_heads_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with(&dir.path().join("data"), &["--header-timeout-secs", "1", "--max-header-kb", "8"]);
+    server.deploy("hello", "hello", &[]);
+    let t = Instant::now();
+    let slow = read_to_close(connect_from(&server, "127.0.0.1", "GET /default/hello/ HTTP/1.1\r\nhost: x\r\n").await).await;
+    assert!(!slow.contains("hello from gpuwasm"), "{slow}");
+    assert!(t.elapsed() >= Duration::from_millis(900) && t.elapsed() < Duration::from_secs(3), "cut off after {:?}", t.elapsed());
+
+    let big = format!("GET /default/hello/ HTTP/1.1\r\nhost: x\r\nx-big: {}\r\n\r\n", "a".repeat(9 << 10));
+    let reply = read_to_close(connect_from(&server, "127.0.0.1", &big).await).await;
+    assert!(reply.starts_with("HTTP/1.1 431"), "{reply}");
+    let many: String = (0..101).map(|i| format!("x-{i}: {i}\r\n")).collect();
+    let reply = read_to_close(connect_from(&server, "127.0.0.1", &format!("GET /default/hello/ HTTP/1.1\r\nhost: x\r\n{many}\r\n")).await).await;
+    assert!(reply.starts_with("HTTP/1.1 431"), "{reply}");
+    // A request within the limits is answered.
+    let ok = read_to_close(connect_from(&server, "127.0.0.1", "GET /default/hello/ HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await).await;
+    assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+}
+
 /// The benchmark commands keep working (their figures are not asserted:
 /// timing belongs to benchmarks, not tests).
 #[test]

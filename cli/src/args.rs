@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use gpuwasm::nn::{Devices, InferenceMemory, LlmSettings};
 use gpuwasm::{Limits, Runtime};
+use gpuwasm_server::ConnectionLimits;
 use gpuwasm_server::manifest::Manifest;
 use std::path::{Path, PathBuf};
 
@@ -199,14 +200,43 @@ impl PoolArgs {
     }
 }
 
-/// How the server stops.
+/// How the server takes connections and stops.
 #[derive(Args)]
-pub struct ShutdownArgs {
+pub struct ConnectionArgs {
+    /// Open connections at most; a connection beyond it is answered 503
+    /// (with Retry-After) and closed.
+    #[arg(long, default_value_t = ConnectionLimits::default().max_connections)]
+    max_connections: usize,
+    /// Open connections from one client address at most (same refusal).
+    #[arg(long, default_value_t = ConnectionLimits::default().max_per_client)]
+    max_connections_per_client: usize,
+    /// Seconds a client has to send a request's headers before its
+    /// connection is closed.
+    #[arg(long, default_value_t = ConnectionLimits::default().header_timeout.as_secs())]
+    header_timeout_secs: u64,
+    /// Size of a request's start line and headers at most, in KiB; larger
+    /// ones (or more than 100 header fields) are answered 431.
+    #[arg(long, default_value_t = ConnectionLimits::default().max_header_bytes >> 10)]
+    max_header_kb: usize,
     /// At SIGTERM or Ctrl-C the server stops accepting connections and lets
     /// requests in flight (streams included) finish for up to this many
     /// seconds, then exits; a second signal exits at once.
     #[arg(long, default_value_t = 30)]
     pub drain_secs: u64,
+}
+
+impl ConnectionArgs {
+    pub fn limits(&self) -> Result<ConnectionLimits> {
+        if self.max_connections == 0 || self.max_connections_per_client == 0 || self.header_timeout_secs == 0 || self.max_header_kb == 0 {
+            anyhow::bail!("--max-connections, --max-connections-per-client, --header-timeout-secs and --max-header-kb must be at least 1");
+        }
+        Ok(ConnectionLimits {
+            max_connections: self.max_connections,
+            max_per_client: self.max_connections_per_client,
+            header_timeout: std::time::Duration::from_secs(self.header_timeout_secs),
+            max_header_bytes: self.max_header_kb.saturating_mul(1 << 10),
+        })
+    }
 }
 
 /// Per-deployment limits; each one not given keeps its default (see the help footer).

@@ -21,6 +21,7 @@ mod admin;
 pub mod api;
 mod artifacts;
 pub mod blobs;
+mod connections;
 mod control;
 pub mod control_store;
 mod deploy;
@@ -38,6 +39,7 @@ pub mod spec;
 mod uploads;
 
 pub use api::ADMIN_PREFIX;
+pub use connections::{ConnectionLimits, serve_connections};
 pub use control::DEFAULT_TENANT;
 pub use error::Error;
 pub use spec::{DeploymentSpec, SPEC_HEADER, SandboxSpec};
@@ -50,7 +52,6 @@ use files::FileStore;
 use gpuwasm::{ResponseBody, Runtime, text_response};
 use http::{Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
@@ -229,18 +230,14 @@ impl Server {
         }
     }
 
-    /// Serves HTTP/1.1 connections from `listener` until `stop` completes,
-    /// then drains them (see [`serve_connections`]).
-    pub async fn serve(self, listener: TcpListener, stop: impl Future<Output = ()>) -> std::io::Result<()> {
-        serve_connections(
-            listener,
-            move |req| {
-                let server = self.clone();
-                async move { server.handle(req).await }
-            },
-            stop,
-        )
-        .await
+    /// Serves HTTP/1.1 connections from `listener` within `limits` until
+    /// `stop` completes, then drains them (see [`serve_connections`]).
+    pub async fn serve(self, listener: TcpListener, limits: ConnectionLimits, stop: impl Future<Output = ()>) -> std::io::Result<()> {
+        let handler = move |req| {
+            let server = self.clone();
+            async move { server.handle(req).await }
+        };
+        serve_connections(listener, handler, limits, stop).await
     }
 }
 
@@ -264,64 +261,6 @@ async fn invoke(entry: &Entry, request: Request<Incoming>) -> Response<ResponseB
         ),
         None => text_response(StatusCode::NOT_FOUND, "no deployment serves this path".into()),
     }
-}
-
-/// Serves HTTP/1.1 connections from `listener`, answering each request with
-/// `handler`, until `stop` completes (pass [`std::future::pending`] to serve
-/// until the returned future is dropped). Then it stops accepting, lets each
-/// open connection finish the request it is on, streamed bodies included,
-/// closes it, and returns once every connection has closed.
-pub async fn serve_connections<H, F>(listener: TcpListener, handler: H, stop: impl Future<Output = ()>) -> std::io::Result<()>
-where
-    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
-    F: Future<Output = Response<ResponseBody>> + Send + 'static,
-{
-    let (closing, closing_rx) = tokio::sync::watch::channel(false);
-    let mut connections = tokio::task::JoinSet::new();
-    tokio::pin!(stop);
-    loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(conn) => conn,
-                Err(e) => {
-                    // Running out of file descriptors must not end the server.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
-            () = &mut stop => break,
-        };
-        let _ = stream.set_nodelay(true);
-        let handler = handler.clone();
-        let mut closing = closing_rx.clone();
-        connections.spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let fut = handler(req);
-                async move { Ok::<_, std::convert::Infallible>(fut.await) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(30))
-                .serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(conn);
-            let result = tokio::select! {
-                result = conn.as_mut() => result,
-                _ = closing.changed() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-            };
-            if let Err(e) = result {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
-        });
-    }
-    drop(listener);
-    closing.send_replace(true);
-    while connections.join_next().await.is_some() {}
-    Ok(())
 }
 
 /// Checks a name of a `kind` of thing (`tenant`, `deployment`, `model`):

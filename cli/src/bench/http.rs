@@ -54,7 +54,7 @@ pub async fn run(args: HttpArgs) -> Result<ExitCode> {
                 let deployment = deployment.clone();
                 async move { deployment.handle(req).await }
             };
-            tokio::spawn(serve_connections(listener, handler, std::future::pending()));
+            tokio::spawn(serve_connections(listener, handler, Default::default(), std::future::pending()));
             (format!("http://{addr}/"), format!("{} served in-process", file.display()))
         }
         (None, None) => bail!("give a component file or --url"),

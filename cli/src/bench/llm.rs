@@ -107,7 +107,7 @@ async fn serve(args: &LlmArgs, max_streams: usize) -> Result<Server> {
         let deployment = deployment.clone();
         async move { deployment.handle(req).await }
     };
-    tokio::spawn(serve_connections(listener, handler, std::future::pending()));
+    tokio::spawn(serve_connections(listener, handler, Default::default(), std::future::pending()));
     Ok(Server { authority })
 }
 

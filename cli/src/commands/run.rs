@@ -2,7 +2,7 @@
 //! `wasmtime serve`); a gpuwasm.toml beside it applies.
 
 use super::serve::{announce, bind, until_signal};
-use crate::args::{LimitArgs, PoolArgs, ShutdownArgs, load_manifest, read_component};
+use crate::args::{LimitArgs, PoolArgs, ConnectionArgs, load_manifest, read_component};
 use anyhow::{Context, Result};
 use clap::Args;
 use gpuwasm::Capabilities;
@@ -27,7 +27,7 @@ pub struct RunArgs {
     #[command(flatten)]
     pool: PoolArgs,
     #[command(flatten)]
-    shutdown: ShutdownArgs,
+    connections: ConnectionArgs,
 }
 
 pub async fn run(args: RunArgs) -> Result<ExitCode> {
@@ -54,6 +54,7 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
         let deployment = deployment.clone();
         async move { deployment.handle(req).await }
     };
-    until_signal(args.shutdown, |stop| serve_connections(listener, handler, stop)).await
+    let limits = args.connections.limits()?;
+    until_signal(args.connections.drain_secs, |stop| serve_connections(listener, handler, limits, stop)).await
 }
 

@@ -2,7 +2,7 @@
 //! `serve` and `run` share: binding, announcing the address, and stopping
 //! on a signal.
 
-use crate::args::{PoolArgs, ShutdownArgs, default_data_dir};
+use crate::args::{PoolArgs, ConnectionArgs, default_data_dir};
 use anyhow::{Context, Result};
 use clap::Args;
 use gpuwasm_server::{Server, ServerConfig, TenantQuotas};
@@ -27,7 +27,7 @@ pub struct ServeArgs {
     #[command(flatten)]
     pool: PoolArgs,
     #[command(flatten)]
-    shutdown: ShutdownArgs,
+    connections: ConnectionArgs,
     /// Largest component upload accepted, in MiB.
     #[arg(long, default_value_t = 64)]
     max_upload_mb: usize,
@@ -84,7 +84,8 @@ pub async fn run(args: ServeArgs) -> Result<ExitCode> {
     let listener = bind(args.listen).await?;
     tracing::info!(data_dir = %args.data_dir.display(), deployments = server.deployments().len(), "server ready");
     announce(&listener)?;
-    until_signal(args.shutdown, |stop| server.serve(listener, stop)).await
+    let limits = args.connections.limits()?;
+    until_signal(args.connections.drain_secs, |stop| server.serve(listener, limits, stop)).await
 }
 
 /// The token stored in `data_dir/admin-token`, created (mode 0600) if absent.
@@ -126,7 +127,7 @@ pub fn announce(listener: &TcpListener) -> Result<()> {
 /// first signal `serve`'s stop future completes: it stops accepting and
 /// drains, and the process exits 0 once it has drained or after the drain
 /// timeout, whichever is first. A second signal exits at once (status 1).
-pub async fn until_signal<S>(shutdown: ShutdownArgs, serve: impl FnOnce(StopFuture) -> S) -> Result<ExitCode>
+pub async fn until_signal<S>(drain_secs: u64, serve: impl FnOnce(StopFuture) -> S) -> Result<ExitCode>
 where
     S: std::future::Future<Output = std::io::Result<()>>,
 {
@@ -146,8 +147,8 @@ where
         _ = interrupt.recv() => {}
         _ = term.recv() => {}
     }
-    let drain = std::time::Duration::from_secs(shutdown.drain_secs);
-    tracing::info!(drain_secs = shutdown.drain_secs, "signal received: accepting nothing new, letting requests in flight finish (a second signal stops at once)");
+    let drain = std::time::Duration::from_secs(drain_secs);
+    tracing::info!(drain_secs, "signal received: accepting nothing new, letting requests in flight finish (a second signal stops at once)");
     let _ = stop.send(());
     tokio::select! {
         result = &mut serving => {
@@ -156,7 +157,7 @@ where
             Ok(ExitCode::SUCCESS)
         }
         _ = tokio::time::sleep(drain) => {
-            tracing::warn!(drain_secs = shutdown.drain_secs, "drain timeout: exiting with requests still in flight");
+            tracing::warn!(drain_secs, "drain timeout: exiting with requests still in flight");
             Ok(ExitCode::SUCCESS)
         }
         _ = interrupt.recv() => second_signal(),

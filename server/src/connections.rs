@@ -1,0 +1,171 @@
+//! Accepting HTTP/1.1 connections within limits (how many, from whom, how
+//! slow and how large their request heads), and draining them at shutdown.
+
+use gpuwasm::ResponseBody;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Limits on the connections [`serve_connections`] accepts. A connection
+/// over a count limit is answered `503` with `Retry-After` and closed.
+#[derive(Clone, Debug)]
+pub struct ConnectionLimits {
+    /// Open connections at most.
+    pub max_connections: usize,
+    /// Open connections from one client address at most.
+    pub max_per_client: usize,
+    /// Time a client has to send a request's head (start line and
+    /// headers); the connection is closed after it.
+    pub header_timeout: Duration,
+    /// Size of a request's head at most, in bytes; `431` beyond it (and
+    /// beyond 100 header fields).
+    pub max_header_bytes: usize,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        ConnectionLimits { max_connections: 10_000, max_per_client: 1_000, header_timeout: Duration::from_secs(10), max_header_bytes: 64 << 10 }
+    }
+}
+
+/// Open connections in all and per client address.
+#[derive(Default)]
+struct Open {
+    total: usize,
+    per_client: HashMap<IpAddr, usize>,
+}
+
+/// One admitted connection's place in [`Open`], given back on drop.
+struct Admitted {
+    open: Arc<Mutex<Open>>,
+    client: IpAddr,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        let mut open = self.open.lock().unwrap();
+        open.total -= 1;
+        if let Some(n) = open.per_client.get_mut(&self.client) {
+            *n -= 1;
+            if *n == 0 {
+                open.per_client.remove(&self.client);
+            }
+        }
+    }
+}
+
+/// Admits a connection from `client`, or says which limit it is over.
+fn admit(open: &Arc<Mutex<Open>>, limits: &ConnectionLimits, client: IpAddr) -> Result<Admitted, &'static str> {
+    let mut guard = open.lock().unwrap();
+    if guard.total >= limits.max_connections {
+        return Err("the server has as many connections open as it takes");
+    }
+    let from_client = guard.per_client.entry(client).or_insert(0);
+    if *from_client >= limits.max_per_client {
+        return Err("your address has as many connections open as one client may");
+    }
+    *from_client += 1;
+    guard.total += 1;
+    Ok(Admitted { open: open.clone(), client })
+}
+
+/// Answers a connection over a limit with `503` and closes it.
+async fn refuse(mut stream: TcpStream, why: &str) {
+    let body = format!("{why}; try again later\n");
+    let response = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(response.as_bytes())).await;
+    let _ = stream.shutdown().await;
+    // Read what the client sent until it closes (at most a second and
+    // 64 KiB): closing with unread bytes would reset the connection, and
+    // the client could lose the answer.
+    let mut sink = [0u8; 4096];
+    let drain = async {
+        let mut left = 64usize << 10;
+        while left > 0 {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
+}
+
+/// Serves HTTP/1.1 connections from `listener` within `limits`, answering
+/// each request with `handler`, until `stop` completes (pass
+/// [`std::future::pending`] to serve until the returned future is
+/// dropped). Then it stops accepting, lets each open connection finish the
+/// request it is on, streamed bodies included, closes it, and returns once
+/// every connection has closed.
+pub async fn serve_connections<H, F>(listener: TcpListener, handler: H, limits: ConnectionLimits, stop: impl Future<Output = ()>) -> std::io::Result<()>
+where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<ResponseBody>> + Send + 'static,
+{
+    let (closing, closing_rx) = tokio::sync::watch::channel(false);
+    let open = Arc::new(Mutex::new(Open::default()));
+    let mut connections = tokio::task::JoinSet::new();
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder.timer(TokioTimer::new()).header_read_timeout(limits.header_timeout).max_header_size(limits.max_header_bytes);
+    tokio::pin!(stop);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // Running out of file descriptors must not end the server.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+            () = &mut stop => break,
+        };
+        let admitted = match admit(&open, &limits, peer.ip()) {
+            Ok(admitted) => admitted,
+            Err(why) => {
+                tracing::debug!(%peer, why, "connection refused");
+                connections.spawn(refuse(stream, why));
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let handler = handler.clone();
+        let mut closing = closing_rx.clone();
+        let builder = builder.clone();
+        connections.spawn(async move {
+            let _admitted = admitted;
+            let service = hyper::service::service_fn(move |req| {
+                let fut = handler(req);
+                async move { Ok::<_, std::convert::Infallible>(fut.await) }
+            });
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            let result = tokio::select! {
+                result = conn.as_mut() => result,
+                _ = closing.changed() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    closing.send_replace(true);
+    while connections.join_next().await.is_some() {}
+    Ok(())
+}
