@@ -697,6 +697,28 @@ async fn slow_and_oversized_request_heads_are_refused() {
     assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
 }
 
+/// A client that stops sending its body: the handler reading it gets an
+/// error after the body timeout instead of waiting for ever, and answers;
+/// a handler busy elsewhere does not count against the client.
+#[tokio::test]
+async fn a_stalled_request_body_ends_after_the_body_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with(&dir.path().join("data"), &["--body-timeout-secs", "1"]);
+    server.deploy("beh", "behaviors", &[]);
+    let t = Instant::now();
+    let head = "POST /default/beh/body-length HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\nconnection: close\r\n\r\nabc";
+    let reply = read_to_close(connect_from(&server, "127.0.0.1", head).await).await;
+    assert!(reply.starts_with("HTTP/1.1 400") && reply.contains("body error"), "{reply}");
+    assert!(t.elapsed() >= Duration::from_millis(900) && t.elapsed() < Duration::from_secs(4), "answered after {:?}", t.elapsed());
+    // A body sent in two parts 0.5 s apart, each within the timeout, is whole.
+    let mut stream = connect_from(&server, "127.0.0.1", "POST /default/beh/body-length HTTP/1.1\r\nhost: x\r\ncontent-length: 6\r\nconnection: close\r\n\r\nabc").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::io::AsyncWriteExt::write_all(&mut stream, b"def").await.unwrap();
+    let reply = read_to_close(stream).await;
+    // Chunked: one chunk of one byte, "6".
+    assert!(reply.starts_with("HTTP/1.1 200") && reply.contains("\r\n\r\n1\r\n6\r\n0\r\n"), "{reply}");
+}
+
 /// The benchmark commands keep working (their figures are not asserted:
 /// timing belongs to benchmarks, not tests).
 #[test]

@@ -218,6 +218,11 @@ pub struct ConnectionArgs {
     /// ones (or more than 100 header fields) are answered 431.
     #[arg(long, default_value_t = ConnectionLimits::default().max_header_bytes >> 10)]
     max_header_kb: usize,
+    /// Seconds a handler (or an upload) may wait for the next bytes of a
+    /// request body; a client that stalls longer gets its body ended with
+    /// an error.
+    #[arg(long, default_value_t = ConnectionLimits::default().body_timeout.as_secs())]
+    body_timeout_secs: u64,
     /// At SIGTERM or Ctrl-C the server stops accepting connections and lets
     /// requests in flight (streams included) finish for up to this many
     /// seconds, then exits; a second signal exits at once.
@@ -227,14 +232,17 @@ pub struct ConnectionArgs {
 
 impl ConnectionArgs {
     pub fn limits(&self) -> Result<ConnectionLimits> {
-        if self.max_connections == 0 || self.max_connections_per_client == 0 || self.header_timeout_secs == 0 || self.max_header_kb == 0 {
-            anyhow::bail!("--max-connections, --max-connections-per-client, --header-timeout-secs and --max-header-kb must be at least 1");
+        if self.max_connections == 0 || self.max_connections_per_client == 0 || self.header_timeout_secs == 0 || self.max_header_kb == 0 || self.body_timeout_secs == 0 {
+            anyhow::bail!(
+                "--max-connections, --max-connections-per-client, --header-timeout-secs, --max-header-kb and --body-timeout-secs must be at least 1"
+            );
         }
         Ok(ConnectionLimits {
             max_connections: self.max_connections,
             max_per_client: self.max_connections_per_client,
             header_timeout: std::time::Duration::from_secs(self.header_timeout_secs),
             max_header_bytes: self.max_header_kb.saturating_mul(1 << 10),
+            body_timeout: std::time::Duration::from_secs(self.body_timeout_secs),
         })
     }
 }

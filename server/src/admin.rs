@@ -16,7 +16,7 @@ use gpuwasm::ResponseBody;
 use gpuwasm::nn::TenantGpu;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
+use crate::RequestBody;
 use serde::de::DeserializeOwned;
 use std::sync::Arc;
 
@@ -24,11 +24,11 @@ use std::sync::Arc;
 pub(crate) type Reply = Result<Response<ResponseBody>, ApiError>;
 
 impl ServerInner {
-    pub(crate) async fn admin(self: &Arc<Self>, request: Request<Incoming>) -> Response<ResponseBody> {
+    pub(crate) async fn admin(self: &Arc<Self>, request: Request<RequestBody>) -> Response<ResponseBody> {
         self.route(request).await.unwrap_or_else(ApiError::into_response)
     }
 
-    async fn route(self: &Arc<Self>, request: Request<Incoming>) -> Reply {
+    async fn route(self: &Arc<Self>, request: Request<RequestBody>) -> Reply {
         let path = request.uri().path()[ADMIN_PREFIX.len()..].to_string();
         if path == "health" {
             return match *request.method() {
@@ -91,7 +91,7 @@ impl ServerInner {
         Ok(result)
     }
 
-    async fn create_tenant(self: &Arc<Self>, request: Request<Incoming>) -> Reply {
+    async fn create_tenant(self: &Arc<Self>, request: Request<RequestBody>) -> Reply {
         let NewTenant { name, domains } = read_json(request, "request body", r#"{"name": "TENANT", "domains": ["example.com"]} (domains optional)"#).await?;
         check_name("tenant", &name)?;
         if name == gpuwasm::nn::PUBLIC {
@@ -115,7 +115,7 @@ impl ServerInner {
 
     /// `PUT tenants/NAME/domains`: replaces the domains a tenant may claim
     /// hosts in. Claims outside the new domains stop routing at once.
-    async fn set_domains(&self, name: &str, request: Request<Incoming>) -> Reply {
+    async fn set_domains(&self, name: &str, request: Request<RequestBody>) -> Reply {
         let Domains { domains } = read_json(request, "request body", r#"{"domains": ["example.com", ...]}"#).await?;
         let domains = self.check_domains(domains)?;
         let record = self
@@ -132,7 +132,7 @@ impl ServerInner {
     /// `PUT tenants/NAME/gpu`: sets a tenant's GPU memory quota and share
     /// of GPU time. Models it already holds stay; later loads and turns
     /// follow the new settings.
-    async fn set_tenant_gpu(&self, name: &str, request: Request<Incoming>) -> Reply {
+    async fn set_tenant_gpu(&self, name: &str, request: Request<RequestBody>) -> Reply {
         let gpu: TenantGpu = read_json(request, "request body", r#"{"memory_mb": 2048, "weight": 1} (memory_mb null: no quota)"#).await?;
         if gpu.weight == 0 || gpu.weight > 1000 {
             return Err(ApiError::bad_request("invalid_weight", format!("weight must be 1 to 1000, got {}", gpu.weight)));
@@ -232,7 +232,7 @@ impl ServerInner {
 }
 
 /// Reads a request body of at most `max` bytes.
-pub(crate) async fn read_body(request: Request<Incoming>, max: usize, what: &str) -> Result<Bytes, ApiError> {
+pub(crate) async fn read_body(request: Request<RequestBody>, max: usize, what: &str) -> Result<Bytes, ApiError> {
     match Limited::new(request.into_body(), max).collect().await {
         Ok(body) => Ok(body.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
@@ -244,7 +244,7 @@ pub(crate) async fn read_body(request: Request<Incoming>, max: usize, what: &str
 }
 
 /// Reads a JSON request body (at most 1 MiB) as `T`; `shape` says what to send.
-pub(crate) async fn read_json<T: DeserializeOwned>(request: Request<Incoming>, what: &str, shape: &str) -> Result<T, ApiError> {
+pub(crate) async fn read_json<T: DeserializeOwned>(request: Request<RequestBody>, what: &str, shape: &str) -> Result<T, ApiError> {
     let body = read_body(request, 1 << 20, what).await?;
     serde_json::from_slice(&body).map_err(|e| ApiError::bad_request("bad_request", format!("{what}: {e}; send {shape}")))
 }

@@ -1,17 +1,70 @@
 //! Accepting HTTP/1.1 connections within limits (how many, from whom, how
 //! slow and how large their request heads), and draining them at shutdown.
 
-use gpuwasm::ResponseBody;
+use bytes::Bytes;
+use gpuwasm::{BoxError, ResponseBody};
 use http::{Request, Response};
+use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+
+/// A request body as handlers get it: the client must keep it coming. A
+/// reader that waits longer than the body timeout for the next bytes gets
+/// an error instead (time the reader spends elsewhere does not count).
+pub struct RequestBody {
+    inner: Incoming,
+    idle: Duration,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    waiting: bool,
+}
+
+impl RequestBody {
+    fn new(inner: Incoming, idle: Duration) -> Self {
+        RequestBody { inner, idle, deadline: Box::pin(tokio::time::sleep(idle)), waiting: false }
+    }
+}
+
+impl http_body::Body for RequestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                this.waiting = false;
+                Poll::Ready(frame.map(|f| f.map_err(BoxError::from)))
+            }
+            Poll::Pending => {
+                if !this.waiting {
+                    this.waiting = true;
+                    this.deadline.as_mut().reset(tokio::time::Instant::now() + this.idle);
+                }
+                match this.deadline.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(format!("the client sent no body bytes for {:?}", this.idle).into()))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
 
 /// Limits on the connections [`serve_connections`] accepts. A connection
 /// over a count limit is answered `503` with `Retry-After` and closed.
@@ -27,11 +80,20 @@ pub struct ConnectionLimits {
     /// Size of a request's head at most, in bytes; `431` beyond it (and
     /// beyond 100 header fields).
     pub max_header_bytes: usize,
+    /// Time a reader of a request body may wait for its next bytes (see
+    /// [`RequestBody`]).
+    pub body_timeout: Duration,
 }
 
 impl Default for ConnectionLimits {
     fn default() -> Self {
-        ConnectionLimits { max_connections: 10_000, max_per_client: 1_000, header_timeout: Duration::from_secs(10), max_header_bytes: 64 << 10 }
+        ConnectionLimits {
+            max_connections: 10_000,
+            max_per_client: 1_000,
+            header_timeout: Duration::from_secs(10),
+            max_header_bytes: 64 << 10,
+            body_timeout: Duration::from_secs(30),
+        }
     }
 }
 
@@ -109,7 +171,7 @@ async fn refuse(mut stream: TcpStream, why: &str) {
 /// every connection has closed.
 pub async fn serve_connections<H, F>(listener: TcpListener, handler: H, limits: ConnectionLimits, stop: impl Future<Output = ()>) -> std::io::Result<()>
 where
-    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    H: Fn(Request<RequestBody>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<ResponseBody>> + Send + 'static,
 {
     let (closing, closing_rx) = tokio::sync::watch::channel(false);
@@ -144,10 +206,11 @@ where
         let handler = handler.clone();
         let mut closing = closing_rx.clone();
         let builder = builder.clone();
+        let body_timeout = limits.body_timeout;
         connections.spawn(async move {
             let _admitted = admitted;
-            let service = hyper::service::service_fn(move |req| {
-                let fut = handler(req);
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let fut = handler(req.map(|body| RequestBody::new(body, body_timeout)));
                 async move { Ok::<_, std::convert::Infallible>(fut.await) }
             });
             let conn = builder.serve_connection(TokioIo::new(stream), service);

@@ -9,7 +9,7 @@ use crate::control_store::{Change, DeploymentState, VersionRecord};
 use crate::spec::DeploymentSpec;
 use crate::{ServerInner, check_name, hosts, now, quotas};
 use http::{Method, Request, StatusCode};
-use hyper::body::Incoming;
+use crate::RequestBody;
 use std::sync::Arc;
 
 /// Versions kept per deployment besides the active one; older ones are
@@ -23,7 +23,7 @@ impl ServerInner {
         method: Method,
         segments: &[&str],
         query: &str,
-        request: Request<Incoming>,
+        request: Request<RequestBody>,
     ) -> Reply {
         match (method, segments) {
             (Method::PUT, ["files", sha256]) => self.upload_file(caller, sha256, request).await,
@@ -52,7 +52,7 @@ impl ServerInner {
         self.control().deployments.get(&(caller.tenant.clone(), name.to_string())).cloned()
     }
 
-    async fn upload_file(self: &Arc<Self>, caller: &Caller, sha256: &str, request: Request<Incoming>) -> Reply {
+    async fn upload_file(self: &Arc<Self>, caller: &Caller, sha256: &str, request: Request<RequestBody>) -> Reply {
         let slot = self.uploads.admit(&caller.tenant)?;
         let room = self.upload_room(caller, self.config.max_upload_bytes as u64).await?;
         let upload = self.uploads.receive(&slot, request.into_body(), room, "file").await?;
@@ -68,7 +68,7 @@ impl ServerInner {
             .map_err(|m| ApiError::new(StatusCode::FORBIDDEN, "host_not_allowed", m))
     }
 
-    async fn deploy(self: &Arc<Self>, caller: &Caller, name: &str, query: &str, request: Request<Incoming>) -> Reply {
+    async fn deploy(self: &Arc<Self>, caller: &Caller, name: &str, query: &str, request: Request<RequestBody>) -> Reply {
         check_name("deployment", name)?;
         let spec = DeploymentSpec::from_request(query, request.headers()).map_err(|m| ApiError::bad_request("invalid_spec", m))?;
         self.check_claim(caller, spec.host.as_deref())?;

@@ -39,7 +39,7 @@ pub mod spec;
 mod uploads;
 
 pub use api::ADMIN_PREFIX;
-pub use connections::{ConnectionLimits, serve_connections};
+pub use connections::{ConnectionLimits, RequestBody, serve_connections};
 pub use control::DEFAULT_TENANT;
 pub use error::Error;
 pub use spec::{DeploymentSpec, SPEC_HEADER, SandboxSpec};
@@ -51,7 +51,6 @@ use control_store::{Change, ControlStore, RedbStore, TenantRecord, VersionRecord
 use files::FileStore;
 use gpuwasm::{ResponseBody, Runtime, text_response};
 use http::{Request, Response, StatusCode, Uri};
-use hyper::body::Incoming;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
@@ -203,7 +202,7 @@ impl Server {
     /// host, so that no claim can intercept an admin token); else routed to
     /// a deployment, by its host when a deployment claimed it, else by its
     /// path.
-    pub async fn handle(&self, request: Request<Incoming>) -> Response<ResponseBody> {
+    pub async fn handle(&self, request: Request<RequestBody>) -> Response<ResponseBody> {
         let host = match hosts::of_request(&request) {
             Ok(host) => host,
             Err(message) => return text_response(StatusCode::BAD_REQUEST, message),
@@ -252,7 +251,7 @@ fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-async fn invoke(entry: &Entry, request: Request<Incoming>) -> Response<ResponseBody> {
+async fn invoke(entry: &Entry, request: Request<RequestBody>) -> Response<ResponseBody> {
     match &entry.live {
         Some(Ok(deployment)) => deployment.handle(request).await,
         Some(Err(why)) => text_response(

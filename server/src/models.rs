@@ -20,7 +20,7 @@ use crate::{ServerInner, check_name, now};
 use gpuwasm::nn::{CatalogError, ModelCatalog, ModelEntry, PUBLIC};
 use gpuwasm_tensor::{Format, ModelFiles};
 use http::{Method, Request, StatusCode};
-use hyper::body::Incoming;
+use crate::RequestBody;
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
@@ -160,7 +160,7 @@ impl ServerInner {
         method: Method,
         segments: &[&str],
         query: &str,
-        request: Request<Incoming>,
+        request: Request<RequestBody>,
     ) -> Reply {
         let public_only_for_the_admin = || ApiError::new(StatusCode::FORBIDDEN, "forbidden", "public models need an admin token");
         match (method, segments) {
@@ -209,7 +209,7 @@ impl ServerInner {
 
     /// `PUT model-files/SHA256`: the file streams to disk, is checked
     /// against its hash, and is stored.
-    async fn upload_model_file(self: &Arc<Self>, caller: &Caller, namespace: &str, sha256: &str, request: Request<Incoming>) -> Reply {
+    async fn upload_model_file(self: &Arc<Self>, caller: &Caller, namespace: &str, sha256: &str, request: Request<RequestBody>) -> Reply {
         let slot = self.uploads.admit(&caller.tenant)?;
         let room = self.upload_room(caller, self.config.max_model_bytes as u64).await?;
         let upload = self.uploads.receive(&slot, request.into_body(), room, "model file").await?;
@@ -219,7 +219,7 @@ impl ServerInner {
 
     /// `PUT models/NAME`: reads the uploaded files back and lets the engine
     /// check the whole model (as an upload, one of the tenant's slots).
-    async fn push_model(self: &Arc<Self>, namespace: String, name: String, request: Request<Incoming>) -> Reply {
+    async fn push_model(self: &Arc<Self>, namespace: String, name: String, request: Request<RequestBody>) -> Reply {
         check_name("model", &name)?;
         let push: ModelPush = read_json(request, "model description", r#"{"format": "onnx", "files": {"model.onnx": "SHA256"}}"#).await?;
         let format = Format::from_name(&push.format).ok_or_else(|| {

@@ -8,7 +8,7 @@ use crate::api::ApiError;
 use crate::hex::{hex, random_hex};
 use http::StatusCode;
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
+use crate::RequestBody;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -106,7 +106,7 @@ impl Uploads {
 
     /// Receives `body` into a temporary file under `slot`, within `room`
     /// (`what` names the upload in errors).
-    pub async fn receive(&self, slot: &Slot, body: Incoming, room: Room, what: &str) -> Result<Upload, ApiError> {
+    pub async fn receive(&self, slot: &Slot, body: RequestBody, room: Room, what: &str) -> Result<Upload, ApiError> {
         let name = random_hex(12).map_err(|e| ApiError::internal(format!("naming an upload: {e}")))?;
         let path = self.dir.join(format!(".upload.tmp-{name}"));
         let file = tokio::fs::File::create(&path).await.map_err(|e| ApiError::internal(format!("creating an upload file: {e}")))?;
