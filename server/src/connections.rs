@@ -129,11 +129,10 @@ fn admit(open: &Arc<Mutex<Open>>, limits: &ConnectionLimits, client: IpAddr) -> 
     if guard.total >= limits.max_connections {
         return Err("the server has as many connections open as it takes");
     }
-    let from_client = guard.per_client.entry(client).or_insert(0);
-    if *from_client >= limits.max_per_client {
+    if guard.per_client.get(&client).copied().unwrap_or(0) >= limits.max_per_client {
         return Err("your address has as many connections open as one client may");
     }
-    *from_client += 1;
+    *guard.per_client.entry(client).or_insert(0) += 1;
     guard.total += 1;
     Ok(Admitted { open: open.clone(), client })
 }
