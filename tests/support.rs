@@ -154,25 +154,28 @@ impl Server {
         json["token"].as_str().unwrap().to_string()
     }
 
-    /// Stops the server like a crash would.
     /// Sends the server `signal` (libc::SIGTERM, SIGINT, ...).
     pub fn signal(&self, signal: i32) {
         // SAFETY: kill(2) on our own child's pid.
         assert_eq!(unsafe { libc::kill(self.pid() as i32, signal) }, 0, "kill({signal})");
     }
 
-    /// Waits up to `limit` for the server to exit; its status if it did.
+    /// Waits up to `limit` for the server to exit (looking at least once);
+    /// its status if it did.
     pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
         let until = std::time::Instant::now() + limit;
-        while std::time::Instant::now() < until {
+        loop {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return Some(status);
             }
+            if std::time::Instant::now() >= until {
+                return None;
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
-        None
     }
 
+    /// Stops the server like a crash would.
     pub fn kill(mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();

@@ -237,6 +237,13 @@ impl ConnectionArgs {
                 "--max-connections, --max-connections-per-client, --header-timeout-secs, --max-header-kb and --body-timeout-secs must be at least 1"
             );
         }
+        if self.header_timeout_secs > 86_400 || self.body_timeout_secs > 86_400 {
+            anyhow::bail!("--header-timeout-secs and --body-timeout-secs must be at most 86400 (a day)");
+        }
+        // hyper reads a request head into a buffer of at most about 400 KiB.
+        if self.max_header_kb > 400 {
+            anyhow::bail!("--max-header-kb must be at most 400");
+        }
         Ok(ConnectionLimits {
             max_connections: self.max_connections,
             max_per_client: self.max_connections_per_client,

@@ -131,6 +131,9 @@ pub async fn run(args: ServeArgs) -> Result<ExitCode> {
     if args.concurrency.iter().any(|&c| c == 0) || args.rounds == 0 {
         bail!("--concurrency levels and --rounds must be at least 1");
     }
+    if args.pin_core >= libc::CPU_SETSIZE as usize {
+        bail!("--pin-core must be below {}", libc::CPU_SETSIZE);
+    }
     let wasmtime_version = Command::new(&args.wasmtime).arg("--version").output().ok().filter(|o| o.status.success());
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!(

@@ -158,17 +158,26 @@ where
         }
         _ = tokio::time::sleep(drain) => {
             tracing::warn!(drain_secs, "drain timeout: exiting with requests still in flight");
-            Ok(ExitCode::SUCCESS)
+            exit_now(0)
         }
-        _ = interrupt.recv() => second_signal(),
-        _ = term.recv() => second_signal(),
+        _ = interrupt.recv() => {
+            tracing::warn!("second signal: exiting at once, requests in flight are cut off");
+            exit_now(1)
+        }
+        _ = term.recv() => {
+            tracing::warn!("second signal: exiting at once, requests in flight are cut off");
+            exit_now(1)
+        }
     }
+}
+
+/// Exits the process now: returning would drop the tokio runtime, which
+/// waits for every blocking task still running (compiles, model loads,
+/// inference calls), however long they take.
+fn exit_now(code: i32) -> ! {
+    std::process::exit(code)
 }
 
 /// What [`until_signal`] hands the server: completes at the first signal.
 pub type StopFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
-fn second_signal() -> Result<ExitCode> {
-    tracing::warn!("second signal: exiting at once, requests in flight are cut off");
-    Ok(ExitCode::from(1))
-}

@@ -43,6 +43,15 @@ fn handle(request: Request) -> Response {
             })
         }
         "/header" => Response::text(200, request.header("x-test").unwrap_or_default()),
+        "/slow-read" => {
+            // Busy (sleeping) before it reads its body at all.
+            let ms = query_number(&request, "ms", 1000);
+            wasip2::clocks::monotonic_clock::subscribe_duration(ms * 1_000_000).block();
+            match request.body() {
+                Ok(body) => Response::text(200, body.len().to_string()),
+                Err(e) => Response::text(400, format!("body error: {e}")),
+            }
+        }
         "/body-length" => match request.body() {
             Ok(body) => Response::text(200, body.len().to_string()),
             Err(e) => Response::text(400, format!("body error: {e}")),

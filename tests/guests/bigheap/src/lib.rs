@@ -1,8 +1,9 @@
 //! Init builds a 20 MB heap; the snapshot carries it, and copy-on-write
 //! means an instance maps it rather than copying it. `/scribble` checks
 //! that the heap is exactly as init left it, then writes over every other
-//! page of it and over a fresh 4 MiB allocation: whatever a request wrote,
-//! the next instance in the same pool slot must see init's heap again.
+//! page of it and over a fresh 4 MiB allocation (checked to read as zero
+//! first): whatever a request wrote, the next instance in the same pool
+//! slot must see init's heap and zeroed fresh memory again.
 
 use gpuwasm_guest::{Request, Response};
 use std::sync::Mutex;
@@ -31,9 +32,17 @@ fn handle(request: Request) -> Response {
         page.fill(0xEE);
         pages += 1;
     }
-    let fresh = std::hint::black_box(vec![0xAAu8; 4 << 20]);
-    let status = if wrong == 0 { 200 } else { 500 };
-    Response::text(status, format!("{wrong} bytes differed from init's heap; wrote {pages} pages and {} more bytes", fresh.len()))
+    // Memory beyond the snapshot (grown by an earlier instance in this slot)
+    // must read as zero too: the allocator trusts fresh memory to be.
+    let mut fresh = std::hint::black_box(vec![0u8; 4 << 20]);
+    let dirty = fresh.iter().filter(|&&b| b != 0).count();
+    fresh.fill(0xAA);
+    std::hint::black_box(&fresh);
+    let status = if wrong == 0 && dirty == 0 { 200 } else { 500 };
+    Response::text(
+        status,
+        format!("{wrong} bytes differed from init's heap, {dirty} fresh bytes were not zero; wrote {pages} pages and {} more bytes", fresh.len()),
+    )
 }
 
 gpuwasm_guest::export!(handle, init = setup);
