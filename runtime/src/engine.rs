@@ -40,12 +40,12 @@ pub(crate) fn new_engine(pool: &PoolSettings) -> wasmtime::Result<Engine> {
     // so the reset, and each copy-on-write fault of the next instance on
     // the unmapped pages, interrupts every core to flush its TLB: on a
     // loaded server that took a third of the CPU or more
-    // (docs/performance.md). With
-    // PAGEMAP_SCAN (Linux 6.7+) wasmtime finds the pages the instance
-    // wrote and copies them back from the snapshot or zeroes them, leaving
-    // page tables alone, for up to `keep_resident` bytes of each memory and
-    // table; only what lies beyond is unmapped. Without the scan, kept bytes
-    // are reset whether written or not, so only a little is kept.
+    // (docs/performance.md). With PAGEMAP_SCAN (Linux 6.7+) wasmtime finds
+    // the pages the instance wrote and copies them back from the snapshot
+    // or zeroes them, leaving page tables alone, for up to `keep` bytes of
+    // each memory and table; only what lies beyond is unmapped. Without the
+    // scan, kept bytes are reset whether written or not, so only a little
+    // is kept.
     let keep = usize::try_from(pool.keep_resident_mb.saturating_mul(1 << 20)).unwrap_or(usize::MAX);
     if keep > 0 && PoolingAllocationConfig::is_pagemap_scan_available() {
         pooling.pagemap_scan(Enabled::Yes).linear_memory_keep_resident(keep).table_keep_resident(keep);

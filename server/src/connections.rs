@@ -23,13 +23,13 @@ use tokio::net::{TcpListener, TcpStream};
 pub struct RequestBody {
     inner: Incoming,
     idle: Duration,
-    deadline: Pin<Box<tokio::time::Sleep>>,
-    waiting: bool,
+    /// While the reader waits for bytes: when it gives up.
+    waiting: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl RequestBody {
     fn new(inner: Incoming, idle: Duration) -> Self {
-        RequestBody { inner, idle, deadline: Box::pin(tokio::time::sleep(idle)), waiting: false }
+        RequestBody { inner, idle, waiting: None }
     }
 }
 
@@ -41,19 +41,13 @@ impl http_body::Body for RequestBody {
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(frame) => {
-                this.waiting = false;
+                this.waiting = None;
                 Poll::Ready(frame.map(|f| f.map_err(BoxError::from)))
             }
-            Poll::Pending => {
-                if !this.waiting {
-                    this.waiting = true;
-                    this.deadline.as_mut().reset(tokio::time::Instant::now() + this.idle);
-                }
-                match this.deadline.as_mut().poll(cx) {
-                    Poll::Ready(()) => Poll::Ready(Some(Err(format!("the client sent no body bytes for {:?}", this.idle).into()))),
-                    Poll::Pending => Poll::Pending,
-                }
-            }
+            Poll::Pending => match this.waiting.get_or_insert_with(|| Box::pin(tokio::time::sleep(this.idle))).as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(format!("the client sent no body bytes for {:?}", this.idle).into()))),
+                Poll::Pending => Poll::Pending,
+            },
         }
     }
 

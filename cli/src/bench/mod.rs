@@ -72,18 +72,6 @@ fn vm_rss_mib(pid: u32) -> Result<f64> {
     Ok(kb / 1024.0)
 }
 
-/// Whether something accepts TCP connections on `addr` within `limit`.
-async fn wait_for(addr: &str, limit: std::time::Duration) -> bool {
-    let until = std::time::Instant::now() + limit;
-    while std::time::Instant::now() < until {
-        if tokio::net::TcpStream::connect(addr).await.is_ok() {
-            return true;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    false
-}
-
 pub async fn run(bench: Bench) -> Result<ExitCode> {
     match bench {
         Bench::Http(args) => http::run(args).await,

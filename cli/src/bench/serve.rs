@@ -12,7 +12,7 @@
 //! shares the machine's cores with the servers.
 
 use super::http::{load, percentile};
-use super::{read_listen_line, vm_rss_mib, wait_for};
+use super::{read_listen_line, vm_rss_mib};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use std::os::unix::process::CommandExt;
@@ -48,6 +48,18 @@ pub struct ServeArgs {
     /// (repeatable; e.g. --variant "--keep-resident-mb 0").
     #[arg(long = "variant", value_name = "ARGS", allow_hyphen_values = true)]
     variants: Vec<String>,
+}
+
+/// Whether something accepts TCP connections on `addr` within `limit`.
+async fn wait_for(addr: &str, limit: Duration) -> bool {
+    let until = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < until {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
 }
 
 /// A server child process, killed on drop.

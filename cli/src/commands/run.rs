@@ -2,7 +2,7 @@
 //! `wasmtime serve`); a gpuwasm.toml beside it applies.
 
 use super::serve::{announce, bind, until_signal};
-use crate::args::{LimitArgs, PoolArgs, ConnectionArgs, load_manifest, read_component};
+use crate::args::{ConnectionArgs, LimitArgs, PoolArgs, load_manifest, read_component};
 use anyhow::{Context, Result};
 use clap::Args;
 use gpuwasm::Capabilities;

@@ -2,7 +2,7 @@
 //! `serve` and `run` share: binding, announcing the address, and stopping
 //! on a signal.
 
-use crate::args::{PoolArgs, ConnectionArgs, default_data_dir};
+use crate::args::{ConnectionArgs, PoolArgs, default_data_dir};
 use anyhow::{Context, Result};
 use clap::Args;
 use gpuwasm_server::{Server, ServerConfig, TenantQuotas};
@@ -137,45 +137,41 @@ where
         let _ = stopped.await;
     }));
     tokio::pin!(serving);
-    let mut term = signal(SignalKind::terminate())?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
+    let (mut term, mut interrupt) = (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?);
+    let mut signalled = async || {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = interrupt.recv() => {}
+        }
+    };
     tokio::select! {
         result = &mut serving => {
             result?;
             return Ok(ExitCode::SUCCESS);
         }
-        _ = interrupt.recv() => {}
-        _ = term.recv() => {}
+        () = signalled() => {}
     }
     let drain = std::time::Duration::from_secs(drain_secs);
     tracing::info!(drain_secs, "signal received: accepting nothing new, letting requests in flight finish (a second signal stops at once)");
     let _ = stop.send(());
+    // Past this point the process exits directly: returning would drop the
+    // tokio runtime, which waits for every blocking task still running
+    // (compiles, model loads, inference calls), however long they take.
     tokio::select! {
         result = &mut serving => {
             result?;
             tracing::info!("every request in flight finished; exiting");
             Ok(ExitCode::SUCCESS)
         }
-        _ = tokio::time::sleep(drain) => {
+        () = tokio::time::sleep(drain) => {
             tracing::warn!(drain_secs, "drain timeout: exiting with requests still in flight");
-            exit_now(0)
+            std::process::exit(0)
         }
-        _ = interrupt.recv() => {
+        () = signalled() => {
             tracing::warn!("second signal: exiting at once, requests in flight are cut off");
-            exit_now(1)
-        }
-        _ = term.recv() => {
-            tracing::warn!("second signal: exiting at once, requests in flight are cut off");
-            exit_now(1)
+            std::process::exit(1)
         }
     }
-}
-
-/// Exits the process now: returning would drop the tokio runtime, which
-/// waits for every blocking task still running (compiles, model loads,
-/// inference calls), however long they take.
-fn exit_now(code: i32) -> ! {
-    std::process::exit(code)
 }
 
 /// What [`until_signal`] hands the server: completes at the first signal.
