@@ -12,7 +12,7 @@
 //! text at once, and attention runs per text, so a batch of mixed lengths
 //! costs what its tokens cost.
 
-use crate::backend::{Activation, Array, AttentionSpec, DeviceInfo, HostWeight, Pass, SharedBackend, Weight};
+use crate::backend::{Activation, Array, AttentionSpec, DeviceInfo, Epilogue, HostWeight, Pass, SharedBackend, Weight};
 use crate::budget::Budget;
 use crate::error::{Error, invalid_input, invalid_model};
 use crate::model::{Graph, ModelFiles};
@@ -78,8 +78,8 @@ impl Linear {
         })
     }
 
-    fn apply(&self, pass: &Pass, x: &Array) -> Result<Array, Error> {
-        pass.linear(x, &self.w, Some(&self.b))
+    fn apply(&self, pass: &Pass, x: &Array, then: Epilogue<&Array>) -> Result<Array, Error> {
+        pass.linear_then(x, &self.w, Some(&self.b), then)
     }
 }
 
@@ -275,12 +275,11 @@ impl Bert {
         let (heads, dim) = (self.heads, self.hidden / self.heads);
         let spec = AttentionSpec { lens: lens.to_vec(), heads, kv_heads: heads, dim, causal: false, scale: 1.0 / (dim as f32).sqrt() };
         for layer in &self.layers {
-            let (q, k, v) = (layer.query.apply(pass, &x)?, layer.key.apply(pass, &x)?, layer.value.apply(pass, &x)?);
-            let context = pass.attention(&q, &k, &v, &spec)?;
-            drop((q, k, v));
-            x = add_norm(pass, &layer.attn_out.apply(pass, &context)?, &x, &layer.attn_norm, self.eps)?;
-            let inner = pass.activation(&layer.up.apply(pass, &x)?, Activation::Gelu)?;
-            x = add_norm(pass, &layer.down.apply(pass, &inner)?, &x, &layer.out_norm, self.eps)?;
+            let [q, k, v] = [&layer.query, &layer.key, &layer.value].map(|l| l.apply(pass, &x, Epilogue::None));
+            let context = pass.attention(&q?, &k?, &v?, &spec)?;
+            x = add_norm(pass, &layer.attn_out, &context, &x, &layer.attn_norm, self.eps)?;
+            let inner = layer.up.apply(pass, &x, Epilogue::Activation(Activation::Gelu))?;
+            x = add_norm(pass, &layer.down, &inner, &x, &layer.out_norm, self.eps)?;
         }
         Ok(self.pool(&pass.download(&x)?, lens))
     }
@@ -331,9 +330,9 @@ impl Bert {
     }
 }
 
-/// `norm(y + residual)`.
-fn add_norm(pass: &Pass, y: &Array, residual: &Array, norm: &Norm, eps: f32) -> Result<Array, Error> {
-    pass.layer_norm(&pass.add(y, residual)?, &norm.gamma, &norm.beta, eps)
+/// `norm(linear(x) + residual)`.
+fn add_norm(pass: &Pass, linear: &Linear, x: &Array, residual: &Array, norm: &Norm, eps: f32) -> Result<Array, Error> {
+    pass.layer_norm(&linear.apply(pass, x, Epilogue::Residual(residual))?, &norm.gamma, &norm.beta, eps)
 }
 
 /// Pooling and normalisation from the sentence-transformers files; a bare

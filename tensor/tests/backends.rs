@@ -6,7 +6,7 @@
 
 mod common;
 
-use gpuwasm_tensor::backend::{Activation, AttentionSpec, Backend, CachedAttention, DeviceKind, CachedSeq, HostData, HostWeight, RopeSpec, WeightFormat};
+use gpuwasm_tensor::backend::{Activation, AttentionSpec, Backend, CachedAttention, DeviceKind, CachedSeq, Epilogue, HostData, HostWeight, RopeSpec, WeightFormat};
 use gpuwasm_tensor::quant;
 
 /// A reproducible stream of numbers (xorshift).
@@ -130,6 +130,18 @@ fn linear_layers_in_every_weight_format() {
                 let want = reference_linear(&x, rows, cols, &values, out, with_bias.then_some(&bias[..]));
                 close(&format!("linear of {format:?} (bias {with_bias})"), b, &b.download(&y).unwrap(), &want, tolerance);
             }
+            // Epilogues, fused or not: a residual added, an activation applied.
+            let want = reference_linear(&x, rows, cols, &values, out, Some(&bias));
+            let residual = rng.vec(rows * out);
+            let ra = b.upload(vec![rows, out], residual.clone()).unwrap();
+            let y = b.linear_then(&xa, &weight, Some(&bias_w), Epilogue::Residual(&ra)).unwrap();
+            let plus: Vec<f32> = want.iter().zip(&residual).map(|(w, r)| w + r).collect();
+            close(&format!("linear of {format:?} plus a residual"), b, &b.download(&y).unwrap(), &plus, tolerance);
+            let y = b.linear_then(&xa, &weight, Some(&bias_w), Epilogue::Activation(Activation::Relu)).unwrap();
+            let relu: Vec<f32> = want.iter().map(|w| w.max(0.0)).collect();
+            close(&format!("linear of {format:?} then ReLU"), b, &b.download(&y).unwrap(), &relu, tolerance);
+            let wrong = b.upload(vec![rows, out + 1], rng.vec(rows * (out + 1))).unwrap();
+            assert!(b.linear_then(&xa, &weight, None, Epilogue::Residual(&wrong)).is_err(), "{}: a residual of another shape", b.info().name);
         }
         // Shapes that disagree are refused, not computed.
         let w = b.weight(HostWeight::f32(3, 7, rng.vec(21))).unwrap();

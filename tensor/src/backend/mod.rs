@@ -339,6 +339,30 @@ pub enum Activation {
     Erf,
 }
 
+/// What a linear layer does to its outputs before storing them (see
+/// [`Backend::linear_then`]): `R` is the residual's type (an [`Array`]
+/// here, its values inside a backend).
+#[derive(Clone, Copy, Debug)]
+pub enum Epilogue<R> {
+    /// Nothing: `y`.
+    None,
+    /// `f(y)`.
+    Activation(Activation),
+    /// `y + residual`, a residual of the output's shape.
+    Residual(R),
+}
+
+impl<R> Epilogue<R> {
+    /// The same epilogue with its residual mapped by `f`.
+    pub fn try_map<S, E>(self, f: impl FnOnce(R) -> Result<S, E>) -> Result<Epilogue<S>, E> {
+        Ok(match self {
+            Epilogue::None => Epilogue::None,
+            Epilogue::Activation(a) => Epilogue::Activation(a),
+            Epilogue::Residual(r) => Epilogue::Residual(f(r)?),
+        })
+    }
+}
+
 /// Attention over packed sequences: `q` is `[tokens, heads * dim]`, `k`
 /// and `v` are `[tokens, kv_heads * dim]` (grouped-query attention when
 /// `kv_heads < heads`); sequence `i` is the next `lens[i]` rows. Each
@@ -494,6 +518,19 @@ pub trait Backend: Send + Sync {
     fn embedding(&self, table: &Weight, ids: &[u32]) -> Result<Array, Error>;
     /// `x [rows, w.cols] · wᵀ (+ bias)`: `[rows, w.rows]`.
     fn linear(&self, x: &Array, w: &Weight, bias: Option<&Weight>) -> Result<Array, Error>;
+    /// [`Backend::linear`] followed by `then`. A backend that fuses the
+    /// epilogue into the product's stores (the CPU's) saves a pass over the
+    /// output and its copy; this default runs them one after the other, and
+    /// holds the unfused output for as long as the second step takes.
+    fn linear_then(&self, x: &Array, w: &Weight, bias: Option<&Weight>, then: Epilogue<&Array>) -> Result<Array, Error> {
+        check_epilogue(then, x.matrix().0, w.rows)?;
+        let y = self.linear(x, w, bias)?;
+        match then {
+            Epilogue::None => Ok(y),
+            Epilogue::Activation(f) => self.activation(&y, f),
+            Epilogue::Residual(r) => self.add(&y, r),
+        }
+    }
     /// `alpha · a · b` for `a [batch, m, k]` and `b [batch or 1, k, n]`
     /// (`[batch or 1, n, k]` when `transpose_b`): `[batch, m, n]`.
     fn matmul(&self, a: &Array, b: &Array, transpose_b: bool, alpha: f32) -> Result<Array, Error>;
@@ -648,6 +685,11 @@ impl<'a> Pass<'a> {
         self.make("linear layer's output", vec![x.matrix().0, w.rows], || self.backend.linear(x, w, bias))
     }
 
+    /// [`Backend::linear_then`].
+    pub fn linear_then(&self, x: &Array, w: &Weight, bias: Option<&Weight>, then: Epilogue<&Array>) -> Result<Array, Error> {
+        self.make("linear layer's output", vec![x.matrix().0, w.rows], || self.backend.linear_then(x, w, bias, then))
+    }
+
     /// [`Backend::matmul`].
     pub fn matmul(&self, a: &Array, b: &Array, transpose_b: bool, alpha: f32) -> Result<Array, Error> {
         let n = match (b.shape(), transpose_b) {
@@ -749,6 +791,17 @@ pub(crate) fn check_linear(x: &Array, w: &Weight, bias: Option<&Weight>) -> Resu
         )));
     }
     Ok((rows, cols, w.rows))
+}
+
+/// Checks an epilogue fits a linear layer's `[rows, out]` output: a
+/// residual of exactly that shape.
+pub(crate) fn check_epilogue(then: Epilogue<&Array>, rows: usize, out: usize) -> Result<(), Error> {
+    match then {
+        Epilogue::Residual(r) if r.shape() != [rows, out] => {
+            Err(invalid_input(format!("adding a residual of {:?} to a linear layer's [{rows}, {out}]", r.shape())))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// A matrix product's dimensions (see [`Backend::matmul`]).

@@ -6,7 +6,7 @@
 //! decoded inside the kernels.
 
 use crate::backend::{
-    Activation, CachedAttention, CachedSeq, HostData, HostWeight, KvCache, Pass, RopeSpec, SharedBackend, Weight, WeightFormat,
+    Activation, CachedAttention, CachedSeq, Epilogue, HostData, HostWeight, KvCache, Pass, RopeSpec, SharedBackend, Weight, WeightFormat,
 };
 use crate::error::{Error, invalid_model};
 use crate::gguf::{Gguf, Value};
@@ -316,11 +316,11 @@ impl Llama {
             drop(h);
             pass.write_kv(layer_cache, &k, &v, &step.slots)?;
             let attended = pass.cached_attention(&q, layer_cache, &attention)?;
-            x = pass.add(&x, &pass.linear(&attended, &block.out, None)?)?;
+            x = pass.linear_then(&attended, &block.out, None, Epilogue::Residual(&x))?;
             let h = pass.rms_norm(&x, &block.ffn_norm, c.eps)?;
-            let gate = pass.activation(&pass.linear(&h, &block.gate, None)?, Activation::Silu)?;
+            let gate = pass.linear_then(&h, &block.gate, None, Epilogue::Activation(Activation::Silu))?;
             let hidden = pass.mul(&gate, &pass.linear(&h, &block.up, None)?)?;
-            x = pass.add(&x, &pass.linear(&hidden, &block.down, None)?)?;
+            x = pass.linear_then(&hidden, &block.down, None, Epilogue::Residual(&x))?;
         }
         if step.logits.is_empty() {
             return Ok(Vec::new());

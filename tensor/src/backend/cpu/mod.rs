@@ -8,8 +8,8 @@
 //! rotary embeddings.
 
 use super::{
-    Activation, Array, AttentionSpec, Backend, DeviceInfo, DeviceKind, HostData, HostWeight, RopeSpec, Weight, WeightFormat,
-    CachedAttention, KvCache, MatmulDims, check_attention, check_cached_attention, check_elementwise, check_linear, check_matmul,
+    Activation, Array, AttentionSpec, Backend, CachedAttention, DeviceInfo, DeviceKind, Epilogue, HostData, HostWeight, KvCache,
+    MatmulDims, RopeSpec, Weight, WeightFormat, check_attention, check_cached_attention, check_elementwise, check_epilogue, check_linear, check_matmul,
     check_rope, check_rows, check_values, check_write_kv,
 };
 mod panels;
@@ -127,40 +127,52 @@ pub fn layer_norm(x: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32) {
     if width == 0 {
         return;
     }
-    for row in x.chunks_exact_mut(width) {
-        let mean = sum_by(row, |v| v) / width as f32;
-        let var = sum_by(row, |v| (v - mean) * (v - mean)) / width as f32;
-        let inv = 1.0 / (var + eps).sqrt();
-        for ((v, g), b) in row.iter_mut().zip(gamma).zip(beta) {
-            *v = (*v - mean) * inv * g + b;
+    fast(
+        #[inline(always)]
+        || {
+            for row in x.chunks_exact_mut(width) {
+                let mean = sum_by(row, |v| v) / width as f32;
+                let var = sum_by(row, |v| (v - mean) * (v - mean)) / width as f32;
+                let inv = 1.0 / (var + eps).sqrt();
+                for ((v, g), b) in row.iter_mut().zip(gamma).zip(beta) {
+                    *v = (*v - mean) * inv * g + b;
+                }
+            }
+        },
+    )
+}
+
+/// Runs `f` compiled for AVX2 and FMA where the CPU has them (the crate
+/// itself targets the x86-64 baseline, whose vectors hold 4 floats): the
+/// loops the compiler vectorises then take 8 floats a step and fuse their
+/// multiply-adds. `f` is inlined into the AVX2 copy, with whatever it calls
+/// that is `#[inline(always)]`; what it calls otherwise keeps the baseline.
+#[inline(always)]
+fn fast<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2_fma<R>(f: impl FnOnce() -> R) -> R {
+            f()
         }
+        // SAFETY: the CPU has AVX2 and FMA, checked just above.
+        return unsafe { avx2_fma(f) };
     }
+    f()
 }
 
 /// The erf GELU, in place: `x/2 * (1 + erf(x/sqrt 2))`, with erf from
 /// Abramowitz & Stegun 7.1.26 (absolute error below 1e-6 in f32) and a
-/// branch-free exp, so the loop vectorises (8 lanes with AVX2 and FMA,
-/// chosen at run time; 4 with the SSE2 baseline).
+/// branch-free exp, so the loop vectorises.
 pub fn gelu(x: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU supports AVX2 and FMA, checked just above.
-        return unsafe { gelu_avx2(x) };
-    }
-    gelu_portable(x)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn gelu_avx2(x: &mut [f32]) {
-    gelu_portable(x)
-}
-
-#[inline(always)]
-fn gelu_portable(x: &mut [f32]) {
-    for v in x {
-        *v = 0.5 * *v * (1.0 + erf(*v * std::f32::consts::FRAC_1_SQRT_2));
-    }
+    fast(
+        #[inline(always)]
+        || {
+            for v in x {
+                *v = 0.5 * *v * (1.0 + erf(*v * std::f32::consts::FRAC_1_SQRT_2));
+            }
+        },
+    )
 }
 
 /// erf by Abramowitz & Stegun 7.1.26.
@@ -193,17 +205,19 @@ pub fn softmax_rows(x: &mut [f32], width: usize) {
     if width == 0 {
         return;
     }
-    for row in x.chunks_exact_mut(width) {
-        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0.0;
-        for v in row.iter_mut() {
-            *v = (*v - max).exp();
-            sum += *v;
-        }
-        for v in row.iter_mut() {
-            *v /= sum;
-        }
-    }
+    fast(
+        #[inline(always)]
+        || x.chunks_exact_mut(width).for_each(softmax),
+    )
+}
+
+/// Softmax of one row, in place, with the branch-free [`exp`] so it vectorises.
+#[inline(always)]
+fn softmax(row: &mut [f32]) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    row.iter_mut().for_each(|v| *v = exp(*v - max));
+    let inv = 1.0 / sum_by(row, |v| v);
+    row.iter_mut().for_each(|v| *v *= inv);
 }
 
 /// RMS normalisation of each row of `x` (width `gamma.len()`), in place.
@@ -276,7 +290,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 fn attend<'a>(q: &[f32], n: usize, kv: impl Fn(usize) -> (&'a [f32], &'a [f32]), scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
     scores.clear();
     scores.extend((0..n).map(|j| dot(q, kv(j).0) * scale));
-    softmax_rows(scores, n);
+    softmax(scores);
     out.fill(0.0);
     for (j, w) in scores.iter().enumerate() {
         out.iter_mut().zip(kv(j).1).for_each(|(o, v)| *o += w * v);
@@ -303,11 +317,16 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], spec: &AttentionSpec) -> Vec<f
     let tasks = context.par_chunks_mut(qw.max(1)).zip(&rows).with_min_len(min_rows);
     tasks.for_each_init(Vec::new, |scores, (out, &(start, len, i))| {
         let seen = if spec.causal { i + 1 } else { len };
-        for (head, o) in out.chunks_exact_mut(dim).enumerate() {
-            let at = (head / group) * dim;
-            let kv = |j: usize| (&k[(start + j) * kw + at..][..dim], &v[(start + j) * kw + at..][..dim]);
-            attend(&q[(start + i) * qw + head * dim..][..dim], seen, kv, spec.scale, scores, o);
-        }
+        fast(
+            #[inline(always)]
+            || {
+                for (head, o) in out.chunks_exact_mut(dim).enumerate() {
+                    let at = (head / group) * dim;
+                    let kv = |j: usize| (&k[(start + j) * kw + at..][..dim], &v[(start + j) * kw + at..][..dim]);
+                    attend(&q[(start + i) * qw + head * dim..][..dim], seen, kv, spec.scale, scores, o);
+                }
+            },
+        )
     });
     context
 }
@@ -328,7 +347,10 @@ pub fn cached_attention(q: &[f32], keys: &[f32], vals: &[f32], spec: &CachedAtte
             let s = seen[j] as usize * kw + at;
             (&keys[s..][..dim], &vals[s..][..dim])
         };
-        attend(&q[row * qw + head * dim..][..dim], seen.len(), kv, spec.scale, scores, o);
+        fast(
+            #[inline(always)]
+            || attend(&q[row * qw + head * dim..][..dim], seen.len(), kv, spec.scale, scores, o),
+        );
     });
     out
 }
@@ -390,6 +412,18 @@ fn floats(w: &Weight) -> Result<&[f32], Error> {
     }
 }
 
+/// `then(y)`, for products that do not fuse their epilogue.
+fn finish(mut y: Vec<f32>, then: Epilogue<&[f32]>) -> Vec<f32> {
+    match then {
+        Epilogue::None => y,
+        Epilogue::Activation(f) => {
+            activate(&mut y, f);
+            y
+        }
+        Epilogue::Residual(r) => combine(&y, r, |a, b| a + b),
+    }
+}
+
 fn elementwise(a: &Array, b: &Array, f: impl Fn(f32, f32) -> f32) -> Result<Array, Error> {
     check_elementwise(a, b)?;
     Ok(Array::host(a.shape().to_vec(), combine(values(a)?, values(b)?, f)))
@@ -399,9 +433,14 @@ fn elementwise(a: &Array, b: &Array, f: impl Fn(f32, f32) -> f32) -> Result<Arra
 /// `a`'s rows; written in place over a copy of `a` so the loop vectorises.
 fn combine(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> Vec<f32> {
     let mut out = a.to_vec();
-    for row in out.chunks_mut(b.len().max(1)) {
-        row.iter_mut().zip(b).for_each(|(x, y)| *x = f(*x, *y));
-    }
+    fast(
+        #[inline(always)]
+        || {
+            for row in out.chunks_mut(b.len().max(1)) {
+                row.iter_mut().zip(b).for_each(|(x, y)| *x = f(*x, *y));
+            }
+        },
+    );
     out
 }
 
@@ -457,11 +496,17 @@ impl Backend for CpuBackend {
     }
 
     fn linear(&self, x: &Array, w: &Weight, bias: Option<&Weight>) -> Result<Array, Error> {
+        self.linear_then(x, w, bias, Epilogue::None)
+    }
+
+    fn linear_then(&self, x: &Array, w: &Weight, bias: Option<&Weight>, then: Epilogue<&Array>) -> Result<Array, Error> {
         let (rows, cols, out) = check_linear(x, w, bias)?;
+        check_epilogue(then, rows, out)?;
+        let then = then.try_map(values)?;
         let xv = values(x)?;
         let bias = bias.map(floats).transpose()?;
         let y = match w.host_data() {
-            Some(HostData::F32(wv)) => linear(xv, rows, cols, wv, out, bias),
+            Some(HostData::F32(wv)) => finish(linear(xv, rows, cols, wv, out, bias), then),
             // Half floats were widened to floats when prepared: what is
             // encoded here is quantised.
             Some(HostData::Encoded(format, bytes)) => {
@@ -469,9 +514,9 @@ impl Backend for CpuBackend {
                 if let Some(b) = bias {
                     y.chunks_exact_mut(out).for_each(|row| row.iter_mut().zip(b).for_each(|(v, b)| *v += b));
                 }
-                y
+                finish(y, then)
             }
-            None => w.device_memory::<Panels>()?.linear(self.isa, xv, rows, bias),
+            None => w.device_memory::<Panels>()?.linear(self.isa, xv, rows, bias, then),
         };
         Ok(Array::host(vec![rows, out], y))
     }

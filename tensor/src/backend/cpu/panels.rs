@@ -15,7 +15,7 @@
 //! threads of rayon's global pool (one pool per process, shared by every
 //! model) by panels; small ones run on the calling thread.
 
-use crate::backend::DeviceMemory;
+use crate::backend::{DeviceMemory, Epilogue};
 use rayon::prelude::*;
 use std::any::Any;
 
@@ -116,12 +116,15 @@ impl Panels {
         dst.extend(panel.iter().skip(o % WIDTH).step_by(WIDTH));
     }
 
-    /// `x [rows, inp] · wᵀ + bias`: `[rows, out]`, with kernels `isa`
-    /// (which the CPU must run: one of [`Isa::available`]).
-    pub fn linear(&self, isa: Isa, x: &[f32], rows: usize, bias: Option<&[f32]>) -> Vec<f32> {
+    /// `then(x [rows, inp] · wᵀ + bias)`: `[rows, out]`, with kernels
+    /// `isa` (which the CPU must run: one of [`Isa::available`]). The
+    /// epilogue runs on each part's own columns as soon as a tile of rows
+    /// is done, while they are still in cache.
+    pub fn linear(&self, isa: Isa, x: &[f32], rows: usize, bias: Option<&[f32]>, then: Epilogue<&[f32]>) -> Vec<f32> {
         let (inp, out) = (self.inp, self.out);
         assert_eq!(x.len(), rows * inp, "{rows} rows of {inp} values");
         assert!(bias.is_none_or(|b| b.len() == out), "a bias of {out} values");
+        assert!(!matches!(then, Epilogue::Residual(r) if r.len() != rows * out), "a residual of {rows} x {out}");
         let mut y = vec![0.0; rows * out];
         let panels = out.div_ceil(WIDTH);
         if rows == 0 || panels == 0 {
@@ -131,6 +134,9 @@ impl Panels {
             if let Some(b) = bias {
                 y.chunks_exact_mut(out).for_each(|row| row.copy_from_slice(b));
             }
+            let target = Target { y: y.as_mut_ptr(), out };
+            // SAFETY: this thread alone writes `y`, which holds `rows * out` values.
+            unsafe { target.finish(0..rows, 0..out, then) };
             return y;
         }
         let work = rows * inp * out;
@@ -139,7 +145,7 @@ impl Panels {
         let run = |part: usize| {
             let (from, to) = (part * panels / parts, (part + 1) * panels / parts);
             // SAFETY: parts cover disjoint panels, so disjoint columns of `y`.
-            unsafe { self.run(isa, x, rows, bias, from..to, &target) }
+            unsafe { self.run(isa, x, rows, bias, then, from..to, &target) }
         };
         if parts == 1 {
             run(0);
@@ -154,20 +160,37 @@ impl Panels {
     /// # Safety
     /// No other thread writes these columns of `target` meanwhile, and
     /// `target` holds `rows * out` values.
-    unsafe fn run(&self, isa: Isa, x: &[f32], rows: usize, bias: Option<&[f32]>, range: std::ops::Range<usize>, target: &Target) {
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn run(
+        &self,
+        isa: Isa,
+        x: &[f32],
+        rows: usize,
+        bias: Option<&[f32]>,
+        then: Epilogue<&[f32]>,
+        range: std::ops::Range<usize>,
+        target: &Target,
+    ) {
         let inp = self.inp;
         let block = isa.block_rows();
         let tile = (TILE_BYTES / (4 * inp.max(1))).max(block) / block * block;
         let mut acc = [[0f32; WIDTH]; 12];
         for tile_start in (0..rows).step_by(tile) {
             let tile_end = (tile_start + tile).min(rows);
+            // Blocks of equal size (13 rows: 7 and 6, not 12 and 1): a
+            // kernel on a few rows waits on its sums' latency.
+            let blocks = (tile_end - tile_start).div_ceil(block);
+            let bound = |b: usize| tile_start + b * (tile_end - tile_start) / blocks;
             for p in range.clone() {
                 let panel = &self.data[p * inp * WIDTH..][..inp * WIDTH];
+                // The panel after it, fetched into cache while this one is
+                // multiplied (the last one fetches itself again: a no-op).
+                let next = self.data.get((p + 1) * inp * WIDTH..(p + 2) * inp * WIDTH).unwrap_or(panel);
                 let cols = (self.out - p * WIDTH).min(WIDTH);
-                for r in (tile_start..tile_end).step_by(block) {
-                    let n = block.min(tile_end - r);
+                for b in 0..blocks {
+                    let (r, n) = (bound(b), bound(b + 1) - bound(b));
                     let xs = &x[r * inp..(r + n) * inp];
-                    kernel(isa, xs, n, inp, panel, &mut acc[..n]);
+                    kernel(isa, xs, n, inp, panel, next, &mut acc[..n]);
                     for (i, a) in acc[..n].iter().enumerate() {
                         // SAFETY: row r + i < rows and columns p * WIDTH + cols <= out;
                         // the caller owns these columns.
@@ -179,6 +202,9 @@ impl Panels {
                     }
                 }
             }
+            let columns = range.start * WIDTH..(range.end * WIDTH).min(self.out);
+            // SAFETY: the caller owns these columns, inside `target`.
+            unsafe { target.finish(tile_start..tile_end, columns, then) };
         }
     }
 }
@@ -192,17 +218,44 @@ struct Target {
 // SAFETY: parts write disjoint columns (see `Panels::run`).
 unsafe impl Sync for Target {}
 
-/// `acc[i] = Σ_k xs[i * inp + k] · panel[k]` for the `n` rows of `xs`.
-fn kernel(isa: Isa, xs: &[f32], n: usize, inp: usize, panel: &[f32], acc: &mut [[f32; WIDTH]]) {
-    debug_assert!(xs.len() == n * inp && panel.len() == inp * WIDTH && acc.len() == n);
+impl Target {
+    /// Applies `then` to columns `cols` of `rows`.
+    ///
+    /// # Safety
+    /// No other thread touches these elements meanwhile, and they lie
+    /// inside the target.
+    unsafe fn finish(&self, rows: std::ops::Range<usize>, cols: std::ops::Range<usize>, then: Epilogue<&[f32]>) {
+        if matches!(then, Epilogue::None) {
+            return;
+        }
+        for r in rows {
+            let at = r * self.out + cols.start;
+            // SAFETY: the caller's contract.
+            let dst = unsafe { std::slice::from_raw_parts_mut(self.y.add(at), cols.len()) };
+            match then {
+                Epilogue::None => {}
+                Epilogue::Activation(f) => super::activate(dst, f),
+                Epilogue::Residual(res) => dst.iter_mut().zip(&res[at..]).for_each(|(d, r)| *d += r),
+            }
+        }
+    }
+}
+
+/// `acc[i] = Σ_k xs[i * inp + k] · panel[k]` for the `n` rows of `xs`,
+/// while the SIMD kernels ask for `next` (a panel of the same size) to be
+/// brought into cache: a batch of one is bound by memory, and the
+/// hardware's prefetcher alone kept one core at half the speed it has on
+/// weights already in cache.
+fn kernel(isa: Isa, xs: &[f32], n: usize, inp: usize, panel: &[f32], next: &[f32], acc: &mut [[f32; WIDTH]]) {
+    debug_assert!(xs.len() == n * inp && panel.len() == inp * WIDTH && next.len() == panel.len() && acc.len() == n);
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa` is one the CPU runs (the callers' contract), and
         // the slices hold what the kernels read.
-        Isa::Avx2 => unsafe { x86::avx2(xs, n, inp, panel, acc) },
+        Isa::Avx2 => unsafe { x86::avx2(xs, n, inp, panel, next, acc) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
-        Isa::Avx512 => unsafe { x86::avx512(xs, n, inp, panel, acc) },
+        Isa::Avx512 => unsafe { x86::avx512(xs, n, inp, panel, next, acc) },
         _ => portable(xs, inp, panel, acc),
     }
 }
@@ -230,26 +283,28 @@ mod x86 {
     /// # Safety
     /// The CPU has AVX2 and FMA; `xs` holds `n * inp` values, `panel`
     /// `inp * WIDTH`, `acc` `n` rows, `n <= 6`.
-    pub unsafe fn avx2(xs: &[f32], n: usize, inp: usize, panel: &[f32], acc: &mut [[f32; WIDTH]]) {
+    pub unsafe fn avx2(xs: &[f32], n: usize, inp: usize, panel: &[f32], next: &[f32], acc: &mut [[f32; WIDTH]]) {
         // SAFETY: forwarded from the caller.
         unsafe {
             match n {
-                1 => avx2_rows::<1>(xs, inp, panel, acc),
-                2 => avx2_rows::<2>(xs, inp, panel, acc),
-                3 => avx2_rows::<3>(xs, inp, panel, acc),
-                4 => avx2_rows::<4>(xs, inp, panel, acc),
-                5 => avx2_rows::<5>(xs, inp, panel, acc),
-                6 => avx2_rows::<6>(xs, inp, panel, acc),
+                1 => avx2_rows::<1>(xs, inp, panel, next, acc),
+                2 => avx2_rows::<2>(xs, inp, panel, next, acc),
+                3 => avx2_rows::<3>(xs, inp, panel, next, acc),
+                4 => avx2_rows::<4>(xs, inp, panel, next, acc),
+                5 => avx2_rows::<5>(xs, inp, panel, next, acc),
+                6 => avx2_rows::<6>(xs, inp, panel, next, acc),
                 _ => unreachable!("AVX2 blocks hold 6 rows"),
             }
         }
     }
 
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn avx2_rows<const R: usize>(xs: &[f32], inp: usize, panel: &[f32], acc: &mut [[f32; WIDTH]]) {
+    unsafe fn avx2_rows<const R: usize>(xs: &[f32], inp: usize, panel: &[f32], next: &[f32], acc: &mut [[f32; WIDTH]]) {
         let mut sums = [[_mm256_setzero_ps(); 2]; R];
         let (x, w) = (xs.as_ptr(), panel.as_ptr());
         for k in 0..inp {
+            // SAFETY: `next` holds as many values as `panel`; one line of it a step.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(next.as_ptr().add(k * WIDTH).cast()) };
             // SAFETY: k < inp, so panel row k and column k of each row are in bounds.
             let (lo, hi) = unsafe { (_mm256_loadu_ps(w.add(k * WIDTH)), _mm256_loadu_ps(w.add(k * WIDTH + 8))) };
             for (r, s) in sums.iter_mut().enumerate() {
@@ -273,32 +328,34 @@ mod x86 {
     /// # Safety
     /// The CPU has AVX-512F; `xs` holds `n * inp` values, `panel`
     /// `inp * WIDTH`, `acc` `n` rows, `n <= 12`.
-    pub unsafe fn avx512(xs: &[f32], n: usize, inp: usize, panel: &[f32], acc: &mut [[f32; WIDTH]]) {
+    pub unsafe fn avx512(xs: &[f32], n: usize, inp: usize, panel: &[f32], next: &[f32], acc: &mut [[f32; WIDTH]]) {
         // SAFETY: forwarded from the caller.
         unsafe {
             match n {
-                1 => avx512_rows::<1>(xs, inp, panel, acc),
-                2 => avx512_rows::<2>(xs, inp, panel, acc),
-                3 => avx512_rows::<3>(xs, inp, panel, acc),
-                4 => avx512_rows::<4>(xs, inp, panel, acc),
-                5 => avx512_rows::<5>(xs, inp, panel, acc),
-                6 => avx512_rows::<6>(xs, inp, panel, acc),
-                7 => avx512_rows::<7>(xs, inp, panel, acc),
-                8 => avx512_rows::<8>(xs, inp, panel, acc),
-                9 => avx512_rows::<9>(xs, inp, panel, acc),
-                10 => avx512_rows::<10>(xs, inp, panel, acc),
-                11 => avx512_rows::<11>(xs, inp, panel, acc),
-                12 => avx512_rows::<12>(xs, inp, panel, acc),
+                1 => avx512_rows::<1>(xs, inp, panel, next, acc),
+                2 => avx512_rows::<2>(xs, inp, panel, next, acc),
+                3 => avx512_rows::<3>(xs, inp, panel, next, acc),
+                4 => avx512_rows::<4>(xs, inp, panel, next, acc),
+                5 => avx512_rows::<5>(xs, inp, panel, next, acc),
+                6 => avx512_rows::<6>(xs, inp, panel, next, acc),
+                7 => avx512_rows::<7>(xs, inp, panel, next, acc),
+                8 => avx512_rows::<8>(xs, inp, panel, next, acc),
+                9 => avx512_rows::<9>(xs, inp, panel, next, acc),
+                10 => avx512_rows::<10>(xs, inp, panel, next, acc),
+                11 => avx512_rows::<11>(xs, inp, panel, next, acc),
+                12 => avx512_rows::<12>(xs, inp, panel, next, acc),
                 _ => unreachable!("AVX-512 blocks hold 12 rows"),
             }
         }
     }
 
     #[target_feature(enable = "avx512f")]
-    unsafe fn avx512_rows<const R: usize>(xs: &[f32], inp: usize, panel: &[f32], acc: &mut [[f32; WIDTH]]) {
+    unsafe fn avx512_rows<const R: usize>(xs: &[f32], inp: usize, panel: &[f32], next: &[f32], acc: &mut [[f32; WIDTH]]) {
         let mut sums = [_mm512_setzero_ps(); R];
         let (x, w) = (xs.as_ptr(), panel.as_ptr());
         for k in 0..inp {
+            // SAFETY: `next` holds as many values as `panel`; one line of it a step.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(next.as_ptr().add(k * WIDTH).cast()) };
             // SAFETY: k < inp, so panel row k and column k of each row are in bounds.
             let row = unsafe { _mm512_loadu_ps(w.add(k * WIDTH)) };
             for (r, s) in sums.iter_mut().enumerate() {
@@ -316,28 +373,39 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::Activation;
 
     fn values(n: usize, seed: u32) -> Vec<f32> {
         (0..n).map(|i| ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8) as f32 / (1 << 24) as f32 - 0.5).collect()
     }
 
     /// Every kernel set against a plain triple loop, for shapes with
-    /// partial panels, partial blocks, tiles and threaded splits.
+    /// partial panels, partial and uneven blocks, tiles and threaded
+    /// splits, with each epilogue.
     #[test]
     fn every_isa_matches_the_plain_product() {
-        for &(rows, inp, out) in &[(1, 1, 1), (1, 384, 384), (7, 33, 17), (12, 384, 1536), (13, 100, 31), (300, 40, 70), (64, 1536, 384)] {
-            let (x, w, bias) = (values(rows * inp, 1), values(out * inp, 2), values(out, 3));
+        let shapes = [(1, 1, 1), (1, 384, 384), (7, 33, 17), (12, 384, 1536), (13, 100, 31), (25, 384, 384), (300, 40, 70), (64, 1536, 384)];
+        for &(rows, inp, out) in &shapes {
+            let (x, w, bias, residual) = (values(rows * inp, 1), values(out * inp, 2), values(out, 3), values(rows * out, 4));
             let mut want = vec![0.0f64; rows * out];
             for r in 0..rows {
                 for o in 0..out {
                     want[r * out + o] = bias[o] as f64 + (0..inp).map(|k| x[r * inp + k] as f64 * w[o * inp + k] as f64).sum::<f64>();
                 }
             }
+            let plus_residual: Vec<f64> = want.iter().zip(&residual).map(|(w, r)| w + *r as f64).collect();
+            let relu: Vec<f64> = want.iter().map(|w| w.max(0.0)).collect();
             let panels = Panels::pack(out, inp, &w);
             for isa in Isa::available() {
-                let got = panels.linear(isa, &x, rows, Some(&bias));
-                let worst = got.iter().zip(&want).map(|(g, w)| (*g as f64 - w).abs()).fold(0.0, f64::max);
-                assert!(worst < 1e-4 * (inp as f64).sqrt(), "{isa:?} {rows}x{inp}x{out}: off by {worst}");
+                for (then, want) in [
+                    (Epilogue::None, &want),
+                    (Epilogue::Residual(residual.as_slice()), &plus_residual),
+                    (Epilogue::Activation(Activation::Relu), &relu),
+                ] {
+                    let got = panels.linear(isa, &x, rows, Some(&bias), then);
+                    let worst = got.iter().zip(want).map(|(g, w)| (*g as f64 - w).abs()).fold(0.0, f64::max);
+                    assert!(worst < 1e-4 * (inp as f64).sqrt(), "{isa:?} {rows}x{inp}x{out} {then:?}: off by {worst}");
+                }
             }
             let mut row = Vec::new();
             panels.push_row(out - 1, &mut row);
