@@ -284,6 +284,15 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     lanes.iter().sum::<f32>() + tail
 }
 
+/// `out = Σⱼ scores[j] · vⱼ` for the values `v(j)`.
+#[inline(always)]
+fn weigh<'a>(scores: &[f32], v: impl Fn(usize) -> &'a [f32], out: &mut [f32]) {
+    out.fill(0.0);
+    for (j, w) in scores.iter().enumerate() {
+        out.iter_mut().zip(v(j)).for_each(|(o, v)| *o += w * v);
+    }
+}
+
 /// One query row of one head attending to `n` keys and values, which
 /// `kv(j)` gives: `out = softmax(scale · q·kⱼ) · vⱼ`. `scores` is scratch.
 #[inline(always)]
@@ -291,43 +300,67 @@ fn attend<'a>(q: &[f32], n: usize, kv: impl Fn(usize) -> (&'a [f32], &'a [f32]),
     scores.clear();
     scores.extend((0..n).map(|j| dot(q, kv(j).0) * scale));
     softmax(scores);
-    out.fill(0.0);
-    for (j, w) in scores.iter().enumerate() {
-        out.iter_mut().zip(kv(j).1).for_each(|(o, v)| *o += w * v);
-    }
+    weigh(scores, |j| kv(j).1, out);
 }
 
-/// Attention over packed sequences (see [`AttentionSpec`]), one query row
-/// at a time, so nothing larger than one row of scores is materialised;
-/// rows run in parallel when there are enough of them.
+/// Attention over packed sequences (see [`AttentionSpec`]), one task per
+/// sequence and head: the head's keys are laid out transposed once, so
+/// each query row's scores are multiply-adds along a row of keys (no sum
+/// across a vector per key), and nothing larger than one row of scores is
+/// materialised. Tasks run in parallel.
 pub fn attention(q: &[f32], k: &[f32], v: &[f32], spec: &AttentionSpec) -> Vec<f32> {
     let (heads, dim) = (spec.heads, spec.dim);
     let (qw, kw) = (heads * dim, spec.kv_heads * dim);
     let group = heads / spec.kv_heads.max(1);
-    // Each token's sequence start and length, and its position in it.
-    let mut rows = Vec::new();
+    // (first row, rows, head) of each task.
+    let mut tasks = Vec::with_capacity(spec.lens.len() * heads);
     let mut start = 0;
     for &len in &spec.lens {
-        rows.extend((0..len).map(|i| (start, len, i)));
+        tasks.extend((0..heads).map(|head| (start, len, head)));
         start += len;
     }
-    let mut context = vec![0.0; rows.len() * qw];
     let longest = spec.lens.iter().copied().max().unwrap_or(0);
-    let min_rows = (ATTENTION_TASK / (qw * longest).max(1)).max(1);
-    let tasks = context.par_chunks_mut(qw.max(1)).zip(&rows).with_min_len(min_rows);
-    tasks.for_each_init(Vec::new, |scores, (out, &(start, len, i))| {
-        let seen = if spec.causal { i + 1 } else { len };
-        fast(
-            #[inline(always)]
-            || {
-                for (head, o) in out.chunks_exact_mut(dim).enumerate() {
+    let min_tasks = (ATTENTION_TASK / (dim * longest * longest).max(1)).max(1);
+    let heads_out: Vec<Vec<f32>> = tasks
+        .par_iter()
+        .with_min_len(min_tasks)
+        .map(|&(start, len, head)| {
+            fast(
+                #[inline(always)]
+                || {
                     let at = (head / group) * dim;
-                    let kv = |j: usize| (&k[(start + j) * kw + at..][..dim], &v[(start + j) * kw + at..][..dim]);
-                    attend(&q[(start + i) * qw + head * dim..][..dim], seen, kv, spec.scale, scores, o);
-                }
-            },
-        )
-    });
+                    // The head's keys, transposed: `keys_t[d * len + j]`.
+                    let mut keys_t = vec![0.0; dim * len];
+                    for j in 0..len {
+                        for (d, value) in k[(start + j) * kw + at..][..dim].iter().enumerate() {
+                            keys_t[d * len + j] = *value;
+                        }
+                    }
+                    let mut out = vec![0.0; len * dim];
+                    let mut scores = vec![0.0; len];
+                    for (i, o) in out.chunks_exact_mut(dim).enumerate() {
+                        let seen = if spec.causal { i + 1 } else { len };
+                        let scores = &mut scores[..seen];
+                        scores.fill(0.0);
+                        let query = &q[(start + i) * qw + head * dim..][..dim];
+                        for (d, qd) in query.iter().enumerate() {
+                            let qd = qd * spec.scale;
+                            scores.iter_mut().zip(&keys_t[d * len..][..seen]).for_each(|(s, k)| *s += qd * k);
+                        }
+                        softmax(scores);
+                        weigh(scores, |j| &v[(start + j) * kw + at..][..dim], o);
+                    }
+                    out
+                },
+            )
+        })
+        .collect();
+    let mut context = vec![0.0; start * qw];
+    for (&(start, _, head), out) in tasks.iter().zip(&heads_out) {
+        for (i, row) in out.chunks_exact(dim).enumerate() {
+            context[(start + i) * qw + head * dim..][..dim].copy_from_slice(row);
+        }
+    }
     context
 }
 
