@@ -22,6 +22,9 @@ use std::any::Any;
 /// Output features per panel.
 pub const WIDTH: usize = 16;
 
+/// Rows one kernel call computes at most, of every kernel set.
+const MAX_BLOCK: usize = 24;
+
 /// Multiply-adds one thread does before a product is worth splitting:
 /// below this, waking another thread costs more than it saves.
 const MIN_SPLIT: usize = 1 << 18;
@@ -37,7 +40,7 @@ pub enum Isa {
     Portable,
     /// AVX2 and FMA: blocks of 6 rows, two 8-lane registers per row.
     Avx2,
-    /// AVX-512F: blocks of 12 rows, one 16-lane register per row.
+    /// AVX-512F: blocks of 24 rows, one 16-lane register per row (of 32).
     Avx512,
 }
 
@@ -75,7 +78,7 @@ impl Isa {
     fn block_rows(self) -> usize {
         match self {
             Isa::Portable | Isa::Avx2 => 6,
-            Isa::Avx512 => 12,
+            Isa::Avx512 => 24,
         }
     }
 }
@@ -125,13 +128,10 @@ impl Panels {
         assert_eq!(x.len(), rows * inp, "{rows} rows of {inp} values");
         assert!(bias.is_none_or(|b| b.len() == out), "a bias of {out} values");
         assert!(!matches!(then, Epilogue::Residual(r) if r.len() != rows * out), "a residual of {rows} x {out}");
-        let mut y = vec![0.0; rows * out];
         let panels = out.div_ceil(WIDTH);
-        if rows == 0 || panels == 0 {
-            return y;
-        }
-        if inp == 0 {
-            if let Some(b) = bias {
+        if rows == 0 || panels == 0 || inp == 0 {
+            let mut y = vec![0.0; rows * out];
+            if let Some(b) = bias.filter(|_| out > 0) {
                 y.chunks_exact_mut(out).for_each(|row| row.copy_from_slice(b));
             }
             let target = Target { y: y.as_mut_ptr(), out };
@@ -139,6 +139,8 @@ impl Panels {
             unsafe { target.finish(0..rows, 0..out, then) };
             return y;
         }
+        // Not zeroed first: the parts write every element before anything reads it.
+        let mut y = Vec::with_capacity(rows * out);
         let work = rows * inp * out;
         let parts = (work / MIN_SPLIT).clamp(1, rayon::current_num_threads().min(panels));
         let target = Target { y: y.as_mut_ptr(), out };
@@ -152,6 +154,9 @@ impl Panels {
         } else {
             (0..parts).into_par_iter().for_each(run);
         }
+        // SAFETY: the parts' panels cover every column of every row, and
+        // each wrote its columns of every row.
+        unsafe { y.set_len(rows * out) };
         y
     }
 
@@ -174,7 +179,7 @@ impl Panels {
         let inp = self.inp;
         let block = isa.block_rows();
         let tile = (TILE_BYTES / (4 * inp.max(1))).max(block) / block * block;
-        let mut acc = [[0f32; WIDTH]; 12];
+        let mut acc = [[0f32; WIDTH]; MAX_BLOCK];
         for tile_start in (0..rows).step_by(tile) {
             let tile_end = (tile_start + tile).min(rows);
             // Blocks of equal size (13 rows: 7 and 6, not 12 and 1): a
@@ -192,12 +197,14 @@ impl Panels {
                     let xs = &x[r * inp..(r + n) * inp];
                     kernel(isa, xs, n, inp, panel, next, &mut acc[..n]);
                     for (i, a) in acc[..n].iter().enumerate() {
+                        let bias = bias.map_or(&[0.0; WIDTH][..], |b| &b[p * WIDTH..]);
                         // SAFETY: row r + i < rows and columns p * WIDTH + cols <= out;
-                        // the caller owns these columns.
-                        let dst = unsafe { std::slice::from_raw_parts_mut(target.y.add((r + i) * target.out + p * WIDTH), cols) };
-                        match bias {
-                            Some(b) => dst.iter_mut().zip(a).zip(&b[p * WIDTH..]).for_each(|((d, a), b)| *d = a + b),
-                            None => dst.copy_from_slice(&a[..cols]),
+                        // the caller owns these columns. Written, not read: they may
+                        // not hold values yet.
+                        let dst = unsafe { target.y.add((r + i) * target.out + p * WIDTH) };
+                        for (j, (a, b)) in a[..cols].iter().zip(bias).enumerate() {
+                            // SAFETY: j < cols, as above.
+                            unsafe { dst.add(j).write(a + b) };
                         }
                     }
                 }
@@ -209,7 +216,8 @@ impl Panels {
     }
 }
 
-/// Where a product's parts write: `[rows, out]` floats.
+/// Where a product's parts write: `[rows, out]` floats (not initialised
+/// until the parts have stored them).
 struct Target {
     y: *mut f32,
     out: usize,
@@ -278,6 +286,16 @@ mod x86 {
     use super::WIDTH;
     use std::arch::x86_64::*;
 
+    /// `kernel::<n>(args)` for a run-time `n` among `sizes`.
+    macro_rules! rows {
+        ($n:expr, $kernel:ident $args:tt, $($size:literal)*, $why:literal) => {
+            match $n {
+                $($size => $kernel::<$size> $args,)*
+                _ => unreachable!($why),
+            }
+        };
+    }
+
     /// Up to 6 rows with AVX2 and FMA.
     ///
     /// # Safety
@@ -286,15 +304,7 @@ mod x86 {
     pub unsafe fn avx2(xs: &[f32], n: usize, inp: usize, panel: &[f32], next: &[f32], acc: &mut [[f32; WIDTH]]) {
         // SAFETY: forwarded from the caller.
         unsafe {
-            match n {
-                1 => avx2_rows::<1>(xs, inp, panel, next, acc),
-                2 => avx2_rows::<2>(xs, inp, panel, next, acc),
-                3 => avx2_rows::<3>(xs, inp, panel, next, acc),
-                4 => avx2_rows::<4>(xs, inp, panel, next, acc),
-                5 => avx2_rows::<5>(xs, inp, panel, next, acc),
-                6 => avx2_rows::<6>(xs, inp, panel, next, acc),
-                _ => unreachable!("AVX2 blocks hold 6 rows"),
-            }
+            rows!(n, avx2_rows(xs, inp, panel, next, acc), 1 2 3 4 5 6, "AVX2 blocks hold 6 rows")
         }
     }
 
@@ -323,29 +333,15 @@ mod x86 {
         }
     }
 
-    /// Up to 12 rows with AVX-512F.
+    /// Up to 24 rows with AVX-512F.
     ///
     /// # Safety
     /// The CPU has AVX-512F; `xs` holds `n * inp` values, `panel`
-    /// `inp * WIDTH`, `acc` `n` rows, `n <= 12`.
+    /// `inp * WIDTH`, `acc` `n` rows, `n <= 24`.
     pub unsafe fn avx512(xs: &[f32], n: usize, inp: usize, panel: &[f32], next: &[f32], acc: &mut [[f32; WIDTH]]) {
         // SAFETY: forwarded from the caller.
         unsafe {
-            match n {
-                1 => avx512_rows::<1>(xs, inp, panel, next, acc),
-                2 => avx512_rows::<2>(xs, inp, panel, next, acc),
-                3 => avx512_rows::<3>(xs, inp, panel, next, acc),
-                4 => avx512_rows::<4>(xs, inp, panel, next, acc),
-                5 => avx512_rows::<5>(xs, inp, panel, next, acc),
-                6 => avx512_rows::<6>(xs, inp, panel, next, acc),
-                7 => avx512_rows::<7>(xs, inp, panel, next, acc),
-                8 => avx512_rows::<8>(xs, inp, panel, next, acc),
-                9 => avx512_rows::<9>(xs, inp, panel, next, acc),
-                10 => avx512_rows::<10>(xs, inp, panel, next, acc),
-                11 => avx512_rows::<11>(xs, inp, panel, next, acc),
-                12 => avx512_rows::<12>(xs, inp, panel, next, acc),
-                _ => unreachable!("AVX-512 blocks hold 12 rows"),
-            }
+            rows!(n, avx512_rows(xs, inp, panel, next, acc), 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24, "AVX-512 blocks hold 24 rows")
         }
     }
 
