@@ -14,8 +14,7 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 rounds=${1:-3}
-shared=${GPUWASM_SHARED:-$root/../shared}
-model=${2:-$("$shared/tools/fetch-test-models.sh" | sed -n 's/^smollm2=//p')}
+model=${2:-$(scripts/fetch-test-models.sh | sed -n 's/^smollm2=//p')}
 scripts/llama-cpp-env.sh
 scripts/build-guests.sh >/dev/null
 cargo build --release --locked -p gpuwasm-cli

@@ -15,8 +15,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 rounds=${1:-5}
 seconds=${2:-2}
-shared=${GPUWASM_SHARED:-$root/../shared}
-minilm=$("$shared/tools/fetch-test-models.sh" | sed -n 's/^minilm=//p')
+minilm=$(scripts/fetch-test-models.sh | sed -n 's/^minilm=//p')
 scripts/build-guests.sh 2>/dev/null
 cargo build --release --locked -p gpuwasm-cli
 scripts/python-env.sh bench

@@ -9,8 +9,7 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
-shared=${GPUWASM_SHARED:-$root/../shared}
-models=$("$shared/tools/fetch-test-models.sh")
+models=$(scripts/fetch-test-models.sh)
 minilm=$(echo "$models" | sed -n 's/^minilm=//p')
 smollm2=$(echo "$models" | sed -n 's/^smollm2=//p')
 scripts/build-guests.sh

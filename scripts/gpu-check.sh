@@ -11,7 +11,7 @@
 #   scripts/gpu-check.sh --prebuilt ... and run them on the GPU machine
 #
 # Every step prints its own heading; a failed step fails the script at the
-# end, after the others ran. Models come from ../shared/tools/fetch-test-models.sh
+# end, after the others ran. Models come from scripts/fetch-test-models.sh
 # (or GPUWASM_MINILM=DIR).
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -37,7 +37,7 @@ if [ "$mode" = --prepare ] || [ "$mode" = build ]; then
   [ "$mode" = --prepare ] && { ls -la "$out"; exit 0; }
 fi
 
-minilm=${GPUWASM_MINILM:-$("${GPUWASM_SHARED:-$root/../shared}/tools/fetch-test-models.sh" | sed -n 's/^minilm=//p')}
+minilm=${GPUWASM_MINILM:-$("$root/scripts/fetch-test-models.sh" | sed -n 's/^minilm=//p')}
 export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-/tmp}
 echo "=== machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | head -5

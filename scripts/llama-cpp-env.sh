@@ -3,8 +3,9 @@
 # source: PyPI has no prebuilt wheel), the reference runner for the LLM
 # fixtures (scripts/make-llm-fixture.py) and the LLM benchmark
 # (scripts/bench-llm.sh). Built for AVX2 without native CPU flags: a native
-# build crashes on CPUs that advertise AVX-512/AMX it cannot use (see
-# ../shared/tools/README-gpu.md). Takes 10-20 minutes on 2 cores the first
+# build crashed on this project's AMD EPYC machines (general protection
+# faults; docs/performance.md, "AVX-512 on this CPU", traces them to an
+# aligned 512-bit load). Takes 10-20 minutes on 2 cores the first
 # time; does nothing when it is there.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)

@@ -2,7 +2,7 @@
 """Reference embeddings for the embeddings example, made by sentence-transformers.
 
 Usage: scripts/make-embedding-fixture.py MODEL_DIR OUT.json
-MODEL_DIR is all-MiniLM-L6-v2 as ../shared/tools/fetch-test-models.sh lays it
+MODEL_DIR is all-MiniLM-L6-v2 as scripts/fetch-test-models.sh lays it
 out. Needs `pip install sentence-transformers`. The output is committed as
 tests/fixtures/minilm-embeddings.json; the tests compare gpuwasm's
 embeddings against it (cosine similarity >= 0.999 for every sentence).

@@ -2,7 +2,7 @@
 # Sets up what the tests need on a fresh Debian machine (guest toolchain,
 # guest components, the Python tools in target/venv, Mesa's lavapipe for the
 # wgpu backend; the tests fetch their models with
-# ../shared/tools/fetch-test-models.sh) and runs every test: unit,
+# scripts/fetch-test-models.sh) and runs every test: unit,
 # end-to-end, inference, GPU backends, examples.
 #
 # The GPU tests run on every backend the machine has: here at least wgpu on
@@ -18,6 +18,11 @@ scripts/build-guests.sh
 # Python tools the tests drive (the official OpenAI client, gguf, NVRTC), in target/venv.
 scripts/python-env.sh
 scripts/install-lavapipe.sh
+# node and npx: the JavaScript template's build fetches componentize-js from npm.
+if ! command -v npx >/dev/null; then
+  echo "test: installing nodejs and npm (apt)" >&2
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null
+fi
 export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-/tmp} # else Mesa warns on every start
 export GPUWASM_REQUIRE_BACKENDS=${GPUWASM_REQUIRE_BACKENDS:-wgpu}
 nvrtc=$(echo "$root"/target/venv/lib/python3*/site-packages/nvidia/cuda_nvrtc/lib)

@@ -779,3 +779,77 @@ fn bench_commands_run_and_report_every_section() {
     }
     assert_eq!(text.matches("gpuwasm all cores/one core").count(), 2, "{text}");
 }
+
+/// The environment a template's build command runs in here: the project's
+/// guest toolchain (scripts/install-guest-toolchain.sh) where rustup could
+/// not add the wasm32-wasip2 target, as scripts/build-guests.sh uses it.
+fn template_build(dir: &std::path::Path) -> std::process::Command {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let env = std::fs::read_to_string(root.join("target/guest-toolchain.env"))
+        .expect("target/guest-toolchain.env: run scripts/build-guests.sh first (scripts/test.sh does)");
+    let mut build = gpuwasm();
+    build.arg("build").arg(dir);
+    if env.lines().any(|l| l == "GUEST_MODE=debian") {
+        // Debian's cargo and rustc, std built from source: the config in a
+        // parent folder of the project, where cargo finds it.
+        let config = dir.parent().unwrap().join(".cargo/config.toml");
+        std::fs::create_dir_all(config.parent().unwrap()).unwrap();
+        std::fs::copy(root.join("target/guest-toolchain.toml"), config).unwrap();
+        let path = format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default());
+        build.env("PATH", path).env("RUSTC", "/usr/bin/rustc").env("RUSTC_BOOTSTRAP", "1");
+    }
+    for var in ["RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS", "CARGO_TARGET_DIR", "CARGO_BUILD_TARGET", "RUSTC_WRAPPER", "RUSTC_WORKSPACE_WRAPPER"] {
+        build.env_remove(var);
+    }
+    build
+}
+
+/// Each template, as a new user meets it: `gpuwasm new`, `gpuwasm build`
+/// (Rust with cargo; JavaScript with componentize-js from npm; Python with
+/// componentize-py from PyPI), `gpuwasm deploy` of the project folder, and
+/// a request answered by the handler the template wrote.
+#[tokio::test]
+async fn every_template_builds_deploys_and_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir);
+    for template in ["rust", "js", "python"] {
+        let name = format!("hello-{template}");
+        let project = dir.path().join("projects").join(&name);
+        let out = gpuwasm().args(["new", template, &name, "--dir"]).arg(&project).output().unwrap();
+        assert!(out.status.success(), "gpuwasm new {template}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(stdout_of(&out).contains("next:"), "{}", stdout_of(&out));
+        // A second `new` into the same folder is refused, and writes nothing.
+        let again = gpuwasm().args(["new", template, &name, "--dir"]).arg(&project).output().unwrap();
+        assert!(!again.status.success() && String::from_utf8_lossy(&again.stderr).contains("not empty"));
+
+        // Deploying before building says what to do.
+        let early = server.cli(&["deploy", project.to_str().unwrap()]);
+        assert!(String::from_utf8_lossy(&early.stderr).contains("gpuwasm build"), "{}", String::from_utf8_lossy(&early.stderr));
+
+        let started = Instant::now();
+        let out = template_build(&project).output().unwrap();
+        let log = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "gpuwasm build ({template}) failed:\n{log}");
+        assert!(log.contains("built "), "{log}");
+        eprintln!("{template}: built in {:.1} s", started.elapsed().as_secs_f64());
+
+        let out = server.cli(&["deploy", project.to_str().unwrap()]);
+        assert!(out.status.success(), "deploy {template}: {}", String::from_utf8_lossy(&out.stderr));
+        let reply = get(&format!("{}/default/{name}/from/{template}", server.url)).await;
+        assert_eq!(reply.status, 200, "{template}: {}", reply.body);
+        assert_eq!(reply.body, format!("hello from {name}, you asked for /from/{template}\n"));
+    }
+
+    // Not a project, or a build that fails: clear errors.
+    let out = gpuwasm().args(["build"]).arg(dir.path()).output().unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("has no gpuwasm.toml"));
+    let broken = dir.path().join("broken");
+    std::fs::create_dir_all(&broken).unwrap();
+    std::fs::write(broken.join("gpuwasm.toml"), "name = \"broken\"\n[build]\ncommand = \"echo compiling; exit 3\"\noutput = \"x.wasm\"\n").unwrap();
+    let out = gpuwasm().args(["build"]).arg(&broken).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success() && err.contains("the build command failed") && said.contains("compiling"), "{err}");
+    let out = gpuwasm().args(["new", "rust", "Bad_Name"]).current_dir(dir.path()).output().unwrap();
+    assert!(!out.status.success() && !dir.path().join("Bad_Name").exists());
+}

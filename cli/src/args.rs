@@ -31,6 +31,10 @@ pub struct Cli {
 pub enum Command {
     /// Run the server: deployments, routing and the admin API.
     Serve(commands::serve::ServeArgs),
+    /// Create a handler project (Rust, JavaScript or Python) with its gpuwasm.toml.
+    New(commands::new::NewArgs),
+    /// Build a project's component with the command its gpuwasm.toml gives.
+    Build(commands::build::BuildArgs),
     /// Serve one component on every path, with no server state (like `wasmtime
     /// serve`); a gpuwasm.toml beside it sets limits, env, outbound hosts and files.
     #[command(after_help = default_limits_help())]
@@ -421,6 +425,30 @@ pub fn read_component(path: &Path) -> Result<Vec<u8>> {
 /// The first 12 characters of a digest, as listings show it.
 pub fn short(sha256: &str) -> &str {
     sha256.get(..12).unwrap_or(sha256)
+}
+
+/// The gpuwasm.toml of a project folder, which must say how it is built
+/// (`[build]`); with the folder.
+pub fn project_manifest(dir: &Path) -> Result<(Manifest, PathBuf)> {
+    let path = dir.join("gpuwasm.toml");
+    if !path.exists() {
+        anyhow::bail!("{} has no gpuwasm.toml: give a component (.wasm), or a project made by `gpuwasm new`", dir.display());
+    }
+    let (manifest, dir) = load_manifest(&path, Some(&path))?;
+    if manifest.build.is_none() {
+        anyhow::bail!("{} has no [build] section saying how to build the component (command, output)", path.display());
+    }
+    Ok((manifest, dir))
+}
+
+/// What `run` and `deploy` were given: a component, or a project folder
+/// (its built component and its manifest, unless `manifest` names one).
+pub fn component_of(path: &Path, manifest: Option<&Path>) -> Result<(PathBuf, Option<PathBuf>)> {
+    if path.is_dir() {
+        let (component, project) = crate::commands::build::output_of(path)?;
+        return Ok((component, Some(manifest.map_or(project, Path::to_path_buf))));
+    }
+    Ok((path.to_path_buf(), manifest.map(Path::to_path_buf)))
 }
 
 /// The manifest for `file`: `explicit`, else gpuwasm.toml beside it, else

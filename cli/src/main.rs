@@ -43,6 +43,8 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
     match cli.command {
         Command::Serve(args) => commands::serve::run(args).await,
         Command::Run(args) => commands::run::run(args).await,
+        Command::New(args) => commands::new::run(args),
+        Command::Build(args) => commands::build::run(args),
         Command::Deploy(args) => commands::deploy::run(args).await,
         Command::List(args) => deployments::list(args).await,
         Command::Rm(args) => deployments::rm(args).await,

@@ -23,6 +23,10 @@
 //! allow = ["minilm"]
 //! target = "auto"                    # where they run: auto (a GPU when the
 //!                                    # guest asks and the node has one), gpu, cpu
+//!
+//! [build]                            # how `gpuwasm build` makes the component
+//! command = "cargo build --release --target wasm32-wasip2"   # run by sh, here
+//! output = "target/wasm32-wasip2/release/api.wasm"          # what it writes
 //! ```
 //!
 //! Errors name the field and the line. The manifest is a
@@ -48,6 +52,19 @@ pub struct Manifest {
     /// Host, limits, environment, outbound hosts and models; its files
     /// are empty until the folder's are uploaded.
     pub spec: DeploymentSpec,
+    /// How the component is built, for `gpuwasm build` (the server
+    /// ignores it).
+    pub build: Option<Build>,
+}
+
+/// A manifest's `[build]` section.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Build {
+    /// A shell command that builds the component, run in the manifest's folder.
+    pub command: String,
+    /// The component it writes, relative to the manifest's folder.
+    pub output: PathBuf,
 }
 
 /// What is wrong with a manifest, and where.
@@ -74,6 +91,7 @@ struct File {
     files: Option<Files>,
     #[serde(default)]
     models: ModelsSection,
+    build: Option<Spanned<Build>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -168,7 +186,15 @@ impl Manifest {
             }
             models.push(model.into_inner());
         }
+        if let Some(build) = &file.build {
+            let Build { command, output } = build.get_ref();
+            if command.trim().is_empty() || output.as_os_str().is_empty() || output.is_absolute() {
+                let message = "`build` needs a `command` and an `output` path inside the manifest's folder".into();
+                return Err(err(build.span(), message));
+            }
+        }
         Ok(Manifest {
+            build: file.build.map(Spanned::into_inner),
             name: file.name.map(Spanned::into_inner),
             files_dir: files,
             spec: DeploymentSpec {
@@ -192,7 +218,8 @@ mod tests {
         let m = Manifest::parse(
             "name = \"api\"\n[routes]\nhost = \"API.example.com\"\n[limits]\nmemory_mb = 64\n\
              [env]\nGREETING = \"hi\"\n[outbound]\nallow = [\"example.com\", \"127.0.0.1:8080\"]\n\
-             [files]\ndir = \"static\"\n[models]\nallow = [\"minilm\"]\n",
+             [files]\ndir = \"static\"\n[models]\nallow = [\"minilm\"]\n\
+             [build]\ncommand = \"make wasm\"\noutput = \"out/api.wasm\"\n",
             &Limits::default_ceilings(),
         )
         .unwrap();
@@ -204,6 +231,7 @@ mod tests {
         assert_eq!(m.spec.sandbox.outbound, ["example.com", "127.0.0.1:8080"]);
         assert_eq!(m.files_dir, Some(PathBuf::from("static")));
         assert_eq!(m.spec.models, ["minilm"]);
+        assert_eq!(m.build, Some(Build { command: "make wasm".into(), output: PathBuf::from("out/api.wasm") }));
         assert_eq!(Manifest::parse("", &Limits::default_ceilings()).unwrap(), Manifest::default());
     }
 
@@ -221,6 +249,9 @@ mod tests {
             ("[limits]\ntimeout_ms = 18446744073709551615\n", 1, "`limits`: limit `timeout_ms` = 18446744073709551615 exceeds"),
             ("[env]\nA = \"x\\u0000y\"\n", 2, "`env.A`"),
             ("[files]\ndir = \"../etc\"\n", 2, "`files.dir`"),
+            ("\n[build]\ncommand = \" \"\noutput = \"a.wasm\"\n", 2, "`build` needs a `command`"),
+            ("[build]\ncommand = \"make\"\noutput = \"/tmp/a.wasm\"\n", 1, "`build` needs"),
+            ("[build]\ncommand = \"make\"\n", 1, "missing field `output`"),
             ("name = \n", 1, ""),
         ];
         for (text, line, needle) in cases {

@@ -28,7 +28,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 #[derive(Args)]
 pub struct LlmArgs {
-    /// The GGUF model (../shared/tools/fetch-test-models.sh prints SmolLM2's path).
+    /// The GGUF model (scripts/fetch-test-models.sh prints SmolLM2's path).
     #[arg(long)]
     model: PathBuf,
     /// The chat example component (target/wasm/chat.wasm).

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 #[derive(Args)]
 pub struct NnArgs {
-    /// The MiniLM model directory (../shared/tools/fetch-test-models.sh prints it).
+    /// The MiniLM model directory (scripts/fetch-test-models.sh prints it).
     #[arg(long)]
     minilm: PathBuf,
     /// The nn-probe test component (target/wasm/nn_probe.wasm).

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 #[derive(Args)]
 pub struct ShareArgs {
-    /// The MiniLM model directory (../shared/tools/fetch-test-models.sh prints it).
+    /// The MiniLM model directory (scripts/fetch-test-models.sh prints it).
     #[arg(long)]
     minilm: PathBuf,
     /// The nn-probe test component (target/wasm/nn_probe.wasm).

@@ -1,7 +1,7 @@
 //! `gpuwasm deploy`: a component and its manifest become a new version of
 //! a deployment; the manifest's files are uploaded first.
 
-use crate::args::{LimitArgs, ServerArgs, load_manifest, read_component, short};
+use crate::args::{LimitArgs, ServerArgs, component_of, load_manifest, read_component, short};
 use crate::client::{Api, typed};
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
@@ -17,7 +17,8 @@ use std::process::ExitCode;
 
 #[derive(Args)]
 pub struct DeployArgs {
-    /// The component (.wasm) to deploy.
+    /// The component (.wasm) to deploy, or a project folder (`gpuwasm new`)
+    /// after `gpuwasm build`.
     file: PathBuf,
     /// Deployment name: 1-63 of a-z, 0-9 and '-'. Requests to /TENANT/NAME/... reach it.
     /// [default: `name` in the manifest]
@@ -41,8 +42,9 @@ pub struct DeployArgs {
 }
 
 pub async fn run(args: DeployArgs) -> Result<ExitCode> {
-    let wasm = read_component(&args.file)?;
-    let (manifest, manifest_dir) = load_manifest(&args.file, args.manifest.as_deref())?;
+    let (file, manifest) = component_of(&args.file, args.manifest.as_deref())?;
+    let wasm = read_component(&file)?;
+    let (manifest, manifest_dir) = load_manifest(&file, manifest.as_deref())?;
     let Some(name) = args.name.clone().or(manifest.name.clone()) else {
         bail!("give the deployment a name: --name NAME, or `name = \"...\"` in gpuwasm.toml");
     };

@@ -1,10 +1,12 @@
 //! One module per command (`gpuwasm bench` is in `bench/`).
 
+pub mod build;
 pub mod deploy;
 pub mod deployments;
 pub mod info;
 pub mod invoke;
 pub mod model;
+pub mod new;
 pub mod run;
 pub mod serve;
 pub mod tenant;

@@ -2,7 +2,7 @@
 //! `wasmtime serve`); a gpuwasm.toml beside it applies.
 
 use super::serve::{announce, bind, until_signal};
-use crate::args::{ConnectionArgs, LimitArgs, PoolArgs, load_manifest, read_component};
+use crate::args::{ConnectionArgs, LimitArgs, PoolArgs, component_of, load_manifest, read_component};
 use anyhow::{Context, Result};
 use clap::Args;
 use gpuwasm::Capabilities;
@@ -13,7 +13,8 @@ use std::process::ExitCode;
 
 #[derive(Args)]
 pub struct RunArgs {
-    /// The component (.wasm) to serve.
+    /// The component (.wasm) to serve, or a project folder (`gpuwasm new`)
+    /// after `gpuwasm build`.
     file: PathBuf,
     /// Address to listen on (port 0 picks a free port).
     #[arg(long, default_value = "127.0.0.1:8080")]
@@ -31,11 +32,12 @@ pub struct RunArgs {
 }
 
 pub async fn run(args: RunArgs) -> Result<ExitCode> {
-    let (manifest, manifest_dir) = load_manifest(&args.file, None)?;
+    let (file, manifest) = component_of(&args.file, None)?;
+    let (manifest, manifest_dir) = load_manifest(&file, manifest.as_deref())?;
     let spec = manifest.spec;
     let limits = args.limits.over(spec.limits)?;
     let models = super::model::local(&args.models, spec.models, spec.model_target)?;
-    let wasm = read_component(&args.file)?;
+    let wasm = read_component(&file)?;
     let runtime = args.pool.runtime()?;
     let capabilities = Capabilities {
         env: spec.sandbox.env,
@@ -43,11 +45,11 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
         files: manifest.files_dir.map(|dir| manifest_dir.join(dir)),
         models,
     };
-    let name = args.file.file_stem().and_then(|s| s.to_str()).unwrap_or("component").to_string();
+    let name = file.file_stem().and_then(|s| s.to_str()).unwrap_or("component").to_string();
     let deployment = runtime
         .load_with(&name, &wasm, limits, capabilities)
         .await
-        .with_context(|| format!("loading {}", args.file.display()))?;
+        .with_context(|| format!("loading {}", file.display()))?;
     let listener = bind(args.listen).await?;
     announce(&listener)?;
     let handler = move |req| {
