@@ -848,8 +848,60 @@ async fn every_template_builds_deploys_and_answers() {
     std::fs::write(broken.join("gpuwasm.toml"), "name = \"broken\"\n[build]\ncommand = \"echo compiling; exit 3\"\noutput = \"x.wasm\"\n").unwrap();
     let out = gpuwasm().args(["build"]).arg(&broken).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    let said = String::from_utf8_lossy(&out.stdout);
-    assert!(!out.status.success() && err.contains("the build command failed") && said.contains("compiling"), "{err}");
+    assert!(!out.status.success() && err.contains("the build command failed") && err.contains("compiling"), "{err}");
     let out = gpuwasm().args(["new", "rust", "Bad_Name"]).current_dir(dir.path()).output().unwrap();
     assert!(!out.status.success() && !dir.path().join("Bad_Name").exists());
+}
+
+/// `gpuwasm dev`: builds and serves a project, picks up an edit and serves
+/// the new version with no request failing meanwhile, and keeps serving
+/// the last good version when a build fails.
+#[tokio::test]
+async fn dev_rebuilds_on_change_without_dropping_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let project = dir.path().join("hello-dev");
+    stdout_of(&gpuwasm().args(["new", "js", "hello-dev", "--dir"]).arg(&project).output().unwrap());
+    let log = dir.path().join("dev.log");
+    let mut child = gpuwasm()
+        .arg("dev")
+        .arg(&project)
+        .args(["--listen", "127.0.0.1:0", "--poll-ms", "100"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
+    let url = line.trim().strip_prefix("gpuwasm listening on ").unwrap_or_else(|| panic!("{line:?}: {}", std::fs::read_to_string(&log).unwrap())).to_string();
+    assert_eq!(get(&format!("{url}/a")).await.body, "hello from hello-dev, you asked for /a\n");
+
+    // An edit: requests keep being answered, by the old version until the new one is in.
+    let source = project.join("handler.js");
+    let text = std::fs::read_to_string(&source).unwrap();
+    std::fs::write(&source, text.replace("hello from", "howdy from")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let mut answered = 0;
+    loop {
+        let reply = get(&format!("{url}/b")).await;
+        assert_eq!(reply.status, 200, "a request failed during the rebuild: {}", reply.body);
+        answered += 1;
+        if reply.body == "howdy from hello-dev, you asked for /b\n" {
+            break;
+        }
+        assert_eq!(reply.body, "hello from hello-dev, you asked for /b\n");
+        assert!(Instant::now() < deadline, "no new version after 180 s: {}", std::fs::read_to_string(&log).unwrap());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(answered > 1, "the old version answered while the new one was built");
+
+    // A build that fails: its error is shown, the last good version stays.
+    std::fs::write(&source, "this is not JavaScript (").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while !std::fs::read_to_string(&log).unwrap().contains("build failed, still serving the last good version") {
+        assert!(Instant::now() < deadline, "no failed build reported: {}", std::fs::read_to_string(&log).unwrap());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(get(&format!("{url}/c")).await.body, "howdy from hello-dev, you asked for /c\n");
+    let _ = child.kill();
+    let _ = child.wait();
 }

@@ -20,6 +20,10 @@ use std::path::{Path, PathBuf};
 /// Quick start: `gpuwasm serve` in one terminal, then
 /// `gpuwasm deploy hello.wasm --name hello` and `gpuwasm invoke hello`
 /// (on the server's machine the CLI finds the admin token by itself).
+///
+/// A new handler: `gpuwasm new js hello` (or rust, python), then
+/// `gpuwasm dev hello` to build, serve and rebuild it on every change
+/// (docs/guide.md).
 #[derive(Parser)]
 #[command(name = "gpuwasm", version, propagate_version = true)]
 pub struct Cli {
@@ -35,6 +39,9 @@ pub enum Command {
     New(commands::new::NewArgs),
     /// Build a project's component with the command its gpuwasm.toml gives.
     Build(commands::build::BuildArgs),
+    /// Build a project, serve it locally, and rebuild and swap in the new
+    /// version on every change to its sources.
+    Dev(commands::dev::DevArgs),
     /// Serve one component on every path, with no server state (like `wasmtime
     /// serve`); a gpuwasm.toml beside it sets limits, env, outbound hosts and files.
     #[command(after_help = default_limits_help())]

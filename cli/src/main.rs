@@ -16,7 +16,7 @@ fn main() -> std::process::ExitCode {
     keep_tensor_buffers_in_the_heap();
     raise_open_file_limit();
     let cli = Cli::parse();
-    let default_level = if matches!(cli.command, Command::Serve(_) | Command::Run(_)) { "info" } else { "warn" };
+    let default_level = if matches!(cli.command, Command::Serve(_) | Command::Run(_) | Command::Dev(_)) { "info" } else { "warn" };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
@@ -45,6 +45,7 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Run(args) => commands::run::run(args).await,
         Command::New(args) => commands::new::run(args),
         Command::Build(args) => commands::build::run(args),
+        Command::Dev(args) => commands::dev::run(args).await,
         Command::Deploy(args) => commands::deploy::run(args).await,
         Command::List(args) => deployments::list(args).await,
         Command::Rm(args) => deployments::rm(args).await,

@@ -4,6 +4,7 @@
 use crate::args::project_manifest;
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::Instant;
@@ -17,7 +18,17 @@ pub struct BuildArgs {
 }
 
 pub fn run(args: BuildArgs) -> Result<ExitCode> {
-    let (manifest, dir) = project_manifest(&args.dir)?;
+    build(&args.dir)?;
+    let d = args.dir.display();
+    println!("next: gpuwasm run {d}  (or: gpuwasm deploy {d}, or gpuwasm dev {d} to rebuild on every change)");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Builds the project in `dir`; the command's output and ours go to
+/// stderr (stdout is left to what a caller prints: `gpuwasm dev`'s address).
+/// The component it wrote.
+pub fn build(dir: &Path) -> Result<PathBuf> {
+    let (manifest, dir) = project_manifest(dir)?;
     let build = manifest.build.context("unreachable: project_manifest checks [build]")?;
     let name = manifest.name.unwrap_or_else(|| "the component".into());
     eprintln!("building {name}: {}", build.command);
@@ -26,6 +37,7 @@ pub fn run(args: BuildArgs) -> Result<ExitCode> {
         .arg("-c")
         .arg(&build.command)
         .current_dir(&dir)
+        .stdout(std::io::stderr().as_fd().try_clone_to_owned().context("duplicating stderr")?)
         .status()
         .context("running the build command with sh")?;
     if !status.success() {
@@ -33,10 +45,8 @@ pub fn run(args: BuildArgs) -> Result<ExitCode> {
     }
     let output = dir.join(&build.output);
     let size = check_component(&output)?;
-    println!("built {} ({:.1} MB) in {:.1} s", output.display(), size as f64 / 1e6, started.elapsed().as_secs_f64());
-    let d = args.dir.display();
-    println!("next: gpuwasm run {d}  (or: gpuwasm deploy {d})");
-    Ok(ExitCode::SUCCESS)
+    eprintln!("built {} ({:.1} MB) in {:.1} s", output.display(), size as f64 / 1e6, started.elapsed().as_secs_f64());
+    Ok(output)
 }
 
 /// Checks `path` holds a WebAssembly component; its size.

@@ -3,6 +3,7 @@
 pub mod build;
 pub mod deploy;
 pub mod deployments;
+pub mod dev;
 pub mod info;
 pub mod invoke;
 pub mod model;

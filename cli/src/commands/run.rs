@@ -5,10 +5,10 @@ use super::serve::{announce, bind, until_signal};
 use crate::args::{ConnectionArgs, LimitArgs, PoolArgs, component_of, load_manifest, read_component};
 use anyhow::{Context, Result};
 use clap::Args;
-use gpuwasm::Capabilities;
+use gpuwasm::{Capabilities, Deployment, Runtime};
 use gpuwasm_server::serve_connections;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Args)]
@@ -22,34 +22,19 @@ pub struct RunArgs {
     /// A model handlers may load by name, as NAME=PATH (repeatable): a
     /// directory for safetensors models, a .onnx or .gguf file otherwise.
     #[arg(long = "model", value_name = "NAME=PATH")]
-    models: Vec<String>,
+    pub models: Vec<String>,
     #[command(flatten)]
-    limits: LimitArgs,
+    pub limits: LimitArgs,
     #[command(flatten)]
-    pool: PoolArgs,
+    pub pool: PoolArgs,
     #[command(flatten)]
-    connections: ConnectionArgs,
+    pub connections: ConnectionArgs,
 }
 
 pub async fn run(args: RunArgs) -> Result<ExitCode> {
     let (file, manifest) = component_of(&args.file, None)?;
-    let (manifest, manifest_dir) = load_manifest(&file, manifest.as_deref())?;
-    let spec = manifest.spec;
-    let limits = args.limits.over(spec.limits)?;
-    let models = super::model::local(&args.models, spec.models, spec.model_target)?;
-    let wasm = read_component(&file)?;
     let runtime = args.pool.runtime()?;
-    let capabilities = Capabilities {
-        env: spec.sandbox.env,
-        outbound: spec.sandbox.outbound,
-        files: manifest.files_dir.map(|dir| manifest_dir.join(dir)),
-        models,
-    };
-    let name = file.file_stem().and_then(|s| s.to_str()).unwrap_or("component").to_string();
-    let deployment = runtime
-        .load_with(&name, &wasm, limits, capabilities)
-        .await
-        .with_context(|| format!("loading {}", file.display()))?;
+    let deployment = load(&runtime, &file, manifest.as_deref(), &args.limits, &args.models).await?;
     let listener = bind(args.listen).await?;
     announce(&listener)?;
     let handler = move |req| {
@@ -60,3 +45,21 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
     until_signal(args.connections.drain_secs, |stop| serve_connections(listener, handler, limits, stop)).await
 }
 
+/// `file` loaded on `runtime` as `gpuwasm run` serves it: the manifest
+/// (`manifest`, else gpuwasm.toml beside it) with `limits` over its own,
+/// local `models` (NAME=PATH).
+pub async fn load(runtime: &Runtime, file: &Path, manifest: Option<&Path>, limits: &LimitArgs, models: &[String]) -> Result<Deployment> {
+    let (manifest, manifest_dir) = load_manifest(file, manifest)?;
+    let spec = manifest.spec;
+    let limits = limits.over(spec.limits)?;
+    let models = super::model::local(models, spec.models, spec.model_target)?;
+    let wasm = read_component(file)?;
+    let capabilities = Capabilities {
+        env: spec.sandbox.env,
+        outbound: spec.sandbox.outbound,
+        files: manifest.files_dir.map(|dir| manifest_dir.join(dir)),
+        models,
+    };
+    let name = file.file_stem().and_then(|s| s.to_str()).unwrap_or("component").to_string();
+    runtime.load_with(&name, &wasm, limits, capabilities).await.with_context(|| format!("loading {}", file.display()))
+}

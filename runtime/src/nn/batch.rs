@@ -4,7 +4,8 @@
 //!
 //! A call waits at most [`BatchSettings::max_wait`] for company, and only
 //! while other instances hold execution contexts on the same graph (a lone
-//! caller runs at once). Batches take calls round-robin over tenants, so
+//! caller runs at once; on the CPU straight on the CPU's thread pool,
+//! without passing through the scheduler's thread). Batches take calls round-robin over tenants, so
 //! a tenant flooding a shared public model delays another tenant's call by
 //! at most one turn per batch.
 //!
