@@ -2,23 +2,20 @@
 # Makes one of the project's Python environments: `test` (the default),
 # target/venv, with the tools the tests drive
 # (scripts/requirements-test.txt); `bench`, target/bench-venv, with the
-# baselines the benchmarks run (scripts/requirements-bench.txt);
-# `componentize`, target/componentize-venv, with componentize-py, which
-# builds Python handlers (scripts/requirements-componentize.txt); `tools`,
+# baselines the benchmarks run (scripts/requirements-bench.txt); `tools`,
 # target/tools-venv, pip alone (scripts/fetch-test-models.sh downloads
 # wheels with it; scripts/requirements-tools.txt is empty). Stock
 # Debian refuses pip installs into the system Python (PEP 668), so
 # everything goes into a venv; python3-venv comes from apt when it is
 # missing. A second run with the same requirements does nothing.
-# Usage: scripts/python-env.sh [test|bench|componentize|tools]
+# Usage: scripts/python-env.sh [test|bench|tools]
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 case ${1:-test} in
   test) venv=$root/target/venv ;;
   bench) venv=$root/target/bench-venv ;;
-  componentize) venv=$root/target/componentize-venv ;;
   tools) venv=$root/target/tools-venv ;;
-  *) echo "usage: scripts/python-env.sh [test|bench|componentize|tools]" >&2; exit 2 ;;
+  *) echo "usage: scripts/python-env.sh [test|bench|tools]" >&2; exit 2 ;;
 esac
 requirements=$root/scripts/requirements-${1:-test}.txt
 stamp=$venv/.requirements
