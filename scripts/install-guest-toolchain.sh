@@ -20,7 +20,7 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 target=wasm32-wasip2
-host=$(rustc -vV 2>/dev/null | sed -n 's/^host: //p')
+host=$(rustc -vV 2>/dev/null | sed -n 's/^host: //p' || true)
 config=$root/target/guest-toolchain.toml
 envfile=$root/target/guest-toolchain.env
 forced=${GPUWASM_GUEST_TOOLCHAIN:-}
@@ -28,12 +28,13 @@ mode=${forced:-$(sed -n 's/^GUEST_MODE=//p' "$envfile" 2>/dev/null || true)}
 mkdir -p "$root/target"
 log() { echo "install-guest-toolchain: $*" >&2; }
 die() { log "$*"; exit 1; }
+case $mode in rustup | debian | "") ;; *) die "GPUWASM_GUEST_TOOLCHAIN must be rustup or debian, not '$mode'" ;; esac
 
 apt_updated=
 apt_install() { # the packages among "$@" that are missing
   local missing=() p
   for p in "$@"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    [ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)" = "install ok installed" ] || missing+=("$p")
   done
   ((${#missing[@]})) || return 0
   [ "$(id -u)" = 0 ] || die "needs root to apt-get install ${missing[*]}"
@@ -43,7 +44,7 @@ apt_install() { # the packages among "$@" that are missing
 }
 
 rustup_has_target() {
-  command -v rustup >/dev/null && rustup target list --installed 2>/dev/null | grep -qx "$target"
+  command -v rustup >/dev/null && rustup target list --installed 2>/dev/null | grep -x "$target" >/dev/null
 }
 
 if [ "$mode" != debian ]; then
@@ -67,11 +68,16 @@ case $mode in
     ;;
   debian)
     apt_install rustc-web cargo-web rust-web-src wasi-libc
-    /usr/bin/rustc --print target-list | grep -qx "$target" || die "$(/usr/bin/rustc -V) does not know $target"
-    minor=$(/usr/bin/rustc -V | sed -E 's/^rustc 1\.([0-9]+).*/\1/')
+    /usr/bin/rustc --print target-list | grep -x "$target" >/dev/null || die "$(/usr/bin/rustc -V) does not know $target"
     # The wasip2 crate needs 1.87; bookworm's main archive has 1.85,
-    # bookworm-security newer ones.
-    [ "$minor" -ge 87 ] || die "$(/usr/bin/rustc -V) is too old (1.87 or later: is bookworm-security in the apt sources?)"
+    # bookworm-security newer ones: an old one installed earlier is upgraded.
+    minor() { /usr/bin/rustc -V | sed -E 's/^rustc 1\.([0-9]+).*/\1/'; }
+    if [ "$(minor)" -lt 87 ]; then
+      log "$(/usr/bin/rustc -V) is too old for the wasip2 crate (1.87): upgrading"
+      apt-get update -qq >&2
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends rustc-web cargo-web rust-web-src >&2
+      [ "$(minor)" -ge 87 ] || die "$(/usr/bin/rustc -V) is too old (1.87 or later: is bookworm-security in the apt sources?)"
+    fi
     [ -f /usr/lib/rustlib/src/rust/library/Cargo.lock ] || die "rust-web-src did not install the standard library's source"
     [ -f /usr/lib/wasm32-wasi/libc.a ] || die "wasi-libc did not install /usr/lib/wasm32-wasi/libc.a"
     llvm=$(/usr/bin/rustc -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')
@@ -87,7 +93,7 @@ case $mode in
     done
     if [ -z "$linker" ]; then
       log "cargo install wasm-component-ld (crates.io) into target/tools"
-      env -u RUSTFLAGS -u CARGO_TARGET_DIR cargo install --quiet --locked --root "$root/target/tools" wasm-component-ld >&2
+      env -u RUSTFLAGS -u CARGO_TARGET_DIR cargo install --quiet --locked --version 0.5.31 --root "$root/target/tools" wasm-component-ld >&2
       linker=$root/target/tools/bin/wasm-component-ld
     fi
     cat >"$config" <<EOF
@@ -105,6 +111,5 @@ rustflags = ["-L/usr/lib/wasm32-wasi", "-Clink-arg=--wasm-ld-path=$wasm_ld"]
 EOF
     printf 'GUEST_MODE=debian\nGUEST_CARGO=/usr/bin/cargo\nGUEST_RUSTC=/usr/bin/rustc\nGUEST_BOOTSTRAP=1\n' >"$envfile"
     ;;
-  *) die "GPUWASM_GUEST_TOOLCHAIN must be rustup or debian, not '$mode'" ;;
 esac
 log "$mode: $config"

@@ -18,11 +18,15 @@ scripts/build-guests.sh
 # Python tools the tests drive (the official OpenAI client, gguf, NVRTC), in target/venv.
 scripts/python-env.sh
 scripts/install-lavapipe.sh
-# node and npx: the JavaScript template's build fetches componentize-js from npm.
+# node and npx: the JavaScript template's build fetches componentize-js from
+# npm. Fetched once here, before tests build JavaScript at the same time
+# (older npm's npx cache is not safe for concurrent installs).
 if ! command -v npx >/dev/null; then
   echo "test: installing nodejs and npm (apt)" >&2
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null
 fi
+npx --yes -p @bytecodealliance/componentize-js@0.23.0 true
+scripts/fetch-test-models.sh >/dev/null
 export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-/tmp} # else Mesa warns on every start
 export GPUWASM_REQUIRE_BACKENDS=${GPUWASM_REQUIRE_BACKENDS:-wgpu}
 nvrtc=$(echo "$root"/target/venv/lib/python3*/site-packages/nvidia/cuda_nvrtc/lib)

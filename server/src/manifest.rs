@@ -188,7 +188,8 @@ impl Manifest {
         }
         if let Some(build) = &file.build {
             let Build { command, output } = build.get_ref();
-            if command.trim().is_empty() || output.as_os_str().is_empty() || output.is_absolute() {
+            let outside = output.is_absolute() || output.components().any(|c| matches!(c, std::path::Component::ParentDir));
+            if command.trim().is_empty() || output.as_os_str().is_empty() || outside {
                 let message = "`build` needs a `command` and an `output` path inside the manifest's folder".into();
                 return Err(err(build.span(), message));
             }

@@ -32,7 +32,7 @@ pub fn build(dir: &Path) -> Result<PathBuf> {
     let build = manifest.build.context("unreachable: project_manifest checks [build]")?;
     let name = manifest.name.unwrap_or_else(|| "the component".into());
     eprintln!("building {name}: {}", build.command);
-    let started = Instant::now();
+    let (started, started_at) = (Instant::now(), std::time::SystemTime::now());
     let status = Command::new("sh")
         .arg("-c")
         .arg(&build.command)
@@ -45,6 +45,11 @@ pub fn build(dir: &Path) -> Result<PathBuf> {
     }
     let output = dir.join(&build.output);
     let size = check_component(&output)?;
+    let written = std::fs::metadata(&output).and_then(|m| m.modified()).ok();
+    // (File times may lag the clock by a tick: a second of slack.)
+    if written.is_some_and(|t| t + std::time::Duration::from_secs(1) < started_at) {
+        bail!("the build command succeeded but did not write {} (it is older than the build): check [build] output", output.display());
+    }
     eprintln!("built {} ({:.1} MB) in {:.1} s", output.display(), size as f64 / 1e6, started.elapsed().as_secs_f64());
     Ok(output)
 }

@@ -6,7 +6,7 @@
 use super::build::build;
 use super::run::load;
 use super::serve::{announce, bind, until_signal};
-use crate::args::{ConnectionArgs, LimitArgs, PoolArgs};
+use crate::args::{ConnectionArgs, LimitArgs, PoolArgs, project_manifest};
 use anyhow::Result;
 use clap::Args;
 use gpuwasm::{Deployment, Runtime};
@@ -41,6 +41,11 @@ pub struct DevArgs {
 }
 
 pub async fn run(args: DevArgs) -> Result<ExitCode> {
+    // The sources as they are when the first build starts: an edit made
+    // while it runs is a change.
+    let (project, project_dir) = project_manifest(&args.dir)?;
+    let build_output = project.build.map(|b| project_dir.join(b.output)).unwrap_or_default();
+    let seen = sources(args.dir.clone(), build_output).await;
     let dir = args.dir.clone();
     let output = tokio::task::spawn_blocking(move || build(&dir)).await??;
     let manifest = args.dir.join("gpuwasm.toml");
@@ -51,7 +56,7 @@ pub async fn run(args: DevArgs) -> Result<ExitCode> {
     announce(&listener)?;
     eprintln!("watching {} for changes (Ctrl-C stops)", args.dir.display());
     let watcher = Watcher { dir: args.dir, output, manifest, runtime, limits: args.limits, models: args.models, current: current.clone() };
-    tokio::spawn(watcher.run(Duration::from_millis(args.poll_ms.max(10))));
+    tokio::spawn(watcher.run(seen, Duration::from_millis(args.poll_ms.max(10))));
     let handler = move |req| {
         let deployment = current.read().expect("the version lock").clone();
         async move { deployment.handle(req).await }
@@ -72,8 +77,8 @@ struct Watcher {
 }
 
 impl Watcher {
-    async fn run(self, every: Duration) {
-        let mut seen = self.sources().await;
+    /// `seen`: the sources the running version was built from.
+    async fn run(self, mut seen: Vec<Source>, every: Duration) {
         loop {
             tokio::time::sleep(every).await;
             let now = self.sources().await;
@@ -90,6 +95,9 @@ impl Watcher {
                 }
                 settled = again;
             }
+            // What is built is what was there when the build started: an
+            // edit made while it runs is seen at the next look.
+            seen = settled;
             eprintln!("change seen: building again");
             let dir = self.dir.clone();
             let built = tokio::task::spawn_blocking(move || build(&dir)).await;
@@ -104,33 +112,38 @@ impl Watcher {
                 Ok(Err(e)) => eprintln!("build failed, still serving the last good version: {e:#}"),
                 Err(e) => eprintln!("build failed, still serving the last good version: {e}"),
             }
-            // What the build itself wrote (a lock file, caches) is not a change.
-            seen = self.sources().await;
         }
     }
 
-    /// Every source file with its size and modification time.
-    async fn sources(&self) -> Vec<(PathBuf, u64, SystemTime)> {
-        let (dir, output) = (self.dir.clone(), self.output.clone());
-        tokio::task::spawn_blocking(move || {
-            let mut files = Vec::new();
-            walk(&dir, &output, &mut files);
-            files.sort();
-            files
-        })
-        .await
-        .unwrap_or_default()
+    async fn sources(&self) -> Vec<Source> {
+        sources(self.dir.clone(), self.output.clone()).await
     }
 }
 
-/// Files under `dir` but the build's: hidden entries (.venv, .gpuwasm),
-/// `target`, `node_modules`, `__pycache__` and the component itself.
-fn walk(dir: &Path, output: &Path, files: &mut Vec<(PathBuf, u64, SystemTime)>) {
+/// A source file, its size and modification time.
+type Source = (PathBuf, u64, SystemTime);
+
+/// Every source file under `dir` (sorted), not counting `output`.
+async fn sources(dir: PathBuf, output: PathBuf) -> Vec<Source> {
+    tokio::task::spawn_blocking(move || {
+        let mut files = Vec::new();
+        walk(&dir, &output, &mut files);
+        files.sort();
+        files
+    })
+    .await
+    .unwrap_or_default()
+}
+
+/// Files under `dir` but what builds write: hidden entries (.venv,
+/// .gpuwasm), `target`, `node_modules`, `__pycache__`, `Cargo.lock` and the
+/// component itself.
+fn walk(dir: &Path, output: &Path, files: &mut Vec<Source>) {
     let Ok(entries) = std::fs::read_dir(dir) else { return };
     for entry in entries.flatten() {
         let (path, name) = (entry.path(), entry.file_name());
         let name = name.to_string_lossy();
-        if name.starts_with('.') || ["target", "node_modules", "__pycache__"].contains(&name.as_ref()) || path == output {
+        if name.starts_with('.') || ["target", "node_modules", "__pycache__", "Cargo.lock"].contains(&name.as_ref()) || path == output {
             continue;
         }
         match entry.metadata() {

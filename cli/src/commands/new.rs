@@ -127,7 +127,11 @@ pub fn run(args: NewArgs) -> Result<ExitCode> {
     for (path, text) in args.template.files() {
         let text = match *path {
             // The SDK is a member of the project's workspace, not one of its own.
-            ".gpuwasm/guest-sdk/Cargo.toml" => text.replace("\n[workspace]\n", "\n"),
+            ".gpuwasm/guest-sdk/Cargo.toml" => {
+                let member = text.replace("\n[workspace]\n", "\n");
+                debug_assert_ne!(&member, text, "guest-sdk/Cargo.toml declares a [workspace] of its own");
+                member
+            }
             _ => fill(text),
         };
         written.push(write(&dir, path, &text)?);

@@ -205,7 +205,12 @@ impl Batcher {
             // hopping through the scheduler's thread first (two thread
             // wake-ups less, about a tenth of a short embedding's time).
             let (graph, budgets, stats) = (self.graph.clone(), self.budgets.clone(), self.stats.clone());
-            rayon::spawn(move || run_pass(graph.as_ref(), &budgets, &stats, vec![job]));
+            // A panic is caught inside; should anything else unwind, the
+            // caller gets an error (its reply dropped), not a dead process.
+            rayon::spawn(move || {
+                let pass = std::panic::AssertUnwindSafe(|| run_pass(graph.as_ref(), &budgets, &stats, vec![job]));
+                let _ = std::panic::catch_unwind(pass);
+            });
         } else if jobs.send(job).is_err() {
             return Err(Error::Unsupported("the model's scheduler stopped".into()));
         }

@@ -312,6 +312,9 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], spec: &AttentionSpec) -> Vec<f
     let (heads, dim) = (spec.heads, spec.dim);
     let (qw, kw) = (heads * dim, spec.kv_heads * dim);
     let group = heads / spec.kv_heads.max(1);
+    if dim == 0 {
+        return Vec::new();
+    }
     // (first row, rows, head) of each task.
     let mut tasks = Vec::with_capacity(spec.lens.len() * heads);
     let mut start = 0;

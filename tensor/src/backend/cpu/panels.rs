@@ -141,6 +141,12 @@ impl Panels {
         }
         // Not zeroed first: the parts write every element before anything reads it.
         let mut y = Vec::with_capacity(rows * out);
+        // Tests see an element the parts failed to write as NaN, not as
+        // whatever the allocator handed back.
+        #[cfg(test)]
+        y.spare_capacity_mut().iter_mut().for_each(|v| {
+            v.write(f32::NAN);
+        });
         let work = rows * inp * out;
         let parts = (work / MIN_SPLIT).clamp(1, rayon::current_num_threads().min(panels));
         let target = Target { y: y.as_mut_ptr(), out };
@@ -182,7 +188,7 @@ impl Panels {
         let mut acc = [[0f32; WIDTH]; MAX_BLOCK];
         for tile_start in (0..rows).step_by(tile) {
             let tile_end = (tile_start + tile).min(rows);
-            // Blocks of equal size (13 rows: 7 and 6, not 12 and 1): a
+            // Blocks of equal size (AVX2, 7 rows: 4 and 3, not 6 and 1): a
             // kernel on a few rows waits on its sums' latency.
             let blocks = (tile_end - tile_start).div_ceil(block);
             let bound = |b: usize| tile_start + b * (tile_end - tile_start) / blocks;
@@ -399,6 +405,8 @@ mod tests {
                     (Epilogue::Activation(Activation::Relu), &relu),
                 ] {
                     let got = panels.linear(isa, &x, rows, Some(&bias), then);
+                    assert_eq!(got.len(), rows * out);
+                    assert!(got.iter().all(|v| v.is_finite()), "{isa:?} {rows}x{inp}x{out}: an element not written");
                     let worst = got.iter().zip(want).map(|(g, w)| (*g as f64 - w).abs()).fold(0.0, f64::max);
                     assert!(worst < 1e-4 * (inp as f64).sqrt(), "{isa:?} {rows}x{inp}x{out} {then:?}: off by {worst}");
                 }
