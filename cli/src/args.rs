@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use gpuwasm::nn::{Devices, InferenceMemory, LlmSettings};
 use gpuwasm::{Limits, Runtime};
 use gpuwasm_server::ConnectionLimits;
-use gpuwasm_server::manifest::Manifest;
+use gpuwasm_server::manifest::{Build, Manifest};
 use std::path::{Path, PathBuf};
 
 /// gpuwasm: serverless functions as WebAssembly components.
@@ -434,28 +434,54 @@ pub fn short(sha256: &str) -> &str {
     sha256.get(..12).unwrap_or(sha256)
 }
 
-/// The gpuwasm.toml of a project folder, which must say how it is built
-/// (`[build]`); with the folder.
-pub fn project_manifest(dir: &Path) -> Result<(Manifest, PathBuf)> {
-    let path = dir.join("gpuwasm.toml");
-    if !path.exists() {
-        anyhow::bail!("{} has no gpuwasm.toml: give a component (.wasm), or a project made by `gpuwasm new`", dir.display());
+/// A project folder (`gpuwasm new`): its gpuwasm.toml, which must say how
+/// its component is built (`[build]`).
+pub struct Project {
+    /// The folder; the manifest's paths are relative to it.
+    pub dir: PathBuf,
+    /// The deployment's name, if the manifest gives one.
+    pub name: Option<String>,
+    /// How the component is built.
+    pub build: Build,
+}
+
+impl Project {
+    /// The project in `dir`.
+    pub fn open(dir: &Path) -> Result<Project> {
+        let path = dir.join("gpuwasm.toml");
+        if !path.exists() {
+            anyhow::bail!("{} has no gpuwasm.toml: give a component (.wasm), or a project made by `gpuwasm new`", dir.display());
+        }
+        let (manifest, dir) = load_manifest(&path, Some(&path))?;
+        let Some(build) = manifest.build else {
+            anyhow::bail!("{} has no [build] section saying how to build the component (command, output)", path.display());
+        };
+        Ok(Project { dir, name: manifest.name, build })
     }
-    let (manifest, dir) = load_manifest(&path, Some(&path))?;
-    if manifest.build.is_none() {
-        anyhow::bail!("{} has no [build] section saying how to build the component (command, output)", path.display());
+
+    /// The component its build writes.
+    pub fn output(&self) -> PathBuf {
+        self.dir.join(&self.build.output)
     }
-    Ok((manifest, dir))
+
+    /// Its gpuwasm.toml.
+    pub fn manifest(&self) -> PathBuf {
+        self.dir.join("gpuwasm.toml")
+    }
 }
 
 /// What `run` and `deploy` were given: a component, or a project folder
 /// (its built component and its manifest, unless `manifest` names one).
 pub fn component_of(path: &Path, manifest: Option<&Path>) -> Result<(PathBuf, Option<PathBuf>)> {
-    if path.is_dir() {
-        let (component, project) = crate::commands::build::output_of(path)?;
-        return Ok((component, Some(manifest.map_or(project, Path::to_path_buf))));
+    if !path.is_dir() {
+        return Ok((path.to_path_buf(), manifest.map(Path::to_path_buf)));
     }
-    Ok((path.to_path_buf(), manifest.map(Path::to_path_buf)))
+    let project = Project::open(path)?;
+    let output = project.output();
+    if !output.exists() {
+        anyhow::bail!("{} is not built yet: run `gpuwasm build {}` first", output.display(), project.dir.display());
+    }
+    Ok((output, Some(manifest.map_or_else(|| project.manifest(), Path::to_path_buf))))
 }
 
 /// The manifest for `file`: `explicit`, else gpuwasm.toml beside it, else

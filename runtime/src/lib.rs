@@ -55,4 +55,4 @@ pub use deployment::Deployment;
 pub use error::Error;
 pub use failure::{BoxError, ResponseBody, text_response};
 pub use limits::Limits;
-pub use runtime::{Compiled, DEFAULT_KEEP_RESIDENT_MB, Runtime, RuntimeBuilder};
+pub use runtime::{Compiled, DEFAULT_KEEP_RESIDENT_MB, Runtime, RuntimeBuilder, check_header};

@@ -356,8 +356,9 @@ impl Runtime {
     }
 }
 
-/// Rejects bytes that are not a WebAssembly component, naming what they are.
-fn check_header(wasm: &[u8]) -> Result<(), Error> {
+/// Rejects bytes that are not a WebAssembly component, naming what they
+/// are; the first 8 bytes are enough.
+pub fn check_header(wasm: &[u8]) -> Result<(), Error> {
     if wasm.len() < 8 || &wasm[..4] != b"\0asm" {
         return Err(Error::NotWasm);
     }

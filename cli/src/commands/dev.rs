@@ -6,7 +6,7 @@
 use super::build::build;
 use super::run::load;
 use super::serve::{announce, bind, until_signal};
-use crate::args::{ConnectionArgs, LimitArgs, PoolArgs, project_manifest};
+use crate::args::{ConnectionArgs, LimitArgs, PoolArgs, Project};
 use anyhow::Result;
 use clap::Args;
 use gpuwasm::{Deployment, Runtime};
@@ -43,12 +43,11 @@ pub struct DevArgs {
 pub async fn run(args: DevArgs) -> Result<ExitCode> {
     // The sources as they are when the first build starts: an edit made
     // while it runs is a change.
-    let (project, project_dir) = project_manifest(&args.dir)?;
-    let build_output = project.build.map(|b| project_dir.join(b.output)).unwrap_or_default();
-    let seen = sources(args.dir.clone(), build_output).await;
+    let project = Project::open(&args.dir)?;
+    let (output, manifest) = (project.output(), project.manifest());
+    let seen = sources(args.dir.clone(), output.clone()).await;
     let dir = args.dir.clone();
-    let output = tokio::task::spawn_blocking(move || build(&dir)).await??;
-    let manifest = args.dir.join("gpuwasm.toml");
+    tokio::task::spawn_blocking(move || build(&dir)).await??;
     let runtime = args.pool.runtime()?;
     let first = load(&runtime, &output, Some(&manifest), &args.limits, &args.models).await?;
     let current = Arc::new(RwLock::new(first));
