@@ -27,6 +27,9 @@ enum Template {
     Js,
     /// Python, built by componentize-py (PyPI, into the project's .venv).
     Python,
+    /// JavaScript calling a model: OpenAI-compatible embeddings through
+    /// wasi-nn (serves MiniLM as `minilm`).
+    JsEmbeddings,
 }
 
 /// A file of a template: its path in the project and its text.
@@ -60,14 +63,22 @@ const JS: &[File] = &[
     (".gitignore", repo_file!("templates/js/gitignore")),
 ];
 
+const JS_EMBEDDINGS: &[File] = &[
+    ("handler.js", repo_file!("templates/js-embeddings/handler.js")),
+    ("gpuwasm.toml", repo_file!("templates/js-embeddings/gpuwasm.toml")),
+    (".gitignore", repo_file!("templates/js-embeddings/gitignore")),
+];
+
 const PYTHON: &[File] = &[
     ("app.py", repo_file!("templates/python/app.py")),
     ("gpuwasm.toml", repo_file!("templates/python/gpuwasm.toml")),
     (".gitignore", repo_file!("templates/python/gitignore")),
 ];
 
-/// The WASI packages a `wasi:http/proxy` world needs, for JS and Python.
+/// The packages JS and Python worlds import: what `wasi:http/proxy` needs,
+/// and wasi-nn.
 const WASI: &[File] = &[
+    ("nn.wit", repo_file!("wit/deps/nn.wit")),
     ("cli.wit", repo_file!("wit/deps/cli.wit")),
     ("clocks.wit", repo_file!("wit/deps/clocks.wit")),
     ("filesystem.wit", repo_file!("wit/deps/filesystem.wit")),
@@ -76,6 +87,13 @@ const WASI: &[File] = &[
     ("random.wit", repo_file!("wit/deps/random.wit")),
     ("sockets.wit", repo_file!("wit/deps/sockets.wit")),
 ];
+
+/// The wasi-nn interfaces JS and Python worlds import (wit/world.wit).
+const NN_IMPORTS: &str = "  import wasi:nn/graph@0.2.0-rc-2024-10-28;
+  import wasi:nn/inference@0.2.0-rc-2024-10-28;
+  import wasi:nn/tensor@0.2.0-rc-2024-10-28;
+  import wasi:nn/errors@0.2.0-rc-2024-10-28;
+";
 
 /// The WASI version the WIT files here are written at.
 const WASI_VERSION: &str = "0.2.12";
@@ -86,6 +104,7 @@ impl Template {
             Template::Rust => RUST,
             Template::Js => JS,
             Template::Python => PYTHON,
+            Template::JsEmbeddings => JS_EMBEDDINGS,
         }
     }
 
@@ -94,7 +113,7 @@ impl Template {
     fn wasi_version(self) -> Option<&'static str> {
         match self {
             Template::Rust => None,
-            Template::Js => Some("0.2.10"),
+            Template::Js | Template::JsEmbeddings => Some("0.2.10"),
             Template::Python => Some(WASI_VERSION),
         }
     }
@@ -103,10 +122,14 @@ impl Template {
         let d = dir.display();
         let tool = match self {
             Template::Rust => "cargo and the wasm32-wasip2 target (rustup target add wasm32-wasip2)",
-            Template::Js => "node and npx (componentize-js is fetched on the first build)",
+            Template::Js | Template::JsEmbeddings => "node and npx (componentize-js is fetched on the first build)",
             Template::Python => "python3 with venv (componentize-py is installed into .venv on the first build)",
         };
-        format!("next:\n  gpuwasm build {d}     # needs {tool}\n  gpuwasm run {d}       # serves it on 127.0.0.1:8080\n  gpuwasm deploy {d}    # to a server (GPUWASM_SERVER, GPUWASM_TOKEN)")
+        let run = match self {
+            Template::JsEmbeddings => format!("gpuwasm run {d} --model minilm=MODEL_FOLDER   # serves it on 127.0.0.1:8080"),
+            _ => format!("gpuwasm run {d}       # serves it on 127.0.0.1:8080"),
+        };
+        format!("next:\n  gpuwasm build {d}     # needs {tool}\n  {run}\n  gpuwasm deploy {d}    # to a server (GPUWASM_SERVER, GPUWASM_TOKEN)")
     }
 }
 
@@ -137,7 +160,9 @@ pub fn run(args: NewArgs) -> Result<ExitCode> {
         written.push(write(&dir, path, &text)?);
     }
     if let Some(version) = args.template.wasi_version() {
-        let world = format!("package gpuwasm:handler;\n\nworld handler {{\n  include wasi:http/proxy@{version};\n}}\n");
+        let world = format!(
+            "package gpuwasm:handler;\n\n/// An HTTP handler that may call models through wasi-nn.\nworld handler {{\n  include wasi:http/proxy@{version};\n{NN_IMPORTS}}}\n"
+        );
         written.push(write(&dir, "wit/world.wit", &world)?);
         for (name, text) in WASI {
             written.push(write(&dir, &format!("wit/deps/{name}"), &text.replace(WASI_VERSION, version))?);
