@@ -34,7 +34,7 @@ fn gpu() -> Option<String> {
 fn deploy_probe(server: &Server, token: &str, name: &str, allow: &[&str], target: &str, dir: &Path) {
     let manifest = dir.join(format!("{name}.toml"));
     let allow: Vec<String> = allow.iter().map(|a| format!("{a:?}")).collect();
-    std::fs::write(&manifest, format!("[models]\nallow = [{}]\ntarget = \"{target}\"\n", allow.join(", "))).unwrap();
+    std::fs::write(&manifest, format!("[models]\nallow = [{}]\ntarget = \"{target}\"\nfrom_bytes = true\n", allow.join(", "))).unwrap();
     let wasm = support::wasm("nn_probe");
     let out = server.cli_as(token, &["deploy", wasm.to_str().unwrap(), "--name", name, "--manifest", manifest.to_str().unwrap()]);
     stdout_of(&out);

@@ -27,8 +27,13 @@ fn embeddings_server(dir: &tempfile::TempDir, flags: &[&str]) -> Server {
 }
 
 async fn embed(server: &Server, body: Value) -> (u16, Value) {
-    let url = format!("{}/default/embeddings/v1/embeddings", server.url);
-    let reply = send("POST", &url, &[("content-type", "application/json")], body.to_string()).await;
+    embed_on(server, "embeddings", body.to_string()).await
+}
+
+/// Sends `body` to `/v1/embeddings` of `deployment` (default tenant).
+async fn embed_on(server: &Server, deployment: &str, body: String) -> (u16, Value) {
+    let url = format!("{}/default/{deployment}/v1/embeddings", server.url);
+    let reply = send("POST", &url, &[("content-type", "application/json")], body).await;
     (reply.status, serde_json::from_str(&reply.body).unwrap_or_else(|_| panic!("not JSON: {}", reply.body)))
 }
 
@@ -109,6 +114,68 @@ async fn embedding_requests_with_bad_input_get_openai_style_errors() {
     }
 }
 
+/// The JavaScript template that calls a model (`gpuwasm new js-embeddings`,
+/// built by componentize-js, wasi-nn through its WIT bindings) answers as
+/// the Rust example does: the same vectors to the bit, the same token
+/// counts, the same statuses and error codes for bad requests.
+#[tokio::test]
+async fn the_javascript_embeddings_template_answers_as_the_rust_example_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = embeddings_server(&dir, &[]);
+    let project = dir.path().join("js-embed");
+    let out = support::gpuwasm().args(["new", "js-embeddings", "js-embed", "--dir"]).arg(&project).output().unwrap();
+    assert!(out.status.success(), "gpuwasm new: {}", String::from_utf8_lossy(&out.stderr));
+    let out = support::gpuwasm().arg("build").arg(&project).output().unwrap();
+    assert!(out.status.success(), "gpuwasm build: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let out = server.cli(&["deploy", project.to_str().unwrap()]);
+    assert!(out.status.success(), "deploy: {}", String::from_utf8_lossy(&out.stderr));
+
+    let fixture: Value = serde_json::from_str(include_str!("fixtures/minilm-embeddings.json")).unwrap();
+    let requests = [
+        json!({"model": "minilm", "input": fixture["sentences"]}),
+        json!({"model": "minilm", "input": "hello world", "encoding_format": "base64"}),
+        json!({"model": "minilm", "input": ["héllo wörld ✓", ""], "dimensions": 384}),
+    ];
+    for body in requests {
+        let (rust_status, rust) = embed_on(&server, "embeddings", body.to_string()).await;
+        let (js_status, js) = embed_on(&server, "js-embed", body.to_string()).await;
+        assert_eq!((rust_status, js_status), (200, 200), "{body}:\nrust {rust}\njs {js}");
+        assert_eq!(js["usage"], rust["usage"], "{body}");
+        assert_eq!(js["model"], "minilm");
+        let (rust_data, js_data) = (rust["data"].as_array().unwrap(), js["data"].as_array().unwrap());
+        assert_eq!(js_data.len(), rust_data.len(), "{body}");
+        for (r, j) in rust_data.iter().zip(js_data) {
+            assert_eq!((&j["index"], &j["object"]), (&r["index"], &r["object"]));
+            match &r["embedding"] {
+                // JavaScript prints an f32 as the f64 it widens to: the same
+                // number once read back as f32.
+                Value::Array(_) => assert_eq!(floats(&j["embedding"]), floats(&r["embedding"]), "{body}"),
+                base64 => assert_eq!(&j["embedding"], base64, "{body}"),
+            }
+        }
+    }
+
+    for body in [
+        json!({"model": "nope", "input": "x"}).to_string(),
+        json!({"model": "minilm", "input": []}).to_string(),
+        json!({"model": "minilm", "input": [1, 2, 3]}).to_string(),
+        json!({"model": "minilm", "input": "x", "encoding_format": "int8"}).to_string(),
+        json!({"model": "minilm", "input": "x", "dimensions": 128}).to_string(),
+        json!({"model": "minilm", "input": "a\u{0}b"}).to_string(),
+        json!({"input": "x"}).to_string(),
+        "{not json".to_string(),
+    ] {
+        let (rust_status, rust) = embed_on(&server, "embeddings", body.clone()).await;
+        let (js_status, js) = embed_on(&server, "js-embed", body.clone()).await;
+        assert!(rust_status >= 400, "{body}: {rust}");
+        assert_eq!(js_status, rust_status, "{body}:\nrust {rust}\njs {js}");
+        assert_eq!((&js["error"]["type"], &js["error"]["code"]), (&rust["error"]["type"], &rust["error"]["code"]), "{body}:\n{rust}\n{js}");
+    }
+    let models = |name: &str| format!("{}/default/{name}/v1/models", server.url);
+    let (rust, js) = (get(&models("embeddings")).await, get(&models("js-embed")).await);
+    assert_eq!((js.status, serde_json::from_str::<Value>(&js.body).unwrap()), (rust.status, serde_json::from_str::<Value>(&rust.body).unwrap()));
+}
+
 #[tokio::test]
 async fn the_official_openai_python_client_works_unmodified() {
     let dir = tempfile::tempdir().unwrap();
@@ -139,7 +206,7 @@ print("openai client ok")
 fn deploy_probe(server: &Server, token: &str, name: &str, allow: &[&str], dir: &Path) {
     let manifest = dir.join(format!("{name}.toml"));
     let allow: Vec<String> = allow.iter().map(|a| format!("{a:?}")).collect();
-    std::fs::write(&manifest, format!("[models]\nallow = [{}]\n", allow.join(", "))).unwrap();
+    std::fs::write(&manifest, format!("[models]\nallow = [{}]\nfrom_bytes = true\n", allow.join(", "))).unwrap();
     let wasm = support::wasm("nn_probe");
     let out = support::gpuwasm()
         .args(["deploy", wasm.to_str().unwrap(), "--name", name, "--manifest", manifest.to_str().unwrap()])
@@ -190,6 +257,32 @@ async fn models_are_tenant_scoped_public_models_are_shared_and_manifests_are_enf
     assert_eq!(get(&probe("default", "probe", "/embed?minilm")).await.body, "ok tokens 4");
     let missing = get(&probe("default", "probe", "/load?other")).await.body;
     assert!(missing.starts_with("error security:"), "not allowed comes before not found: {missing}");
+}
+
+/// A graph built from the guest's own bytes (wasi-nn `load`) needs the
+/// manifest's `[models] from_bytes = true`, and counts against the
+/// request's memory limit with the tensors it holds: with 15 MiB of
+/// tensors held it fits a 16 MiB limit, with 16 MiB it does not.
+#[tokio::test]
+async fn graphs_from_bytes_need_the_manifest_and_count_against_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir);
+    for (name, manifest) in [("closed", "[models]\nallow = []\n"), ("open", "[limits]\nmemory_mb = 16\n[models]\nfrom_bytes = true\n")] {
+        let path = dir.path().join(format!("{name}.toml"));
+        std::fs::write(&path, manifest).unwrap();
+        server.deploy(name, "nn_probe", &["--manifest", path.to_str().unwrap()]);
+    }
+    let url = |name: &str, path: &str| format!("{}/default/{name}{path}", server.url);
+    let refused = get(&url("closed", "/onnx-bytes")).await.body;
+    assert!(refused.starts_with("error security: this deployment may not load graphs from bytes"), "{refused}");
+    assert_eq!(get(&url("open", "/onnx-bytes")).await.body, "ok 10 probabilities summing to 1.000");
+    assert_eq!(get(&url("open", "/hoard-then-onnx?15")).await.body, "ok loaded");
+    let full = get(&url("open", "/hoard-then-onnx?16")).await.body;
+    assert!(
+        full.starts_with("error too-large: the graph: wasi-nn tensors and graphs held by this request would take 16793"),
+        "{full}"
+    );
+    assert!(full.ends_with("over its memory limit of 16777216 bytes"), "{full}");
 }
 
 #[tokio::test]

@@ -306,7 +306,7 @@ async fn attack_4_model_files_cost_memory_in_proportion_to_what_they_hold() {
     // (128 MiB here): 1000 tensors of 1 MiB trap the request, nothing else.
     let reply = get(&format!("{}/mallory/probe/hoard", server.url)).await;
     assert_eq!(reply.status, 500, "{}", reply.body);
-    assert!(reply.body.contains("wasi-nn tensors held by this request would take"), "{}", reply.body);
+    assert!(reply.body.contains("wasi-nn tensors and graphs held by this request would take"), "{}", reply.body);
     acme_is_served(&server).await;
 }
 
@@ -413,7 +413,7 @@ async fn attack_5_what_nothing_refers_to_is_collected() {
 async fn attack_6_deployments_do_not_each_hold_a_file_open() {
     let dir = tempfile::tempdir().unwrap();
     // Started under a soft limit of 256 open files, which it lifts.
-    let server = Server::start_under(&dir.path().join("data"), &["--tenant-deployments", "30"], Some(256));
+    let server = Server::start_under(&dir.path().join("data"), &["--tenant-deployments", "30"], Some(256), &[]);
     let (acme, mallory) = (server.tenant("acme").await, server.tenant("mallory").await);
     assert_eq!(deploy(&server, &acme, "hello", "hello", "").await.0, 201);
     let before = server.open_fds();

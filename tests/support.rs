@@ -57,12 +57,13 @@ impl Server {
 
     /// Starts a server on `data_dir` with extra `gpuwasm serve` flags.
     pub fn start_with(data_dir: &Path, flags: &[&str]) -> Server {
-        Self::start_under(data_dir, flags, None)
+        Self::start_under(data_dir, flags, None, &[])
     }
 
-    /// Starts a server on `data_dir` with extra `gpuwasm serve` flags, from
-    /// a shell whose soft limit on open files is `soft_nofile` when given.
-    pub fn start_under(data_dir: &Path, flags: &[&str], soft_nofile: Option<u32>) -> Server {
+    /// Starts a server on `data_dir` with extra `gpuwasm serve` flags and
+    /// environment variables, from a shell whose soft limit on open files is
+    /// `soft_nofile` when given.
+    pub fn start_under(data_dir: &Path, flags: &[&str], soft_nofile: Option<u32>, env: &[(&str, &str)]) -> Server {
         // Enough instances for the tests that send hundreds of requests at once.
         let pool: &[&str] = if flags.contains(&"--max-instances") { &[] } else { &["--max-instances", "300"] };
         let mut command = match soft_nofile {
@@ -80,6 +81,7 @@ impl Server {
             .arg(data_dir)
             .args(flags)
             .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -127,6 +129,22 @@ impl Server {
         let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
         let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
         ticks as f64 / 100.0
+    }
+
+    /// CPU time the server's tokio worker threads have used, in seconds,
+    /// from the scheduler's nanosecond counters (/proc/PID/task/*/schedstat):
+    /// the threads that run requests, without the node's own background
+    /// threads (epoch ticker, metering writer, model schedulers).
+    pub fn worker_cpu_seconds(&self) -> f64 {
+        let mut ns = 0u64;
+        for task in std::fs::read_dir(format!("/proc/{}/task", self.pid())).unwrap().flatten() {
+            let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+            if comm.starts_with("tokio-") {
+                let stat = std::fs::read_to_string(task.path().join("schedstat")).unwrap_or_default();
+                ns += stat.split_whitespace().next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
+            }
+        }
+        ns as f64 / 1e9
     }
 
     /// File descriptors the server holds open.

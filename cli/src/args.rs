@@ -68,6 +68,9 @@ pub enum Command {
     Model(commands::model::ModelCommand),
     /// Show which tenant your token acts for.
     Whoami(ServerArgs),
+    /// Show what your requests used and cost (CPU, inference, memory,
+    /// bytes, tokens), and compare with a dedicated machine.
+    Usage(commands::usage::UsageArgs),
     /// Send one HTTP request to a deployment and print the response body.
     Invoke(commands::invoke::InvokeArgs),
     /// Show the devices models can run on here (the CPU and GPUs), their

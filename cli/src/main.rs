@@ -55,6 +55,7 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Token(cmd) => commands::token::run(cmd).await,
         Command::Model(cmd) => commands::model::run(cmd).await,
         Command::Whoami(server) => commands::whoami::run(server).await,
+        Command::Usage(args) => commands::usage::run(args).await,
         Command::Invoke(args) => commands::invoke::run(args).await,
         Command::Info(args) => commands::info::run(args),
         Command::Bench(args) => bench::run(args).await,

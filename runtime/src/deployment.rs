@@ -10,13 +10,14 @@ use crate::failure::{BoxError, Failure, ResponseBody, Saturated};
 use crate::host_state::RequestState;
 use crate::limits::Limits;
 use crate::runtime::Runtime;
+use crate::usage::{GuestCpu, Meter, Outcome, UsageSink};
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::BodyExt;
 use http_body_util::{LengthLimitError, Limited};
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::AbortHandle;
@@ -52,6 +53,8 @@ struct DeploymentInner {
     /// Set once by [`Deployment::stop`].
     stop: watch::Sender<bool>,
     runtime: Runtime,
+    /// Where each request's usage goes, once set.
+    usage_sink: OnceLock<UsageSink>,
 }
 
 /// Decrements the queue count when a waiting request leaves the queue.
@@ -84,6 +87,7 @@ impl Deployment {
                 capabilities,
                 pre,
                 runtime: runtime.clone(),
+                usage_sink: OnceLock::new(),
             }),
         })
     }
@@ -101,6 +105,19 @@ impl Deployment {
     /// What its instances may reach: environment, files, outbound hosts, models.
     pub fn capabilities(&self) -> &Capabilities {
         &self.inner.capabilities
+    }
+
+    /// Meters every request from now on: when a request has ended
+    /// (response sent, guest finished, or the client gone), its
+    /// [`Usage`](crate::Usage) goes to `sink`. Set once; a second sink is
+    /// refused (returns `false`). Unmetered requests skip the measuring.
+    pub fn set_usage_sink(&self, sink: UsageSink) -> bool {
+        self.inner.usage_sink.set(sink).is_ok()
+    }
+
+    /// Requests waiting for an instance of this deployment now.
+    pub fn queued(&self) -> u32 {
+        self.inner.queued.load(Ordering::Relaxed)
     }
 
     /// Stops every request running on this deployment now (their guests
@@ -155,10 +172,14 @@ impl Deployment {
         B::Error: Into<BoxError>,
     {
         let start = std::time::Instant::now();
-        let mut response = match self.try_handle(request).await {
+        let meter = self.inner.usage_sink.get().map(|sink| Meter::start(sink.clone()));
+        let mut response = match self.try_handle(request, meter.clone()).await {
             Ok(response) => response,
             Err(failure) => {
                 tracing::debug!(deployment = %self.inner.name, ?failure, "request failed");
+                if let Some(meter) = &meter {
+                    meter.set_outcome(failure.outcome());
+                }
                 failure.into_response(&self.inner.name)
             }
         };
@@ -170,7 +191,7 @@ impl Deployment {
         response
     }
 
-    async fn try_handle<B>(&self, request: Request<B>) -> Result<Response<ResponseBody>, Failure>
+    async fn try_handle<B>(&self, request: Request<B>, meter: Option<Arc<Meter>>) -> Result<Response<ResponseBody>, Failure>
     where
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
@@ -198,11 +219,15 @@ impl Deployment {
             .new_store(limits.memory_bytes(), limits.cpu_ms, &me.capabilities, &me.shared)
             .map_err(Failure::Trap)?;
         store.data_mut().allow_generation(limits, guest_deadline.clone());
+        if let Some(meter) = &meter {
+            store.data_mut().set_meter(meter.clone());
+        }
 
         let body_too_large = Arc::new(AtomicBool::new(false));
-        let request = limit_body(request, limits.max_body_bytes, body_too_large.clone());
+        let request = limit_body(request, limits.max_body_bytes, body_too_large.clone(), meter.clone());
         let (cpu_ms, memory_mb) = (limits.cpu_ms, limits.memory_mb);
-        let proxy = match timeout_at(deadline, me.pre.instantiate_async(&mut store)).await {
+        let instantiate = GuestCpu::new(me.pre.instantiate_async(&mut store), meter.clone());
+        let proxy = match timeout_at(deadline, instantiate).await {
             Err(_) => return Err(Failure::Timeout(limits.timeout_ms)),
             Ok(Err(err)) => return Err(Failure::from_call(store.data(), &err, cpu_ms, memory_mb)),
             Ok(Ok(proxy)) => proxy,
@@ -219,9 +244,10 @@ impl Deployment {
         let name = me.name.clone();
         let head_deadline = guest_deadline.clone();
         let mut stopped = me.stop.subscribe();
+        let guest_meter = meter.clone();
         let guest = tokio::spawn(async move {
             let _permits = permits;
-            let call = proxy.wasi_http_incoming_handler().call_handle(&mut store, req, out);
+            let call = GuestCpu::new(proxy.wasi_http_incoming_handler().call_handle(&mut store, req, out), guest_meter.clone());
             // The guest yields to the executor at every epoch tick, so
             // dropping `call` (timeout, stop, or an abort of this task when
             // the client leaves) interrupts it within a tick.
@@ -233,11 +259,21 @@ impl Deployment {
                 },
                 _ = stopped.wait_for(|&stop| stop) => Err(Failure::Stopped),
             };
+            if let Some(meter) = &guest_meter {
+                meter.set_peak_memory(store.data().limiter.peak as u64);
+                meter.set_outcome(result.as_ref().map_or_else(Failure::outcome, |()| Outcome::Ok));
+            }
             let output = store.data().output_text();
             match &result {
                 Err(failure) => tracing::warn!(deployment = %name, ?failure, guest_output = %output, "guest failed"),
                 Ok(()) if !output.is_empty() => tracing::debug!(deployment = %name, guest_output = %output),
                 Ok(()) => {}
+            }
+            // Tearing the instance down (resetting its memory) is the
+            // request's work too.
+            match &guest_meter {
+                Some(meter) => meter.add_guest_cpu_of(|| drop(store)),
+                None => drop(store),
             }
             result
         });
@@ -253,7 +289,7 @@ impl Deployment {
             // A guest that answers after its request body was cut off at
             // the limit answered a truncated request: the client learns why.
             Some(Ok(_)) if body_too_large.load(Ordering::Relaxed) => Err(too_large()),
-            Some(Ok(Ok(response))) => Ok(response.map(|body| GuestBody { body, guard }.boxed_unsync())),
+            Some(Ok(Ok(response))) => Ok(response.map(|body| GuestBody { body, guard, meter }.boxed_unsync())),
             Some(Ok(Err(code))) => Err(Failure::Guest(format!("{code:?}"))),
             Some(Err(_)) => match guest.await {
                 _ if body_too_large.load(Ordering::Relaxed) => Err(too_large()),
@@ -317,6 +353,9 @@ impl Drop for AbortOnDrop {
 struct GuestBody<B> {
     body: B,
     guard: AbortOnDrop,
+    /// Counts the bytes sent; the request's metering ends when the body
+    /// and the guest are both done.
+    meter: Option<Arc<Meter>>,
 }
 
 impl<B> http_body::Body for GuestBody<B>
@@ -329,8 +368,14 @@ where
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
         let polled = Pin::new(&mut self.body).poll_frame(cx).map_err(Into::into);
-        if let Poll::Ready(None) = polled {
-            self.guard.0 = None;
+        match &polled {
+            Poll::Ready(None) => self.guard.0 = None,
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(meter), Some(data)) = (&self.meter, frame.data_ref()) {
+                    meter.add_bytes_out(data.len());
+                }
+            }
+            _ => {}
         }
         polled
     }
@@ -390,11 +435,13 @@ fn with_authority<B>(mut request: Request<B>) -> Request<B> {
 }
 
 /// Caps the request body at `max` bytes; going over sets `flag` and ends
-/// the guest's body stream with a body-size error.
+/// the guest's body stream with a body-size error. The bytes read are
+/// counted into `meter`.
 fn limit_body<B>(
     request: Request<B>,
     max: u64,
     flag: Arc<AtomicBool>,
+    meter: Option<Arc<Meter>>,
 ) -> Request<impl http_body::Body<Data = Bytes, Error = wasmtime_wasi_http::Error> + Send + 'static>
 where
     B: http_body::Body<Data = Bytes> + Send + 'static,
@@ -402,7 +449,13 @@ where
 {
     let max_usize = usize::try_from(max).unwrap_or(usize::MAX);
     request.map(move |body| {
-        Limited::new(body, max_usize).map_err(move |err: BoxError| {
+        let counted = body.map_frame(move |frame| {
+            if let (Some(meter), Some(data)) = (&meter, frame.data_ref()) {
+                meter.add_bytes_in(data.len());
+            }
+            frame
+        });
+        Limited::new(counted, max_usize).map_err(move |err: BoxError| {
             if err.is::<LengthLimitError>() {
                 flag.store(true, Ordering::Relaxed);
                 wasmtime_wasi_http::Error::HttpRequestBodySize(Some(max))

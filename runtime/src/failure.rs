@@ -3,6 +3,7 @@
 
 use crate::error::chain;
 use crate::host_state::RequestState;
+use crate::usage::Outcome;
 use bytes::Bytes;
 use http::{Response, StatusCode};
 use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
@@ -54,7 +55,7 @@ pub(crate) enum Failure {
 impl Failure {
     /// Classifies an error returned by instantiation or the guest call.
     pub(crate) fn from_call(state: &RequestState, err: &wasmtime::Error, cpu_ms: u64, memory_mb: u64) -> Self {
-        if state.cpu_exceeded {
+        if state.cpu.exceeded {
             Failure::CpuTime(cpu_ms)
         } else if state.limiter.exceeded {
             Failure::Memory(memory_mb)
@@ -62,6 +63,17 @@ impl Failure {
             Failure::Trap(trap.to_string())
         } else {
             Failure::Trap(chain(err))
+        }
+    }
+
+    /// How a request that failed so ended, for its usage record.
+    pub(crate) fn outcome(&self) -> Outcome {
+        match self {
+            Failure::Busy(_) | Failure::Stopped => Outcome::Busy,
+            Failure::BadBody(_) => Outcome::ClientGone,
+            Failure::BodyTooLarge(_) | Failure::CpuTime(_) | Failure::Memory(_) => Outcome::Limit,
+            Failure::Timeout(_) => Outcome::Timeout,
+            Failure::Trap(_) | Failure::Guest(_) | Failure::NoResponse => Outcome::Trap,
         }
     }
 

@@ -20,14 +20,47 @@ pub(crate) struct RequestState {
     nn: NnCtx,
     pub(crate) limiter: MemoryLimiter,
     output: GuestOutput,
-    /// Epoch ticks observed while guest code ran.
-    pub(crate) cpu_ticks: u64,
-    pub(crate) cpu_exceeded: bool,
+    pub(crate) cpu: CpuBudget,
+}
+
+/// A request's CPU time against its limit: the epoch ticks observed while
+/// its guest code ran, plus the time the host computed wasi-nn inference
+/// for it.
+pub(crate) struct CpuBudget {
+    pub(crate) limit_ms: u64,
+    ticks: u64,
+    inference: std::time::Duration,
+    pub(crate) exceeded: bool,
+}
+
+impl CpuBudget {
+    pub(crate) fn new(limit_ms: u64) -> Self {
+        CpuBudget { limit_ms, ticks: 0, inference: std::time::Duration::ZERO, exceeded: false }
+    }
+
+    /// Counts one tick of guest code; true once the limit is reached.
+    pub(crate) fn tick(&mut self) -> bool {
+        self.ticks += 1;
+        self.check()
+    }
+
+    /// Counts `time` of inference; true once the limit is reached.
+    pub(crate) fn charge_inference(&mut self, time: std::time::Duration) -> bool {
+        self.inference += time;
+        self.check()
+    }
+
+    fn check(&mut self) -> bool {
+        let used = self.ticks * crate::engine::TICK.as_millis() as u64 + self.inference.as_millis() as u64;
+        self.exceeded |= used >= self.limit_ms;
+        self.exceeded
+    }
 }
 
 impl RequestState {
     pub(crate) fn new(
         memory_limit: usize,
+        cpu_ms: u64,
         capabilities: &Capabilities,
         shared: &SharedCapabilities,
         models: &Models,
@@ -50,11 +83,10 @@ impl RequestState {
             http: WasiHttpCtx::new(),
             table: ResourceTable::new(),
             hooks: OutboundPolicy { allow: shared.outbound.clone() },
-            nn: NnCtx { models: models.clone(), access: shared.models.clone(), held: 0, limit: memory_limit, generation: None },
-            limiter: MemoryLimiter { limit: memory_limit, exceeded: false },
+            nn: NnCtx { models: models.clone(), access: shared.models.clone(), held: 0, limit: memory_limit, generation: None, meter: None },
+            limiter: MemoryLimiter { limit: memory_limit, exceeded: false, peak: 0 },
             output,
-            cpu_ticks: 0,
-            cpu_exceeded: false,
+            cpu: CpuBudget::new(cpu_ms),
         })
     }
 
@@ -65,9 +97,14 @@ impl RequestState {
         self.nn.generation = Some(GenerationLimits { max_tokens: limits.max_tokens, stream_ms: limits.stream_ms, deadline, started: 0 });
     }
 
+    /// Meters this request's inference, models and tokens into `meter`.
+    pub(crate) fn set_meter(&mut self, meter: std::sync::Arc<crate::usage::Meter>) {
+        self.nn.meter = Some(meter);
+    }
+
     /// The wasi-nn view of this request's state.
     pub(crate) fn nn(&mut self) -> NnView<'_> {
-        NnView { ctx: &mut self.nn, table: &mut self.table }
+        NnView { ctx: &mut self.nn, table: &mut self.table, cpu: &mut self.cpu }
     }
 
     /// Host resources the guest holds (streams, sockets, files, ...).

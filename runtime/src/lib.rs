@@ -49,6 +49,7 @@ pub mod nn;
 mod output;
 mod preinit;
 mod runtime;
+mod usage;
 
 pub use capabilities::{Capabilities, check_env, check_host_pattern, check_outbound};
 pub use deployment::Deployment;
@@ -56,3 +57,4 @@ pub use error::Error;
 pub use failure::{BoxError, ResponseBody, text_response};
 pub use limits::Limits;
 pub use runtime::{Compiled, DEFAULT_KEEP_RESIDENT_MB, Runtime, RuntimeBuilder, check_header};
+pub use usage::{Outcome, Usage, UsageSink};

@@ -9,6 +9,8 @@ use wasmtime::ResourceLimiter;
 pub(crate) struct MemoryLimiter {
     pub(crate) limit: usize,
     pub(crate) exceeded: bool,
+    /// The largest size a linear memory was allowed to grow to.
+    pub(crate) peak: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +31,7 @@ impl ResourceLimiter for MemoryLimiter {
             self.exceeded = true;
             return Err(MemoryLimitExceeded { limit: self.limit, desired }.into());
         }
+        self.peak = self.peak.max(desired);
         Ok(true)
     }
 

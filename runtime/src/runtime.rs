@@ -5,7 +5,7 @@
 
 use crate::capabilities::Capabilities;
 use crate::deployment::Deployment;
-use crate::engine::{self, PoolSettings, TICK};
+use crate::engine::{self, PoolSettings};
 use crate::error::{Error, chain};
 use crate::host_state::RequestState;
 use crate::limits::Limits;
@@ -271,16 +271,12 @@ impl Runtime {
         capabilities: &Capabilities,
         shared: &SharedCapabilities,
     ) -> Result<Store<RequestState>, String> {
-        let state = RequestState::new(memory_bytes, capabilities, shared, &self.inner.models)?;
+        let state = RequestState::new(memory_bytes, cpu_ms, capabilities, shared, &self.inner.models)?;
         let mut store = Store::new(&self.inner.engine, state);
         store.limiter(|state| &mut state.limiter);
-        let max_ticks = cpu_ms.div_ceil(TICK.as_millis() as u64).max(1);
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(move |mut ctx| {
-            let state = ctx.data_mut();
-            state.cpu_ticks += 1;
-            if state.cpu_ticks >= max_ticks {
-                state.cpu_exceeded = true;
+            if ctx.data_mut().cpu.tick() {
                 return Ok(UpdateDeadline::Interrupt);
             }
             Ok(UpdateDeadline::Yield(1))
@@ -295,6 +291,11 @@ impl Runtime {
 
     pub(crate) fn linker(&self) -> &Linker<RequestState> {
         &self.inner.linker
+    }
+
+    /// Instances running now (requests' and deploy checks').
+    pub fn instances_running(&self) -> u32 {
+        self.inner.pool.max_instances.saturating_sub(self.inner.instances.available_permits() as u32)
     }
 
     /// The highest limits a deployment may ask for.

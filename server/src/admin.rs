@@ -9,7 +9,8 @@ use crate::api::{
     json,
 };
 use crate::control::{Caller, Control, new_token};
-use crate::control_store::{Change, TenantRecord};
+use crate::control_store::{Change, TenantLimits, TenantRecord};
+use crate::metering::{self, GroupBy};
 use crate::{ServerInner, check_name, hosts, now};
 use bytes::Bytes;
 use gpuwasm::ResponseBody;
@@ -59,9 +60,15 @@ impl ServerInner {
                 let name = name.to_string();
                 self.set_tenant_gpu(&name, request).await
             }
+            (Method::PUT, ["tenants", name, "limits"]) if caller.admin => {
+                let name = name.to_string();
+                self.set_tenant_limits(&name, request).await
+            }
+            (Method::GET, ["usage"]) => self.usage(&caller, &query).await,
+            (_, ["usage"]) => Err(ApiError::method_not_allowed()),
             (Method::GET, ["resident-models"]) => Ok(json(StatusCode::OK, &self.resident_models(&caller))),
             (_, ["resident-models"]) => Err(ApiError::method_not_allowed()),
-            (_, ["tenants"] | ["tenants", _, "domains" | "gpu"]) => Err(if caller.admin { ApiError::method_not_allowed() } else { ApiError::forbidden() }),
+            (_, ["tenants"] | ["tenants", _, "domains" | "gpu" | "limits"]) => Err(if caller.admin { ApiError::method_not_allowed() } else { ApiError::forbidden() }),
             (Method::GET, ["tokens"]) => Ok(self.list_tokens(&caller)),
             (Method::POST, ["tokens"]) => self.create_token(&caller, &query).await,
             (Method::DELETE, ["tokens", id]) => self.revoke_token(&caller, id).await,
@@ -99,7 +106,7 @@ impl ServerInner {
         }
         let domains = self.check_domains(domains)?;
         let (token, record) = new_token(&name, false, now()).map_err(|e| ApiError::internal(format!("making a token: {e}")))?;
-        let tenant = TenantRecord { name: name.clone(), created_at: now(), domains, gpu: Default::default() };
+        let tenant = TenantRecord { name: name.clone(), created_at: now(), domains, gpu: Default::default(), limits: Default::default() };
         self.change(|control| {
             if control.tenants.contains_key(&name) {
                 return Err(ApiError::new(StatusCode::CONFLICT, "tenant_exists", format!("tenant '{name}' already exists")));
@@ -147,6 +154,53 @@ impl ServerInner {
         self.runtime.models().set_tenant_gpu(name, gpu);
         tracing::info!(tenant = %name, ?gpu, "tenant GPU settings set");
         Ok(json(StatusCode::OK, &record))
+    }
+
+    /// `PUT tenants/NAME/limits`: sets a tenant's request quotas; they
+    /// apply to its next requests.
+    async fn set_tenant_limits(&self, name: &str, request: Request<RequestBody>) -> Reply {
+        let limits: TenantLimits = read_json(request, "request body", r#"{"requests_per_second": 100} (null: no quota)"#).await?;
+        if limits.requests_per_second == Some(0) {
+            return Err(ApiError::bad_request("invalid_limits", "requests_per_second must be at least 1 (null: no quota)"));
+        }
+        let record = self
+            .change(|control| {
+                let tenant = control.tenants.get_mut(name).ok_or_else(|| ApiError::not_found(format!("no tenant named '{name}'")))?;
+                tenant.limits = limits;
+                Ok((vec![Change::Tenant(tenant.clone())], tenant.clone()))
+            })
+            .await?;
+        tracing::info!(tenant = %name, ?limits, "tenant limits set");
+        Ok(json(StatusCode::OK, &record))
+    }
+
+    /// `GET usage?since=24h&by=deployment&tenant=NAME` (or `all=1`, admin
+    /// only): what a tenant's requests used and cost. A tenant's token sees
+    /// only its own tenant.
+    async fn usage(self: &Arc<Self>, caller: &Caller, query: &str) -> Reply {
+        let Some(config) = &self.config.usage else {
+            return Err(ApiError::new(StatusCode::NOT_FOUND, "metering_off", "this server does not meter requests (started with --no-metering)"));
+        };
+        let since = query_value(query, "since").unwrap_or("24h");
+        let since = metering::parse_duration(since)
+            .ok_or_else(|| ApiError::bad_request("bad_request", format!("since={since:?}: give a duration such as 3600, 90m, 24h or 7d")))?;
+        let by = query_value(query, "by").unwrap_or("deployment");
+        let by = GroupBy::parse(by).ok_or_else(|| ApiError::bad_request("bad_request", format!("by={by:?}: give deployment, model, day or tenant")))?;
+        let all = matches!(query_value(query, "all"), Some("1" | "true"));
+        let tenant = query_value(query, "tenant").unwrap_or(&caller.tenant).to_string();
+        if !caller.admin && (all || tenant != caller.tenant) {
+            return Err(ApiError::forbidden());
+        }
+        let since = std::time::SystemTime::now().checked_sub(since).unwrap_or(std::time::UNIX_EPOCH);
+        let (me, prices) = (self.clone(), config.prices.clone());
+        let report = tokio::task::spawn_blocking(move || {
+            let metering = me.metering.as_ref().expect("metering runs when usage is configured");
+            metering.report((!all).then_some(tenant.as_str()), since, by, &prices)
+        })
+        .await
+        .map_err(|e| ApiError::internal(format!("the usage report failed: {e}")))?
+        .map_err(|e| ApiError::internal(format!("reading the usage files: {e}")))?;
+        Ok(json(StatusCode::OK, &report))
     }
 
     /// `GET resident-models`: the models resident on this node's devices

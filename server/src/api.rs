@@ -6,6 +6,7 @@
 
 use crate::control_store::{ModelRecord, TenantRecord, VersionRecord};
 use crate::error::Error;
+use crate::metering::{Prices, Totals};
 use bytes::Bytes;
 use gpuwasm::ResponseBody;
 use gpuwasm::nn::ModelStatus;
@@ -151,6 +152,39 @@ pub struct ModelInfo {
     /// What it has done on this node while resident; `null` when it is not
     /// loaded (and, for public models, for anyone but the admin).
     pub loaded: Option<ModelStatus>,
+}
+
+/// `GET usage`: what requests used and cost, grouped.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct UsageReport {
+    /// The tenant reported on (`null`: every tenant).
+    pub tenant: Option<String>,
+    /// The start of the period (the start of its first minute), seconds
+    /// since the Unix epoch.
+    pub since_unix: u64,
+    /// Its end: now.
+    pub until_unix: u64,
+    /// How rows are grouped: `deployment`, `model`, `day` or `tenant`.
+    pub by: String,
+    /// The server's price table.
+    pub prices: Prices,
+    /// One row per group.
+    pub rows: Vec<UsageRow>,
+    /// The sum of the rows (`key` is `total`).
+    pub total: UsageRow,
+}
+
+/// Usage of one group of requests and what it cost.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct UsageRow {
+    /// The group: `tenant/deployment`, models `+`-joined (`(none)`), a
+    /// `YYYY-MM-DD` day, or a tenant.
+    pub key: String,
+    /// What its requests used.
+    #[serde(flatten)]
+    pub totals: Totals,
+    /// What that cost at the server's prices.
+    pub cost: f64,
 }
 
 /// `GET resident-models`: what is loaded on this node's devices.

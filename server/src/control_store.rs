@@ -29,6 +29,20 @@ pub struct TenantRecord {
     /// Its GPU memory quota and share of GPU time; set by the admin.
     #[serde(default)]
     pub gpu: TenantGpu,
+    /// Its request quotas; set by the admin.
+    #[serde(default)]
+    pub limits: TenantLimits,
+}
+
+/// A tenant's request quotas (`PUT tenants/NAME/limits`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantLimits {
+    /// Requests a second over all its deployments, with up to a second's
+    /// worth at once; beyond it requests get `429` with `Retry-After`.
+    /// `None`: no quota.
+    #[serde(default)]
+    pub requests_per_second: Option<u32>,
 }
 
 /// An API token. Only a SHA-256 of the token is stored.
@@ -263,7 +277,7 @@ mod tests {
     fn commits_are_durable_and_atomic_per_call() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.redb");
-        let tenant = TenantRecord { name: "acme".into(), created_at: 1, domains: vec!["acme.example".into()], gpu: TenantGpu::default() };
+        let tenant = TenantRecord { name: "acme".into(), created_at: 1, domains: vec!["acme.example".into()], gpu: TenantGpu::default(), limits: TenantLimits { requests_per_second: Some(5) } };
         let deployment = DeploymentState { tenant: "acme".into(), name: "api".into(), active: Some(1), latest: 1 };
         {
             let store = RedbStore::open(&path).unwrap();

@@ -69,7 +69,22 @@ impl ServerInner {
         let runs = version.snapshot_sha256.as_ref().unwrap_or(&version.sha256);
         let compiled = self.artifacts.component(&self.runtime, runs)?;
         let capabilities = self.capabilities(&version.tenant, &version.spec)?;
-        Ok(self.runtime.deployment(&version.name, &compiled, version.spec.limits.clone(), capabilities)?)
+        let deployment = self.runtime.deployment(&version.name, &compiled, version.spec.limits.clone(), capabilities)?;
+        self.meter(&deployment, version);
+        Ok(deployment)
+    }
+
+    /// Meters the requests of `deployment`, serving `version`: usage
+    /// records and request metrics (when the server meters).
+    pub(crate) fn meter(&self, deployment: &Deployment, version: &VersionRecord) {
+        if let Some(metering) = &self.metering {
+            let recorder = metering.recorder(&version.tenant, &version.name, version.version);
+            let metrics = self.metrics.deployment(&version.tenant, &version.name);
+            deployment.set_usage_sink(Arc::new(move |usage| {
+                metrics.observe(&usage);
+                recorder.record(usage);
+            }));
+        }
     }
 
     /// What a deployment of `tenant` with `spec` may reach on this node.
@@ -83,6 +98,7 @@ impl ServerInner {
                 allow: spec.models.clone(),
                 catalog: Some(self.models.clone()),
                 target: spec.model_target,
+                from_bytes: spec.models_from_bytes,
             },
         })
     }

@@ -101,6 +101,7 @@ impl ServerInner {
                     live: None,
                 });
                 let version = VersionRecord { version: entry.state.latest + 1, ..version };
+                self.meter(&deployment, &version);
                 let created = entry.state.active.is_none();
                 entry.state.latest = version.version;
                 entry.state.active = Some(version.version);

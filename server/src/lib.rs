@@ -33,8 +33,11 @@ mod gc;
 pub mod hex;
 pub mod hosts;
 pub mod manifest;
+mod metering;
+mod metrics;
 mod models;
 mod quotas;
+mod rates;
 pub mod spec;
 mod uploads;
 
@@ -42,6 +45,7 @@ pub use api::ADMIN_PREFIX;
 pub use connections::{ConnectionLimits, RequestBody, serve_connections};
 pub use control::DEFAULT_TENANT;
 pub use error::Error;
+pub use metering::{GroupBy, Prices, Totals, parse_duration};
 pub use spec::{DeploymentSpec, SPEC_HEADER, SandboxSpec};
 
 use artifacts::ArtifactStore;
@@ -79,6 +83,24 @@ pub struct ServerConfig {
     /// removed (default an hour): uploads come before the deploy or push
     /// that uses them.
     pub gc_grace: Duration,
+    /// Metering of every request (`None`: no usage records, no request
+    /// metrics).
+    pub usage: Option<UsageConfig>,
+}
+
+/// How a [`Server`] meters requests (see `docs/usage.md`).
+#[derive(Clone, Debug)]
+pub struct UsageConfig {
+    /// Days of usage files kept (default 90).
+    pub retention_days: u32,
+    /// What usage reports price it at.
+    pub prices: Prices,
+}
+
+impl Default for UsageConfig {
+    fn default() -> Self {
+        UsageConfig { retention_days: 90, prices: Prices::default() }
+    }
 }
 
 /// What each tenant may hold on a server.
@@ -123,6 +145,10 @@ struct ServerInner {
     /// memory and compiles or checks them, so a few run at once (the
     /// others wait their turn).
     building: tokio::sync::Semaphore,
+    metering: Option<metering::Metering>,
+    metrics: metrics::Metrics,
+    /// Tenants' request-rate quotas.
+    rates: rates::RequestRates,
 }
 
 /// Deploys and model pushes that run at once.
@@ -157,13 +183,20 @@ impl Server {
         let mut state = store.load()?;
         let models = Arc::new(models::Registry::new(std::mem::take(&mut state.models), blobs.clone()));
         if !state.tenants.iter().any(|t| t.name == DEFAULT_TENANT) {
-            let tenant = TenantRecord { name: DEFAULT_TENANT.into(), created_at: now(), domains: Vec::new(), gpu: Default::default() };
+            let tenant = TenantRecord { name: DEFAULT_TENANT.into(), created_at: now(), domains: Vec::new(), gpu: Default::default(), limits: Default::default() };
             store.commit(&[Change::Tenant(tenant.clone())])?;
             state.tenants.push(tenant);
         }
         for tenant in &state.tenants {
             runtime.models().set_tenant_gpu(&tenant.name, tenant.gpu);
         }
+        let metering = match &config.usage {
+            Some(usage) => {
+                let dir = config.data_dir.join("usage");
+                Some(metering::Metering::start(dir.clone(), usage.retention_days).map_err(|e| Error::io("starting metering", &dir, e))?)
+            }
+            None => None,
+        };
         let inner = Arc::new(ServerInner {
             runtime,
             artifacts,
@@ -176,6 +209,9 @@ impl Server {
             control: RwLock::new(Arc::default()),
             changes: tokio::sync::Mutex::new(()),
             building: tokio::sync::Semaphore::new(BUILDS_AT_ONCE),
+            metering,
+            metrics: metrics::Metrics::new(),
+            rates: rates::RequestRates::default(),
         });
         let loader = inner.clone();
         let control = tokio::task::spawn_blocking(move || {
@@ -212,7 +248,7 @@ impl Server {
         }
         let control = self.inner.control();
         if let Some(entry) = host.and_then(|h| control.by_host(&h)) {
-            return invoke(entry, request).await;
+            return self.invoke(&control, entry, request).await;
         }
         let path = request.uri().path().to_string();
         let (tenant, rest) = split_prefix(&path);
@@ -223,10 +259,71 @@ impl Server {
                     Ok(r) => r,
                     Err(message) => return text_response(StatusCode::BAD_REQUEST, message),
                 };
-                invoke(entry, request).await
+                self.invoke(&control, entry, request).await
             }
             _ => text_response(StatusCode::NOT_FOUND, format!("no deployment serves {path}")),
         }
+    }
+
+    /// The node's metrics in the OpenMetrics text format, read now.
+    pub fn metrics_text(&self) -> String {
+        let inner = &self.inner;
+        let control = inner.control();
+        let queued = control
+            .deployments
+            .values()
+            .filter_map(|entry| match (&entry.live, entry.active()) {
+                (Some(Ok(live)), Some(v)) => Some((v.tenant.clone(), v.name.clone(), live.queued() as u64)),
+                _ => None,
+            })
+            .collect();
+        let mut resident: std::collections::BTreeMap<String, u64> = Default::default();
+        for model in inner.runtime.models().resident() {
+            *resident.entry(model.device).or_default() += model.bytes;
+        }
+        inner.metrics.render(metrics::Snapshot {
+            instances: inner.runtime.instances_running() as u64,
+            queued,
+            resident: resident.into_iter().collect(),
+            model_loads: inner.runtime.models().loads(),
+            metering_backlog: inner.metering.as_ref().map_or(0, |m| m.backlog()),
+            metering_dropped: inner.metering.as_ref().map_or(0, |m| m.dropped()),
+        })
+    }
+
+    /// Serves `GET /metrics` (Prometheus, OpenMetrics text) on `listener`
+    /// until `stop` completes.
+    pub async fn serve_metrics(self, listener: TcpListener, stop: impl Future<Output = ()>) -> std::io::Result<()> {
+        let handler = move |req: Request<RequestBody>| {
+            let server = self.clone();
+            async move {
+                match (req.method(), req.uri().path()) {
+                    (&http::Method::GET, "/metrics") => {
+                        use http_body_util::BodyExt;
+                        let text = tokio::task::spawn_blocking(move || server.metrics_text()).await.unwrap_or_default();
+                        // Exactly the text: nothing may follow its `# EOF`.
+                        let body = http_body_util::Full::new(bytes::Bytes::from(text)).map_err(|never| match never {}).boxed_unsync();
+                        let mut response = Response::new(body);
+                        response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(metrics::CONTENT_TYPE));
+                        response
+                    }
+                    _ => text_response(StatusCode::NOT_FOUND, "this listener serves GET /metrics only".into()),
+                }
+            }
+        };
+        serve_connections(listener, handler, ConnectionLimits::default(), stop).await
+    }
+
+    /// Writes the usage records queued so far (metering writes them once a
+    /// second; call this before exiting).
+    pub async fn flush_usage(&self) {
+        let inner = self.inner.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Some(metering) = &inner.metering {
+                metering.flush();
+            }
+        })
+        .await;
     }
 
     /// Serves HTTP/1.1 connections from `listener` within `limits` until
@@ -249,6 +346,27 @@ impl ServerInner {
 /// Seconds since the Unix epoch.
 fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+impl Server {
+    /// Hands `request` to `entry`'s deployment, within its tenant's
+    /// request rate: beyond it, `429` with `Retry-After`.
+    async fn invoke(&self, control: &Control, entry: &Entry, request: Request<RequestBody>) -> Response<ResponseBody> {
+        let tenant = &entry.state.tenant;
+        if let Some(rate) = control.tenants.get(tenant).and_then(|t| t.limits.requests_per_second)
+            && let Err(wait) = self.inner.rates.take(tenant, rate)
+        {
+            self.inner.metrics.rejected(tenant, "rate");
+            let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+            let mut response = text_response(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!("tenant '{tenant}' is over its quota of {rate} requests per second; retry after {secs} s"),
+            );
+            response.headers_mut().insert(http::header::RETRY_AFTER, secs.into());
+            return response;
+        }
+        invoke(entry, request).await
+    }
 }
 
 async fn invoke(entry: &Entry, request: Request<RequestBody>) -> Response<ResponseBody> {

@@ -23,6 +23,8 @@
 //! allow = ["minilm"]
 //! target = "auto"                    # where they run: auto (a GPU when the
 //!                                    # guest asks and the node has one), gpu, cpu
+//! from_bytes = false                 # whether wasi-nn `load` may build graphs
+//!                                    # from the guest's bytes (charged to its memory)
 //!
 //! [build]                            # how `gpuwasm build` makes the component
 //! command = "cargo build --release --target wasm32-wasip2"   # run by sh, here
@@ -101,6 +103,8 @@ struct ModelsSection {
     allow: Vec<Spanned<String>>,
     #[serde(default)]
     target: Target,
+    #[serde(default)]
+    from_bytes: bool,
 }
 
 #[derive(Deserialize, Default)]
@@ -204,6 +208,7 @@ impl Manifest {
                 sandbox: SandboxSpec { env, outbound },
                 models,
                 model_target: file.models.target,
+                models_from_bytes: file.models.from_bytes,
                 ..DeploymentSpec::default()
             },
         })

@@ -33,6 +33,10 @@ pub struct DeploymentSpec {
     /// Where its models run (`[models] target`): `auto` (a GPU when the
     /// guest asks for one and the node has one), `gpu` or `cpu`.
     pub model_target: Target,
+    /// Whether the handler may load graphs from bytes it supplies (wasi-nn
+    /// `load`, `[models] from_bytes`); such a graph counts against its
+    /// memory limit. Off: models load by name only.
+    pub models_from_bytes: bool,
     /// Files it sees read-only at `/`: guest path -> SHA-256 of content
     /// uploaded with `PUT files/SHA256`.
     pub files: BTreeMap<String, String>,
@@ -47,6 +51,7 @@ impl Default for DeploymentSpec {
             sandbox: SandboxSpec::default(),
             models: Vec::new(),
             model_target: Target::Auto,
+            models_from_bytes: false,
             files: BTreeMap::new(),
         }
     }

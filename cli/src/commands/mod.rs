@@ -12,4 +12,5 @@ pub mod run;
 pub mod serve;
 pub mod tenant;
 pub mod token;
+pub mod usage;
 pub mod whoami;

@@ -150,8 +150,9 @@ async fn push(args: PushArgs) -> Result<ExitCode> {
 }
 
 /// The models `gpuwasm run` serves from `NAME=PATH` flags; the manifest's
-/// `[models] allow` limits them when it names any.
-pub fn local(flags: &[String], manifest_allow: Vec<String>, target: Target) -> Result<ModelAccess> {
+/// `[models] allow` limits them when it names any, and its `from_bytes`
+/// lets graphs load from bytes.
+pub fn local(flags: &[String], manifest_allow: Vec<String>, target: Target, from_bytes: bool) -> Result<ModelAccess> {
     let mut models = LocalModels::default();
     let mut names = Vec::new();
     for flag in flags {
@@ -167,5 +168,5 @@ pub fn local(flags: &[String], manifest_allow: Vec<String>, target: Target) -> R
         names.push(name.to_string());
     }
     let allow = if manifest_allow.is_empty() { names } else { manifest_allow };
-    Ok(ModelAccess { tenant: "local".into(), allow, catalog: Some(Arc::new(models)), target })
+    Ok(ModelAccess { tenant: "local".into(), allow, catalog: Some(Arc::new(models)), target, from_bytes })
 }

@@ -52,7 +52,7 @@ pub async fn load(runtime: &Runtime, file: &Path, manifest: Option<&Path>, limit
     let (manifest, manifest_dir) = load_manifest(file, manifest)?;
     let spec = manifest.spec;
     let limits = limits.over(spec.limits)?;
-    let models = super::model::local(models, spec.models, spec.model_target)?;
+    let models = super::model::local(models, spec.models, spec.model_target, spec.models_from_bytes)?;
     let wasm = read_component(file)?;
     let capabilities = Capabilities {
         env: spec.sandbox.env,

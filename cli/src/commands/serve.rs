@@ -5,7 +5,7 @@
 use crate::args::{ConnectionArgs, PoolArgs, default_data_dir};
 use anyhow::{Context, Result};
 use clap::Args;
-use gpuwasm_server::{Server, ServerConfig, TenantQuotas};
+use gpuwasm_server::{Prices, Server, ServerConfig, TenantQuotas, UsageConfig};
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -54,6 +54,23 @@ pub struct ServeArgs {
     /// to is kept before it is removed.
     #[arg(long, default_value_t = 3600)]
     gc_grace_secs: u64,
+    /// Serve Prometheus metrics (`GET /metrics`, OpenMetrics text) on this
+    /// address, apart from the API and the guests (no token: bind it where
+    /// only your scraper reaches).
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
+    /// Do not meter requests: no usage records (`gpuwasm usage` answers
+    /// that metering is off) and no request metrics.
+    #[arg(long)]
+    no_metering: bool,
+    /// Days of usage records kept (DATA_DIR/usage).
+    #[arg(long, default_value_t = 90, value_parser = clap::value_parser!(u32).range(1..))]
+    usage_retention_days: u32,
+    /// A price table (TOML) that turns usage into cost: cpu_second,
+    /// gb_second, million_tokens, request, and [gpu_second] by device or
+    /// kind (docs/usage.md). Without it every price is 0.
+    #[arg(long, value_name = "FILE")]
+    prices: Option<PathBuf>,
 }
 
 pub async fn run(args: ServeArgs) -> Result<ExitCode> {
@@ -77,6 +94,16 @@ pub async fn run(args: ServeArgs) -> Result<ExitCode> {
             uploads: args.tenant_uploads,
         },
         gc_grace: std::time::Duration::from_secs(args.gc_grace_secs),
+        usage: match args.no_metering {
+            true => None,
+            false => Some(UsageConfig {
+                retention_days: args.usage_retention_days,
+                prices: match &args.prices {
+                    Some(path) => Prices::load(path).map_err(anyhow::Error::msg)?,
+                    None => Prices::default(),
+                },
+            }),
+        },
     };
     let server = Server::open(args.pool.runtime()?, config)
         .await
@@ -85,7 +112,19 @@ pub async fn run(args: ServeArgs) -> Result<ExitCode> {
     tracing::info!(data_dir = %args.data_dir.display(), deployments = server.deployments().len(), "server ready");
     announce(&listener)?;
     let limits = args.connections.limits()?;
-    until_signal(args.connections.drain_secs, |stop| server.serve(listener, limits, stop)).await
+    let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    if let Some(addr) = args.metrics_listen {
+        let metrics = bind(addr).await?;
+        tracing::info!(address = %metrics.local_addr()?, "metrics at GET /metrics");
+        tokio::spawn(server.clone().serve_metrics(metrics, async move {
+            let _ = metrics_stopped.await;
+        }));
+    }
+    let handle = server.clone();
+    let code = until_signal(args.connections.drain_secs, |stop| server.serve(listener, limits, stop)).await;
+    let _ = metrics_stop.send(());
+    handle.flush_usage().await;
+    code
 }
 
 /// The token stored in `data_dir/admin-token`, created (mode 0600) if absent.

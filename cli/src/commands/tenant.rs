@@ -1,11 +1,11 @@
-//! `gpuwasm tenant create|list|domains|gpu` (admin token only).
+//! `gpuwasm tenant create|list|domains|gpu|limits` (admin token only).
 
 use crate::args::{ListArgs, ServerArgs, print_json};
 use crate::client::typed;
 use anyhow::{Result, bail};
 use gpuwasm::nn::TenantGpu;
 use gpuwasm_server::api::{Domains, NewTenant, NewToken, Tenants};
-use gpuwasm_server::control_store::TenantRecord;
+use gpuwasm_server::control_store::{TenantLimits, TenantRecord};
 use bytes::Bytes;
 use clap::Subcommand;
 use http::Method;
@@ -55,6 +55,29 @@ pub enum TenantCommand {
         #[command(flatten)]
         server: ServerArgs,
     },
+    /// Set a tenant's request quota: requests a second over all its
+    /// deployments (a second's worth may come at once); beyond it requests
+    /// get 429 with Retry-After. Other tenants are not affected.
+    #[command(after_help = "Examples:
+  gpuwasm tenant limits acme --requests-per-second 100
+  gpuwasm tenant limits acme --no-rate-limit")]
+    Limits {
+        /// The tenant.
+        name: String,
+        /// Requests a second (at least 1).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..), required_unless_present = "no_rate_limit", conflicts_with = "no_rate_limit")]
+        requests_per_second: Option<u32>,
+        /// Remove the request-rate quota.
+        #[arg(long)]
+        no_rate_limit: bool,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+}
+
+/// A tenant's request quota, as `tenant list` prints it.
+fn rate_text(limits: &TenantLimits) -> String {
+    limits.requests_per_second.map_or("no rate limit".to_string(), |n| format!("{n} req/s"))
 }
 
 /// A tenant's GPU settings, as `tenant list` prints them.
@@ -74,10 +97,10 @@ pub async fn run(cmd: TenantCommand) -> Result<ExitCode> {
             let reply = args.server.api()?.admin_json(Method::GET, "tenants", &[], Bytes::new()).await?;
             if !print_json(args.json, &reply)? {
                 let Tenants { tenants } = typed(reply)?;
-                println!("{:<24} {:<28} DOMAINS", "TENANT", "GPU");
+                println!("{:<24} {:<28} {:<16} DOMAINS", "TENANT", "GPU", "REQUESTS");
                 for t in tenants {
                     let domains = if t.domains.is_empty() { "-".into() } else { t.domains.join(", ") };
-                    println!("{:<24} {:<28} {domains}", t.name, gpu_text(&t.gpu));
+                    println!("{:<24} {:<28} {:<16} {domains}", t.name, gpu_text(&t.gpu), rate_text(&t.limits));
                 }
             }
         }
@@ -98,6 +121,11 @@ pub async fn run(cmd: TenantCommand) -> Result<ExitCode> {
             };
             let tenant: TenantRecord = api.admin_send(Method::PUT, &format!("tenants/{name}/gpu"), &gpu).await?;
             println!("tenant {name}: GPU {}", gpu_text(&tenant.gpu));
+        }
+        TenantCommand::Limits { name, requests_per_second, no_rate_limit: _, server } => {
+            let limits = TenantLimits { requests_per_second };
+            let tenant: TenantRecord = server.api()?.admin_send(Method::PUT, &format!("tenants/{name}/limits"), &limits).await?;
+            println!("tenant {name}: {}", rate_text(&tenant.limits));
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -81,7 +81,8 @@ impl Budgets {
 struct Job {
     tenant: Arc<str>,
     inputs: Tensors,
-    reply: oneshot::Sender<Result<Tensors, Error>>,
+    /// The outputs, with this call's share of its pass's time.
+    reply: oneshot::Sender<Result<(Tensors, Duration), Error>>,
 }
 
 /// The front of one graph's scheduler thread (or, for a graph one
@@ -186,12 +187,13 @@ impl Batcher {
     }
 
     /// Queues one call for `tenant` and waits for its answer.
-    pub(crate) async fn compute(&self, tenant: Arc<str>, inputs: Tensors) -> Result<Tensors, Error> {
+    pub(crate) async fn compute(&self, tenant: Arc<str>, inputs: Tensors) -> Result<(Tensors, Duration), Error> {
         let Some(jobs) = &self.jobs else {
             let (graph, budget, gate) = (self.graph.clone(), self.budgets.for_calls(1), self.gate.clone());
             return tokio::task::spawn_blocking(move || {
                 let _turn = gate.as_ref().map(|g| g.turn(&tenant));
-                graph.run(inputs, &budget)
+                let started = Instant::now();
+                graph.run(inputs, &budget).map(|outputs| (outputs, started.elapsed()))
             })
                 .await
                 .unwrap_or_else(|_| Err(Error::Unsupported("the engine failed on this input".into())));
@@ -305,11 +307,14 @@ fn run_pass(graph: &dyn Graph, budgets: &Budgets, stats: &BatchStats, batch: Vec
     stats.largest.fetch_max(inputs.len(), Ordering::Relaxed);
     let count = inputs.len();
     let budget = budgets.for_calls(count);
+    let started = Instant::now();
     // A panic in the engine is a bug; it fails this batch, not the model.
     let results = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| graph.run_batch(inputs, &budget)))
         .unwrap_or_else(|_| (0..count).map(|_| Err(Error::Unsupported("the engine failed on this input".into()))).collect());
+    // Each call is charged an equal share of the pass's time.
+    let share = started.elapsed() / count.max(1) as u32;
     for (reply, result) in replies.into_iter().zip(results) {
-        let _ = reply.send(result);
+        let _ = reply.send(result.map(|outputs| (outputs, share)));
     }
 }
 

@@ -6,6 +6,9 @@
 use super::batch::{Batcher, Tensors};
 use super::gpu::Charge;
 use super::models::{LoadError, Loaded, ModelAccess, Models};
+use crate::host_state::CpuBudget;
+use crate::usage::Meter;
+use gpuwasm_tensor::backend::{DeviceInfo, DeviceKind};
 use gpuwasm_tensor::{DType, Format, Tensor};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -32,7 +35,13 @@ use tensor::TensorType;
 
 /// A graph a guest holds: a shared model (or one it loaded from bytes);
 /// never a text model (`load-by-name` refuses those).
-pub struct GraphResource(Arc<Loaded>);
+pub struct GraphResource {
+    loaded: Arc<Loaded>,
+    /// Bytes it holds against the request's memory limit: a graph loaded
+    /// from the guest's bytes is the request's own; a named model is the
+    /// node's and holds none.
+    held: usize,
+}
 
 /// The scheduler of a graph resource's model.
 fn batcher(loaded: &Loaded) -> &Batcher {
@@ -68,13 +77,15 @@ pub struct ErrorResource {
 pub(crate) struct NnCtx {
     pub models: Models,
     pub access: Arc<ModelAccess>,
-    /// Bytes of tensors held in the resource table.
+    /// Bytes of tensors and graphs from bytes held in the resource table.
     pub held: usize,
     /// The most that may be held: the instance's memory limit.
     pub limit: usize,
     /// What a generation may do (`None`: the instance serves no request,
     /// as at pre-initialisation, and may not generate).
     pub generation: Option<GenerationLimits>,
+    /// Where the request's inference is metered, when it is.
+    pub meter: Option<Arc<Meter>>,
 }
 
 /// The deployment's limits on text generation, for one request.
@@ -98,7 +109,7 @@ impl NnCtx {
                 Ok(())
             }
             None => Err(format!(
-                "wasi-nn tensors held by this request would take {} bytes, over its memory limit of {} bytes",
+                "wasi-nn tensors and graphs held by this request would take {} bytes, over its memory limit of {} bytes",
                 self.held.saturating_add(bytes),
                 self.limit
             )),
@@ -110,10 +121,28 @@ impl NnCtx {
     }
 }
 
+/// A device as usage records name it: `cpu`, `wgpu:NAME`, `cuda:NAME`.
+pub(crate) fn device_label(device: &DeviceInfo) -> String {
+    match device.kind {
+        DeviceKind::Cpu => "cpu".into(),
+        kind => format!("{}:{}", kind.name(), device.name),
+    }
+}
+
+impl NnView<'_> {
+    /// The trap that ends a request whose inference took it past its CPU
+    /// time limit (classified as the CPU limit, like guest CPU).
+    fn cpu_exceeded(&self) -> wasmtime::Error {
+        wasmtime::Error::msg(format!("CPU time limit of {} ms reached (guest CPU plus inference)", self.cpu.limit_ms))
+    }
+}
+
 /// What the generated traits are implemented on.
 pub(crate) struct NnView<'a> {
     pub ctx: &'a mut NnCtx,
     pub table: &'a mut ResourceTable,
+    /// The request's CPU time, which inference counts against.
+    pub cpu: &'a mut CpuBudget,
 }
 
 struct HasNn;
@@ -167,6 +196,14 @@ impl graph::Host for NnView<'_> {
             }
             other => return self.fail(ErrorCode::InvalidEncoding, format!("no backend for {other:?} graphs; ONNX is supported")),
         };
+        if !self.ctx.access.from_bytes {
+            return self.fail(
+                ErrorCode::Security,
+                "this deployment may not load graphs from bytes: push the model (gpuwasm model push) and load it by name, \
+                 or allow it with `[models] from_bytes = true` in gpuwasm.toml"
+                    .into(),
+            );
+        }
         let mut builders = builders;
         let (Some(bytes), None) = (builders.pop(), builders.pop()) else {
             return self.fail(ErrorCode::InvalidArgument, "an ONNX graph is one builder: the model file's bytes".into());
@@ -180,6 +217,12 @@ impl graph::Host for NnView<'_> {
             Ok(backend) => backend,
             Err(e) => return self.engine_error(e),
         };
+        // The graph is the request's: its file's size counts against the
+        // memory limit while it loads, its weights' bytes once loaded.
+        let estimate = bytes.len();
+        if let Err(why) = self.ctx.hold(estimate) {
+            return self.fail(ErrorCode::TooLarge, format!("the graph: {why}"));
+        }
         // On a GPU, the tenant's quota and then the device are charged the
         // file's size (about its weights') before it loads, the weights'
         // exact bytes after.
@@ -196,10 +239,16 @@ impl graph::Host for NnView<'_> {
             Ok::<_, gpuwasm_tensor::Error>(Loaded::unshared(graph, &models, &tenant, charges))
         })
         .await?;
-        match loaded {
-            Ok(loaded) => Ok(Ok(self.table.push(GraphResource(Arc::new(loaded)))?)),
-            Err(err) => self.engine_error(err),
+        self.ctx.release(estimate);
+        let loaded = match loaded {
+            Ok(loaded) => loaded,
+            Err(err) => return self.engine_error(err),
+        };
+        let held = loaded.resident_bytes() as usize;
+        if let Err(why) = self.ctx.hold(held) {
+            return self.fail(ErrorCode::TooLarge, format!("the graph: {why}"));
         }
+        Ok(Ok(self.table.push(GraphResource { loaded: Arc::new(loaded), held })?))
     }
 
     async fn load_by_name(&mut self, name: String) -> Fallible<Resource<GraphResource>> {
@@ -208,7 +257,12 @@ impl graph::Host for NnView<'_> {
                 ErrorCode::UnsupportedOperation,
                 format!("model '{name}' generates text: load it with gpuwasm:llm (docs/llm.md), not wasi-nn"),
             ),
-            Ok(loaded) => Ok(Ok(self.table.push(GraphResource(loaded))?)),
+            Ok(loaded) => {
+                if let Some(meter) = &self.ctx.meter {
+                    meter.add_model(&name);
+                }
+                Ok(Ok(self.table.push(GraphResource { loaded, held: 0 })?))
+            }
             Err(LoadError::Denied(m)) => self.fail(ErrorCode::Security, m),
             Err(LoadError::NotFound(m)) => self.fail(ErrorCode::NotFound, m),
             Err(LoadError::Io(m)) => self.fail(ErrorCode::RuntimeError, format!("model '{name}': {m}")),
@@ -219,13 +273,14 @@ impl graph::Host for NnView<'_> {
 
 impl graph::HostGraph for NnView<'_> {
     async fn init_execution_context(&mut self, graph: Resource<GraphResource>) -> Fallible<Resource<ContextResource>> {
-        let loaded = self.table.get(&graph)?.0.clone();
+        let loaded = self.table.get(&graph)?.loaded.clone();
         batcher(&loaded).contexts.fetch_add(1, Ordering::Relaxed);
         Ok(Ok(self.table.push(ContextResource(loaded))?))
     }
 
     async fn drop(&mut self, graph: Resource<GraphResource>) -> wasmtime::Result<()> {
-        self.table.delete(graph)?;
+        let graph = self.table.delete(graph)?;
+        self.ctx.release(graph.held);
         Ok(())
     }
 }
@@ -277,8 +332,17 @@ impl inference::HostGraphExecutionContext for NnView<'_> {
             }
         }
         self.ctx.models.touch(&loaded);
+        if self.cpu.exceeded {
+            return Err(self.cpu_exceeded());
+        }
         match batcher(&loaded).compute(self.ctx.access.tenant.as_str().into(), tensors).await {
-            Ok(outputs) => {
+            Ok((outputs, time)) => {
+                if let Some(meter) = &self.ctx.meter {
+                    meter.add_inference(&device_label(loaded.device()), time);
+                }
+                if self.cpu.charge_inference(time) {
+                    return Err(self.cpu_exceeded());
+                }
                 let bytes: usize = outputs.iter().map(|(_, t)| t.memory_bytes() as usize).sum();
                 if let Err(why) = self.ctx.hold(bytes) {
                     return self.fail(ErrorCode::TooLarge, format!("the outputs: {why}"));

@@ -5,12 +5,14 @@
 //! model's engine thread through a channel; dropping the generation drops
 //! the receiver, which the engine notices before its next step and cancels.
 
-use super::host::NnView;
+use super::host::{NnView, device_label};
+use crate::usage::Meter;
 use super::models::{LoadError, Loaded};
 use gpuwasm_tensor::llm::engine::{Event, FinishReason, Request};
 use gpuwasm_tensor::llm::sample::SamplingParams;
 use gpuwasm_tensor::llm::template::Message;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 use wasmtime::component::{HasData, Linker, Resource};
 
@@ -44,6 +46,21 @@ pub struct GenerationResource {
     prompt_tokens: u32,
     completion_tokens: u32,
     max_tokens: u32,
+    /// Where the request's usage is metered, when it is; the generation's
+    /// tokens and time (submission to its end) go there when it is dropped.
+    meter: Option<Arc<Meter>>,
+    device: String,
+    submitted: Instant,
+    took: Option<Duration>,
+}
+
+impl Drop for GenerationResource {
+    fn drop(&mut self) {
+        if let Some(meter) = &self.meter {
+            meter.add_tokens(self.prompt_tokens.into(), self.completion_tokens.into());
+            meter.add_inference(&self.device, self.took.unwrap_or_else(|| self.submitted.elapsed()));
+        }
+    }
 }
 
 #[async_trait::async_trait]
@@ -117,7 +134,12 @@ impl generate::HostModel for NnView<'_> {
             Ok(loaded) if loaded.text().is_none() => {
                 error(ErrorCode::Unsupported, format!("model '{name}' is not a text model (GGUF): use wasi-nn for it"))
             }
-            Ok(loaded) => Ok(Ok(self.table.push(ModelResource(loaded))?)),
+            Ok(loaded) => {
+                if let Some(meter) = &self.ctx.meter {
+                    meter.add_model(&name);
+                }
+                Ok(Ok(self.table.push(ModelResource(loaded))?))
+            }
             Err(LoadError::Denied(m)) => error(ErrorCode::Denied, m),
             Err(LoadError::NotFound(m)) => error(ErrorCode::NotFound, m),
             Err(LoadError::Io(m)) => error(ErrorCode::RuntimeError, format!("model '{name}': {m}")),
@@ -214,8 +236,19 @@ impl generate::HostModel for NnView<'_> {
         self.ctx.models.touch(&loaded);
         // Streaming takes longer than an ordinary request.
         limits.deadline.extend_to(limits.stream_ms);
-        let generation =
-            GenerationResource { _model: loaded.clone(), events, ready: None, finish: None, prompt_tokens, completion_tokens: 0, max_tokens };
+        let generation = GenerationResource {
+            _model: loaded.clone(),
+            events,
+            ready: None,
+            finish: None,
+            prompt_tokens,
+            completion_tokens: 0,
+            max_tokens,
+            meter: self.ctx.meter.clone(),
+            device: device_label(loaded.device()),
+            submitted: Instant::now(),
+            took: None,
+        };
         Ok(Ok(self.table.push(generation)?))
     }
 
@@ -251,6 +284,7 @@ impl generate::HostGeneration for NnView<'_> {
                 Some(Event::Done { reason, prompt_tokens, completion_tokens }) => {
                     g.prompt_tokens = prompt_tokens as u32;
                     g.completion_tokens = completion_tokens as u32;
+                    g.took = Some(g.submitted.elapsed());
                     g.finish = Some(match reason {
                         FinishReason::Stop => WitFinish::Stop,
                         FinishReason::Length => WitFinish::Length,

@@ -104,8 +104,8 @@ impl ModelCatalog for LocalModels {
 }
 
 /// What one deployment may load: its tenant, the names its manifest
-/// allows, and the catalog those names resolve in. The default allows
-/// nothing.
+/// allows, whether it may load graphs from bytes, and the catalog those
+/// names resolve in. The default allows nothing.
 #[derive(Clone, Default)]
 pub struct ModelAccess {
     /// The tenant the deployment belongs to.
@@ -116,6 +116,9 @@ pub struct ModelAccess {
     pub catalog: Option<Arc<dyn ModelCatalog>>,
     /// Where its models may run (`[models] target`).
     pub target: Target,
+    /// Whether wasi-nn `load` may build graphs from bytes the guest
+    /// supplies (`[models] from_bytes`); by name only otherwise.
+    pub from_bytes: bool,
 }
 
 impl ModelAccess {
@@ -131,6 +134,7 @@ impl std::fmt::Debug for ModelAccess {
             .field("tenant", &self.tenant)
             .field("allow", &self.allow)
             .field("target", &self.target)
+            .field("from_bytes", &self.from_bytes)
             .finish_non_exhaustive()
     }
 }
@@ -167,6 +171,11 @@ impl Loaded {
         }
     }
 
+    /// The device it computes on.
+    pub(crate) fn device(&self) -> &DeviceInfo {
+        &self.device
+    }
+
     /// Its bytes on a GPU, when it is on one.
     fn gpu_bytes(&self) -> Option<u64> {
         self.device_charge.as_ref().map(Charge::bytes)
@@ -189,7 +198,7 @@ impl Loaded {
     }
 
     /// Bytes it holds on its device (weights, and a text model's cache).
-    fn resident_bytes(&self) -> u64 {
+    pub(crate) fn resident_bytes(&self) -> u64 {
         match &self.work {
             Work::Graph(batcher) => batcher.graph().resident_bytes(),
             Work::Text(text) => text.llm.model.resident_bytes() + text.cache_bytes,

@@ -1,5 +1,5 @@
 //! A test handler whose path picks a behaviour: well-behaved ones
-//! (echo, streaming, headers) and misbehaving ones (trap, endless loop,
+//! (echo, streaming, headers, a CPU burn of a given length) and misbehaving ones (trap, endless loop,
 //! memory hog, long sleep) that the runtime must contain.
 
 use gpuwasm_guest::{Request, Response};
@@ -62,6 +62,17 @@ fn handle(request: Request) -> Response {
             loop {
                 x = std::hint::black_box(x.wrapping_add(1));
             }
+        }
+        "/burn" => {
+            // Computes for `ms` milliseconds of the guest's clock.
+            let until = std::time::Instant::now() + std::time::Duration::from_millis(query_number(&request, "ms", 100));
+            let mut x: u64 = 0;
+            while std::time::Instant::now() < until {
+                for _ in 0..10_000 {
+                    x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+                }
+            }
+            Response::text(200, format!("burned {x}"))
         }
         "/hog" => {
             let mut hoard: Vec<Vec<u8>> = Vec::new();

@@ -12,6 +12,8 @@
 //!   the same, asking for a GPU.
 //! - `POST /embed-lines?NAME`: embed each line of the body in one call
 //!   (the benchmark's wasi-nn path); answers the token count.
+//! - `POST /timed-embed-lines?NAME`: as `/embed-lines`, timing the
+//!   compute call with the guest's own clock; answers `compute_ns N`.
 //! - `POST /zeros?NAME`: compute on the input `text`, FP32 of dimensions
 //!   `[n]` (n, the body) holding zeros; answers the outputs' sizes.
 //! - `/hoard`: makes 1 MiB tensors and keeps them, 1000 of them (the host
@@ -50,11 +52,27 @@ fn probe(path: &str, name: &str, body: &[u8]) -> Result<String, Error> {
             Ok(format!("{} probabilities summing to {:.3}", p.len(), p.iter().sum::<f32>()))
         }
         "/onnx-garbage" => Graph::load_onnx(b"this is not a model").map(|_| "loaded".into()),
+        "/hoard-then-onnx" => {
+            // Holds `name` MiB of tensors, then loads a graph from bytes.
+            use raw::wasi::nn::tensor;
+            let chunk = vec![7u8; 1 << 20];
+            let count: usize = name.parse().unwrap_or(0);
+            let _kept: Vec<tensor::Tensor> = (0..count).map(|_| tensor::Tensor::new(&[1 << 20], tensor::TensorType::U8, &chunk)).collect();
+            Graph::load_onnx(include_bytes!("../../../../examples/classify/digits.onnx")).map(|_| "loaded".into())
+        }
         "/hoard" => {
             use raw::wasi::nn::tensor;
             let chunk = vec![7u8; 1 << 20];
             let kept: Vec<tensor::Tensor> = (0..1000).map(|_| tensor::Tensor::new(&[1 << 20], tensor::TensorType::U8, &chunk)).collect();
             Ok(format!("kept {} tensors", kept.len()))
+        }
+        "/timed-embed-lines" => {
+            let text = String::from_utf8_lossy(body);
+            let lines: Vec<&str> = text.lines().collect();
+            let (graph, input) = (Graph::load_by_name(name)?, Tensor::texts(&lines)?);
+            let started = std::time::Instant::now();
+            graph.compute(&[("text", input)])?;
+            Ok(format!("compute_ns {}", started.elapsed().as_nanos()))
         }
         "/zeros" => {
             let n: u32 = String::from_utf8_lossy(body).trim().parse().unwrap_or(1);

@@ -1,0 +1,671 @@
+//! Metering: every request's [`Usage`], written durably in batches and
+//! aggregated per minute per deployment; usage reports with their cost.
+//!
+//! Requests hand their record to a bounded queue (never waiting on it: a
+//! full queue drops the record and counts it). A writer thread appends the
+//! queue's records once a second, each as a line of
+//! `usage/requests-DAY.jsonl`, and each minute's totals per tenant,
+//! deployment and models as a line of `usage/minutes-DAY.jsonl` (the
+//! second's additions: a minute's lines sum to its totals), then syncs
+//! both to disk. A crash loses at most the last second. Files older than
+//! the retention are removed at start-up and hourly. Reports read the
+//! minute files.
+
+use crate::api::{UsageReport, UsageRow};
+use gpuwasm::Usage;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Records waiting for the writer at most; beyond, records are dropped.
+const QUEUE: usize = 1 << 16;
+/// How often the writer appends and syncs.
+const FLUSH_EVERY: Duration = Duration::from_secs(1);
+
+/// Prices that turn usage into cost (`gpuwasm serve --prices FILE`, TOML).
+/// Every price defaults to 0.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Prices {
+    /// Per second of CPU: guest CPU time plus inference on the CPU.
+    #[serde(default)]
+    pub cpu_second: f64,
+    /// Per second of a GPU busy with a request's inference, by device
+    /// (`cuda:NVIDIA H200`, `wgpu:...`, as usage reports name them) or
+    /// device kind (`cuda`, `wgpu`); `default` for the others.
+    #[serde(default)]
+    pub gpu_second: BTreeMap<String, f64>,
+    /// Per GB-second of memory: a request's peak linear memory times its
+    /// wall time.
+    #[serde(default)]
+    pub gb_second: f64,
+    /// Per million tokens, prompt and completion.
+    #[serde(default)]
+    pub million_tokens: f64,
+    /// Per request.
+    #[serde(default)]
+    pub request: f64,
+}
+
+impl Prices {
+    /// Reads a price table from a TOML file.
+    pub fn load(path: &Path) -> Result<Prices, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+        let prices: Prices = toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        let all = [prices.cpu_second, prices.gb_second, prices.million_tokens, prices.request];
+        if all.iter().chain(prices.gpu_second.values()).any(|p| !p.is_finite() || *p < 0.0) {
+            return Err(format!("{}: prices must be finite and not negative", path.display()));
+        }
+        Ok(prices)
+    }
+
+    /// The price of a second of `device` (`cpu`, `cuda:NAME`, `wgpu:NAME`).
+    fn device_second(&self, device: &str) -> f64 {
+        if device == "cpu" {
+            return self.cpu_second;
+        }
+        let kind = device.split(':').next().unwrap_or(device);
+        [device, kind, "default"].iter().find_map(|k| self.gpu_second.get(*k)).copied().unwrap_or(0.0)
+    }
+
+    /// What `totals` cost.
+    pub fn cost(&self, totals: &Totals) -> f64 {
+        let devices: f64 = totals.inference_us.iter().map(|(d, us)| *us as f64 / 1e6 * self.device_second(d)).sum();
+        totals.guest_cpu_us as f64 / 1e6 * self.cpu_second
+            + devices
+            + totals.gb_seconds * self.gb_second
+            + (totals.prompt_tokens + totals.completion_tokens) as f64 / 1e6 * self.million_tokens
+            + totals.requests as f64 * self.request
+    }
+}
+
+/// Summed usage of some requests.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Totals {
+    /// Requests.
+    pub requests: u64,
+    /// Requests by outcome (`ok`, `trap`, `timeout`, `limit`, `busy`,
+    /// `client-gone`).
+    pub outcomes: BTreeMap<String, u64>,
+    /// Wall time, microseconds.
+    pub wall_us: u64,
+    /// Guest CPU time, microseconds.
+    pub guest_cpu_us: u64,
+    /// Inference time by device, microseconds.
+    pub inference_us: BTreeMap<String, u64>,
+    /// wasi-nn computes and generations.
+    pub inference_calls: u64,
+    /// Peak linear memory times wall time, GB-seconds (GB = 2^30 bytes).
+    pub gb_seconds: f64,
+    /// Request body bytes read.
+    pub bytes_in: u64,
+    /// Response body bytes sent.
+    pub bytes_out: u64,
+    /// Prompt tokens.
+    pub prompt_tokens: u64,
+    /// Completion tokens.
+    pub completion_tokens: u64,
+}
+
+impl Totals {
+    fn of(usage: &Usage) -> Totals {
+        Totals {
+            requests: 1,
+            outcomes: [(usage.outcome.as_str().to_string(), 1)].into(),
+            wall_us: usage.wall.as_micros() as u64,
+            guest_cpu_us: usage.guest_cpu.as_micros() as u64,
+            inference_us: usage.inference.iter().map(|(d, t)| (d.clone(), t.as_micros() as u64)).collect(),
+            inference_calls: usage.inference_calls as u64,
+            gb_seconds: usage.peak_memory_bytes as f64 / (1u64 << 30) as f64 * usage.wall.as_secs_f64(),
+            bytes_in: usage.bytes_in,
+            bytes_out: usage.bytes_out,
+            prompt_tokens: usage.prompt_tokens,
+            completion_tokens: usage.completion_tokens,
+        }
+    }
+
+    /// Adds `other` to these.
+    pub fn add(&mut self, other: &Totals) {
+        self.requests += other.requests;
+        for (k, v) in &other.outcomes {
+            *self.outcomes.entry(k.clone()).or_default() += v;
+        }
+        self.wall_us += other.wall_us;
+        self.guest_cpu_us += other.guest_cpu_us;
+        for (k, v) in &other.inference_us {
+            *self.inference_us.entry(k.clone()).or_default() += v;
+        }
+        self.inference_calls += other.inference_calls;
+        self.gb_seconds += other.gb_seconds;
+        self.bytes_in += other.bytes_in;
+        self.bytes_out += other.bytes_out;
+        self.prompt_tokens += other.prompt_tokens;
+        self.completion_tokens += other.completion_tokens;
+    }
+}
+
+/// One request, as `requests-DAY.jsonl` keeps it.
+#[derive(Serialize)]
+struct RequestLine<'a> {
+    /// Arrival, milliseconds since the Unix epoch.
+    at_ms: u64,
+    tenant: &'a str,
+    deployment: &'a str,
+    version: u64,
+    outcome: &'static str,
+    wall_us: u64,
+    guest_cpu_us: u64,
+    inference_us: BTreeMap<&'a str, u64>,
+    inference_calls: u32,
+    models: &'a [String],
+    peak_memory_bytes: u64,
+    bytes_in: u64,
+    bytes_out: u64,
+    prompt_tokens: u64,
+    completion_tokens: u64,
+}
+
+/// What one second added to a minute's totals, as `minutes-DAY.jsonl`
+/// keeps it.
+#[derive(Serialize, Deserialize)]
+struct MinuteLine {
+    /// Minutes since the Unix epoch.
+    minute: u64,
+    tenant: String,
+    deployment: String,
+    /// The models its requests loaded, `+`-joined (empty: none).
+    models: String,
+    #[serde(flatten)]
+    totals: Totals,
+}
+
+/// A request's usage with what it belongs to.
+struct Record {
+    tenant: Arc<str>,
+    deployment: Arc<str>,
+    version: u64,
+    usage: Usage,
+}
+
+enum Message {
+    Record(Box<Record>),
+    /// Write what is queued now, then answer.
+    Flush(SyncSender<()>),
+}
+
+/// The node's metering: a queue, the writer thread that empties it, and
+/// reports over what it wrote.
+pub(crate) struct Metering {
+    dir: PathBuf,
+    queue: SyncSender<Message>,
+    /// Records queued and not yet written.
+    backlog: Arc<AtomicU64>,
+    /// Records dropped because the queue was full.
+    dropped: Arc<AtomicU64>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// Hands a deployment's records to the queue (see [`Metering::recorder`]).
+pub(crate) struct Recorder {
+    queue: SyncSender<Message>,
+    backlog: Arc<AtomicU64>,
+    dropped: Arc<AtomicU64>,
+    tenant: Arc<str>,
+    deployment: Arc<str>,
+    version: u64,
+}
+
+impl Recorder {
+    /// Queues `usage`; never waits.
+    pub(crate) fn record(&self, usage: Usage) {
+        let record = Record { tenant: self.tenant.clone(), deployment: self.deployment.clone(), version: self.version, usage };
+        match self.queue.try_send(Message::Record(Box::new(record))) {
+            Ok(()) => {
+                self.backlog.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                if self.dropped.fetch_add(1, Ordering::Relaxed) % 10_000 == 0 {
+                    tracing::warn!("metering queue full: usage records dropped (see gpuwasm_metering_dropped_total)");
+                }
+            }
+        }
+    }
+}
+
+impl Metering {
+    /// Starts metering into `dir`, keeping `retention_days` of files.
+    pub(crate) fn start(dir: PathBuf, retention_days: u32) -> std::io::Result<Metering> {
+        std::fs::create_dir_all(&dir)?;
+        let (queue, rx) = std::sync::mpsc::sync_channel(QUEUE);
+        let backlog = Arc::new(AtomicU64::new(0));
+        let mut writer = Writer { dir: dir.clone(), retention_days, backlog: backlog.clone(), checked: HashSet::new(), last_sweep: None };
+        let thread = std::thread::Builder::new().name("gpuwasm-metering".into()).spawn(move || writer.run(rx))?;
+        Ok(Metering { dir, queue, backlog, dropped: Arc::default(), writer: Mutex::new(Some(thread)) })
+    }
+
+    /// A recorder for the requests of one deployment version.
+    pub(crate) fn recorder(&self, tenant: &str, deployment: &str, version: u64) -> Recorder {
+        Recorder {
+            queue: self.queue.clone(),
+            backlog: self.backlog.clone(),
+            dropped: self.dropped.clone(),
+            tenant: tenant.into(),
+            deployment: deployment.into(),
+            version,
+        }
+    }
+
+    /// Records queued and not yet written.
+    pub(crate) fn backlog(&self) -> u64 {
+        self.backlog.load(Ordering::Relaxed)
+    }
+
+    /// Records dropped because the queue was full.
+    pub(crate) fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Writes everything queued so far. Blocking.
+    pub(crate) fn flush(&self) {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        if self.queue.send(Message::Flush(tx)).is_ok() {
+            let _ = rx.recv();
+        }
+    }
+
+    /// Usage of `tenant` (all tenants: `None`) since `since`, grouped `by`,
+    /// with its cost at `prices`. Blocking: reads the minute files.
+    pub(crate) fn report(&self, tenant: Option<&str>, since: SystemTime, by: GroupBy, prices: &Prices) -> std::io::Result<UsageReport> {
+        self.flush();
+        let since_minute = unix_secs(since) / 60;
+        let until = SystemTime::now();
+        let mut groups: BTreeMap<String, Totals> = BTreeMap::new();
+        for day in day_of(since_minute * 60)..=day_of(unix_secs(until)) {
+            let path = self.dir.join(format!("minutes-{}.jsonl", date(day)));
+            let text = match std::fs::read_to_string(&path) {
+                Ok(text) => text,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            for line in text.lines().filter(|l| !l.is_empty()) {
+                let Ok(row) = serde_json::from_str::<MinuteLine>(line) else {
+                    tracing::warn!(file = %path.display(), "skipping an unreadable metering line (cut short by a crash?)");
+                    continue;
+                };
+                if row.minute < since_minute || tenant.is_some_and(|t| t != row.tenant) {
+                    continue;
+                }
+                let key = match by {
+                    GroupBy::Deployment => format!("{}/{}", row.tenant, row.deployment),
+                    GroupBy::Model => if row.models.is_empty() { "(none)".into() } else { row.models.clone() },
+                    GroupBy::Day => date(row.minute / (24 * 60)),
+                    GroupBy::Tenant => row.tenant.clone(),
+                };
+                groups.entry(key).or_default().add(&row.totals);
+            }
+        }
+        let mut total = Totals::default();
+        let rows = groups
+            .into_iter()
+            .map(|(key, totals)| {
+                total.add(&totals);
+                UsageRow { cost: prices.cost(&totals), key, totals }
+            })
+            .collect();
+        Ok(UsageReport {
+            tenant: tenant.map(String::from),
+            since_unix: since_minute * 60,
+            until_unix: unix_secs(until),
+            by: by.as_str().into(),
+            prices: prices.clone(),
+            rows,
+            total: UsageRow { key: "total".into(), cost: prices.cost(&total), totals: total },
+        })
+    }
+}
+
+impl Drop for Metering {
+    fn drop(&mut self) {
+        self.flush();
+        // The writer ends when every sender is gone; deployments may still
+        // hold some, so it is not joined: what was queued is written.
+        drop(self.writer.lock().unwrap().take());
+    }
+}
+
+/// How a usage report groups requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GroupBy {
+    /// By tenant and deployment.
+    Deployment,
+    /// By the models requests loaded.
+    Model,
+    /// By UTC day.
+    Day,
+    /// By tenant.
+    Tenant,
+}
+
+impl GroupBy {
+    /// Parses `deployment`, `model`, `day` or `tenant`.
+    pub fn parse(text: &str) -> Option<GroupBy> {
+        Some(match text {
+            "deployment" => GroupBy::Deployment,
+            "model" => GroupBy::Model,
+            "day" => GroupBy::Day,
+            "tenant" => GroupBy::Tenant,
+            _ => return None,
+        })
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            GroupBy::Deployment => "deployment",
+            GroupBy::Model => "model",
+            GroupBy::Day => "day",
+            GroupBy::Tenant => "tenant",
+        }
+    }
+}
+
+struct Writer {
+    dir: PathBuf,
+    retention_days: u32,
+    backlog: Arc<AtomicU64>,
+    /// Files whose end this process has checked (see [`Writer::append`]).
+    checked: HashSet<PathBuf>,
+    last_sweep: Option<Instant>,
+}
+
+impl Writer {
+    fn run(&mut self, rx: Receiver<Message>) {
+        let mut records: Vec<Record> = Vec::new();
+        let mut waiting: Vec<SyncSender<()>> = Vec::new();
+        let mut due = Instant::now() + FLUSH_EVERY;
+        loop {
+            if self.last_sweep.is_none_or(|t| t.elapsed() > Duration::from_secs(3600)) {
+                self.sweep();
+            }
+            let message = rx.recv_timeout(due.saturating_duration_since(Instant::now()));
+            let closed = matches!(message, Err(RecvTimeoutError::Disconnected));
+            match message {
+                Ok(Message::Record(record)) => {
+                    records.push(*record);
+                    if Instant::now() < due {
+                        continue;
+                    }
+                }
+                Ok(Message::Flush(ack)) => waiting.push(ack),
+                Err(_) => {}
+            }
+            // Everything already queued goes in this write.
+            while let Ok(message) = rx.try_recv() {
+                match message {
+                    Message::Record(record) => records.push(*record),
+                    Message::Flush(ack) => waiting.push(ack),
+                }
+            }
+            if let Err(e) = self.write(&records) {
+                tracing::error!(error = %e, dir = %self.dir.display(), records = records.len(), "writing usage records failed; they are lost");
+            }
+            self.backlog.fetch_sub(records.len() as u64, Ordering::Relaxed);
+            records.clear();
+            for ack in waiting.drain(..) {
+                let _ = ack.send(());
+            }
+            if closed {
+                return;
+            }
+            due = Instant::now() + FLUSH_EVERY;
+        }
+    }
+
+    fn write(&mut self, records: &[Record]) -> std::io::Result<()> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let mut requests: BTreeMap<u64, String> = BTreeMap::new();
+        let mut minutes: HashMap<(u64, &str, &str, String), Totals> = HashMap::new();
+        for r in records {
+            let u = &r.usage;
+            let at = u.started.duration_since(UNIX_EPOCH).unwrap_or_default();
+            let line = RequestLine {
+                at_ms: at.as_millis() as u64,
+                tenant: &r.tenant,
+                deployment: &r.deployment,
+                version: r.version,
+                outcome: u.outcome.as_str(),
+                wall_us: u.wall.as_micros() as u64,
+                guest_cpu_us: u.guest_cpu.as_micros() as u64,
+                inference_us: u.inference.iter().map(|(d, t)| (d.as_str(), t.as_micros() as u64)).collect(),
+                inference_calls: u.inference_calls,
+                models: &u.models,
+                peak_memory_bytes: u.peak_memory_bytes,
+                bytes_in: u.bytes_in,
+                bytes_out: u.bytes_out,
+                prompt_tokens: u.prompt_tokens,
+                completion_tokens: u.completion_tokens,
+            };
+            let text = requests.entry(day_of(at.as_secs())).or_default();
+            text.push_str(&serde_json::to_string(&line).expect("a usage line serialises"));
+            text.push('\n');
+            let mut models = u.models.clone();
+            models.sort();
+            let key = (at.as_secs() / 60, &*r.tenant, &*r.deployment, models.join("+"));
+            minutes.entry(key).or_default().add(&Totals::of(u));
+        }
+        let mut by_day: BTreeMap<u64, String> = BTreeMap::new();
+        for ((minute, tenant, deployment, models), totals) in minutes {
+            let line = MinuteLine { minute, tenant: tenant.into(), deployment: deployment.into(), models, totals };
+            let text = by_day.entry(minute / (24 * 60)).or_default();
+            text.push_str(&serde_json::to_string(&line).expect("a minute line serialises"));
+            text.push('\n');
+        }
+        for (day, text) in &requests {
+            self.append(&format!("requests-{}.jsonl", date(*day)), text)?;
+        }
+        for (day, text) in &by_day {
+            self.append(&format!("minutes-{}.jsonl", date(*day)), text)?;
+        }
+        Ok(())
+    }
+
+    /// Appends `text` to the file `name` and syncs it. The first time this
+    /// process appends to a file, a last line cut short by a crash is
+    /// ended, so that it does not run into the next one.
+    fn append(&mut self, name: &str, text: &str) -> std::io::Result<()> {
+        let path = self.dir.join(name);
+        let mut file = std::fs::OpenOptions::new().create(true).append(true).read(true).open(&path)?;
+        let mut prefix = "";
+        if self.checked.insert(path) && file.metadata()?.len() > 0 {
+            let mut last = [0u8];
+            file.seek(SeekFrom::End(-1))?;
+            file.read_exact(&mut last)?;
+            if last[0] != b'\n' {
+                prefix = "\n";
+            }
+        }
+        file.write_all(format!("{prefix}{text}").as_bytes())?;
+        file.sync_data()
+    }
+
+    /// Removes files older than the retention.
+    fn sweep(&mut self) {
+        self.last_sweep = Some(Instant::now());
+        let oldest = date(day_of(unix_secs(SystemTime::now())).saturating_sub(self.retention_days as u64));
+        let Ok(entries) = std::fs::read_dir(&self.dir) else { return };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let day = name.strip_suffix(".jsonl").and_then(|n| n.strip_prefix("requests-").or_else(|| n.strip_prefix("minutes-")));
+            if day.is_some_and(|d| d < oldest.as_str()) {
+                match std::fs::remove_file(entry.path()) {
+                    Ok(()) => tracing::info!(file = %name, "usage file past its retention removed"),
+                    Err(e) => tracing::warn!(file = %name, error = %e, "removing an old usage file failed"),
+                }
+            }
+        }
+    }
+}
+
+/// Parses a duration: seconds (`3600`) or a number with a unit, `s`, `m`,
+/// `h` or `d` (`90m`, `24h`, `7d`).
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => text.split_at(i),
+        None => (text, "s"),
+    };
+    let n: u64 = number.parse().ok()?;
+    let secs = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return None,
+    };
+    n.checked_mul(secs).map(Duration::from_secs)
+}
+
+fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// The day (since the Unix epoch) of a time in seconds.
+fn day_of(secs: u64) -> u64 {
+    secs / 86_400
+}
+
+/// `YYYY-MM-DD` of a day since the Unix epoch (the proleptic Gregorian
+/// calendar, as in Howard Hinnant's `civil_from_days`).
+fn date(day: u64) -> String {
+    let z = day as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gpuwasm::Outcome;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("3600"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("90m"), Some(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("24h"), Some(Duration::from_secs(86_400)));
+        assert_eq!(parse_duration("7d"), Some(Duration::from_secs(604_800)));
+        for bad in ["", "h", "1w", "-1h", "1.5h", "99999999999999999999d"] {
+            assert_eq!(parse_duration(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn dates() {
+        assert_eq!(date(0), "1970-01-01");
+        assert_eq!(date(19_782), "2024-02-29");
+        assert_eq!(date(20_790), "2026-12-03");
+    }
+
+    fn usage(cpu_ms: u64, gpu_ms: u64, outcome: Outcome) -> Usage {
+        Usage {
+            started: SystemTime::now(),
+            wall: Duration::from_millis(2000),
+            guest_cpu: Duration::from_millis(cpu_ms),
+            inference: vec![("cpu".into(), Duration::from_millis(500)), ("cuda:NVIDIA H200".into(), Duration::from_millis(gpu_ms))],
+            inference_calls: 2,
+            models: vec!["minilm".into()],
+            peak_memory_bytes: 512 << 20,
+            bytes_in: 10,
+            bytes_out: 20,
+            prompt_tokens: 300_000,
+            completion_tokens: 200_000,
+            outcome,
+        }
+    }
+
+    /// Cost arithmetic against values computed by hand.
+    #[test]
+    fn cost_by_hand() {
+        let prices = Prices {
+            cpu_second: 0.01,
+            gpu_second: [("cuda".to_string(), 1.0), ("default".into(), 100.0)].into(),
+            gb_second: 0.1,
+            million_tokens: 2.0,
+            request: 0.5,
+        };
+        let mut totals = Totals::of(&usage(1500, 250, Outcome::Ok));
+        totals.add(&Totals::of(&usage(500, 750, Outcome::Trap)));
+        assert_eq!(totals.outcomes, [("ok".to_string(), 1), ("trap".into(), 1)].into());
+        // CPU: 2 s of guest + 1 s of CPU inference = 3 s at 0.01 = 0.03.
+        // GPU: 1 s at 1.0 (by kind; `default` does not apply) = 1.0.
+        // Memory: 0.5 GB x 2 s x 2 requests = 2 GB-s at 0.1 = 0.2.
+        // Tokens: 1 million at 2.0 = 2.0. Requests: 2 at 0.5 = 1.0.
+        let cost = prices.cost(&totals);
+        assert!((cost - 4.23).abs() < 1e-9, "{cost}");
+        // A device named exactly wins over its kind; an unknown kind
+        // takes `default`.
+        let named = Prices { gpu_second: [("cuda:NVIDIA H200".to_string(), 3.0), ("cuda".into(), 1.0)].into(), ..Prices::default() };
+        assert!((named.cost(&totals) - 3.0).abs() < 1e-9);
+        let other = Prices { gpu_second: [("default".to_string(), 2.0)].into(), ..Prices::default() };
+        assert!((other.cost(&totals) - 2.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn records_are_written_per_minute_and_reported_by_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let metering = Metering::start(dir.path().to_path_buf(), 30).unwrap();
+        let a = metering.recorder("acme", "api", 1);
+        let b = metering.recorder("other", "api", 3);
+        a.record(usage(1000, 0, Outcome::Ok));
+        a.record(usage(1000, 0, Outcome::Limit));
+        b.record(usage(3000, 0, Outcome::Ok));
+        let prices = Prices { cpu_second: 1.0, ..Prices::default() };
+        let since = SystemTime::now() - Duration::from_secs(3600);
+        let report = metering.report(Some("acme"), since, GroupBy::Deployment, &prices).unwrap();
+        assert_eq!(report.rows.len(), 1, "{report:?}");
+        assert_eq!((report.rows[0].key.as_str(), report.rows[0].totals.requests), ("acme/api", 2));
+        // 2 s of guest CPU and 1 s of CPU inference at 1 per second.
+        assert!((report.total.cost - 3.0).abs() < 1e-9, "{}", report.total.cost);
+        let all = metering.report(None, since, GroupBy::Tenant, &prices).unwrap();
+        assert_eq!(all.rows.iter().map(|r| (r.key.as_str(), r.totals.requests)).collect::<Vec<_>>(), [("acme", 2), ("other", 1)]);
+        let models = metering.report(None, since, GroupBy::Model, &prices).unwrap();
+        assert_eq!((models.rows[0].key.as_str(), models.rows[0].totals.requests), ("minilm", 3));
+        assert_eq!(metering.backlog(), 0);
+
+        // Each request is a line; a line cut short by a crash is ended
+        // before the next append, and skipped by reports.
+        let today = date(day_of(unix_secs(SystemTime::now())));
+        let requests = std::fs::read_to_string(dir.path().join(format!("requests-{today}.jsonl"))).unwrap();
+        assert_eq!(requests.lines().count(), 3);
+        drop(metering);
+        let minutes = dir.path().join(format!("minutes-{today}.jsonl"));
+        std::fs::OpenOptions::new().append(true).open(&minutes).unwrap().write_all(b"{\"minute\":1").unwrap();
+        let metering = Metering::start(dir.path().to_path_buf(), 30).unwrap();
+        metering.recorder("acme", "api", 2).record(usage(1000, 0, Outcome::Ok));
+        let report = metering.report(Some("acme"), since, GroupBy::Day, &prices).unwrap();
+        assert_eq!((report.rows[0].key.as_str(), report.total.totals.requests), (today.as_str(), 3));
+    }
+
+    #[test]
+    fn files_past_the_retention_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = dir.path().join("minutes-2001-01-01.jsonl");
+        let kept = dir.path().join(format!("minutes-{}.jsonl", date(day_of(unix_secs(SystemTime::now())) - 2)));
+        std::fs::write(&old, "").unwrap();
+        std::fs::write(&kept, "").unwrap();
+        let metering = Metering::start(dir.path().to_path_buf(), 7).unwrap();
+        metering.flush();
+        assert!(!old.exists() && kept.exists());
+    }
+}
