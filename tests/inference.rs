@@ -283,6 +283,12 @@ async fn graphs_from_bytes_need_the_manifest_and_count_against_memory() {
         "{full}"
     );
     assert!(full.ends_with("over its memory limit of 16777216 bytes"), "{full}");
+    // A loaded graph stays charged after it is dropped (a context could
+    // keep its weights alive): loading again and again runs out.
+    let looped = get(&url("open", "/hoard-then-onnx-loop?15")).await.body;
+    assert!(looped.starts_with("ok after ") && looped.contains("TooLarge") && looped.contains("over its memory limit"), "{looped}");
+    let loads: usize = looped["ok after ".len()..].split(' ').next().unwrap().parse().unwrap();
+    assert!((1..200).contains(&loads), "{looped}");
 }
 
 #[tokio::test]

@@ -1,7 +1,8 @@
-//! Metering end to end: usage measured against independent clocks, usage
-//! and cost through the CLI and the admin API, tenants kept apart,
-//! inference counted against the CPU limit, and Prometheus metrics parsed
-//! by Prometheus's own Python client.
+//! Metering and observability end to end: usage measured against
+//! independent clocks, usage and cost through the CLI and the admin API,
+//! tenants kept apart, inference counted against the CPU limit, request
+//! rate quotas, Prometheus metrics parsed by Prometheus's own Python
+//! client, trace context and JSON logs.
 
 mod support;
 #[path = "test_models.rs"]
@@ -14,11 +15,19 @@ use test_models::model_path;
 
 /// The JSON usage report the CLI prints for `args`, as `token`.
 fn usage(server: &Server, token: &str, args: &[&str]) -> Value {
+    settle();
     let mut all = vec!["usage", "--json"];
     all.extend_from_slice(args);
     let out = server.cli_as(token, &all);
     assert!(out.status.success(), "gpuwasm usage {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_str(&stdout_of(&out)).unwrap()
+}
+
+/// Waits for the records of requests just answered: a request's record is
+/// made once its instance is torn down, which may be after the client has
+/// the whole response.
+fn settle() {
+    std::thread::sleep(Duration::from_millis(300));
 }
 
 fn row<'a>(report: &'a Value, key: &str) -> &'a Value {
@@ -41,7 +50,7 @@ fn row<'a>(report: &'a Value, key: &str) -> &'a Value {
 #[tokio::test]
 async fn guest_cpu_and_inference_are_metered_within_one_percent_of_independent_clocks() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start_under(&dir.path().join("data"), &[], None, &[("TOKIO_WORKER_THREADS", "1")]);
+    let server = Server::start_under(&dir.path().join("data"), support::Launch { env: &[("TOKIO_WORKER_THREADS", "1")], ..Default::default() });
     server.deploy("burner", "behaviors", &["--cpu-ms", "2000"]);
     let url = format!("{}/default/burner/burn?ms=1000", server.url);
     assert_eq!(get(&url).await.status, 200, "a warm-up request");
@@ -210,6 +219,7 @@ async fn prometheus_scrapes_the_metrics() {
     server.deploy("hello", "hello", &[]);
     server.deploy("trapper", "behaviors", &[]);
     let scrape = |expect_ok: u64, expect_trap: u64| {
+        settle();
         let script = r#"
 import sys, urllib.request
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
@@ -313,4 +323,62 @@ async fn a_tenant_over_its_request_rate_gets_429_and_others_do_not() {
     assert!(replies.iter().all(|r| r.status == 200), "no quota, no limit");
     let (status, body) = server.api(TOKEN, "PUT", "tenants/acme/limits", r#"{"requests_per_second": 0}"#).await;
     assert_eq!(status, 400, "{body}");
+}
+
+/// W3C trace context and JSON logs: a request with a `traceparent` keeps
+/// its trace id, gets a span of its own (its request id) and answers with
+/// both; the guest's outgoing request carries the trace; a request without
+/// one starts a trace; with `--log-format json` every log line is a JSON
+/// object, and a failing request's lines name its request id and trace.
+#[tokio::test]
+async fn requests_carry_a_trace_and_json_logs_name_them() {
+    // An upstream that reports the traceparent each request brought.
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream_addr = upstream.local_addr().unwrap();
+    let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel::<Option<String>>();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = upstream.accept().await.unwrap();
+            let seen_tx = seen_tx.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let _ = seen_tx.send(req.headers().get("traceparent").map(|v| v.to_str().unwrap().to_string()));
+                    async { Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(bytes::Bytes::from("upstream")))) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(hyper_util::rt::TokioIo::new(stream), service).await;
+            });
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("server.log");
+    let launch = support::Launch { flags: &["--log-format", "json"], log: Some(&log), ..Default::default() };
+    let server = Server::start_under(&dir.path().join("data"), launch);
+    let manifest = dir.path().join("beh.toml");
+    std::fs::write(&manifest, format!("[outbound]\nallow = [\"{upstream_addr}\"]\n")).unwrap();
+    server.deploy("beh", "behaviors", &["--manifest", manifest.to_str().unwrap()]);
+
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let incoming = format!("00-{trace}-00f067aa0ba902b7-01");
+    let url = format!("{}/default/beh/outbound?to={upstream_addr}", server.url);
+    let reply = send("GET", &url, &[("traceparent", &incoming)], "").await;
+    assert_eq!(reply.body, "allowed: status 200");
+    let request_id = reply.headers["x-request-id"].to_str().unwrap().to_string();
+    let returned = reply.headers["traceparent"].to_str().unwrap().to_string();
+    assert_eq!(returned, format!("00-{trace}-{request_id}-01"));
+    assert!(request_id.len() == 16 && request_id != "00f067aa0ba902b7", "{request_id}");
+    assert_eq!(seen.recv().await.unwrap().as_deref(), Some(returned.as_str()), "the guest's outgoing request carries the trace");
+
+    let fresh = get(&format!("{}/default/beh/", server.url)).await;
+    let started = fresh.headers["traceparent"].to_str().unwrap();
+    assert!(started.len() == 55 && started.starts_with("00-") && !started.contains(trace), "{started}");
+
+    let trap = get(&format!("{}/default/beh/trap", server.url)).await;
+    assert_eq!(trap.status, 500);
+    let id = trap.headers["x-request-id"].to_str().unwrap().to_string();
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"))).collect();
+    let failed = lines.iter().find(|l| l["fields"]["message"] == "guest failed").unwrap_or_else(|| panic!("no guest failure in\n{text}"));
+    assert_eq!(failed["span"]["id"], id.as_str(), "{failed}");
+    assert!(failed["span"]["trace"].as_str().is_some_and(|t| t.len() == 32), "{failed}");
+    assert!(failed["fields"]["guest_output"].as_str().unwrap().contains("deliberate trap"), "{failed}");
 }

@@ -413,7 +413,7 @@ async fn attack_5_what_nothing_refers_to_is_collected() {
 async fn attack_6_deployments_do_not_each_hold_a_file_open() {
     let dir = tempfile::tempdir().unwrap();
     // Started under a soft limit of 256 open files, which it lifts.
-    let server = Server::start_under(&dir.path().join("data"), &["--tenant-deployments", "30"], Some(256), &[]);
+    let server = Server::start_under(&dir.path().join("data"), support::Launch { flags: &["--tenant-deployments", "30"], soft_nofile: Some(256), ..Default::default() });
     let (acme, mallory) = (server.tenant("acme").await, server.tenant("mallory").await);
     assert_eq!(deploy(&server, &acme, "hello", "hello", "").await.0, 201);
     let before = server.open_fds();

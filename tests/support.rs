@@ -57,13 +57,12 @@ impl Server {
 
     /// Starts a server on `data_dir` with extra `gpuwasm serve` flags.
     pub fn start_with(data_dir: &Path, flags: &[&str]) -> Server {
-        Self::start_under(data_dir, flags, None, &[])
+        Self::start_under(data_dir, Launch { flags, ..Launch::default() })
     }
 
-    /// Starts a server on `data_dir` with extra `gpuwasm serve` flags and
-    /// environment variables, from a shell whose soft limit on open files is
-    /// `soft_nofile` when given.
-    pub fn start_under(data_dir: &Path, flags: &[&str], soft_nofile: Option<u32>, env: &[(&str, &str)]) -> Server {
+    /// Starts a server on `data_dir` as `launch` says.
+    pub fn start_under(data_dir: &Path, launch: Launch) -> Server {
+        let Launch { flags, soft_nofile, env, log } = launch;
         // Enough instances for the tests that send hundreds of requests at once.
         let pool: &[&str] = if flags.contains(&"--max-instances") { &[] } else { &["--max-instances", "300"] };
         let mut command = match soft_nofile {
@@ -83,7 +82,10 @@ impl Server {
             .env("RUST_LOG", "warn")
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(match log {
+                Some(path) => Stdio::from(std::fs::File::create(path).expect("creating the server's log file")),
+                None => Stdio::inherit(),
+            })
             .spawn()
             .expect("starting gpuwasm serve");
         let mut line = String::new();
@@ -208,6 +210,19 @@ impl Drop for Server {
 }
 
 /// A response read to the end.
+/// How [`Server::start_under`] starts a server.
+#[derive(Default)]
+pub struct Launch<'a> {
+    /// Extra `gpuwasm serve` flags.
+    pub flags: &'a [&'a str],
+    /// The soft limit on open files of the shell it starts from.
+    pub soft_nofile: Option<u32>,
+    /// Extra environment variables.
+    pub env: &'a [(&'a str, &'a str)],
+    /// Where its stderr goes (default: the test's).
+    pub log: Option<&'a Path>,
+}
+
 pub struct Reply {
     pub status: u16,
     pub headers: http::HeaderMap,

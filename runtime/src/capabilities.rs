@@ -112,15 +112,18 @@ fn allowed(allow: &[String], authority: &str, default_port: u16) -> bool {
 }
 
 /// The wasi:http hooks of one request: outbound HTTP only to the
-/// deployment's allow-list.
+/// deployment's allow-list, carrying the request's trace context.
 pub(crate) struct OutboundPolicy {
     pub allow: Arc<Vec<String>>,
+    /// The incoming request's `traceparent`, added to outgoing requests
+    /// that have none.
+    pub traceparent: Option<http::HeaderValue>,
 }
 
 impl WasiHttpHooks for OutboundPolicy {
     fn send_request(
         &mut self,
-        request: http::Request<WasiBody>,
+        mut request: http::Request<WasiBody>,
         options: Option<RequestOptions>,
         _io: Box<dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send>,
     ) -> Box<
@@ -137,6 +140,11 @@ impl WasiHttpHooks for OutboundPolicy {
         if !allowed(&self.allow, &authority, default_port) {
             tracing::info!(%authority, "outbound HTTP request denied: not on the allow-list");
             return Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) });
+        }
+        if let Some(traceparent) = &self.traceparent
+            && !request.headers().contains_key("traceparent")
+        {
+            request.headers_mut().insert("traceparent", traceparent.clone());
         }
         Box::new(async move {
             use http_body_util::BodyExt;

@@ -21,6 +21,7 @@ use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::AbortHandle;
+use tracing::Instrument;
 use tokio::time::{Instant, timeout_at};
 use wasmtime::Store;
 use wasmtime::component::InstancePre;
@@ -222,6 +223,7 @@ impl Deployment {
         if let Some(meter) = &meter {
             store.data_mut().set_meter(meter.clone());
         }
+        store.data_mut().set_traceparent(request.headers().get("traceparent").cloned());
 
         let body_too_large = Arc::new(AtomicBool::new(false));
         let request = limit_body(request, limits.max_body_bytes, body_too_large.clone(), meter.clone());
@@ -276,7 +278,8 @@ impl Deployment {
                 None => drop(store),
             }
             result
-        });
+        }
+        .in_current_span());
 
         // Until the response is complete, the guest lives only as long as
         // someone waits for it: a client that leaves (this future or the

@@ -82,7 +82,7 @@ impl RequestState {
             wasi: wasi.build(),
             http: WasiHttpCtx::new(),
             table: ResourceTable::new(),
-            hooks: OutboundPolicy { allow: shared.outbound.clone() },
+            hooks: OutboundPolicy { allow: shared.outbound.clone(), traceparent: None },
             nn: NnCtx { models: models.clone(), access: shared.models.clone(), held: 0, limit: memory_limit, generation: None, meter: None },
             limiter: MemoryLimiter { limit: memory_limit, exceeded: false, peak: 0 },
             output,
@@ -100,6 +100,12 @@ impl RequestState {
     /// Meters this request's inference, models and tokens into `meter`.
     pub(crate) fn set_meter(&mut self, meter: std::sync::Arc<crate::usage::Meter>) {
         self.nn.meter = Some(meter);
+    }
+
+    /// Passes the incoming request's `traceparent` on to the guest's
+    /// outgoing requests that have none.
+    pub(crate) fn set_traceparent(&mut self, traceparent: Option<http::HeaderValue>) {
+        self.hooks.traceparent = traceparent;
     }
 
     /// The wasi-nn view of this request's state.

@@ -169,9 +169,14 @@ impl Meter {
         rest.peak_memory_bytes = rest.peak_memory_bytes.max(bytes);
     }
 
-    /// Records how the request ended; the first word stands.
+    /// Records how the request ended: the first failure stands, and a
+    /// failure overrides `Ok` (the guest may finish well before its answer
+    /// turns out to be an error, or before the client leaves mid-body).
     pub(crate) fn set_outcome(&self, outcome: Outcome) {
-        self.rest.lock().unwrap().outcome.get_or_insert(outcome);
+        let mut rest = self.rest.lock().unwrap();
+        if matches!(rest.outcome, None | Some(Outcome::Ok)) {
+            rest.outcome = Some(outcome);
+        }
     }
 }
 
@@ -256,8 +261,10 @@ mod tests {
         other.add_bytes_out(20);
         meter.set_peak_memory(1 << 20);
         meter.set_peak_memory(1 << 16);
+        meter.set_outcome(Outcome::Ok);
         meter.set_outcome(Outcome::Limit);
         meter.set_outcome(Outcome::Ok);
+        meter.set_outcome(Outcome::Trap);
         drop(meter);
         assert!(got.lock().unwrap().is_empty(), "reported while a part still held it");
         drop(other);
@@ -266,7 +273,7 @@ mod tests {
         assert_eq!((usage.inference_calls, usage.inference_total()), (3, Duration::from_millis(8)));
         assert_eq!(usage.models, ["minilm"]);
         assert_eq!((usage.bytes_in, usage.bytes_out, usage.peak_memory_bytes), (10, 20, 1 << 20));
-        assert_eq!(usage.outcome, Outcome::Limit, "the first outcome stands");
+        assert_eq!(usage.outcome, Outcome::Limit, "a failure overrides ok, and the first failure stands");
 
         // Dropped with no outcome: the client left.
         drop(Meter::start(sink));

@@ -191,6 +191,8 @@ impl ServerInner {
         if !caller.admin && (all || tenant != caller.tenant) {
             return Err(ApiError::forbidden());
         }
+        // Nothing older than the retention is kept: no need to look for it.
+        let since = since.min(std::time::Duration::from_secs(u64::from(config.retention_days) * 86_400));
         let since = std::time::SystemTime::now().checked_sub(since).unwrap_or(std::time::UNIX_EPOCH);
         let (me, prices) = (self.clone(), config.prices.clone());
         let report = tokio::task::spawn_blocking(move || {

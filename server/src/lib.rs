@@ -38,6 +38,7 @@ mod metrics;
 mod models;
 mod quotas;
 mod rates;
+mod trace;
 pub mod spec;
 mod uploads;
 
@@ -60,6 +61,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::net::TcpListener;
+use tracing::Instrument;
+use trace::TraceContext;
 use uploads::Uploads;
 
 /// Settings of a [`Server`].
@@ -237,8 +240,10 @@ impl Server {
     /// Answers one HTTP request: the admin API under its prefix (on any
     /// host, so that no claim can intercept an admin token); else routed to
     /// a deployment, by its host when a deployment claimed it, else by its
-    /// path.
-    pub async fn handle(&self, request: Request<RequestBody>) -> Response<ResponseBody> {
+    /// path. A guest request joins the trace its `traceparent` names (or
+    /// starts one), gets a request id that every log line it causes
+    /// carries, and answers with both (`traceparent`, `x-request-id`).
+    pub async fn handle(&self, mut request: Request<RequestBody>) -> Response<ResponseBody> {
         let host = match hosts::of_request(&request) {
             Ok(host) => host,
             Err(message) => return text_response(StatusCode::BAD_REQUEST, message),
@@ -246,6 +251,20 @@ impl Server {
         if request.uri().path().starts_with(ADMIN_PREFIX) {
             return self.inner.admin(request).await;
         }
+        let trace = TraceContext::of(request.headers().get(trace::TRACEPARENT));
+        request.headers_mut().insert(trace::TRACEPARENT, trace.traceparent());
+        // At the error level, so that it is there whatever level RUST_LOG
+        // lets through: it is the context of the request's lines.
+        let span = tracing::error_span!("request", id = %trace.span_id, trace = %trace.trace_id);
+        let mut response = self.route(request, host).instrument(span).await;
+        let headers = response.headers_mut();
+        headers.insert(trace::TRACEPARENT, trace.traceparent());
+        headers.insert(trace::REQUEST_ID, trace.request_id());
+        response
+    }
+
+    /// Hands a guest request to the deployment its host or path names.
+    async fn route(&self, request: Request<RequestBody>, host: Option<String>) -> Response<ResponseBody> {
         let control = self.inner.control();
         if let Some(entry) = host.and_then(|h| control.by_host(&h)) {
             return self.invoke(&control, entry, request).await;

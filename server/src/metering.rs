@@ -47,7 +47,7 @@ pub struct Prices {
     /// Per million tokens, prompt and completion.
     #[serde(default)]
     pub million_tokens: f64,
-    /// Per request.
+    /// Per request that reached an instance (not refused as busy).
     #[serde(default)]
     pub request: f64,
 }
@@ -73,14 +73,16 @@ impl Prices {
         [device, kind, "default"].iter().find_map(|k| self.gpu_second.get(*k)).copied().unwrap_or(0.0)
     }
 
-    /// What `totals` cost.
+    /// What `totals` cost. Requests refused as busy (no instance was
+    /// free) are not charged the per-request price.
     pub fn cost(&self, totals: &Totals) -> f64 {
+        let charged = totals.requests - totals.outcomes.get("busy").copied().unwrap_or(0).min(totals.requests);
         let devices: f64 = totals.inference_us.iter().map(|(d, us)| *us as f64 / 1e6 * self.device_second(d)).sum();
         totals.guest_cpu_us as f64 / 1e6 * self.cpu_second
             + devices
             + totals.gb_seconds * self.gb_second
             + (totals.prompt_tokens + totals.completion_tokens) as f64 / 1e6 * self.million_tokens
-            + totals.requests as f64 * self.request
+            + charged as f64 * self.request
     }
 }
 
@@ -224,11 +226,12 @@ impl Recorder {
     /// Queues `usage`; never waits.
     pub(crate) fn record(&self, usage: Usage) {
         let record = Record { tenant: self.tenant.clone(), deployment: self.deployment.clone(), version: self.version, usage };
+        // Counted before it is queued: the writer may take it at once.
+        self.backlog.fetch_add(1, Ordering::Relaxed);
         match self.queue.try_send(Message::Record(Box::new(record))) {
-            Ok(()) => {
-                self.backlog.fetch_add(1, Ordering::Relaxed);
-            }
+            Ok(()) => {}
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                self.backlog.fetch_sub(1, Ordering::Relaxed);
                 if self.dropped.fetch_add(1, Ordering::Relaxed) % 10_000 == 0 {
                     tracing::warn!("metering queue full: usage records dropped (see gpuwasm_metering_dropped_total)");
                 }

@@ -306,14 +306,19 @@ fn run_pass(graph: &dyn Graph, budgets: &Budgets, stats: &BatchStats, batch: Vec
     stats.calls.fetch_add(inputs.len(), Ordering::Relaxed);
     stats.largest.fetch_max(inputs.len(), Ordering::Relaxed);
     let count = inputs.len();
+    // Each call's share of the pass's time: its part of the input bytes
+    // (calls of several tenants may share a pass; a small call beside a
+    // large one pays for little).
+    let weights: Vec<u64> = inputs.iter().map(|call| call.iter().map(|(_, t)| t.memory_bytes()).sum::<u64>().max(1)).collect();
+    let total: u64 = weights.iter().sum();
     let budget = budgets.for_calls(count);
     let started = Instant::now();
     // A panic in the engine is a bug; it fails this batch, not the model.
     let results = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| graph.run_batch(inputs, &budget)))
         .unwrap_or_else(|_| (0..count).map(|_| Err(Error::Unsupported("the engine failed on this input".into()))).collect());
-    // Each call is charged an equal share of the pass's time.
-    let share = started.elapsed() / count.max(1) as u32;
-    for (reply, result) in replies.into_iter().zip(results) {
+    let took = started.elapsed();
+    for ((reply, result), weight) in replies.into_iter().zip(results).zip(weights) {
+        let share = took.mul_f64(weight as f64 / total as f64);
         let _ = reply.send(result.map(|outputs| (outputs, share)));
     }
 }

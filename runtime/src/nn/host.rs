@@ -33,15 +33,10 @@ use errors::ErrorCode;
 use graph::{ExecutionTarget, GraphEncoding};
 use tensor::TensorType;
 
-/// A graph a guest holds: a shared model (or one it loaded from bytes);
-/// never a text model (`load-by-name` refuses those).
-pub struct GraphResource {
-    loaded: Arc<Loaded>,
-    /// Bytes it holds against the request's memory limit: a graph loaded
-    /// from the guest's bytes is the request's own; a named model is the
-    /// node's and holds none.
-    held: usize,
-}
+/// A graph a guest holds: a shared model (or one it loaded from bytes,
+/// whose weights count against the request's memory limit until the
+/// request ends); never a text model (`load-by-name` refuses those).
+pub struct GraphResource(Arc<Loaded>);
 
 /// The scheduler of a graph resource's model.
 fn batcher(loaded: &Loaded) -> &Batcher {
@@ -248,7 +243,9 @@ impl graph::Host for NnView<'_> {
         if let Err(why) = self.ctx.hold(held) {
             return self.fail(ErrorCode::TooLarge, format!("the graph: {why}"));
         }
-        Ok(Ok(self.table.push(GraphResource { loaded: Arc::new(loaded), held })?))
+        // Held until the request ends, even once the graph is dropped: an
+        // execution context made from it keeps its weights alive.
+        Ok(Ok(self.table.push(GraphResource(Arc::new(loaded)))?))
     }
 
     async fn load_by_name(&mut self, name: String) -> Fallible<Resource<GraphResource>> {
@@ -261,7 +258,7 @@ impl graph::Host for NnView<'_> {
                 if let Some(meter) = &self.ctx.meter {
                     meter.add_model(&name);
                 }
-                Ok(Ok(self.table.push(GraphResource { loaded, held: 0 })?))
+                Ok(Ok(self.table.push(GraphResource(loaded))?))
             }
             Err(LoadError::Denied(m)) => self.fail(ErrorCode::Security, m),
             Err(LoadError::NotFound(m)) => self.fail(ErrorCode::NotFound, m),
@@ -273,14 +270,13 @@ impl graph::Host for NnView<'_> {
 
 impl graph::HostGraph for NnView<'_> {
     async fn init_execution_context(&mut self, graph: Resource<GraphResource>) -> Fallible<Resource<ContextResource>> {
-        let loaded = self.table.get(&graph)?.loaded.clone();
+        let loaded = self.table.get(&graph)?.0.clone();
         batcher(&loaded).contexts.fetch_add(1, Ordering::Relaxed);
         Ok(Ok(self.table.push(ContextResource(loaded))?))
     }
 
     async fn drop(&mut self, graph: Resource<GraphResource>) -> wasmtime::Result<()> {
-        let graph = self.table.delete(graph)?;
-        self.ctx.release(graph.held);
+        self.table.delete(graph)?;
         Ok(())
     }
 }

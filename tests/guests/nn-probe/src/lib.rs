@@ -60,6 +60,23 @@ fn probe(path: &str, name: &str, body: &[u8]) -> Result<String, Error> {
             let _kept: Vec<tensor::Tensor> = (0..count).map(|_| tensor::Tensor::new(&[1 << 20], tensor::TensorType::U8, &chunk)).collect();
             Graph::load_onnx(include_bytes!("../../../../examples/classify/digits.onnx")).map(|_| "loaded".into())
         }
+        "/hoard-then-onnx-loop" => {
+            // Holds `name` MiB of tensors, then loads a graph from bytes,
+            // makes a context and drops both, 200 times.
+            use raw::wasi::nn::tensor;
+            let chunk = vec![7u8; 1 << 20];
+            let count: usize = name.parse().unwrap_or(0);
+            let _kept: Vec<tensor::Tensor> = (0..count).map(|_| tensor::Tensor::new(&[1 << 20], tensor::TensorType::U8, &chunk)).collect();
+            let bytes = include_bytes!("../../../../examples/classify/digits.onnx");
+            for i in 0..200 {
+                let graph = raw::wasi::nn::graph::load(&[bytes.to_vec()], raw::wasi::nn::graph::GraphEncoding::Onnx, raw::wasi::nn::graph::ExecutionTarget::Cpu);
+                match graph.and_then(|g| g.init_execution_context()) {
+                    Ok(context) => drop(context),
+                    Err(e) => return Ok(format!("after {i} loads: {:?}: {}", e.code(), e.data())),
+                }
+            }
+            Ok("loaded 200 times".into())
+        }
         "/hoard" => {
             use raw::wasi::nn::tensor;
             let chunk = vec![7u8; 1 << 20];
