@@ -382,3 +382,67 @@ async fn requests_carry_a_trace_and_json_logs_name_them() {
     assert!(failed["span"]["trace"].as_str().is_some_and(|t| t.len() == 32), "{failed}");
     assert!(failed["fields"]["guest_output"].as_str().unwrap().contains("deliberate trap"), "{failed}");
 }
+
+/// Quotas the admin sets per tenant: instances running at once (past
+/// them, requests wait, then get 503 naming the tenant's share), active
+/// deployments and storage. A second tenant doing the same is unaffected;
+/// `--node-defaults` gives the node's quotas back; tenants may not set
+/// their own.
+#[tokio::test]
+async fn admin_set_quotas_hold_per_tenant() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with(&dir.path().join("data"), &[]);
+    let (acme, other) = (server.tenant("acme").await, server.tenant("other").await);
+    let behaviors = support::wasm("behaviors");
+    for token in [&acme, &other] {
+        let args = ["deploy", behaviors.to_str().unwrap(), "--name", "slow", "--concurrency", "8", "--queue-timeout-ms", "300"];
+        stdout_of(&server.cli_as(token, &args));
+    }
+    let set = stdout_of(&server.cli(&["tenant", "limits", "acme", "--instances", "2", "--deployments", "1", "--storage-mb", "1"]));
+    assert!(set.contains("tenant acme: no rate limit, 2 instances, 1 deployments, 1 MiB storage"), "{set}");
+    let refused = server.cli_as(&acme, &["tenant", "limits", "acme", "--instances", "100"]);
+    assert!(!refused.status.success(), "a tenant cannot raise its own quota: {refused:?}");
+
+    // 5 requests of 1 s each at once: acme runs 2, the other 3 wait 300 ms
+    // and are refused; the other tenant runs all 5.
+    let burst = |tenant: &str| {
+        let url = format!("{}/{tenant}/slow/sleep?ms=1000", server.url);
+        let sent: Vec<_> = (0..5).map(|_| tokio::spawn(get_owned(url.clone()))).collect();
+        async move {
+            let mut replies = Vec::new();
+            for reply in sent {
+                replies.push(reply.await.unwrap());
+            }
+            replies
+        }
+    };
+    let (acme_replies, other_replies) = tokio::join!(burst("acme"), burst("other"));
+    let statuses = |replies: &[support::Reply]| replies.iter().map(|r| r.status).collect::<Vec<_>>();
+    assert_eq!(acme_replies.iter().filter(|r| r.status == 200).count(), 2, "acme: {:?}", statuses(&acme_replies));
+    let busy: Vec<_> = acme_replies.iter().filter(|r| r.status == 503).collect();
+    assert_eq!(busy.len(), 3, "acme: {:?}", statuses(&acme_replies));
+    assert!(busy[0].body.contains("already runs 2 instances"), "{}", busy[0].body);
+    assert!(other_replies.iter().all(|r| r.status == 200), "other: {:?}", statuses(&other_replies));
+
+    // One active deployment: a second is refused, for acme only.
+    let hello = support::wasm("hello");
+    let second = server.cli_as(&acme, &["deploy", hello.to_str().unwrap(), "--name", "second"]);
+    assert!(String::from_utf8_lossy(&second.stderr).contains("has 1 active deployments, its quota"), "{second:?}");
+    stdout_of(&server.cli_as(&other, &["deploy", hello.to_str().unwrap(), "--name", "second"]));
+
+    // 1 MiB of storage, most of it the component already: a 1 MiB file is refused.
+    let file = vec![b'z'; 1 << 20];
+    let sha = support::sha256(&file);
+    let (status, json) = server.api(&acme, "PUT", &format!("files/{sha}"), file.clone()).await;
+    assert_eq!(status, 413, "{json}");
+    assert_eq!(server.api(&other, "PUT", &format!("files/{sha}"), file).await.0, 201);
+
+    // Back to the node's quotas: all 5 run, and a second deployment deploys.
+    let set = stdout_of(&server.cli(&["tenant", "limits", "acme", "--node-defaults"]));
+    assert!(set.contains("instances: node's, deployments: node's, storage: node's"), "{set}");
+    let replies = burst("acme").await;
+    assert!(replies.iter().all(|r| r.status == 200), "acme: {:?}", statuses(&replies));
+    stdout_of(&server.cli_as(&acme, &["deploy", hello.to_str().unwrap(), "--name", "second"]));
+    let (status, body) = server.api(TOKEN, "PUT", "tenants/acme/limits", r#"{"instances": 0}"#).await;
+    assert_eq!(status, 400, "{body}");
+}

@@ -27,11 +27,6 @@ async fn push_model(server: &Server, token: &str, name: &str, format: &str, byte
     server.api(token, "PUT", &format!("models/{name}"), spec.to_string()).await
 }
 
-fn sha256(bytes: &[u8]) -> String {
-    use sha2::Digest;
-    sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// Deploys the nn-probe guest as `name` for `token`, allowed to load `model`.
 async fn deploy_probe(server: &Server, token: &str, name: &str, model: &str) {
     let spec = serde_json::json!({ "models": [model] }).to_string();

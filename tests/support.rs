@@ -274,6 +274,12 @@ pub async fn streaming_connection(server: &Server) -> (hyper::client::conn::http
     (sender, authority)
 }
 
+/// The hex SHA-256 of `bytes`, as the admin API names uploads.
+pub fn sha256(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// stdout of a finished command, or a panic with its stderr.
 pub fn stdout_of(out: &Output) -> String {
     assert!(out.status.success(), "command failed: {}", String::from_utf8_lossy(&out.stderr));

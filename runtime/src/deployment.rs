@@ -9,7 +9,7 @@ use crate::error::{Error, chain};
 use crate::failure::{BoxError, Failure, ResponseBody, Saturated};
 use crate::host_state::RequestState;
 use crate::limits::Limits;
-use crate::runtime::Runtime;
+use crate::runtime::{Runtime, TenantShare};
 use crate::usage::{GuestCpu, Meter, Outcome, UsageSink};
 use bytes::Bytes;
 use http::{Request, Response};
@@ -48,7 +48,7 @@ struct DeploymentInner {
     /// Instances of this deployment that may run at once.
     slots: Arc<Semaphore>,
     /// Its tenant's share of the instance pool.
-    tenant_slots: Arc<Semaphore>,
+    tenant_share: Arc<TenantShare>,
     /// Requests waiting for a slot.
     queued: AtomicU32,
     /// Set once by [`Deployment::stop`].
@@ -80,7 +80,7 @@ impl Deployment {
             inner: Arc::new(DeploymentInner {
                 name: name.to_string(),
                 slots: Arc::new(Semaphore::new(limits.concurrency as usize)),
-                tenant_slots: runtime.tenant_slots(&capabilities.models.tenant),
+                tenant_share: runtime.tenant_share(&capabilities.models.tenant),
                 queued: AtomicU32::new(0),
                 stop: watch::Sender::new(false),
                 limits,
@@ -138,7 +138,8 @@ impl Deployment {
         let runtime = &inner.runtime.inner;
         let until = Instant::now() + limits.queue_timeout();
         let busy = |_| Error::Instantiate("no instance of this node became free to check it; retry".into());
-        let _tenant = acquire_until(&inner.tenant_slots, until, Saturated::Tenant(runtime.per_tenant)).await.map_err(busy)?;
+        let tenant_full = Saturated::Tenant(inner.tenant_share.size.load(Ordering::Relaxed));
+        let _tenant = acquire_until(&inner.tenant_share.permits, until, tenant_full).await.map_err(busy)?;
         let _node = acquire_until(&runtime.instances, until, Saturated::Node(runtime.pool.max_instances)).await.map_err(busy)?;
         let mut store = inner
             .runtime
@@ -326,7 +327,8 @@ impl Deployment {
             }
         };
         let runtime = &me.runtime.inner;
-        let tenant = acquire_until(&me.tenant_slots, wait_until, Saturated::Tenant(runtime.per_tenant)).await?;
+        let tenant_full = Saturated::Tenant(me.tenant_share.size.load(Ordering::Relaxed));
+        let tenant = acquire_until(&me.tenant_share.permits, wait_until, tenant_full).await?;
         let instance = acquire_until(&runtime.instances, wait_until, Saturated::Node(runtime.pool.max_instances)).await?;
         Ok([slot, tenant, instance])
     }

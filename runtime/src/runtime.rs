@@ -16,6 +16,7 @@ use crate::capabilities::SharedCapabilities;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::path::Path;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::Semaphore;
 use wasmtime::component::{Component, Linker};
@@ -157,6 +158,14 @@ impl RuntimeBuilder {
     }
 }
 
+/// One tenant's share of the instance pool.
+pub(crate) struct TenantShare {
+    /// One permit per instance it may hold.
+    pub(crate) permits: Arc<Semaphore>,
+    /// How many permits it has (for messages).
+    pub(crate) size: AtomicU32,
+}
+
 /// A WebAssembly component runtime for HTTP handlers.
 ///
 /// Cheap to clone; clones share the engine and its instance pool. See the
@@ -178,9 +187,10 @@ pub(crate) struct RuntimeInner {
     /// One permit per pool slot, so requests queue rather than fail when
     /// the pool is full.
     pub(crate) instances: Arc<Semaphore>,
-    /// Each tenant's share of the pool: `per_tenant` permits.
-    tenants: Mutex<HashMap<String, Arc<Semaphore>>>,
-    pub(crate) per_tenant: u32,
+    /// Each tenant's share of the pool: `per_tenant` permits unless
+    /// [`Runtime::set_tenant_instances`] says otherwise.
+    tenants: Mutex<HashMap<String, Arc<TenantShare>>>,
+    per_tenant: u32,
     pub(crate) pool: PoolSettings,
     ceilings: Limits,
     models: Models,
@@ -298,15 +308,48 @@ impl Runtime {
         self.inner.pool.max_instances.saturating_sub(self.inner.instances.available_permits() as u32)
     }
 
+    /// Instances that may be live at once over all deployments.
+    pub fn pool_size(&self) -> u32 {
+        self.inner.pool.max_instances
+    }
+
     /// The highest limits a deployment may ask for.
     pub fn max_limits(&self) -> &Limits {
         &self.inner.ceilings
     }
 
-    /// The permits of `tenant`'s share of the instance pool.
-    pub(crate) fn tenant_slots(&self, tenant: &str) -> Arc<Semaphore> {
+    /// `tenant`'s share of the instance pool.
+    pub(crate) fn tenant_share(&self, tenant: &str) -> Arc<TenantShare> {
         let mut tenants = self.inner.tenants.lock().unwrap();
-        tenants.entry(tenant.to_string()).or_insert_with(|| Arc::new(Semaphore::new(self.inner.per_tenant as usize))).clone()
+        let per_tenant = self.inner.per_tenant;
+        let new = || Arc::new(TenantShare { permits: Arc::new(Semaphore::new(per_tenant as usize)), size: AtomicU32::new(per_tenant) });
+        tenants.entry(tenant.to_string()).or_insert_with(new).clone()
+    }
+
+    /// Sets how many instances `tenant`'s deployments may hold at once
+    /// (at most the pool's size); `None` restores the node's
+    /// [`max_instances_per_tenant`](RuntimeBuilder::max_instances_per_tenant).
+    /// A lower number takes effect as running instances end: no request
+    /// is stopped for it. Call it within a tokio runtime.
+    pub fn set_tenant_instances(&self, tenant: &str, instances: Option<u32>) {
+        let share = self.tenant_share(tenant);
+        let size = instances.unwrap_or(self.inner.per_tenant).clamp(1, self.inner.pool.max_instances);
+        let before = share.size.swap(size, Ordering::SeqCst);
+        if size > before {
+            share.permits.add_permits((size - before) as usize);
+        } else if size < before {
+            // Free permits go now; the rest as the instances holding them end.
+            let fewer = (before - size) as usize;
+            let owed = fewer - share.permits.forget_permits(fewer);
+            if owed > 0 {
+                let permits = share.permits.clone();
+                tokio::spawn(async move {
+                    if let Ok(permits) = permits.acquire_many_owned(owed as u32).await {
+                        permits.forget();
+                    }
+                });
+            }
+        }
     }
 
 

@@ -156,12 +156,19 @@ impl ServerInner {
         Ok(json(StatusCode::OK, &record))
     }
 
-    /// `PUT tenants/NAME/limits`: sets a tenant's request quotas; they
-    /// apply to its next requests.
+    /// `PUT tenants/NAME/limits`: sets a tenant's quotas (all of them: a
+    /// field left out is no quota, or the node's); they apply to its next
+    /// requests, deploys and uploads.
     async fn set_tenant_limits(&self, name: &str, request: Request<RequestBody>) -> Reply {
-        let limits: TenantLimits = read_json(request, "request body", r#"{"requests_per_second": 100} (null: no quota)"#).await?;
+        let example = r#"{"requests_per_second": 100, "instances": 8, "deployments": 20, "storage_bytes": 10737418240} (each may be null: no rate quota; the node's quota for the others)"#;
+        let limits: TenantLimits = read_json(request, "request body", example).await?;
         if limits.requests_per_second == Some(0) {
             return Err(ApiError::bad_request("invalid_limits", "requests_per_second must be at least 1 (null: no quota)"));
+        }
+        let pool = self.runtime.pool_size();
+        if let Some(n) = limits.instances.filter(|n| !(1..=pool).contains(n)) {
+            let message = format!("instances must be 1 to {pool} (the node's instance pool), got {n} (null: the node's default)");
+            return Err(ApiError::bad_request("invalid_limits", message));
         }
         let record = self
             .change(|control| {
@@ -170,6 +177,7 @@ impl ServerInner {
                 Ok((vec![Change::Tenant(tenant.clone())], tenant.clone()))
             })
             .await?;
+        self.runtime.set_tenant_instances(name, limits.instances);
         tracing::info!(tenant = %name, ?limits, "tenant limits set");
         Ok(json(StatusCode::OK, &record))
     }

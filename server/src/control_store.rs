@@ -43,6 +43,18 @@ pub struct TenantLimits {
     /// `None`: no quota.
     #[serde(default)]
     pub requests_per_second: Option<u32>,
+    /// Instances its deployments may run at once (at most the node's
+    /// pool); beyond it requests wait in their deployment's queue.
+    /// `None`: the node's `--max-tenant-instances`.
+    #[serde(default)]
+    pub instances: Option<u32>,
+    /// Active deployments it may have. `None`: the node's quota.
+    #[serde(default)]
+    pub deployments: Option<u32>,
+    /// Bytes of deployment files, model files and components it may
+    /// store. `None`: the node's quota.
+    #[serde(default)]
+    pub storage_bytes: Option<u64>,
 }
 
 /// An API token. Only a SHA-256 of the token is stored.
@@ -277,7 +289,7 @@ mod tests {
     fn commits_are_durable_and_atomic_per_call() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.redb");
-        let tenant = TenantRecord { name: "acme".into(), created_at: 1, domains: vec!["acme.example".into()], gpu: TenantGpu::default(), limits: TenantLimits { requests_per_second: Some(5) } };
+        let tenant = TenantRecord { name: "acme".into(), created_at: 1, domains: vec!["acme.example".into()], gpu: TenantGpu::default(), limits: TenantLimits { requests_per_second: Some(5), instances: Some(3), deployments: Some(2), storage_bytes: Some(1 << 20) } };
         let deployment = DeploymentState { tenant: "acme".into(), name: "api".into(), active: Some(1), latest: 1 };
         {
             let store = RedbStore::open(&path).unwrap();

@@ -192,6 +192,7 @@ impl Server {
         }
         for tenant in &state.tenants {
             runtime.models().set_tenant_gpu(&tenant.name, tenant.gpu);
+            runtime.set_tenant_instances(&tenant.name, tenant.limits.instances);
         }
         let metering = match &config.usage {
             Some(usage) => {

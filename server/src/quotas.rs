@@ -1,5 +1,6 @@
-//! What each tenant may hold ([`TenantQuotas`](crate::TenantQuotas)):
-//! active deployments, checked before a deploy or rollback and again when
+//! What each tenant may hold (its own [`TenantLimits`](crate::control_store::TenantLimits)
+//! where the admin set them, the node's [`TenantQuotas`](crate::TenantQuotas)
+//! otherwise): active deployments, checked before a deploy or rollback and again when
 //! it commits; and storage (deployment files, model files, the components
 //! of its versions), checked as upload bytes arrive.
 
@@ -13,13 +14,15 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 /// `403 quota_exceeded` when activating deployment `name` would give the
-/// caller's tenant more than `quota` active deployments (a new version of
-/// an active one does not count; the admin has no quota).
+/// caller's tenant more active deployments than its quota (its own, or
+/// the node's `quota`); a new version of an active one does not count;
+/// the admin has no quota.
 pub(crate) fn check_deployments(control: &Control, caller: &Caller, name: &str, quota: usize) -> Result<(), ApiError> {
     if caller.admin {
         return Ok(());
     }
     let tenant = caller.tenant.as_str();
+    let quota = control.tenants.get(tenant).and_then(|t| t.limits.deployments).map_or(quota, |n| n as usize);
     let active: Vec<&str> = control
         .deployments
         .range((tenant.to_string(), String::new())..)
@@ -45,7 +48,8 @@ impl ServerInner {
         let stored = tokio::task::spawn_blocking(move || me.storage_stored(&tenant))
             .await
             .map_err(|e| ApiError::internal(format!("measuring storage failed: {e}")))??;
-        let bytes = self.config.quotas.storage_bytes;
+        let own = self.control().tenants.get(&caller.tenant).and_then(|t| t.limits.storage_bytes);
+        let bytes = own.unwrap_or(self.config.quotas.storage_bytes);
         let arriving = self.uploads.receiving(&caller.tenant);
         if stored + arriving >= bytes {
             let message = format!(

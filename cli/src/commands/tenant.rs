@@ -55,29 +55,52 @@ pub enum TenantCommand {
         #[command(flatten)]
         server: ServerArgs,
     },
-    /// Set a tenant's request quota: requests a second over all its
-    /// deployments (a second's worth may come at once); beyond it requests
-    /// get 429 with Retry-After. Other tenants are not affected.
+    /// Set a tenant's quotas: requests a second over all its deployments
+    /// (a second's worth may come at once; beyond it requests get 429 with
+    /// Retry-After), instances running at once, active deployments and
+    /// storage. Quotas not given stay as they are; other tenants are not
+    /// affected.
     #[command(after_help = "Examples:
-  gpuwasm tenant limits acme --requests-per-second 100
-  gpuwasm tenant limits acme --no-rate-limit")]
+  gpuwasm tenant limits acme --requests-per-second 100 --instances 8
+  gpuwasm tenant limits acme --deployments 20 --storage-mb 4096
+  gpuwasm tenant limits acme --no-rate-limit
+  gpuwasm tenant limits acme --node-defaults   # instances, deployments and storage as the node's")]
     Limits {
         /// The tenant.
         name: String,
         /// Requests a second (at least 1).
-        #[arg(long, value_parser = clap::value_parser!(u32).range(1..), required_unless_present = "no_rate_limit", conflicts_with = "no_rate_limit")]
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..), conflicts_with = "no_rate_limit")]
         requests_per_second: Option<u32>,
         /// Remove the request-rate quota.
         #[arg(long)]
         no_rate_limit: bool,
+        /// Instances its deployments may run at once (at most the node's
+        /// --max-instances); more requests wait in their queues.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+        instances: Option<u32>,
+        /// Active deployments it may have.
+        #[arg(long)]
+        deployments: Option<u32>,
+        /// MiB of deployment files, models and components it may store.
+        #[arg(long)]
+        storage_mb: Option<u64>,
+        /// Use the node's quotas for instances, deployments and storage
+        /// (those not given with this).
+        #[arg(long)]
+        node_defaults: bool,
         #[command(flatten)]
         server: ServerArgs,
     },
 }
 
-/// A tenant's request quota, as `tenant list` prints it.
-fn rate_text(limits: &TenantLimits) -> String {
-    limits.requests_per_second.map_or("no rate limit".to_string(), |n| format!("{n} req/s"))
+/// A tenant's quotas, as `tenant list` prints them.
+fn limits_text(limits: &TenantLimits) -> String {
+    let rate = limits.requests_per_second.map_or("no rate limit".to_string(), |n| format!("{n} req/s"));
+    let node = |what: &str| format!("{what}: node's");
+    let instances = limits.instances.map_or(node("instances"), |n| format!("{n} instances"));
+    let deployments = limits.deployments.map_or(node("deployments"), |n| format!("{n} deployments"));
+    let storage = limits.storage_bytes.map_or(node("storage"), |b| format!("{} MiB storage", b >> 20));
+    format!("{rate}, {instances}, {deployments}, {storage}")
 }
 
 /// A tenant's GPU settings, as `tenant list` prints them.
@@ -97,10 +120,10 @@ pub async fn run(cmd: TenantCommand) -> Result<ExitCode> {
             let reply = args.server.api()?.admin_json(Method::GET, "tenants", &[], Bytes::new()).await?;
             if !print_json(args.json, &reply)? {
                 let Tenants { tenants } = typed(reply)?;
-                println!("{:<24} {:<28} {:<16} DOMAINS", "TENANT", "GPU", "REQUESTS");
+                println!("{:<24} {:<28} {:<24} QUOTAS", "TENANT", "GPU", "DOMAINS");
                 for t in tenants {
                     let domains = if t.domains.is_empty() { "-".into() } else { t.domains.join(", ") };
-                    println!("{:<24} {:<28} {:<16} {domains}", t.name, gpu_text(&t.gpu), rate_text(&t.limits));
+                    println!("{:<24} {:<28} {domains:<24} {}", t.name, gpu_text(&t.gpu), limits_text(&t.limits));
                 }
             }
         }
@@ -122,10 +145,19 @@ pub async fn run(cmd: TenantCommand) -> Result<ExitCode> {
             let tenant: TenantRecord = api.admin_send(Method::PUT, &format!("tenants/{name}/gpu"), &gpu).await?;
             println!("tenant {name}: GPU {}", gpu_text(&tenant.gpu));
         }
-        TenantCommand::Limits { name, requests_per_second, no_rate_limit: _, server } => {
-            let limits = TenantLimits { requests_per_second };
-            let tenant: TenantRecord = server.api()?.admin_send(Method::PUT, &format!("tenants/{name}/limits"), &limits).await?;
-            println!("tenant {name}: {}", rate_text(&tenant.limits));
+        TenantCommand::Limits { name, requests_per_second, no_rate_limit, instances, deployments, storage_mb, node_defaults, server } => {
+            let api = server.api()?;
+            let Tenants { tenants } = typed(api.admin_json(Method::GET, "tenants", &[], Bytes::new()).await?)?;
+            let Some(current) = tenants.into_iter().find(|t| t.name == name) else { bail!("no tenant named '{name}'") };
+            let old = if node_defaults { TenantLimits { requests_per_second: current.limits.requests_per_second, ..TenantLimits::default() } } else { current.limits };
+            let limits = TenantLimits {
+                requests_per_second: if no_rate_limit { None } else { requests_per_second.or(old.requests_per_second) },
+                instances: instances.or(old.instances),
+                deployments: deployments.or(old.deployments),
+                storage_bytes: storage_mb.map(|mb| mb.saturating_mul(1 << 20)).or(old.storage_bytes),
+            };
+            let tenant: TenantRecord = api.admin_send(Method::PUT, &format!("tenants/{name}/limits"), &limits).await?;
+            println!("tenant {name}: {}", limits_text(&tenant.limits));
         }
     }
     Ok(ExitCode::SUCCESS)
