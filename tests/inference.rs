@@ -387,6 +387,64 @@ async fn idle_models_are_evicted_and_load_again_on_demand() {
     assert_eq!(loaded(&server).await["calls"], 1, "a fresh load counts from zero");
 }
 
+/// The embeddings example's manifest with `models` settings added.
+fn manifest_with(dir: &tempfile::TempDir, name: &str, models: &str) -> String {
+    let base = std::fs::read_to_string(manifest("embeddings")).unwrap().replace("name = \"embeddings\"", &format!("name = \"{name}\""));
+    let path = dir.path().join(format!("{name}.toml"));
+    std::fs::write(&path, format!("{base}{models}\n")).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+/// `[models] warm`: the model loads when the deployment deploys and stays
+/// resident past the node's idle timeout for as long as the deployment
+/// is active; removed, the model is evicted like any other. A per-model
+/// `idle_timeout_s` keeps a model past the node's timeout too. Both show
+/// in `model list --resident`. Warm names must be allowed models that load.
+#[tokio::test]
+async fn warm_models_stay_resident_past_the_idle_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = embeddings_server(&dir, &["--model-idle-secs", "1"]);
+    let warm = manifest_with(&dir, "pinned", "warm = [\"minilm\"]");
+    server.deploy("pinned", "embeddings", &["--manifest", &warm]);
+    assert_eq!(loaded(&server).await["calls"], 0, "loaded at deploy, before any request");
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert_eq!(loaded(&server).await["calls"], 0, "a warm model outlives the 1 s idle timeout");
+    let listed = stdout_of(&server.cli(&["model", "list", "--resident"]));
+    assert!(listed.contains("kept warm by 1 deployment"), "{listed}");
+    let (status, reply) = embed(&server, json!({"model": "minilm", "input": "warm already"})).await;
+    assert_eq!((status, loaded(&server).await["calls"].as_u64()), (200, Some(1)), "{reply}");
+
+    // Removed, the deployment lets go: the model is evicted when idle.
+    stdout_of(&server.cli(&["rm", "pinned"]));
+    let start = std::time::Instant::now();
+    while !loaded(&server).await.is_null() {
+        assert!(start.elapsed().as_secs() < 15, "the model was never evicted after its warm deployment went");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+
+    // An idle timeout of an hour for this model, on a node of 1 s.
+    let patient = manifest_with(&dir, "patient", "idle_timeout_s = { minilm = 3600 }");
+    server.deploy("patient", "embeddings", &["--manifest", &patient]);
+    assert!(loaded(&server).await.is_null(), "not warm: loaded on first use");
+    let (status, reply) = embed_on(&server, "patient", json!({"model": "minilm", "input": "hello"}).to_string()).await;
+    assert_eq!(status, 200, "{reply}");
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert_eq!(loaded(&server).await["calls"], 1, "kept past the node's idle timeout");
+    let listed: Value = serde_json::from_str(&stdout_of(&server.cli(&["model", "list", "--resident", "--json"]))).unwrap();
+    assert_eq!((listed["models"][0]["idle_timeout_s"].as_u64(), listed["models"][0]["warm"].as_u64()), (Some(3600), Some(0)), "{listed}");
+
+    // Warm names are checked: allowed, and loadable.
+    let wrong = manifest_with(&dir, "wrong", "warm = [\"other\"]");
+    let out = server.cli(&["deploy", support::wasm("embeddings").to_str().unwrap(), "--name", "wrong", "--manifest", &wrong]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("`models.warm`: 'other' is not in `models.allow`"), "{out:?}");
+    let ghost = manifest_with(&dir, "ghost", "");
+    let text = std::fs::read_to_string(&ghost).unwrap().replace("allow = [\"minilm\"]", "allow = [\"ghost\"]\nwarm = [\"ghost\"]");
+    std::fs::write(&ghost, text).unwrap();
+    let out = server.cli(&["deploy", support::wasm("embeddings").to_str().unwrap(), "--name", "ghost", "--manifest", &ghost]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("'ghost', kept warm by [models] warm, could not be loaded: no model named 'ghost'"), "{stderr}");
+}
+
 #[tokio::test]
 async fn concurrent_requests_share_one_loaded_model_and_are_batched() {
     let dir = tempfile::tempdir().unwrap();

@@ -30,7 +30,8 @@ impl Capabilities {
     /// Checks every entry, naming the bad one.
     pub fn validate(&self) -> Result<(), Error> {
         check_env(&self.env)?;
-        check_outbound(&self.outbound)
+        check_outbound(&self.outbound)?;
+        self.models.validate().map_err(Error::InvalidCapabilities)
     }
 }
 

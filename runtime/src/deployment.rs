@@ -9,6 +9,7 @@ use crate::error::{Error, chain};
 use crate::failure::{BoxError, Failure, ResponseBody, Saturated};
 use crate::host_state::RequestState;
 use crate::limits::Limits;
+use crate::nn::models::Warm;
 use crate::runtime::{Runtime, TenantShare};
 use crate::usage::{GuestCpu, Meter, Outcome, UsageSink};
 use bytes::Bytes;
@@ -17,7 +18,7 @@ use http_body_util::BodyExt;
 use http_body_util::{LengthLimitError, Limited};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::AbortHandle;
@@ -56,6 +57,8 @@ struct DeploymentInner {
     runtime: Runtime,
     /// Where each request's usage goes, once set.
     usage_sink: OnceLock<UsageSink>,
+    /// The models it keeps resident ([`Deployment::warm`]).
+    warm: Mutex<Vec<Warm>>,
 }
 
 /// Decrements the queue count when a waiting request leaves the queue.
@@ -89,6 +92,7 @@ impl Deployment {
                 pre,
                 runtime: runtime.clone(),
                 usage_sink: OnceLock::new(),
+                warm: Mutex::default(),
             }),
         })
     }
@@ -127,6 +131,24 @@ impl Deployment {
     /// keep running on a deployment that is merely replaced.
     pub fn stop(&self) {
         self.inner.stop.send_replace(true);
+        self.inner.warm.lock().unwrap().clear();
+    }
+
+    /// Loads the models its capabilities keep warm (`[models] warm`) and
+    /// holds them resident, whatever the idle timeout, until it is stopped
+    /// or dropped. Call it before it takes traffic: its first requests
+    /// then find their models loaded.
+    pub async fn warm(&self) -> Result<(), Error> {
+        let access = &self.inner.capabilities.models;
+        let models = self.inner.runtime.models();
+        let mut held = Vec::with_capacity(access.warm.len());
+        for name in &access.warm {
+            let loaded = models.get(access, name).await;
+            let loaded = loaded.map_err(|e| Error::Model(format!("'{name}', kept warm by [models] warm, could not be loaded: {}", e.message())))?;
+            held.push(Warm::new(loaded));
+        }
+        *self.inner.warm.lock().unwrap() = held;
+        Ok(())
     }
 
     /// Instantiates the component once, fresh, under its limits, and drops

@@ -39,6 +39,9 @@ pub enum Error {
     /// A host name (or `host:port`) is malformed.
     #[error("invalid host {0}")]
     InvalidHost(String),
+    /// A model the deployment keeps warm could not be loaded.
+    #[error("model {0}")]
+    Model(String),
     /// The engine could not be built.
     #[error("engine setup failed: {0}")]
     Engine(String),
@@ -60,6 +63,7 @@ impl Error {
                 | Error::InvalidLimits(_)
                 | Error::InvalidCapabilities(_)
                 | Error::InvalidHost(_)
+                | Error::Model(_)
         )
     }
 
@@ -75,6 +79,7 @@ impl Error {
             Error::Instantiate(_) => "instantiate_failed",
             Error::InvalidLimits(_) => "invalid_limits",
             Error::InvalidCapabilities(_) | Error::InvalidHost(_) => "invalid_spec",
+            Error::Model(_) => "model_unavailable",
             Error::Engine(_) => "engine",
         }
     }

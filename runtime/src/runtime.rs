@@ -243,6 +243,7 @@ impl Runtime {
         .map_err(|e| Error::Engine(format!("compile task failed: {e}")))??;
         let deployment = self.deployment(name, &compiled, limits, capabilities)?;
         deployment.check().await?;
+        deployment.warm().await?;
         Ok(deployment)
     }
 

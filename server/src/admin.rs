@@ -226,7 +226,8 @@ impl ServerInner {
             .filter_map(|r| {
                 let names = visible.get(&r.key)?.clone();
                 let tenants = if caller.admin { r.tenants } else { r.tenants.into_iter().filter(|t| *t == caller.tenant).collect() };
-                Some(Resident { names, device: r.device, bytes: r.bytes, tenants, status: r.status })
+                let idle_timeout_s = r.idle_timeout.as_secs();
+                Some(Resident { names, device: r.device, bytes: r.bytes, tenants, status: r.status, warm: r.warm, idle_timeout_s })
             })
             .collect();
         let devices = runtime

@@ -221,6 +221,12 @@ pub struct Resident {
     pub tenants: Vec<String>,
     /// What it has done since it was loaded.
     pub status: gpuwasm::nn::ModelStatus,
+    /// Deployments keeping it warm (`[models] warm`); while any does, it
+    /// is not evicted.
+    pub warm: usize,
+    /// Seconds it stays resident unused (a deployment's
+    /// `[models] idle_timeout_s`, or the node's).
+    pub idle_timeout_s: u64,
 }
 
 /// `GET models`.

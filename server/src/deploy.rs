@@ -10,14 +10,14 @@
 //!    outbound hosts);
 //! 4. pre-initialise (`Runtime::preinitialize`) when the spec says so;
 //! 5. compile and store the artifact content-addressed, or map the cached one;
-//! 6. link (`Runtime::deployment`) and instantiate once (`Deployment::check`).
+//! 6. link (`Runtime::deployment`), instantiate once (`Deployment::check`)
+//!    and load the models it keeps warm (`Deployment::warm`).
 
 use crate::ServerInner;
 use crate::control_store::VersionRecord;
 use crate::error::Error;
 use crate::spec::DeploymentSpec;
 use bytes::Bytes;
-use gpuwasm::nn::ModelAccess;
 use gpuwasm::{Capabilities, Deployment};
 use std::sync::Arc;
 
@@ -30,6 +30,7 @@ impl ServerInner {
             .await
             .map_err(|e| Error::Task(format!("deploy task failed: {e}")))??;
         deployment.check().await?;
+        deployment.warm().await?;
         Ok((version, deployment))
     }
 
@@ -74,6 +75,28 @@ impl ServerInner {
         Ok(deployment)
     }
 
+    /// Loads, in the background, the models the active deployments keep
+    /// warm (at start-up; until they are loaded, a request loads its model
+    /// as it would without).
+    pub(crate) fn warm_active(&self) {
+        let control = self.control();
+        let live: Vec<(String, String, Deployment)> = control
+            .deployments
+            .iter()
+            .filter_map(|((tenant, name), entry)| match &entry.live {
+                Some(Ok(deployment)) => Some((tenant.clone(), name.clone(), deployment.clone())),
+                _ => None,
+            })
+            .collect();
+        tokio::spawn(async move {
+            for (tenant, name, deployment) in live {
+                if let Err(e) = deployment.warm().await {
+                    tracing::error!(%tenant, deployment = %name, error = %e, "a model it keeps warm failed to load");
+                }
+            }
+        });
+    }
+
     /// Meters the requests of `deployment`, serving `version`: usage
     /// records and request metrics (when the server meters).
     pub(crate) fn meter(&self, deployment: &Deployment, version: &VersionRecord) {
@@ -93,13 +116,7 @@ impl ServerInner {
             env: spec.sandbox.env.clone(),
             outbound: spec.sandbox.outbound.clone(),
             files: self.files.tree(tenant, &spec.files)?,
-            models: ModelAccess {
-                tenant: tenant.to_string(),
-                allow: spec.models.clone(),
-                catalog: Some(self.models.clone()),
-                target: spec.model_target,
-                from_bytes: spec.models_from_bytes,
-            },
+            models: spec.model_access(tenant, Some(self.models.clone())),
         })
     }
 }

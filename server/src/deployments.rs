@@ -175,6 +175,7 @@ impl ServerInner {
         let deployment = tokio::task::spawn_blocking(move || me.load_version(&v))
             .await
             .map_err(|e| ApiError::internal(format!("rollback task failed: {e}")))??;
+        deployment.warm().await?;
         let key = (caller.tenant.clone(), name.to_string());
         self.change(|control| {
             quotas::check_deployments(control, caller, name, quota)?;

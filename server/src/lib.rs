@@ -230,6 +230,7 @@ impl Server {
         .map_err(|e| Error::Task(format!("loading task failed: {e}")))?;
         *inner.control.write().unwrap() = Arc::new(control);
         inner.start_collector();
+        inner.warm_active();
         Ok(Server { inner })
     }
 

@@ -25,6 +25,9 @@
 //!                                    # guest asks and the node has one), gpu, cpu
 //! from_bytes = false                 # whether wasi-nn `load` may build graphs
 //!                                    # from the guest's bytes (charged to its memory)
+//! warm = ["minilm"]                  # loaded at deploy, kept resident while active
+//! idle_timeout_s = { minilm = 3600 } # per model: unused this long, it is evicted
+//!                                    # (default: the node's --model-idle-secs)
 //!
 //! [build]                            # how `gpuwasm build` makes the component
 //! command = "cargo build --release --target wasm32-wasip2"   # run by sh, here
@@ -105,6 +108,9 @@ struct ModelsSection {
     target: Target,
     #[serde(default)]
     from_bytes: bool,
+    #[serde(default)]
+    warm: Vec<Spanned<String>>,
+    idle_timeout_s: Option<Spanned<BTreeMap<String, u64>>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -190,6 +196,21 @@ impl Manifest {
             }
             models.push(model.into_inner());
         }
+        let mut warm = Vec::new();
+        for name in file.models.warm {
+            if !models.contains(name.get_ref()) {
+                return Err(err(name.span(), format!("`models.warm`: '{}' is not in `models.allow`", name.get_ref())));
+            }
+            warm.push(name.into_inner());
+        }
+        let idle_timeout_s = match file.models.idle_timeout_s {
+            Some(idle) => {
+                let spec = DeploymentSpec { models: models.clone(), models_idle_timeout_s: idle.get_ref().clone(), ..DeploymentSpec::default() };
+                spec.model_access("", None).validate().map_err(|e| err(idle.span(), format!("`models.idle_timeout_s`: {e}")))?;
+                idle.into_inner()
+            }
+            None => BTreeMap::new(),
+        };
         if let Some(build) = &file.build {
             let Build { command, output } = build.get_ref();
             let outside = output.is_absolute() || output.components().any(|c| matches!(c, std::path::Component::ParentDir));
@@ -209,6 +230,8 @@ impl Manifest {
                 models,
                 model_target: file.models.target,
                 models_from_bytes: file.models.from_bytes,
+                models_warm: warm,
+                models_idle_timeout_s: idle_timeout_s,
                 ..DeploymentSpec::default()
             },
         })

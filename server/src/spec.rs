@@ -7,9 +7,11 @@
 use crate::error::Error;
 use crate::hosts;
 use gpuwasm::Limits;
-use gpuwasm::nn::Target;
+use gpuwasm::nn::{ModelAccess, ModelCatalog, Target};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
 
 /// The header carrying a deploy's [`DeploymentSpec`] as JSON.
 pub const SPEC_HEADER: &str = "gpuwasm-spec";
@@ -37,6 +39,12 @@ pub struct DeploymentSpec {
     /// `load`, `[models] from_bytes`); such a graph counts against its
     /// memory limit. Off: models load by name only.
     pub models_from_bytes: bool,
+    /// Models loaded when it is deployed and kept resident while it is
+    /// active (`[models] warm`; names from `models`).
+    pub models_warm: Vec<String>,
+    /// Per model, seconds it stays resident unused, overriding the node's
+    /// idle timeout (`[models] idle_timeout_s`).
+    pub models_idle_timeout_s: BTreeMap<String, u64>,
     /// Files it sees read-only at `/`: guest path -> SHA-256 of content
     /// uploaded with `PUT files/SHA256`.
     pub files: BTreeMap<String, String>,
@@ -52,6 +60,8 @@ impl Default for DeploymentSpec {
             models: Vec::new(),
             model_target: Target::Auto,
             models_from_bytes: false,
+            models_warm: Vec::new(),
+            models_idle_timeout_s: BTreeMap::new(),
             files: BTreeMap::new(),
         }
     }
@@ -112,7 +122,22 @@ impl DeploymentSpec {
         }
         gpuwasm::check_env(&self.sandbox.env)?;
         gpuwasm::check_outbound(&self.sandbox.outbound)?;
+        self.model_access("", None).validate().map_err(gpuwasm::Error::InvalidCapabilities)?;
         Ok(())
+    }
+
+    /// What a deployment of `tenant` with this spec may load, names
+    /// resolving in `catalog`.
+    pub fn model_access(&self, tenant: &str, catalog: Option<Arc<dyn ModelCatalog>>) -> ModelAccess {
+        ModelAccess {
+            tenant: tenant.to_string(),
+            allow: self.models.clone(),
+            catalog,
+            target: self.model_target,
+            from_bytes: self.models_from_bytes,
+            warm: self.models_warm.clone(),
+            idle_timeouts: self.models_idle_timeout_s.iter().map(|(name, s)| (name.clone(), Duration::from_secs(*s))).collect(),
+        }
     }
 }
 
@@ -141,6 +166,10 @@ mod tests {
         assert!(DeploymentSpec::from_request("", &headers).unwrap_err().contains("outbound allow-list"));
         headers.insert(SPEC_HEADER, r#"{"limts":{}}"#.parse().unwrap());
         assert!(DeploymentSpec::from_request("", &headers).unwrap_err().contains("unknown field `limts`"));
+        headers.insert(SPEC_HEADER, r#"{"models":["m"],"models_warm":["n"]}"#.parse().unwrap());
+        assert!(DeploymentSpec::from_request("", &headers).unwrap_err().contains("[models] warm names 'n', which is not in [models] allow"));
+        headers.insert(SPEC_HEADER, r#"{"models":["m"],"models_idle_timeout_s":{"m":0}}"#.parse().unwrap());
+        assert!(DeploymentSpec::from_request("", &headers).unwrap_err().contains("give 1 to 604800 s"));
     }
 
     #[test]

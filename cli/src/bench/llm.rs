@@ -90,7 +90,7 @@ async fn serve(args: &LlmArgs, max_streams: usize) -> Result<Server> {
         .build()?;
     let mut models = LocalModels::default();
     models.add("bench", Format::Gguf, args.model.clone());
-    let access = ModelAccess { tenant: "bench".into(), allow: vec!["bench".into()], catalog: Some(Arc::new(models)), target: Target::Auto, from_bytes: false };
+    let access = ModelAccess { tenant: "bench".into(), allow: vec!["bench".into()], catalog: Some(Arc::new(models)), target: Target::Auto, ..ModelAccess::default() };
     let capabilities = Capabilities { env: [("MODELS".to_string(), "bench".to_string())].into(), models: access, ..Capabilities::default() };
     let limits = Limits {
         concurrency: max_streams as u32 + 8,

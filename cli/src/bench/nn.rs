@@ -168,7 +168,7 @@ pub async fn run(args: NnArgs) -> Result<ExitCode> {
     models.add("minilm", Format::Safetensors, args.minilm.clone());
     let capabilities = Capabilities {
         // wasi-nn on the CPU, against the native CPU figures.
-        models: ModelAccess { tenant: "bench".into(), allow: vec!["minilm".into()], catalog: Some(Arc::new(models)), target: Target::Cpu, from_bytes: false },
+        models: ModelAccess { tenant: "bench".into(), allow: vec!["minilm".into()], catalog: Some(Arc::new(models)), target: Target::Cpu, ..ModelAccess::default() },
         ..Capabilities::default()
     };
     let wasm = std::fs::read(&args.probe).with_context(|| format!("reading {}", args.probe.display()))?;

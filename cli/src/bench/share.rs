@@ -68,7 +68,7 @@ pub async fn run(args: ShareArgs) -> Result<ExitCode> {
     let deploy = async |tenant: &str| -> Result<Arc<Deployment>> {
         let mut models = LocalModels::default();
         models.add("minilm", Format::Safetensors, args.minilm.clone());
-        let access = ModelAccess { tenant: tenant.into(), allow: vec!["minilm".into()], catalog: Some(Arc::new(models)), target: Target::Gpu, from_bytes: false };
+        let access = ModelAccess { tenant: tenant.into(), allow: vec!["minilm".into()], catalog: Some(Arc::new(models)), target: Target::Gpu, ..ModelAccess::default() };
         let capabilities = Capabilities { models: access, ..Capabilities::default() };
         Ok(Arc::new(runtime.load_with(tenant, &wasm, limits.clone(), capabilities).await?))
     };

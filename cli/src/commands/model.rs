@@ -5,9 +5,10 @@ use crate::client::typed;
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use clap::{Args, Subcommand};
-use gpuwasm::nn::{LocalModels, ModelAccess, PUBLIC, Target, read_model_files};
+use gpuwasm::nn::{LocalModels, ModelAccess, PUBLIC, read_model_files};
 use gpuwasm_server::api::{ModelPush, Models, Removed, ResidentModels, Uploaded};
 use gpuwasm_server::control_store::ModelRecord;
+use gpuwasm_server::spec::DeploymentSpec;
 use gpuwasm_server::hex::sha256_hex;
 use gpuwasm_tensor::Format;
 use http::Method;
@@ -73,7 +74,11 @@ pub async fn run(cmd: ModelCommand) -> Result<ExitCode> {
             }
             for m in models {
                 let tenants = if m.tenants.is_empty() { "-".to_string() } else { m.tenants.join(", ") };
-                println!("{:<28} {:<32} {:>8.1} MiB  tenants: {tenants}", m.names.join(", "), m.device, mib(m.bytes));
+                let kept = match m.warm {
+                    0 => format!("idle timeout {} s", m.idle_timeout_s),
+                    n => format!("kept warm by {n} deployment{}", if n == 1 { "" } else { "s" }),
+                };
+                println!("{:<28} {:<32} {:>8.1} MiB  {kept:<28} tenants: {tenants}", m.names.join(", "), m.device, mib(m.bytes));
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -150,9 +155,9 @@ async fn push(args: PushArgs) -> Result<ExitCode> {
 }
 
 /// The models `gpuwasm run` serves from `NAME=PATH` flags; the manifest's
-/// `[models] allow` limits them when it names any, and its `from_bytes`
-/// lets graphs load from bytes.
-pub fn local(flags: &[String], manifest_allow: Vec<String>, target: Target, from_bytes: bool) -> Result<ModelAccess> {
+/// `[models] allow` limits them when it names any, and its other
+/// `[models]` settings hold as on a server.
+pub fn local(flags: &[String], spec: &DeploymentSpec) -> Result<ModelAccess> {
     let mut models = LocalModels::default();
     let mut names = Vec::new();
     for flag in flags {
@@ -167,6 +172,6 @@ pub fn local(flags: &[String], manifest_allow: Vec<String>, target: Target, from
         models.add(name, format, path.to_path_buf());
         names.push(name.to_string());
     }
-    let allow = if manifest_allow.is_empty() { names } else { manifest_allow };
-    Ok(ModelAccess { tenant: "local".into(), allow, catalog: Some(Arc::new(models)), target, from_bytes })
+    let access = spec.model_access("local", Some(Arc::new(models)));
+    Ok(if spec.models.is_empty() { ModelAccess { allow: names, ..access } } else { access })
 }

@@ -51,8 +51,8 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
 pub async fn load(runtime: &Runtime, file: &Path, manifest: Option<&Path>, limits: &LimitArgs, models: &[String]) -> Result<Deployment> {
     let (manifest, manifest_dir) = load_manifest(file, manifest)?;
     let spec = manifest.spec;
+    let models = super::model::local(models, &spec)?;
     let limits = limits.over(spec.limits)?;
-    let models = super::model::local(models, spec.models, spec.model_target, spec.models_from_bytes)?;
     let wasm = read_component(file)?;
     let capabilities = Capabilities {
         env: spec.sandbox.env,

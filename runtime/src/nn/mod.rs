@@ -7,7 +7,7 @@ mod batch;
 mod gpu;
 pub(crate) mod host;
 pub(crate) mod llm;
-mod models;
+pub(crate) mod models;
 
 pub use batch::{BatchSettings, GenerationStatus, InferenceMemory, ModelStatus};
 pub use gpu::TenantGpu;

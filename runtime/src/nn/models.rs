@@ -9,9 +9,9 @@ use gpuwasm_tensor::llm::Llm;
 use gpuwasm_tensor::llm::engine::{Engine, EngineSettings};
 use gpuwasm_tensor::backend::{Devices, SharedBackend, Target};
 use gpuwasm_tensor::{Format, ModelFiles};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -119,6 +119,13 @@ pub struct ModelAccess {
     /// Whether wasi-nn `load` may build graphs from bytes the guest
     /// supplies (`[models] from_bytes`); by name only otherwise.
     pub from_bytes: bool,
+    /// Models loaded before the deployment takes traffic and kept resident
+    /// while it lives, whatever the idle timeout (`[models] warm`).
+    pub warm: Vec<String>,
+    /// How long each named model stays resident unused, overriding the
+    /// node's idle timeout (`[models] idle_timeout_s`). Where deployments
+    /// sharing a model differ, the longest wins while it stays loaded.
+    pub idle_timeouts: BTreeMap<String, Duration>,
 }
 
 impl ModelAccess {
@@ -126,7 +133,28 @@ impl ModelAccess {
     pub fn allows(&self, name: &str) -> bool {
         self.allow.iter().any(|a| a == name)
     }
+
+    /// Checks that the warm models and idle timeouts name allowed models.
+    pub fn validate(&self) -> Result<(), String> {
+        let named = self.warm.iter().map(|n| ("warm", n)).chain(self.idle_timeouts.keys().map(|n| ("idle_timeout_s", n)));
+        for (setting, name) in named {
+            if !self.allows(name) {
+                return Err(format!("[models] {setting} names '{name}', which is not in [models] allow"));
+            }
+        }
+        match self.idle_timeouts.iter().find(|(_, t)| t.is_zero() || **t > MAX_IDLE_TIMEOUT) {
+            Some((name, t)) => Err(format!(
+                "[models] idle_timeout_s for '{name}' is {} s; give 1 to {} s (7 days)",
+                t.as_secs(),
+                MAX_IDLE_TIMEOUT.as_secs()
+            )),
+            None => Ok(()),
+        }
+    }
 }
+
+/// The longest idle timeout a deployment may give a model.
+const MAX_IDLE_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
 
 impl std::fmt::Debug for ModelAccess {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -135,6 +163,8 @@ impl std::fmt::Debug for ModelAccess {
             .field("allow", &self.allow)
             .field("target", &self.target)
             .field("from_bytes", &self.from_bytes)
+            .field("warm", &self.warm)
+            .field("idle_timeouts", &self.idle_timeouts)
             .finish_non_exhaustive()
     }
 }
@@ -147,6 +177,11 @@ pub(crate) struct Loaded {
     device: DeviceInfo,
     /// Milliseconds since the cache's epoch when it was last used.
     last_used: AtomicU64,
+    /// How long it stays unused before eviction, in ms, when a deployment
+    /// set it (0: the node's idle timeout).
+    idle_ms: AtomicU64,
+    /// Deployments keeping it warm ([`Warm`]).
+    warm: AtomicUsize,
     /// Its weights' bytes on the device's budget (GPUs only).
     device_charge: Option<Charge>,
     /// What each tenant using it is charged for it (GPUs only).
@@ -166,6 +201,8 @@ impl Loaded {
             device: graph.device().clone(),
             work: Work::Graph(Batcher::unbatched(graph, models.inner.budgets.clone(), gate)),
             last_used: AtomicU64::new(0),
+            idle_ms: AtomicU64::new(0),
+            warm: AtomicUsize::new(0),
             device_charge,
             tenant_charges: Mutex::new(tenant_charges),
         }
@@ -281,6 +318,29 @@ pub struct ResidentModel {
     pub tenants: Vec<String>,
     /// What it has done since it was loaded.
     pub status: ModelStatus,
+    /// Deployments keeping it warm (`[models] warm`): while any does, it
+    /// is never evicted.
+    pub warm: usize,
+    /// How long it stays resident unused: a deployment's
+    /// `[models] idle_timeout_s`, or the node's.
+    pub idle_timeout: Duration,
+}
+
+/// A model a deployment keeps resident: while this lives, the model is
+/// not evicted (by idle time or for room).
+pub(crate) struct Warm(Arc<Loaded>);
+
+impl Warm {
+    pub(crate) fn new(loaded: Arc<Loaded>) -> Warm {
+        loaded.warm.fetch_add(1, Ordering::Relaxed);
+        Warm(loaded)
+    }
+}
+
+impl Drop for Warm {
+    fn drop(&mut self) {
+        self.0.warm.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// GPU memory and time: a ledger for the node's GPUs, a gate for each.
@@ -331,6 +391,16 @@ pub(crate) enum LoadError {
     Failed(gpuwasm_tensor::Error),
     /// Reading it failed.
     Io(String),
+}
+
+impl LoadError {
+    /// What went wrong, for people.
+    pub(crate) fn message(&self) -> String {
+        match self {
+            LoadError::NotFound(m) | LoadError::Denied(m) | LoadError::Io(m) => m.clone(),
+            LoadError::Failed(e) => e.to_string(),
+        }
+    }
 }
 
 impl Models {
@@ -404,6 +474,8 @@ impl Models {
                     bytes: loaded.gpu_bytes().unwrap_or_else(|| loaded.resident_bytes()),
                     tenants,
                     status: loaded.status(),
+                    warm: loaded.warm.load(Ordering::Relaxed),
+                    idle_timeout: Duration::from_millis(self.idle_ms(loaded)),
                 })
             })
             .collect();
@@ -582,7 +654,15 @@ impl Models {
                     let estimate = models.charge_device(&device2, files.values().map(|f| f.len() as u64).sum()).map_err(LoadError::Failed)?;
                     let work = models.load_work(entry2.format, &files, backend).map_err(LoadError::Failed)?;
                     drop(estimate);
-                    let loaded = Loaded { work, device: device2, last_used: AtomicU64::new(0), device_charge: None, tenant_charges: Mutex::default() };
+                    let loaded = Loaded {
+                        work,
+                        device: device2,
+                        last_used: AtomicU64::new(0),
+                        idle_ms: AtomicU64::new(0),
+                        warm: AtomicUsize::new(0),
+                        device_charge: None,
+                        tenant_charges: Mutex::default(),
+                    };
                     let charge = models.charge_device(&loaded.device, loaded.resident_bytes()).map_err(LoadError::Failed)?;
                     Ok(Loaded { device_charge: charge, ..loaded })
                 })
@@ -602,6 +682,9 @@ impl Models {
             .await?
             .clone();
         loaded.last_used.store(self.now_ms(), Ordering::Relaxed);
+        if let Some(idle) = access.idle_timeouts.get(name) {
+            loaded.idle_ms.fetch_max(idle.as_millis() as u64, Ordering::Relaxed);
+        }
         // The tenant pays for the weights it uses, once, at their exact bytes.
         let paid = loaded.tenant_charges.lock().unwrap().contains_key(&access.tenant);
         if let Some(bytes) = loaded.gpu_bytes().filter(|_| !paid) {
@@ -660,10 +743,18 @@ impl Models {
         loaded.last_used.store(self.now_ms(), Ordering::Relaxed);
     }
 
-    /// Drops models unused for the idle timeout and held by no instance.
+    /// How long `loaded` stays resident unused, in ms.
+    fn idle_ms(&self, loaded: &Loaded) -> u64 {
+        match loaded.idle_ms.load(Ordering::Relaxed) {
+            0 => self.inner.idle.as_millis() as u64,
+            ms => ms,
+        }
+    }
+
+    /// Drops models unused for their idle timeout and held by no instance
+    /// or deployment.
     pub fn evict_idle(&self) -> usize {
         let now = self.now_ms();
-        let idle = self.inner.idle.as_millis() as u64;
         let mut slots = self.inner.slots.lock().unwrap();
         let before = slots.len();
         slots.retain(|key, slot| {
@@ -671,7 +762,7 @@ impl Models {
                 // Still loading, or held by a live instance (table entry).
                 None => Arc::strong_count(slot) > 1,
                 Some(loaded) => {
-                    Arc::strong_count(loaded) > 1 || now.saturating_sub(loaded.last_used.load(Ordering::Relaxed)) < idle
+                    Arc::strong_count(loaded) > 1 || now.saturating_sub(loaded.last_used.load(Ordering::Relaxed)) < self.idle_ms(loaded)
                 }
             };
             if !keep {
