@@ -446,3 +446,69 @@ async fn admin_set_quotas_hold_per_tenant() {
     let (status, body) = server.api(TOKEN, "PUT", "tenants/acme/limits", r#"{"instances": 0}"#).await;
     assert_eq!(status, 400, "{body}");
 }
+
+/// `gpuwasm logs`: what guests print to stdout and stderr, per request
+/// with its id, and why requests failed; `--follow` prints new entries as
+/// requests make them; `--json` gives one object a line. Two tenants with
+/// deployments of the same name never see each other's logs.
+#[tokio::test]
+async fn guest_logs_per_request_followed_and_private() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with(&dir.path().join("data"), &[]);
+    let (acme, other) = (server.tenant("acme").await, server.tenant("other").await);
+    let behaviors = support::wasm("behaviors");
+    for token in [&acme, &other] {
+        stdout_of(&server.cli_as(token, &["deploy", behaviors.to_str().unwrap(), "--name", "app"]));
+    }
+    let said = get(&format!("{}/acme/app/say?hello-acme", server.url)).await;
+    assert_eq!(said.status, 200);
+    let id = said.headers["x-request-id"].to_str().unwrap().to_string();
+    assert_eq!(get(&format!("{}/acme/app/trap", server.url)).await.status, 500);
+    assert_eq!(get(&format!("{}/other/app/say?hello-other", server.url)).await.status, 200);
+    assert_eq!(get(&format!("{}/acme/app/", server.url)).await.status, 200, "prints nothing: no entry");
+
+    let logs = stdout_of(&server.cli_as(&acme, &["logs", "app"]));
+    assert!(logs.contains(&format!(" v1 {id} | out: hello-acme")) && logs.contains(&format!(" v1 {id} | err: hello-acme")), "{logs}");
+    assert!(logs.contains("deliberate trap for the tests"), "the panic message: {logs}");
+    assert!(logs.contains("! deployment 'app' failed:"), "why it failed: {logs}");
+    assert!(!logs.contains("hello-other"), "another tenant's output: {logs}");
+    assert_eq!(logs.lines().filter(|l| l.contains(" | ") || l.contains(" ! ")).count(), logs.lines().count());
+    let theirs = stdout_of(&server.cli_as(&other, &["logs", "app"]));
+    assert!(theirs.contains("out: hello-other") && !theirs.contains("acme"), "{theirs}");
+
+    let json = stdout_of(&server.cli_as(&acme, &["logs", "app", "--json"]));
+    let entries: Vec<Value> = json.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(entries.len(), 2, "{json}");
+    assert_eq!(entries[0]["request_id"], id.as_str());
+    assert!(entries[0]["failure"].is_null() && entries[1]["failure"].as_str().unwrap().contains("failed"), "{json}");
+    assert!(entries[0]["seq"].as_u64() < entries[1]["seq"].as_u64());
+
+    // --follow prints what comes after it started.
+    let mut follow = server.cli_command(&acme, &["logs", "app", "--follow"]).stdout(std::process::Stdio::piped()).spawn().unwrap();
+    let stdout = follow.stdout.take().unwrap();
+    let (lines, seen) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = lines.send(line);
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(get(&format!("{}/acme/app/say?later", server.url)).await.status, 200);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut got = Vec::new();
+    while !got.iter().any(|l: &String| l.contains("err: later")) {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match seen.recv_timeout(left) {
+            Ok(line) => got.push(line),
+            Err(_) => panic!("--follow did not print the new entry; it printed {got:?}"),
+        }
+    }
+    follow.kill().unwrap();
+    follow.wait().unwrap();
+
+    let missing = server.cli_as(&acme, &["logs", "nope"]);
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no deployment named 'nope'"), "{missing:?}");
+    let (status, body) = server.api(&acme, "GET", "deployments/app/logs?after=x", "").await;
+    assert_eq!(status, 400, "{body}");
+}

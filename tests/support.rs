@@ -156,7 +156,14 @@ impl Server {
 
     /// Runs a gpuwasm CLI command against this server with `token`.
     pub fn cli_as(&self, token: &str, args: &[&str]) -> Output {
-        gpuwasm().args(args).env("GPUWASM_SERVER", &self.url).env("GPUWASM_TOKEN", token).output().expect("running gpuwasm")
+        self.cli_command(token, args).output().expect("running gpuwasm")
+    }
+
+    /// A gpuwasm CLI command against this server with `token`, to start.
+    pub fn cli_command(&self, token: &str, args: &[&str]) -> Command {
+        let mut command = gpuwasm();
+        command.args(args).env("GPUWASM_SERVER", &self.url).env("GPUWASM_TOKEN", token);
+        command
     }
 
     /// Calls the admin API with `token`; returns (status, JSON body).

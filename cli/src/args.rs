@@ -82,6 +82,8 @@ pub enum Command {
     /// Show what your requests used and cost (CPU, inference, memory,
     /// bytes, tokens), and compare with a dedicated machine.
     Usage(commands::usage::UsageArgs),
+    /// Show what a deployment's guests printed, and why requests failed.
+    Logs(commands::logs::LogsArgs),
     /// Send one HTTP request to a deployment and print the response body.
     Invoke(commands::invoke::InvokeArgs),
     /// Show the devices models can run on here (the CPU and GPUs), their

@@ -57,6 +57,7 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Model(cmd) => commands::model::run(cmd).await,
         Command::Whoami(server) => commands::whoami::run(server).await,
         Command::Usage(args) => commands::usage::run(args).await,
+        Command::Logs(args) => commands::logs::run(args).await,
         Command::Invoke(args) => commands::invoke::run(args).await,
         Command::Info(args) => commands::info::run(args),
         Command::Bench(args) => bench::run(args).await,

@@ -10,6 +10,7 @@ use crate::failure::{BoxError, Failure, ResponseBody, Saturated};
 use crate::host_state::RequestState;
 use crate::limits::Limits;
 use crate::nn::models::Warm;
+use crate::output::{GuestLog, LogSink, RequestId};
 use crate::runtime::{Runtime, TenantShare};
 use crate::usage::{GuestCpu, Meter, Outcome, UsageSink};
 use bytes::Bytes;
@@ -20,6 +21,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
+use std::time::SystemTime;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::AbortHandle;
 use tracing::Instrument;
@@ -59,6 +61,8 @@ struct DeploymentInner {
     usage_sink: OnceLock<UsageSink>,
     /// The models it keeps resident ([`Deployment::warm`]).
     warm: Mutex<Vec<Warm>>,
+    /// Where what its guests print goes, once set.
+    log_sink: OnceLock<LogSink>,
 }
 
 /// Decrements the queue count when a waiting request leaves the queue.
@@ -93,6 +97,7 @@ impl Deployment {
                 runtime: runtime.clone(),
                 usage_sink: OnceLock::new(),
                 warm: Mutex::default(),
+                log_sink: OnceLock::new(),
             }),
         })
     }
@@ -132,6 +137,13 @@ impl Deployment {
     pub fn stop(&self) {
         self.inner.stop.send_replace(true);
         self.inner.warm.lock().unwrap().clear();
+    }
+
+    /// Sends what its guests print (and why requests failed) to `sink`,
+    /// one [`GuestLog`] per request that printed something or failed
+    /// after its instance started. Set once; later calls are ignored.
+    pub fn set_log_sink(&self, sink: LogSink) {
+        let _ = self.inner.log_sink.set(sink);
     }
 
     /// Loads the models its capabilities keep warm (`[models] warm`) and
@@ -247,6 +259,7 @@ impl Deployment {
             store.data_mut().set_meter(meter.clone());
         }
         store.data_mut().set_traceparent(request.headers().get("traceparent").cloned());
+        let log = me.log_sink.get().cloned().map(|sink| (sink, SystemTime::now(), request.extensions().get::<RequestId>().map(|id| id.0.clone())));
 
         let body_too_large = Arc::new(AtomicBool::new(false));
         let request = limit_body(request, limits.max_body_bytes, body_too_large.clone(), meter.clone());
@@ -293,6 +306,10 @@ impl Deployment {
                 Err(failure) => tracing::warn!(deployment = %name, ?failure, guest_output = %output, "guest failed"),
                 Ok(()) if !output.is_empty() => tracing::debug!(deployment = %name, guest_output = %output),
                 Ok(()) => {}
+            }
+            if let Some((sink, started, request_id)) = log.filter(|_| result.is_err() || !output.is_empty()) {
+                let failure = result.as_ref().err().map(|f| f.explain(&name).1);
+                sink(GuestLog { started, request_id, output, failure });
             }
             // Tearing the instance down (resetting its memory) is the
             // request's work too.

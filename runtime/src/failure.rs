@@ -79,7 +79,18 @@ impl Failure {
 
     /// The HTTP answer for this failure of deployment `name`.
     pub(crate) fn into_response(self, name: &str) -> Response<ResponseBody> {
-        let (status, message) = match &self {
+        let (status, message) = self.explain(name);
+        let mut resp = text_response(status, message);
+        if matches!(self, Failure::Busy(_)) {
+            resp.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"));
+        }
+        resp
+    }
+
+    /// The HTTP status and the message for people of this failure of
+    /// deployment `name`.
+    pub(crate) fn explain(&self, name: &str) -> (StatusCode, String) {
+        match self {
             Failure::Busy(Saturated::Deployment(n)) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("deployment '{name}' is at its concurrency limit of {n} and its queue is full or waited too long; retry shortly"),
@@ -124,12 +135,7 @@ impl Failure {
                 StatusCode::INTERNAL_SERVER_ERROR,
                 format!("deployment '{name}' returned without sending a response"),
             ),
-        };
-        let mut resp = text_response(status, message);
-        if matches!(self, Failure::Busy(_)) {
-            resp.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"));
         }
-        resp
     }
 }
 

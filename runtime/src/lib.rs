@@ -56,5 +56,6 @@ pub use deployment::Deployment;
 pub use error::Error;
 pub use failure::{BoxError, ResponseBody, text_response};
 pub use limits::Limits;
+pub use output::{GuestLog, LogSink, RequestId};
 pub use runtime::{Compiled, DEFAULT_KEEP_RESIDENT_MB, Runtime, RuntimeBuilder, check_header};
 pub use usage::{Outcome, Usage, UsageSink};

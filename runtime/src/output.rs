@@ -1,18 +1,44 @@
 //! Where a guest's stdout and stderr go: a per-request buffer that keeps
 //! the last [`CAPACITY`] bytes and silently drops older ones, so a guest
 //! that logs a lot is never stopped for it, and the end of its output (a
-//! panic message, say) is there for the server log.
+//! panic message, say) is there for the server log and, as a [`GuestLog`],
+//! for the deployment's log sink.
 
 use bytes::Bytes;
 use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::SystemTime;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
 
 /// Bytes of output kept per request.
 const CAPACITY: usize = 64 << 10;
+
+/// The id a host gives a request, as a request extension; the
+/// [`GuestLog`] of the request carries it.
+#[derive(Clone, Debug)]
+pub struct RequestId(pub String);
+
+/// What a guest printed while serving one request (stdout and stderr
+/// interleaved, the last 64 KiB of it), and why the request failed if it
+/// did. Made for requests that printed something or failed.
+#[derive(Clone, Debug)]
+pub struct GuestLog {
+    /// When the request arrived.
+    pub started: SystemTime,
+    /// Its [`RequestId`], when the host gave one.
+    pub request_id: Option<String>,
+    /// What the guest printed, lossily decoded; `[N earlier bytes
+    /// dropped]` first when it printed more than is kept.
+    pub output: String,
+    /// Why the request failed (the message its client got), if it did.
+    pub failure: Option<String>,
+}
+
+/// Where a deployment's [`GuestLog`]s go ([`Deployment::set_log_sink`](crate::Deployment::set_log_sink)).
+pub type LogSink = Arc<dyn Fn(GuestLog) + Send + Sync>;
 
 #[derive(Clone, Default)]
 pub(crate) struct GuestOutput {

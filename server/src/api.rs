@@ -124,6 +124,42 @@ pub struct Deployments {
     pub deployments: Vec<VersionRecord>,
 }
 
+/// `GET deployments/NAME/logs?after=SEQ`: what its guests printed.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Logs {
+    /// Entries numbered after `after`, oldest first (at most 1000).
+    pub entries: Vec<LogEntry>,
+    /// The number to ask after next time: the last entry's, or `after`.
+    pub next: u64,
+}
+
+/// What the guest printed while serving one request, or why it failed.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LogEntry {
+    /// Its number: numbers grow over the node, so later entries have
+    /// higher ones.
+    pub seq: u64,
+    /// When the request arrived, in ms since the Unix epoch.
+    pub at_unix_ms: u64,
+    /// The version that served it.
+    pub version: u64,
+    /// The request id (its `x-request-id` response header).
+    pub request_id: Option<String>,
+    /// Its stdout and stderr, interleaved (the last 64 KiB).
+    pub output: String,
+    /// Why it failed, if it did.
+    pub failure: Option<String>,
+}
+
+impl LogEntry {
+    /// When the request arrived, in UTC: `YYYY-MM-DDTHH:MM:SS.mmmZ`.
+    pub fn arrived(&self) -> String {
+        let (secs, ms) = (self.at_unix_ms / 1000, self.at_unix_ms % 1000);
+        let (h, m, s) = (secs % 86_400 / 3600, secs % 3600 / 60, secs % 60);
+        format!("{}T{h:02}:{m:02}:{s:02}.{ms:03}Z", crate::metering::date(secs / 86_400))
+    }
+}
+
 /// `GET deployments/NAME/versions`.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Versions {

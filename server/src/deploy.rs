@@ -66,12 +66,12 @@ impl ServerInner {
     /// The live deployment of a stored version (blocking): its artifact
     /// mapped (or compiled again from the stored component), its files
     /// assembled.
-    pub(crate) fn load_version(&self, version: &VersionRecord) -> Result<Deployment, Error> {
+    pub(crate) fn load_version(self: &Arc<Self>, version: &VersionRecord) -> Result<Deployment, Error> {
         let runs = version.snapshot_sha256.as_ref().unwrap_or(&version.sha256);
         let compiled = self.artifacts.component(&self.runtime, runs)?;
         let capabilities = self.capabilities(&version.tenant, &version.spec)?;
         let deployment = self.runtime.deployment(&version.name, &compiled, version.spec.limits.clone(), capabilities)?;
-        self.meter(&deployment, version);
+        self.observe(&deployment, version);
         Ok(deployment)
     }
 
@@ -97,9 +97,16 @@ impl ServerInner {
         });
     }
 
-    /// Meters the requests of `deployment`, serving `version`: usage
-    /// records and request metrics (when the server meters).
-    pub(crate) fn meter(&self, deployment: &Deployment, version: &VersionRecord) {
+    /// Watches the requests of `deployment`, serving `version`: keeps what
+    /// its guests print for `gpuwasm logs`, and meters them (usage records
+    /// and request metrics) when the server meters.
+    pub(crate) fn observe(self: &Arc<Self>, deployment: &Deployment, version: &VersionRecord) {
+        let (me, tenant, name, number) = (Arc::downgrade(self), version.tenant.clone(), version.name.clone(), version.version);
+        deployment.set_log_sink(Arc::new(move |log| {
+            if let Some(me) = me.upgrade() {
+                me.logs.add(&tenant, &name, number, log);
+            }
+        }));
         if let Some(metering) = &self.metering {
             let recorder = metering.recorder(&version.tenant, &version.name, version.version);
             let metrics = self.metrics.deployment(&version.tenant, &version.name);

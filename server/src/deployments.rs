@@ -3,7 +3,7 @@
 //! files deployments serve.
 
 use crate::admin::{Reply, not_found, query_value, read_body};
-use crate::api::{ApiError, Deployments, Removed, Uploaded, Versions, json};
+use crate::api::{ApiError, Deployments, Logs, Removed, Uploaded, Versions, json};
 use crate::control::{Caller, Control, Entry};
 use crate::control_store::{Change, DeploymentState, VersionRecord};
 use crate::spec::DeploymentSpec;
@@ -43,6 +43,17 @@ impl ServerInner {
                 Ok(json(StatusCode::OK, &Versions { active: entry.state.active, versions: entry.versions.into_values().collect() }))
             }
             (Method::POST, ["deployments", name, "rollback"]) => self.rollback(caller, name, query).await,
+            (Method::GET, ["deployments", name, "logs"]) => {
+                self.entry(caller, name).ok_or_else(|| not_found(name))?;
+                let after = match query.strip_prefix("after=") {
+                    Some(n) => n.parse().map_err(|_| ApiError::bad_request("invalid_query", format!("after must be a number, got {n:?}")))?,
+                    None if query.is_empty() => 0,
+                    None => return Err(ApiError::bad_request("invalid_query", format!("unknown query {query:?} (give after=SEQ)"))),
+                };
+                let entries = self.logs.after(&caller.tenant, name, after);
+                let next = entries.last().map_or(after, |e| e.seq);
+                Ok(json(StatusCode::OK, &Logs { entries, next }))
+            }
             _ => Err(ApiError::method_not_allowed()),
         }
     }
@@ -101,7 +112,7 @@ impl ServerInner {
                     live: None,
                 });
                 let version = VersionRecord { version: entry.state.latest + 1, ..version };
-                self.meter(&deployment, &version);
+                self.observe(&deployment, &version);
                 let created = entry.state.active.is_none();
                 entry.state.latest = version.version;
                 entry.state.active = Some(version.version);

@@ -32,6 +32,7 @@ mod files;
 mod gc;
 pub mod hex;
 pub mod hosts;
+mod logs;
 pub mod manifest;
 mod metering;
 mod metrics;
@@ -152,6 +153,8 @@ struct ServerInner {
     metrics: metrics::Metrics,
     /// Tenants' request-rate quotas.
     rates: rates::RequestRates,
+    /// What guests printed, per deployment.
+    logs: logs::GuestLogs,
 }
 
 /// Deploys and model pushes that run at once.
@@ -216,6 +219,7 @@ impl Server {
             metering,
             metrics: metrics::Metrics::new(),
             rates: rates::RequestRates::default(),
+            logs: logs::GuestLogs::default(),
         });
         let loader = inner.clone();
         let control = tokio::task::spawn_blocking(move || {
@@ -255,6 +259,7 @@ impl Server {
         }
         let trace = TraceContext::of(request.headers().get(trace::TRACEPARENT));
         request.headers_mut().insert(trace::TRACEPARENT, trace.traceparent());
+        request.extensions_mut().insert(gpuwasm::RequestId(trace.span_id.clone()));
         // At the error level, so that it is there whatever level RUST_LOG
         // lets through: it is the context of the request's lines.
         let span = tracing::error_span!("request", id = %trace.span_id, trace = %trace.trace_id);

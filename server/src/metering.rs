@@ -549,7 +549,7 @@ fn day_of(secs: u64) -> u64 {
 
 /// `YYYY-MM-DD` of a day since the Unix epoch (the proleptic Gregorian
 /// calendar, as in Howard Hinnant's `civil_from_days`).
-fn date(day: u64) -> String {
+pub(crate) fn date(day: u64) -> String {
     let z = day as i64 + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z - era * 146_097;

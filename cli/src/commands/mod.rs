@@ -6,6 +6,7 @@ pub mod deployments;
 pub mod dev;
 pub mod info;
 pub mod invoke;
+pub mod logs;
 pub mod model;
 pub mod new;
 pub mod run;

@@ -109,6 +109,13 @@ fn handle(request: Request) -> Response {
             let name = request.query().unwrap_or_default();
             Response::text(200, std::env::var(&name).unwrap_or_else(|_| format!("{name} is not set")))
         }
+        // Prints its query to stdout and to stderr.
+        "/say" => {
+            let text = request.query().unwrap_or_default();
+            println!("out: {text}");
+            eprintln!("err: {text}");
+            Response::text(200, "said")
+        }
         // Logs 5 MB: the runtime keeps the tail and must not stop the guest.
         "/chatty" => {
             let line = "x".repeat(1023);
