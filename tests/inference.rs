@@ -289,6 +289,30 @@ async fn graphs_from_bytes_need_the_manifest_and_count_against_memory() {
     assert!(looped.starts_with("ok after ") && looped.contains("TooLarge") && looped.contains("over its memory limit"), "{looped}");
     let loads: usize = looped["ok after ".len()..].split(' ').next().unwrap().parse().unwrap();
     assert!((1..200).contains(&loads), "{looped}");
+
+    // Usage records hold the graphs' bytes (written within about a second).
+    let graph_bytes = |deployment: &str| -> Vec<u64> {
+        let mut all = Vec::new();
+        for file in std::fs::read_dir(server.data_dir.join("usage")).into_iter().flatten().flatten() {
+            if file.file_name().to_string_lossy().starts_with("requests-") {
+                for line in std::fs::read_to_string(file.path()).unwrap().lines() {
+                    let record: Value = serde_json::from_str(line).unwrap();
+                    if record["deployment"] == deployment {
+                        all.push(record["graph_bytes"].as_u64().unwrap());
+                    }
+                }
+            }
+        }
+        all
+    };
+    let start = std::time::Instant::now();
+    while graph_bytes("open").len() < 4 {
+        assert!(start.elapsed() < std::time::Duration::from_secs(10), "usage records never came: {:?}", graph_bytes("open"));
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let open = graph_bytes("open");
+    assert!(open.iter().filter(|&&b| b > 0).count() >= 3, "onnx-bytes, hoard 15 and the loop held graphs: {open:?}");
+    assert_eq!(graph_bytes("closed"), vec![0], "its load was refused");
 }
 
 #[tokio::test]

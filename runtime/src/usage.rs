@@ -68,6 +68,9 @@ pub struct Usage {
     pub models: Vec<String>,
     /// The largest its linear memory grew to, in bytes.
     pub peak_memory_bytes: u64,
+    /// Host memory held for graphs it loaded from bytes (wasi-nn `load`),
+    /// in bytes: their weights, held until the request ended.
+    pub graph_bytes: u64,
     /// Request body bytes the guest read.
     pub bytes_in: u64,
     /// Response body bytes sent.
@@ -107,6 +110,7 @@ struct Rest {
     inference_calls: u32,
     models: Vec<String>,
     peak_memory_bytes: u64,
+    graph_bytes: u64,
     prompt_tokens: u64,
     completion_tokens: u64,
     outcome: Option<Outcome>,
@@ -164,6 +168,10 @@ impl Meter {
         rest.completion_tokens += completion;
     }
 
+    pub(crate) fn add_graph_bytes(&self, bytes: u64) {
+        self.rest.lock().unwrap().graph_bytes += bytes;
+    }
+
     pub(crate) fn set_peak_memory(&self, bytes: u64) {
         let mut rest = self.rest.lock().unwrap();
         rest.peak_memory_bytes = rest.peak_memory_bytes.max(bytes);
@@ -191,6 +199,7 @@ impl Drop for Meter {
             inference_calls: rest.inference_calls,
             models: rest.models,
             peak_memory_bytes: rest.peak_memory_bytes,
+            graph_bytes: rest.graph_bytes,
             bytes_in: *self.bytes_in.get_mut(),
             bytes_out: *self.bytes_out.get_mut(),
             prompt_tokens: rest.prompt_tokens,

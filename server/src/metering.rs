@@ -40,8 +40,8 @@ pub struct Prices {
     /// device kind (`cuda`, `wgpu`); `default` for the others.
     #[serde(default)]
     pub gpu_second: BTreeMap<String, f64>,
-    /// Per GB-second of memory: a request's peak linear memory times its
-    /// wall time.
+    /// Per GB-second of memory: a request's peak linear memory, plus the
+    /// graphs it loaded from bytes, times its wall time.
     #[serde(default)]
     pub gb_second: f64,
     /// Per million tokens, prompt and completion.
@@ -102,7 +102,8 @@ pub struct Totals {
     pub inference_us: BTreeMap<String, u64>,
     /// wasi-nn computes and generations.
     pub inference_calls: u64,
-    /// Peak linear memory times wall time, GB-seconds (GB = 2^30 bytes).
+    /// Peak linear memory plus graphs loaded from bytes, times wall time,
+    /// GB-seconds (GB = 2^30 bytes).
     pub gb_seconds: f64,
     /// Request body bytes read.
     pub bytes_in: u64,
@@ -123,7 +124,7 @@ impl Totals {
             guest_cpu_us: usage.guest_cpu.as_micros() as u64,
             inference_us: usage.inference.iter().map(|(d, t)| (d.clone(), t.as_micros() as u64)).collect(),
             inference_calls: usage.inference_calls as u64,
-            gb_seconds: usage.peak_memory_bytes as f64 / (1u64 << 30) as f64 * usage.wall.as_secs_f64(),
+            gb_seconds: (usage.peak_memory_bytes + usage.graph_bytes) as f64 / (1u64 << 30) as f64 * usage.wall.as_secs_f64(),
             bytes_in: usage.bytes_in,
             bytes_out: usage.bytes_out,
             prompt_tokens: usage.prompt_tokens,
@@ -166,6 +167,7 @@ struct RequestLine<'a> {
     inference_calls: u32,
     models: &'a [String],
     peak_memory_bytes: u64,
+    graph_bytes: u64,
     bytes_in: u64,
     bytes_out: u64,
     prompt_tokens: u64,
@@ -454,6 +456,7 @@ impl Writer {
                 inference_calls: u.inference_calls,
                 models: &u.models,
                 peak_memory_bytes: u.peak_memory_bytes,
+                graph_bytes: u.graph_bytes,
                 bytes_in: u.bytes_in,
                 bytes_out: u.bytes_out,
                 prompt_tokens: u.prompt_tokens,
@@ -594,6 +597,7 @@ mod tests {
             inference_calls: 2,
             models: vec!["minilm".into()],
             peak_memory_bytes: 512 << 20,
+            graph_bytes: 0,
             bytes_in: 10,
             bytes_out: 20,
             prompt_tokens: 300_000,

@@ -243,6 +243,9 @@ impl graph::Host for NnView<'_> {
         if let Err(why) = self.ctx.hold(held) {
             return self.fail(ErrorCode::TooLarge, format!("the graph: {why}"));
         }
+        if let Some(meter) = &self.ctx.meter {
+            meter.add_graph_bytes(held as u64);
+        }
         // Held until the request ends, even once the graph is dropped: an
         // execution context made from it keeps its weights alive.
         Ok(Ok(self.table.push(GraphResource(Arc::new(loaded)))?))
