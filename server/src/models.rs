@@ -18,7 +18,7 @@ use crate::files::store_upload;
 use crate::hex::sha256_hex;
 use crate::{ServerInner, check_name, now};
 use gpuwasm::nn::{CatalogError, ModelCatalog, ModelEntry, PUBLIC};
-use gpuwasm_tensor::{Format, ModelFiles};
+use gpuwasm_tensor::{FileBytes, Format, ModelFiles};
 use http::{Method, Request, StatusCode};
 use crate::RequestBody;
 use std::collections::BTreeMap;
@@ -111,15 +111,21 @@ impl Registry {
         records.values().filter(|r| r.record.namespace == tenant || r.record.namespace == PUBLIC).cloned().collect()
     }
 
-    /// The contents of `files` (path -> SHA-256) uploaded to `namespace` (blocking).
+    /// The contents of `files` (path -> SHA-256) uploaded to `namespace`
+    /// (blocking): mapped where the blob is a local file (blobs are written
+    /// once and renamed into place, never changed), read otherwise.
     fn read_files(&self, namespace: &str, files: &BTreeMap<String, String>) -> Result<ModelFiles, ReadError> {
         let mut contents = ModelFiles::new();
         for (path, sha256) in files {
-            let bytes = self
-                .blobs
-                .get(&blob_key(namespace, sha256))
-                .map_err(|e| ReadError::Store(e.to_string()))?
-                .ok_or_else(|| ReadError::Missing { path: path.clone(), sha256: sha256.clone() })?;
+            let key = blob_key(namespace, sha256);
+            let missing = || ReadError::Missing { path: path.clone(), sha256: sha256.clone() };
+            let bytes = match self.blobs.local_path(&key) {
+                Some(local) => FileBytes::map(&local).map_err(|e| match e.kind() {
+                    std::io::ErrorKind::NotFound => missing(),
+                    _ => ReadError::Store(format!("mapping {}: {e}", local.display())),
+                })?,
+                None => self.blobs.get(&key).map_err(|e| ReadError::Store(e.to_string()))?.ok_or_else(missing)?.into(),
+            };
             contents.insert(path.clone(), bytes);
         }
         Ok(contents)

@@ -143,7 +143,7 @@ pub struct Bert {
 }
 
 fn file<'a>(files: &'a ModelFiles, name: &str) -> Result<&'a [u8], Error> {
-    files.get(name).map(Vec::as_slice).ok_or_else(|| invalid_model(format!("missing {name}")))
+    files.get(name).map(|f| &**f).ok_or_else(|| invalid_model(format!("missing {name}")))
 }
 
 fn json<T: for<'de> Deserialize<'de>>(files: &ModelFiles, name: &str) -> Result<Option<T>, Error> {
@@ -153,25 +153,21 @@ fn json<T: for<'de> Deserialize<'de>>(files: &ModelFiles, name: &str) -> Result<
         .transpose()
 }
 
-impl Bert {
-    /// Loads an encoder from its files (see [`FILES`]), its weights on `backend`.
-    pub fn load(files: &ModelFiles, backend: SharedBackend) -> Result<Bert, Error> {
-        let config: Config = json(files, "config.json")?.ok_or_else(|| invalid_model("missing config.json"))?;
-        let (h, heads) = (config.hidden_size, config.num_attention_heads);
-        if heads == 0 || h % heads != 0 || config.num_hidden_layers == 0 || config.num_hidden_layers > 256 {
-            return Err(invalid_model(format!(
-                "config.json: hidden size {h}, {heads} heads, {} layers do not describe an encoder",
-                config.num_hidden_layers
-            )));
-        }
-        if config.hidden_act != "gelu" {
-            return Err(Error::Unsupported(format!("activation {:?} (only gelu)", config.hidden_act)));
-        }
+/// An encoder's weights, on a backend.
+struct Weights {
+    word: Weight,
+    position: Weight,
+    token_type: Weight,
+    embed_norm: Norm,
+    layers: Vec<Layer>,
+}
+
+impl Weights {
+    fn load(files: &ModelFiles, config: &Config, b: &SharedBackend) -> Result<Weights, Error> {
+        let (h, ffn) = (config.hidden_size, config.intermediate_size);
         let st = SafeTensors::parse(file(files, "model.safetensors")?)?;
         let prefix = if st.entries().contains_key("bert.embeddings.word_embeddings.weight") { "bert." } else { "" };
         let name = |n: &str| format!("{prefix}{n}");
-        let ffn = config.intermediate_size;
-        let b = &backend;
         let layers = (0..config.num_hidden_layers)
             .map(|i| {
                 let l = |n: &str| name(&format!("encoder.layer.{i}.{n}"));
@@ -187,7 +183,30 @@ impl Bert {
                 })
             })
             .collect::<Result<Vec<_>, Error>>()?;
+        let token_types = st.f32(&name("embeddings.token_type_embeddings.weight"), &[config.type_vocab_size, h])?;
+        if token_types.len() < h {
+            return Err(invalid_model("model.safetensors: no token type embeddings"));
+        }
+        Ok(Weights {
+            word: b.weight(st.matrix(&name("embeddings.word_embeddings.weight"), config.vocab_size, h)?)?,
+            position: b.weight(st.matrix(&name("embeddings.position_embeddings.weight"), config.max_position_embeddings, h)?)?,
+            token_type: b.weight(HostWeight::vector(token_types[..h].to_vec()))?,
+            embed_norm: Norm::load(b, &st, &name("embeddings.LayerNorm"), h)?,
+            layers,
+        })
+    }
+}
 
+/// How an encoder reads text and pools its output.
+struct Text {
+    tokenizer: Tokenizer,
+    max_tokens: usize,
+    pooling: Pooling,
+    normalize: bool,
+}
+
+impl Text {
+    fn load(files: &ModelFiles, config: &Config) -> Result<Text, Error> {
         let (pooling, normalize) = pooling_of(files)?;
         #[derive(Deserialize)]
         struct SentenceConfig {
@@ -209,25 +228,46 @@ impl Bert {
                 config.vocab_size
             )));
         }
-        let token_types = st.f32(&name("embeddings.token_type_embeddings.weight"), &[config.type_vocab_size, h])?;
-        if token_types.len() < h {
-            return Err(invalid_model("model.safetensors: no token type embeddings"));
+        Ok(Text { tokenizer, max_tokens, pooling, normalize })
+    }
+}
+
+impl Bert {
+    /// Loads an encoder from its files (see [`FILES`]), its weights on `backend`.
+    pub fn load(files: &ModelFiles, backend: SharedBackend) -> Result<Bert, Error> {
+        let config: Config = json(files, "config.json")?.ok_or_else(|| invalid_model("missing config.json"))?;
+        let (h, heads) = (config.hidden_size, config.num_attention_heads);
+        if heads == 0 || h % heads != 0 || config.num_hidden_layers == 0 || config.num_hidden_layers > 256 {
+            return Err(invalid_model(format!(
+                "config.json: hidden size {h}, {heads} heads, {} layers do not describe an encoder",
+                config.num_hidden_layers
+            )));
         }
+        if config.hidden_act != "gelu" {
+            return Err(Error::Unsupported(format!("activation {:?} (only gelu)", config.hidden_act)));
+        }
+        // The tokenizer's tables build while the weights are copied.
+        let (text, weights) = std::thread::scope(|s| {
+            let text = s.spawn(|| Text::load(files, &config));
+            let weights = Weights::load(files, &config, &backend);
+            (text.join().expect("building the tokenizer panicked"), weights)
+        });
+        let (Weights { word, position, token_type, embed_norm, layers }, text) = (weights?, text?);
         Ok(Bert {
-            word: b.weight(st.matrix(&name("embeddings.word_embeddings.weight"), config.vocab_size, h)?)?,
-            position: b.weight(st.matrix(&name("embeddings.position_embeddings.weight"), config.max_position_embeddings, h)?)?,
-            token_type: b.weight(HostWeight::vector(token_types[..h].to_vec()))?,
-            embed_norm: Norm::load(b, &st, &name("embeddings.LayerNorm"), h)?,
+            word,
+            position,
+            token_type,
+            embed_norm,
             backend,
-            tokenizer,
+            tokenizer: text.tokenizer,
             hidden: h,
             heads,
             eps: config.layer_norm_eps,
             vocab: config.vocab_size,
             layers,
-            pooling,
-            normalize,
-            max_tokens,
+            pooling: text.pooling,
+            normalize: text.normalize,
+            max_tokens: text.max_tokens,
         })
     }
 

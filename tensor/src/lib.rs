@@ -41,5 +41,5 @@ pub mod turns;
 
 pub use budget::{Budget, MemoryPool, Reservation};
 pub use error::Error;
-pub use model::{Format, Graph, ModelFiles, check, load, single_file};
+pub use model::{FileBytes, Format, Graph, ModelFiles, check, load, single_file};
 pub use tensor::{DType, Data, Tensor};

@@ -52,7 +52,67 @@ impl Format {
 
 /// A model's files: relative path to contents. Single-file formats hold
 /// exactly one entry.
-pub type ModelFiles = BTreeMap<String, Vec<u8>>;
+pub type ModelFiles = BTreeMap<String, FileBytes>;
+
+/// The contents of one model file: bytes in memory, or a file mapped
+/// read-only (no copy, and pages shared with the page cache).
+pub enum FileBytes {
+    /// Bytes read or received.
+    Owned(Vec<u8>),
+    /// A mapped file.
+    Mapped(memmap2::Mmap),
+}
+
+impl FileBytes {
+    /// Maps the file at `path` read-only.
+    ///
+    /// The file must not change while it is mapped: map only files that
+    /// are never written in place (content-addressed blobs, written once
+    /// and renamed into place; removing one leaves the mapping intact).
+    pub fn map(path: &std::path::Path) -> std::io::Result<FileBytes> {
+        let file = std::fs::File::open(path)?;
+        if file.metadata()?.len() == 0 {
+            return Ok(FileBytes::Owned(Vec::new()));
+        }
+        // SAFETY: see above; the callers map files nothing writes in place.
+        let map = unsafe { memmap2::MmapOptions::new().populate().map(&file)? };
+        Ok(FileBytes::Mapped(map))
+    }
+}
+
+impl From<FileBytes> for Vec<u8> {
+    /// The bytes, copied only when mapped.
+    fn from(bytes: FileBytes) -> Vec<u8> {
+        match bytes {
+            FileBytes::Owned(bytes) => bytes,
+            FileBytes::Mapped(map) => map.to_vec(),
+        }
+    }
+}
+
+impl std::ops::Deref for FileBytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            FileBytes::Owned(bytes) => bytes,
+            FileBytes::Mapped(map) => map,
+        }
+    }
+}
+
+impl From<Vec<u8>> for FileBytes {
+    fn from(bytes: Vec<u8>) -> FileBytes {
+        FileBytes::Owned(bytes)
+    }
+}
+
+impl std::fmt::Debug for FileBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = if matches!(self, FileBytes::Mapped(_)) { "mapped" } else { "owned" };
+        write!(f, "FileBytes({kind}, {} bytes)", self.len())
+    }
+}
 
 /// A loaded model: named tensors in, named tensors out. Shared by every
 /// instance that uses it; `run` may be called from many threads at once.

@@ -25,7 +25,7 @@ fn minilm_files() -> ModelFiles {
     let dir = model_path("minilm");
     bert::FILES
         .iter()
-        .filter_map(|f| std::fs::read(dir.join(f)).ok().map(|bytes| (f.to_string(), bytes)))
+        .filter_map(|f| std::fs::read(dir.join(f)).ok().map(|bytes| (f.to_string(), bytes.into())))
         .collect()
 }
 
@@ -99,7 +99,7 @@ fn minilm_rejects_bad_inputs() {
 fn minilm_files_are_checked() {
     let mut files = minilm_files();
     let weights = files.get_mut("model.safetensors").unwrap();
-    weights.truncate(weights.len() / 2);
+    *weights = weights[..weights.len() / 2].to_vec().into();
     let err = gpuwasm_tensor::check(Format::Safetensors, &files, &unlimited()).unwrap_err();
     assert!(matches!(err, gpuwasm_tensor::Error::InvalidModel(_)), "{err}");
     let mut files = minilm_files();
@@ -113,7 +113,7 @@ fn smollm2_gguf_parses_and_dequantises() {
     let file = gguf::Gguf::parse(&bytes).expect("SmolLM2 GGUF parses");
     assert_eq!(file.architecture(), Some("llama"));
     assert_eq!(file.tensors.len(), 272);
-    let summary = gpuwasm_tensor::check(Format::Gguf, &[("m.gguf".to_string(), bytes.clone())].into(), &unlimited()).unwrap();
+    let summary = gpuwasm_tensor::check(Format::Gguf, &[("m.gguf".to_string(), bytes.clone().into())].into(), &unlimited()).unwrap();
     assert!(summary.contains("llama") && summary.contains("272 tensors"), "{summary}");
     // A Q4_1 weight dequantises to the right count of finite, varied values.
     let (name, info) = file.tensors.iter().find(|(_, t)| t.ty.0 == 3).expect("a Q4_1 tensor");
@@ -141,7 +141,7 @@ fn digits_onnx_matches_onnxruntime() {
     for backend in backends() {
         let kind = backend.info().kind.name();
         let file = include_bytes!("../../examples/classify/digits.onnx").to_vec();
-        let model = gpuwasm_tensor::load(Format::Onnx, &[("digits.onnx".to_string(), file)].into(), backend).expect("the classifier loads");
+        let model = gpuwasm_tensor::load(Format::Onnx, &[("digits.onnx".to_string(), file.into())].into(), backend).expect("the classifier loads");
         let pixels: Vec<f32> = reference.images.concat();
         let input = Tensor::new(vec![n, 1, 8, 8], gpuwasm_tensor::Data::F32(pixels)).unwrap();
         let out = model.run(vec![("pixels".into(), input)], &unlimited()).unwrap();
@@ -167,7 +167,7 @@ fn digits_onnx_matches_onnxruntime() {
 #[test]
 fn onnx_inputs_and_files_are_checked() {
     let bytes = include_bytes!("../../examples/classify/digits.onnx").to_vec();
-    let model = gpuwasm_tensor::load(Format::Onnx, &[("d.onnx".to_string(), bytes.clone())].into(), cpu()).unwrap();
+    let model = gpuwasm_tensor::load(Format::Onnx, &[("d.onnx".to_string(), bytes.clone().into())].into(), cpu()).unwrap();
     let f32s = |shape: Vec<usize>| Tensor::new(shape.clone(), gpuwasm_tensor::Data::F32(vec![0.0; shape.iter().product()])).unwrap();
     for (inputs, want) in [
         (vec![("pixels".to_string(), f32s(vec![1, 1, 8, 9]))], "must have dimensions [?, 1, 8, 8], not [1, 1, 8, 9]"),
@@ -181,20 +181,20 @@ fn onnx_inputs_and_files_are_checked() {
     }
     // Every prefix of the file is refused cleanly (no panic, no huge allocation).
     for cut in 0..bytes.len() {
-        assert!(gpuwasm_tensor::check(Format::Onnx, &[("d.onnx".to_string(), bytes[..cut].to_vec())].into(), &unlimited()).is_err(), "cut at {cut}");
+        assert!(gpuwasm_tensor::check(Format::Onnx, &[("d.onnx".to_string(), bytes[..cut].to_vec().into())].into(), &unlimited()).is_err(), "cut at {cut}");
     }
     // Flipping bytes never panics.
     for i in (0..bytes.len()).step_by(13) {
         let mut broken = bytes.clone();
         broken[i] ^= 0x5a;
-        let _ = gpuwasm_tensor::check(Format::Onnx, &[("d.onnx".to_string(), broken)].into(), &unlimited());
+        let _ = gpuwasm_tensor::check(Format::Onnx, &[("d.onnx".to_string(), broken.into())].into(), &unlimited());
     }
 }
 
 #[test]
 fn onnx_calls_batch_into_one_pass_with_the_same_results() {
     let reference: Digits = serde_json::from_str(include_str!("../../tests/fixtures/digits-reference.json")).unwrap();
-    let model = gpuwasm_tensor::load(Format::Onnx, &[("d.onnx".to_string(), include_bytes!("../../examples/classify/digits.onnx").to_vec())].into(), cpu()).unwrap();
+    let model = gpuwasm_tensor::load(Format::Onnx, &[("d.onnx".to_string(), include_bytes!("../../examples/classify/digits.onnx").to_vec().into())].into(), cpu()).unwrap();
     let request = |i: usize, n: usize| {
         let pixels = reference.images[i..i + n].concat();
         vec![("pixels".to_string(), Tensor::new(vec![n, 1, 8, 8], gpuwasm_tensor::Data::F32(pixels)).unwrap())]
@@ -276,7 +276,7 @@ fn minilm_half_files() -> ModelFiles {
     let mut file = (header.len() as u64).to_le_bytes().to_vec();
     file.extend(header);
     file.extend(out_data);
-    files.insert("model.safetensors".into(), file);
+    files.insert("model.safetensors".into(), file.into());
     files
 }
 

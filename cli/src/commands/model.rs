@@ -140,7 +140,7 @@ async fn push(args: PushArgs) -> Result<ExitCode> {
         let sha256 = sha256_hex(&bytes);
         let label = format!("{path} ({:.1} MiB)", bytes.len() as f64 / (1 << 20) as f64);
         let _: Uploaded = api
-            .upload(&format!("model-files/{sha256}{query}"), Bytes::from(bytes), &label)
+            .upload(&format!("model-files/{sha256}{query}"), Bytes::from(Vec::from(bytes)), &label)
             .await
             .with_context(|| format!("uploading {path}"))?;
         manifest.insert(path, sha256);

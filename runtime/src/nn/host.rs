@@ -228,7 +228,7 @@ impl graph::Host for NnView<'_> {
                 Ok(models.charge_device(&device, size)?.zip(quota))
             };
             let estimate = charge(bytes.len() as u64)?;
-            let graph = gpuwasm_tensor::load(format, &[("model.onnx".into(), bytes)].into(), backend)?;
+            let graph = gpuwasm_tensor::load(format, &[("model.onnx".into(), bytes.into())].into(), backend)?;
             drop(estimate);
             let charges = charge(graph.resident_bytes())?;
             Ok::<_, gpuwasm_tensor::Error>(Loaded::unshared(graph, &models, &tenant, charges))

@@ -8,7 +8,7 @@ use gpuwasm_tensor::backend::{DeviceInfo, DeviceKind};
 use gpuwasm_tensor::llm::Llm;
 use gpuwasm_tensor::llm::engine::{Engine, EngineSettings};
 use gpuwasm_tensor::backend::{Devices, SharedBackend, Target};
-use gpuwasm_tensor::{Format, ModelFiles};
+use gpuwasm_tensor::{FileBytes, Format, ModelFiles};
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -68,9 +68,12 @@ impl LocalModels {
 }
 
 /// Reads a model's files from `path`: the known files of a directory
-/// layout, or the one file.
+/// layout, or the one file. They are read, not mapped: they are the
+/// user's, and may change while the model is loaded.
 pub fn read_model_files(format: Format, path: &std::path::Path) -> Result<ModelFiles, CatalogError> {
-    let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| CatalogError(format!("reading {}: {e}", p.display())));
+    let read = |p: &std::path::Path| -> Result<FileBytes, CatalogError> {
+        Ok(std::fs::read(p).map_err(|e| CatalogError(format!("reading {}: {e}", p.display())))?.into())
+    };
     match format.files() {
         Some(names) => {
             let mut files = ModelFiles::new();
