@@ -1,12 +1,13 @@
-//! Accepting HTTP/1.1 connections within limits (how many, from whom, how
-//! slow and how large their request heads), and draining them at shutdown.
+//! Accepting HTTP/1.1 and HTTP/2 (prior knowledge, "h2c") connections
+//! within limits (how many, from whom, how slow and how large their
+//! request heads), and draining them at shutdown.
 
 use bytes::Bytes;
 use gpuwasm::{BoxError, ResponseBody};
 use http::{Request, Response};
 use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::IpAddr;
@@ -78,6 +79,9 @@ pub struct ConnectionLimits {
     /// [`RequestBody`]).
     pub body_timeout: Duration,
 }
+
+/// Requests one HTTP/2 connection may have open at once.
+const HTTP2_STREAMS: u32 = 128;
 
 impl Default for ConnectionLimits {
     fn default() -> Self {
@@ -156,7 +160,49 @@ async fn refuse(mut stream: TcpStream, why: &str) {
     let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
 }
 
-/// Serves HTTP/1.1 connections from `listener` within `limits`, answering
+/// What a client starts an HTTP/2 connection with, when it knows the
+/// server speaks it (RFC 9113, 3.4).
+const HTTP2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Whether the client on `stream` starts with the HTTP/2 preface, looking
+/// at its first bytes without taking them; `None` when it sent nothing
+/// that tells within `timeout`, or closed.
+async fn speaks_http2(stream: &TcpStream, timeout: Duration) -> Option<bool> {
+    let look = async {
+        let mut first = [0u8; HTTP2_PREFACE.len()];
+        loop {
+            let n = stream.peek(&mut first).await.ok().filter(|&n| n > 0)?;
+            if first[..n] != HTTP2_PREFACE[..n] {
+                return Some(false);
+            }
+            if n == HTTP2_PREFACE.len() {
+                return Some(true);
+            }
+            // Part of the preface so far: wait for the rest.
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    };
+    tokio::time::timeout(timeout, look).await.ok().flatten()
+}
+
+/// Runs `conn` to its end; when `closing` changes first, asks it to
+/// finish the requests it is on and close (`shutdown`), and runs it to
+/// that end.
+async fn drive<C>(conn: C, shutdown: impl FnOnce(Pin<&mut C>), mut closing: tokio::sync::watch::Receiver<bool>) -> hyper::Result<()>
+where
+    C: Future<Output = hyper::Result<()>>,
+{
+    tokio::pin!(conn);
+    tokio::select! {
+        result = conn.as_mut() => result,
+        _ = closing.changed() => {
+            shutdown(conn.as_mut());
+            conn.await
+        }
+    }
+}
+
+/// Serves HTTP/1.1 and HTTP/2 connections from `listener` within `limits`, answering
 /// each request with `handler`, until `stop` completes (pass
 /// [`std::future::pending`] to serve until the returned future is
 /// dropped). Then it stops accepting, lets each open connection finish the
@@ -170,8 +216,15 @@ where
     let (closing, closing_rx) = tokio::sync::watch::channel(false);
     let open = Arc::new(Mutex::new(Open::default()));
     let mut connections = tokio::task::JoinSet::new();
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    builder.timer(TokioTimer::new()).header_read_timeout(limits.header_timeout).max_header_size(limits.max_header_bytes);
+    let mut http1 = hyper::server::conn::http1::Builder::new();
+    http1.timer(TokioTimer::new()).header_read_timeout(limits.header_timeout).max_header_size(limits.max_header_bytes);
+    let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    http2
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .max_concurrent_streams(HTTP2_STREAMS)
+        .keep_alive_interval(Some(limits.header_timeout))
+        .keep_alive_timeout(limits.header_timeout);
     tokio::pin!(stop);
     loop {
         let (stream, peer) = tokio::select! {
@@ -197,23 +250,19 @@ where
         };
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
-        let mut closing = closing_rx.clone();
-        let builder = builder.clone();
-        let body_timeout = limits.body_timeout;
+        let closing = closing_rx.clone();
+        let (http1, http2) = (http1.clone(), http2.clone());
+        let (body_timeout, header_timeout) = (limits.body_timeout, limits.header_timeout);
         connections.spawn(async move {
             let _admitted = admitted;
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let fut = handler(req.map(|body| RequestBody::new(body, body_timeout)));
                 async move { Ok::<_, std::convert::Infallible>(fut.await) }
             });
-            let conn = builder.serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(conn);
-            let result = tokio::select! {
-                result = conn.as_mut() => result,
-                _ = closing.changed() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
+            let result = match speaks_http2(&stream, header_timeout).await {
+                None => return,
+                Some(true) => drive(http2.serve_connection(TokioIo::new(stream), service), |c| c.graceful_shutdown(), closing).await,
+                Some(false) => drive(http1.serve_connection(TokioIo::new(stream), service), |c| c.graceful_shutdown(), closing).await,
             };
             if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
