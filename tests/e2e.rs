@@ -968,3 +968,104 @@ async fn http2_prior_knowledge_serves_guests_and_the_admin_api() {
     // HTTP/1.1 on the same port, as before.
     assert_eq!(get(&guest).await.body, HELLO_ROOT);
 }
+
+/// Makes (again) a server certificate for 127.0.0.1 and localhost, signed
+/// by the test CA in `dir` (made the first time), with `trustme`: writes
+/// ca.pem, cert.pem and key.pem; returns the certificate's serial number.
+fn issue_certificate(dir: &std::path::Path) -> String {
+    let script = r#"
+import os, sys, trustme
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+d = sys.argv[1]
+if os.path.exists(f"{d}/ca-key.pem"):
+    ca = trustme.CA.from_pem(open(f"{d}/ca.pem", "rb").read(), open(f"{d}/ca-key.pem", "rb").read())
+else:
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(f"{d}/ca.pem")
+    ca.private_key_pem.write_to_path(f"{d}/ca-key.pem")
+cert = ca.issue_cert("127.0.0.1", "localhost")
+cert.private_key_pem.write_to_path(f"{d}/key.pem")
+with open(f"{d}/cert.pem", "wb") as f:
+    for pem in cert.cert_chain_pems:
+        f.write(pem.bytes())
+print(format(x509.load_pem_x509_certificate(cert.cert_chain_pems[0].bytes()).serial_number, "x"))
+"#;
+    let out = python().args(["-c", script, dir.to_str().unwrap()]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// HTTPS with `--tls-cert`/`--tls-key`: Python's `ssl` client trusting a
+/// test CA deploys through the admin API and calls the guest over TLS
+/// (HTTP/1.1); curl negotiates HTTP/2 by ALPN; after a new certificate is
+/// written and SIGHUP sent, new connections get it. Unusable files stop
+/// the server at start with a message naming them.
+#[tokio::test]
+async fn https_with_alpn_http2_and_certificate_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    let tls = dir.path().join("tls");
+    std::fs::create_dir(&tls).unwrap();
+    let first = issue_certificate(&tls);
+    let (cert, key, ca) = (tls.join("cert.pem"), tls.join("key.pem"), tls.join("ca.pem"));
+    let flags = ["--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap()];
+    let server = Server::start_with(&dir.path().join("data"), &flags);
+    assert!(server.url.starts_with("https://127.0.0.1:"), "{}", server.url);
+
+    let client = r#"
+import http.client, json, ssl, sys
+url, ca, wasm, token = sys.argv[1:5]
+host, port = url.removeprefix("https://").split(":")
+context = ssl.create_default_context(cafile=ca)
+def call(method, path, body=None, headers={}):
+    c = http.client.HTTPSConnection(host, int(port), context=context)
+    c.request(method, path, body=body, headers=headers)
+    r = c.getresponse()
+    out = (r.status, r.read().decode(), c.sock.version(), format(int(c.sock.getpeercert()["serialNumber"], 16), "x"))
+    c.close()
+    return out
+status, body, _, _ = call("PUT", "/_gpuwasm/v1/deployments/hello", open(wasm, "rb").read(), {"authorization": "Bearer " + token})
+assert status in (200, 201), (status, body)
+print(json.dumps(call("GET", "/default/hello/")))
+"#;
+    let hello = support::wasm("hello");
+    let run_client = || {
+        let out = python().args(["-c", client, &server.url, ca.to_str().unwrap(), hello.to_str().unwrap(), TOKEN]).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let reply = run_client();
+    assert_eq!(reply[0], 200, "{reply}");
+    assert_eq!(reply[1], HELLO_ROOT);
+    assert_eq!(reply[2], "TLSv1.3");
+    assert_eq!(reply[3], first.as_str(), "the certificate served");
+
+    let guest = format!("{}/default/hello/", server.url);
+    let out = std::process::Command::new("curl").args(["-sS", "--http2", "--cacert", ca.to_str().unwrap(), "-w", "[HTTP %{http_version}]", &guest]).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), format!("{HELLO_ROOT}[HTTP 2]"), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // A new certificate, then SIGHUP: new connections get it.
+    let second = issue_certificate(&tls);
+    assert_ne!(first, second);
+    server.signal(libc::SIGHUP);
+    let start = Instant::now();
+    loop {
+        let reply = run_client();
+        if reply[3] == second.as_str() {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "still serving {} after SIGHUP", reply[3]);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Files that are not a certificate and key: a clear refusal at start.
+    std::fs::write(tls.join("bad.pem"), "not a certificate\n").unwrap();
+    let out = gpuwasm()
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir", dir.path().join("other").to_str().unwrap()])
+        .args(["--tls-cert", tls.join("bad.pem").to_str().unwrap(), "--tls-key", key.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("bad.pem: holds no certificate"), "{stderr}");
+}

@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use gpuwasm::nn::{Devices, InferenceMemory, LlmSettings};
 use gpuwasm::{Limits, Runtime};
-use gpuwasm_server::ConnectionLimits;
+use gpuwasm_server::{ConnectionLimits, Tls};
 use gpuwasm_server::manifest::{Build, Manifest};
 use std::path::{Path, PathBuf};
 
@@ -255,6 +255,14 @@ pub struct ConnectionArgs {
     /// seconds, then exits; a second signal exits at once.
     #[arg(long, default_value_t = 30)]
     pub drain_secs: u64,
+    /// Serve HTTPS with this certificate chain (PEM, the server's
+    /// certificate first); HTTP/2 where the client offers it by ALPN. The
+    /// files are loaded again on SIGHUP and when they change.
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 impl ConnectionArgs {
@@ -271,7 +279,16 @@ impl ConnectionArgs {
         if self.max_header_kb > 400 {
             anyhow::bail!("--max-header-kb must be at most 400");
         }
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => {
+                let tls = Tls::load(cert, key)?;
+                tls.watch().context("watching for SIGHUP")?;
+                Some(tls)
+            }
+            _ => None,
+        };
         Ok(ConnectionLimits {
+            tls,
             max_connections: self.max_connections,
             max_per_client: self.max_connections_per_client,
             header_timeout: std::time::Duration::from_secs(self.header_timeout_secs),

@@ -1,8 +1,9 @@
-//! Accepting HTTP/1.1 and HTTP/2 (prior knowledge, "h2c") connections
-//! within limits (how many, from whom, how slow and how large their
+//! Accepting HTTP/1.1 and HTTP/2 connections (over TLS, HTTP/2 by ALPN;
+//! in plain text, HTTP/2 by prior knowledge, "h2c") within limits (how many, from whom, how slow and how large their
 //! request heads), and draining them at shutdown.
 
 use bytes::Bytes;
+use crate::Tls;
 use gpuwasm::{BoxError, ResponseBody};
 use http::{Request, Response};
 use http_body::{Frame, SizeHint};
@@ -61,10 +62,14 @@ impl http_body::Body for RequestBody {
     }
 }
 
-/// Limits on the connections [`serve_connections`] accepts. A connection
-/// over a count limit is answered `503` with `Retry-After` and closed.
+/// How [`serve_connections`] takes connections: its limits, and TLS. A
+/// connection over a count limit is answered `503` with `Retry-After` and
+/// closed.
 #[derive(Clone, Debug)]
 pub struct ConnectionLimits {
+    /// Speak HTTPS with this identity (HTTP/2 where the client offers
+    /// `h2` by ALPN); `None`: plain HTTP (HTTP/2 by prior knowledge).
+    pub tls: Option<Tls>,
     /// Open connections at most.
     pub max_connections: usize,
     /// Open connections from one client address at most.
@@ -86,6 +91,7 @@ const HTTP2_STREAMS: u32 = 128;
 impl Default for ConnectionLimits {
     fn default() -> Self {
         ConnectionLimits {
+            tls: None,
             max_connections: 10_000,
             max_per_client: 1_000,
             header_timeout: Duration::from_secs(10),
@@ -252,17 +258,30 @@ where
         let handler = handler.clone();
         let closing = closing_rx.clone();
         let (http1, http2) = (http1.clone(), http2.clone());
-        let (body_timeout, header_timeout) = (limits.body_timeout, limits.header_timeout);
+        let (body_timeout, header_timeout, tls) = (limits.body_timeout, limits.header_timeout, limits.tls.clone());
         connections.spawn(async move {
             let _admitted = admitted;
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let fut = handler(req.map(|body| RequestBody::new(body, body_timeout)));
                 async move { Ok::<_, std::convert::Infallible>(fut.await) }
             });
-            let result = match speaks_http2(&stream, header_timeout).await {
-                None => return,
-                Some(true) => drive(http2.serve_connection(TokioIo::new(stream), service), |c| c.graceful_shutdown(), closing).await,
-                Some(false) => drive(http1.serve_connection(TokioIo::new(stream), service), |c| c.graceful_shutdown(), closing).await,
+            let result = match tls {
+                Some(tls) => {
+                    let stream = match tokio::time::timeout(header_timeout, tls.acceptor().accept(stream)).await {
+                        Ok(Ok(stream)) => stream,
+                        Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
+                    };
+                    match stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+                        true => drive(http2.serve_connection(TokioIo::new(stream), service), |c| c.graceful_shutdown(), closing).await,
+                        false => drive(http1.serve_connection(TokioIo::new(stream), service), |c| c.graceful_shutdown(), closing).await,
+                    }
+                }
+                None => match speaks_http2(&stream, header_timeout).await {
+                    None => return,
+                    Some(true) => drive(http2.serve_connection(TokioIo::new(stream), service), |c| c.graceful_shutdown(), closing).await,
+                    Some(false) => drive(http1.serve_connection(TokioIo::new(stream), service), |c| c.graceful_shutdown(), closing).await,
+                },
             };
             if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");

@@ -18,6 +18,9 @@ pub enum Error {
         /// The name given.
         name: String,
     },
+    /// The TLS certificate or key cannot be used.
+    #[error("TLS: {0}")]
+    Tls(String),
     /// A deployment's files are not usable.
     #[error("invalid files: {0}")]
     InvalidFiles(String),
@@ -62,7 +65,7 @@ impl Error {
         match self {
             Error::Runtime(e) => e.is_client_error(),
             Error::InvalidName { .. } | Error::InvalidFiles(_) => true,
-            Error::BlobKey(_) | Error::Io { .. } | Error::StateInUse(_) | Error::CorruptState { .. } | Error::Task(_) => false,
+            Error::BlobKey(_) | Error::Io { .. } | Error::StateInUse(_) | Error::CorruptState { .. } | Error::Task(_) | Error::Tls(_) => false,
         }
     }
 
@@ -77,6 +80,7 @@ impl Error {
             Error::StateInUse(_) => "state_in_use",
             Error::CorruptState { .. } => "corrupt_state",
             Error::Task(_) => "internal",
+            Error::Tls(_) => "tls",
         }
     }
 }

@@ -39,12 +39,14 @@ mod metrics;
 mod models;
 mod quotas;
 mod rates;
+mod tls;
 mod trace;
 pub mod spec;
 mod uploads;
 
 pub use api::ADMIN_PREFIX;
 pub use connections::{ConnectionLimits, RequestBody, serve_connections};
+pub use tls::Tls;
 pub use control::DEFAULT_TENANT;
 pub use error::Error;
 pub use metering::{GroupBy, Prices, Totals, parse_duration};

@@ -51,8 +51,9 @@ pub async fn run(args: DevArgs) -> Result<ExitCode> {
     let runtime = args.pool.runtime()?;
     let first = load(&runtime, &output, Some(&manifest), &args.limits, &args.models).await?;
     let current = Arc::new(RwLock::new(first));
+    let limits = args.connections.limits()?;
     let listener = bind(args.listen).await?;
-    announce(&listener)?;
+    announce(&listener, &limits)?;
     eprintln!("watching {} for changes (Ctrl-C stops)", args.dir.display());
     let watcher = Watcher { dir: args.dir, output, manifest, runtime, limits: args.limits, models: args.models, current: current.clone() };
     tokio::spawn(watcher.run(seen, Duration::from_millis(args.poll_ms.max(10))));
@@ -60,7 +61,6 @@ pub async fn run(args: DevArgs) -> Result<ExitCode> {
         let deployment = current.read().expect("the version lock").clone();
         async move { deployment.handle(req).await }
     };
-    let limits = args.connections.limits()?;
     until_signal(args.connections.drain_secs, |stop| serve_connections(listener, handler, limits, stop)).await
 }
 

@@ -35,13 +35,13 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
     let (file, manifest) = component_of(&args.file, None)?;
     let runtime = args.pool.runtime()?;
     let deployment = load(&runtime, &file, manifest.as_deref(), &args.limits, &args.models).await?;
+    let limits = args.connections.limits()?;
     let listener = bind(args.listen).await?;
-    announce(&listener)?;
+    announce(&listener, &limits)?;
     let handler = move |req| {
         let deployment = deployment.clone();
         async move { deployment.handle(req).await }
     };
-    let limits = args.connections.limits()?;
     until_signal(args.connections.drain_secs, |stop| serve_connections(listener, handler, limits, stop)).await
 }
 

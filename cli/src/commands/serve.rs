@@ -5,7 +5,7 @@
 use crate::args::{ConnectionArgs, PoolArgs, default_data_dir};
 use anyhow::{Context, Result};
 use clap::Args;
-use gpuwasm_server::{Prices, Server, ServerConfig, TenantQuotas, UsageConfig};
+use gpuwasm_server::{ConnectionLimits, Prices, Server, ServerConfig, TenantQuotas, UsageConfig};
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -108,10 +108,10 @@ pub async fn run(args: ServeArgs) -> Result<ExitCode> {
     let server = Server::open(args.pool.runtime()?, config)
         .await
         .with_context(|| format!("opening the server state in {}", args.data_dir.display()))?;
+    let limits = args.connections.limits()?;
     let listener = bind(args.listen).await?;
     tracing::info!(data_dir = %args.data_dir.display(), deployments = server.deployments().len(), "server ready");
-    announce(&listener)?;
-    let limits = args.connections.limits()?;
+    announce(&listener, &limits)?;
     let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
     if let Some(addr) = args.metrics_listen {
         let metrics = bind(addr).await?;
@@ -155,9 +155,10 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
 }
 
 /// Prints the address actually bound (tests and scripts read this line).
-pub fn announce(listener: &TcpListener) -> Result<()> {
+pub fn announce(listener: &TcpListener, limits: &ConnectionLimits) -> Result<()> {
     let mut out = std::io::stdout().lock();
-    writeln!(out, "gpuwasm listening on http://{}", listener.local_addr()?)?;
+    let scheme = if limits.tls.is_some() { "https" } else { "http" };
+    writeln!(out, "gpuwasm listening on {scheme}://{}", listener.local_addr()?)?;
     out.flush()?;
     Ok(())
 }
