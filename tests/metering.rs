@@ -264,8 +264,22 @@ print("scraped", ok, trap)
     assert!(String::from_utf8_lossy(&out.stderr).contains("does not meter requests"), "{out:?}");
 }
 
-async fn get_owned(url: String) -> support::Reply {
-    get(&url).await
+/// Sends `n` GETs of `url` at once (they start now); their replies, in
+/// order, once all are in.
+fn burst(url: String, n: usize) -> impl std::future::Future<Output = Vec<support::Reply>> {
+    let sent: Vec<_> = (0..n)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { get(&url).await })
+        })
+        .collect();
+    async move {
+        let mut replies = Vec::new();
+        for reply in sent {
+            replies.push(reply.await.unwrap());
+        }
+        replies
+    }
 }
 
 /// A tenant's request rate, set by the admin: past a second's worth at
@@ -291,17 +305,7 @@ async fn a_tenant_over_its_request_rate_gets_429_and_others_do_not() {
 
     // 20 requests each, at once: acme gets its burst of 5 (a few more if
     // the bucket refills meanwhile), other gets all 20.
-    let burst = |tenant: &str| {
-        let url = format!("{}/{tenant}/hello/", server.url);
-        let sent: Vec<_> = (0..20).map(|_| tokio::spawn(get_owned(url.clone()))).collect();
-        async move {
-            let mut replies = Vec::new();
-            for reply in sent {
-                replies.push(reply.await.unwrap());
-            }
-            replies
-        }
-    };
+    let burst = |tenant: &str| burst(format!("{}/{tenant}/hello/", server.url), 20);
     let (acme_replies, other_replies) = tokio::join!(burst("acme"), burst("other"));
     let ok = acme_replies.iter().filter(|r| r.status == 200).count();
     let limited: Vec<_> = acme_replies.iter().filter(|r| r.status == 429).collect();
@@ -405,17 +409,7 @@ async fn admin_set_quotas_hold_per_tenant() {
 
     // 5 requests of 1 s each at once: acme runs 2, the other 3 wait 300 ms
     // and are refused; the other tenant runs all 5.
-    let burst = |tenant: &str| {
-        let url = format!("{}/{tenant}/slow/sleep?ms=1000", server.url);
-        let sent: Vec<_> = (0..5).map(|_| tokio::spawn(get_owned(url.clone()))).collect();
-        async move {
-            let mut replies = Vec::new();
-            for reply in sent {
-                replies.push(reply.await.unwrap());
-            }
-            replies
-        }
-    };
+    let burst = |tenant: &str| burst(format!("{}/{tenant}/slow/sleep?ms=1000", server.url), 5);
     let (acme_replies, other_replies) = tokio::join!(burst("acme"), burst("other"));
     let statuses = |replies: &[support::Reply]| replies.iter().map(|r| r.status).collect::<Vec<_>>();
     assert_eq!(acme_replies.iter().filter(|r| r.status == 200).count(), 2, "acme: {:?}", statuses(&acme_replies));

@@ -120,10 +120,10 @@ pub async fn run(cmd: TenantCommand) -> Result<ExitCode> {
             let reply = args.server.api()?.admin_json(Method::GET, "tenants", &[], Bytes::new()).await?;
             if !print_json(args.json, &reply)? {
                 let Tenants { tenants } = typed(reply)?;
-                println!("{:<24} {:<28} {:<24} QUOTAS", "TENANT", "GPU", "DOMAINS");
+                println!("{:<24} {:<28} {:<72} DOMAINS", "TENANT", "GPU", "QUOTAS");
                 for t in tenants {
                     let domains = if t.domains.is_empty() { "-".into() } else { t.domains.join(", ") };
-                    println!("{:<24} {:<28} {domains:<24} {}", t.name, gpu_text(&t.gpu), limits_text(&t.limits));
+                    println!("{:<24} {:<28} {:<72} {domains}", t.name, gpu_text(&t.gpu), limits_text(&t.limits));
                 }
             }
         }
