@@ -1000,7 +1000,8 @@ print(format(x509.load_pem_x509_certificate(cert.cert_chain_pems[0].bytes()).ser
 /// HTTPS with `--tls-cert`/`--tls-key`: Python's `ssl` client trusting a
 /// test CA deploys through the admin API and calls the guest over TLS
 /// (HTTP/1.1); curl negotiates HTTP/2 by ALPN; after a new certificate is
-/// written and SIGHUP sent, new connections get it. Unusable files stop
+/// written (and SIGHUP sent: the 2 s file watch would also find it, so
+/// this does not tell the two apart), new connections get it. Unusable files stop
 /// the server at start with a message naming them.
 #[tokio::test]
 async fn https_with_alpn_http2_and_certificate_reload() {

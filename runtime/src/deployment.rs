@@ -159,7 +159,11 @@ impl Deployment {
             let loaded = loaded.map_err(|e| Error::Model(format!("'{name}', kept warm by [models] warm, could not be loaded: {}", e.message())))?;
             held.push(Warm::new(loaded));
         }
-        *self.inner.warm.lock().unwrap() = held;
+        let mut warm = self.inner.warm.lock().unwrap();
+        // Stopped meanwhile: it keeps nothing.
+        if !*self.inner.stop.borrow() {
+            *warm = held;
+        }
         Ok(())
     }
 

@@ -166,18 +166,19 @@ impl ServerInner {
             return Err(ApiError::bad_request("invalid_limits", "requests_per_second must be at least 1 (null: no quota)"));
         }
         let pool = self.runtime.pool_size();
-        if let Some(n) = limits.instances.filter(|n| !(1..=pool).contains(n)) {
-            let message = format!("instances must be 1 to {pool} (the node's instance pool), got {n} (null: the node's default)");
-            return Err(ApiError::bad_request("invalid_limits", message));
-        }
         let record = self
             .change(|control| {
                 let tenant = control.tenants.get_mut(name).ok_or_else(|| ApiError::not_found(format!("no tenant named '{name}'")))?;
+                if let Some(n) = limits.instances.filter(|n| !(1..=pool).contains(n)) {
+                    let message = format!("instances must be 1 to {pool} (the node's instance pool), got {n} (null: the node's default)");
+                    return Err(ApiError::bad_request("invalid_limits", message));
+                }
                 tenant.limits = limits;
+                // Under the change lock: the runtime's quota is the one stored last.
+                self.runtime.set_tenant_instances(name, limits.instances);
                 Ok((vec![Change::Tenant(tenant.clone())], tenant.clone()))
             })
             .await?;
-        self.runtime.set_tenant_instances(name, limits.instances);
         tracing::info!(tenant = %name, ?limits, "tenant limits set");
         Ok(json(StatusCode::OK, &record))
     }

@@ -176,6 +176,7 @@ const HTTP2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 async fn speaks_http2(stream: &TcpStream, timeout: Duration) -> Option<bool> {
     let look = async {
         let mut first = [0u8; HTTP2_PREFACE.len()];
+        let mut pause = Duration::from_millis(1);
         loop {
             let n = stream.peek(&mut first).await.ok().filter(|&n| n > 0)?;
             if first[..n] != HTTP2_PREFACE[..n] {
@@ -184,8 +185,11 @@ async fn speaks_http2(stream: &TcpStream, timeout: Duration) -> Option<bool> {
             if n == HTTP2_PREFACE.len() {
                 return Some(true);
             }
-            // Part of the preface so far: wait for the rest.
-            tokio::time::sleep(Duration::from_millis(2)).await;
+            // Part of the preface so far (peek returns at once while bytes
+            // wait): look again later, less and less often, so that a
+            // client sending it byte by byte costs little.
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(250));
         }
     };
     tokio::time::timeout(timeout, look).await.ok().flatten()

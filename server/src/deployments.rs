@@ -157,6 +157,9 @@ impl ServerInner {
         if let Some(Ok(live)) = live {
             live.stop();
         }
+        if purge {
+            self.logs.forget(&caller.tenant, name);
+        }
         tracing::info!(tenant = %caller.tenant, deployment = %name, purge, "removed");
         Ok(json(StatusCode::OK, &Removed { removed: name.to_string() }))
     }

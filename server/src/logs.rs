@@ -3,7 +3,8 @@
 //! and why it failed) becomes a numbered [`LogEntry`]; a deployment keeps
 //! its newest entries up to [`KEPT_BYTES`] of output. Numbers grow over
 //! the whole node, so a follower asks for what came after the last it
-//! saw. In memory only: a restart forgets them.
+//! saw. In memory only: a restart forgets them, and so does purging the
+//! deployment (`rm --purge`).
 
 use crate::api::LogEntry;
 use gpuwasm::GuestLog;
@@ -39,6 +40,8 @@ impl GuestLogs {
     /// Keeps `log` of version `version` of `tenant`'s deployment `name`,
     /// dropping its oldest entries beyond [`KEPT_BYTES`].
     pub(crate) fn add(&self, tenant: &str, name: &str, version: u64, log: GuestLog) {
+        let mut all = self.by_deployment.lock().unwrap();
+        // Numbered under the lock: each deployment's entries stay in order.
         let entry = LogEntry {
             seq: self.last.fetch_add(1, Ordering::Relaxed) + 1,
             at_unix_ms: log.started.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
@@ -47,7 +50,6 @@ impl GuestLogs {
             output: log.output,
             failure: log.failure,
         };
-        let mut all = self.by_deployment.lock().unwrap();
         let kept = all.entry((tenant.to_string(), name.to_string())).or_default();
         kept.bytes += size(&entry);
         kept.entries.push_back(entry);
@@ -55,6 +57,12 @@ impl GuestLogs {
             let dropped = kept.entries.pop_front().expect("more than one entry");
             kept.bytes -= size(&dropped);
         }
+    }
+
+    /// Forgets the entries of `tenant`'s deployment `name` (when it is
+    /// purged).
+    pub(crate) fn forget(&self, tenant: &str, name: &str) {
+        self.by_deployment.lock().unwrap().remove(&(tenant.to_string(), name.to_string()));
     }
 
     /// The entries of `tenant`'s deployment `name` numbered after `after`,
@@ -97,6 +105,9 @@ mod tests {
         let kept = logs.after("acme", "api", 0);
         assert_eq!(kept.len(), 3, "three of a quarter each fit in the bound");
         assert_eq!(kept.last().unwrap().seq, 11);
+        logs.forget("acme", "api");
+        assert!(logs.after("acme", "api", 0).is_empty());
+        assert_eq!(logs.after("other", "api", 0).len(), 1);
         let entry = LogEntry { at_unix_ms: 86_400_000 + 3_723_004, ..kept[0].clone() };
         assert_eq!(entry.arrived(), "1970-01-02T01:02:03.004Z");
     }
