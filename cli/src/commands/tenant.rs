@@ -1,8 +1,8 @@
 //! `gpuwasm tenant create|list|domains|gpu|limits` (admin token only).
 
 use crate::args::{ListArgs, ServerArgs, print_json};
-use crate::client::typed;
-use anyhow::{Result, bail};
+use crate::client::{Api, typed};
+use anyhow::Result;
 use gpuwasm::nn::TenantGpu;
 use gpuwasm_server::api::{Domains, NewTenant, NewToken, Tenants};
 use gpuwasm_server::control_store::{TenantLimits, TenantRecord};
@@ -109,6 +109,12 @@ fn gpu_text(gpu: &TenantGpu) -> String {
     format!("{memory}, weight {}", gpu.weight)
 }
 
+/// The record of tenant `name`, as the server has it now.
+async fn tenant(api: &Api, name: &str) -> Result<TenantRecord> {
+    let Tenants { tenants } = typed(api.admin_json(Method::GET, "tenants", &[], Bytes::new()).await?)?;
+    tenants.into_iter().find(|t| t.name == name).ok_or_else(|| anyhow::anyhow!("no tenant named '{name}'"))
+}
+
 pub async fn run(cmd: TenantCommand) -> Result<ExitCode> {
     match cmd {
         TenantCommand::Create { name, domains, server } => {
@@ -136,8 +142,7 @@ pub async fn run(cmd: TenantCommand) -> Result<ExitCode> {
         }
         TenantCommand::Gpu { name, memory_mb, no_memory_quota, weight, server } => {
             let api = server.api()?;
-            let Tenants { tenants } = typed(api.admin_json(Method::GET, "tenants", &[], Bytes::new()).await?)?;
-            let Some(current) = tenants.into_iter().find(|t| t.name == name) else { bail!("no tenant named '{name}'") };
+            let current = tenant(&api, &name).await?;
             let gpu = TenantGpu {
                 memory_mb: if no_memory_quota { None } else { memory_mb.or(current.gpu.memory_mb) },
                 weight: weight.unwrap_or(current.gpu.weight),
@@ -147,8 +152,7 @@ pub async fn run(cmd: TenantCommand) -> Result<ExitCode> {
         }
         TenantCommand::Limits { name, requests_per_second, no_rate_limit, instances, deployments, storage_mb, node_defaults, server } => {
             let api = server.api()?;
-            let Tenants { tenants } = typed(api.admin_json(Method::GET, "tenants", &[], Bytes::new()).await?)?;
-            let Some(current) = tenants.into_iter().find(|t| t.name == name) else { bail!("no tenant named '{name}'") };
+            let current = tenant(&api, &name).await?;
             let old = if node_defaults { TenantLimits { requests_per_second: current.limits.requests_per_second, ..TenantLimits::default() } } else { current.limits };
             let limits = TenantLimits {
                 requests_per_second: if no_rate_limit { None } else { requests_per_second.or(old.requests_per_second) },
