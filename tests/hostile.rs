@@ -51,12 +51,17 @@ pub type Dim = Option<i64>;
 
 /// An FP32 initializer of `dims` holding zeros.
 pub fn zeros(name: &str, dims: &[i64]) -> Message {
+    filled(name, dims, 0.0)
+}
+
+/// An FP32 initializer of `dims` holding `value` in every element.
+pub fn filled(name: &str, dims: &[i64], value: f32) -> Message {
     let count: i64 = dims.iter().product();
     let mut t = Message::default();
     for &d in dims {
         t = t.int(1, d);
     }
-    t.int(2, 1).str(8, name).bytes(9, &vec![0u8; count as usize * 4])
+    t.int(2, 1).str(8, name).bytes(9, &value.to_le_bytes().repeat(count as usize))
 }
 
 /// An FP32 graph input; `dims: None` declares no shape at all.
@@ -109,6 +114,11 @@ pub fn broadcast_bomb() -> Vec<u8> {
 /// when a caller sends 100000 elements.
 pub fn input_sized_bomb() -> Vec<u8> {
     onnx(Some(&[None]), vec![zeros("A", &[100_000, 1])], &[("Add", &["text", "A"], "out")])
+}
+
+/// A harmless model: `out` = `text` (FP32 `[4]`) + 4 elements of `value`.
+pub fn adds(value: f32) -> Vec<u8> {
+    onnx(Some(&[Some(4)]), vec![filled("A", &[4], value)], &[("Add", &["text", "A"], "out")])
 }
 
 /// A GGUF v3 file with no tensors and one metadata array of `n` u8 values:

@@ -7,6 +7,8 @@
 mod support;
 #[path = "hostile.rs"]
 mod hostile;
+#[path = "test_models.rs"]
+mod test_models;
 
 use bytes::Bytes;
 use std::io::{Read, Write};
@@ -305,6 +307,104 @@ async fn attack_4_model_files_cost_memory_in_proportion_to_what_they_hold() {
     acme_is_served(&server).await;
 }
 
+/// MiniLM grown to 1 GiB in `dir`: a vocabulary of 699051 rows (its
+/// tokenizer uses the first 30522; the rest are zeros, written sparse).
+fn gigabyte_minilm(dir: &Path) -> std::path::PathBuf {
+    const ROWS: u64 = 699_051;
+    let minilm = test_models::model_path("minilm");
+    let out = dir.join("big-minilm");
+    std::fs::create_dir_all(out.join("1_Pooling")).unwrap();
+    for name in ["tokenizer.json", "modules.json", "sentence_bert_config.json", "1_Pooling/config.json"] {
+        std::fs::copy(minilm.join(name), out.join(name)).unwrap();
+    }
+    let mut config: serde_json::Value = serde_json::from_slice(&std::fs::read(minilm.join("config.json")).unwrap()).unwrap();
+    config["vocab_size"] = ROWS.into();
+    std::fs::write(out.join("config.json"), config.to_string()).unwrap();
+    // The same tensors, the word embeddings last and taller.
+    let st = std::fs::read(minilm.join("model.safetensors")).unwrap();
+    let header_len = u64::from_le_bytes(st[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&st[8..8 + header_len]).unwrap();
+    let (mut new_header, mut data) = (serde_json::Map::new(), Vec::new());
+    let (words, kept): (Vec<_>, Vec<_>) = header.into_iter().filter(|(name, _)| name != "__metadata__").partition(|(name, _)| name.ends_with("word_embeddings.weight"));
+    for (name, info) in kept {
+        let [start, end] = [0, 1].map(|i| info["data_offsets"][i].as_u64().unwrap() as usize);
+        let at = data.len();
+        data.extend_from_slice(&st[8 + header_len + start..8 + header_len + end]);
+        new_header.insert(name, serde_json::json!({"dtype": info["dtype"], "shape": info["shape"], "data_offsets": [at, data.len()]}));
+    }
+    let (name, _) = &words[0];
+    let end = data.len() as u64 + ROWS * 384 * 4;
+    new_header.insert(name.clone(), serde_json::json!({"dtype": "F32", "shape": [ROWS, 384], "data_offsets": [data.len(), end]}));
+    let header = serde_json::to_vec(&new_header).unwrap();
+    let mut file = std::fs::File::create(out.join("model.safetensors")).unwrap();
+    file.write_all(&(header.len() as u64).to_le_bytes()).unwrap();
+    file.write_all(&header).unwrap();
+    file.write_all(&data).unwrap();
+    file.set_len(8 + header.len() as u64 + end).unwrap();
+    out
+}
+
+/// A 1 GiB model pushed with the CLI: streamed to disk and checked from
+/// its header, the server's peak memory grows by a fixed bound, not by
+/// the model's size; the model then serves like any other.
+#[tokio::test]
+async fn attack_4_a_gigabyte_model_push_takes_bounded_server_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, mallory, _) = two_tenants(&dir, &[]).await;
+    let big = gigabyte_minilm(dir.path());
+    let before = server.peak_rss();
+    let pushed = stdout_of(&server.cli_as(&mallory, &["model", "push", "big", big.to_str().unwrap()]));
+    assert!(pushed.contains("pushed model big (safetensors): BERT encoder, 6 layers, dimension 384"), "{pushed}");
+    let grown = server.peak_rss().saturating_sub(before);
+    eprintln!("a 1 GiB model push grew the server's peak RSS by {} MiB (from {} MiB)", grown >> 20, before >> 20);
+    assert!(grown < 96 << 20, "a 1 GiB push grew the server's peak RSS by {} MiB", grown >> 20);
+    deploy_probe(&server, &mallory, "probe", "big").await;
+    let reply = get(&format!("{}/mallory/probe/embed?big", server.url)).await;
+    assert_eq!(reply.body, "ok tokens 4", "the pushed model loads and embeds");
+    acme_is_served(&server).await;
+}
+
+/// Eight pushes of one model name at once, each of other content (its
+/// file uploaded first: a tenant uploads two files at a time): each is
+/// answered 201 with its own record, one wins whole, and the model
+/// serves that content.
+#[tokio::test]
+async fn concurrent_pushes_of_one_name_end_with_one_whole_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, mallory, _) = two_tenants(&dir, &[]).await;
+    let mut shas = Vec::new();
+    for i in 1..=8 {
+        let bytes = hostile::adds(i as f32);
+        shas.push(sha256(&bytes));
+        assert_eq!(server.api(&mallory, "PUT", &format!("model-files/{}", shas[i - 1]), bytes).await.0, 201);
+    }
+    let pushes: Vec<_> = (1..=8)
+        .map(|i| {
+            let (server_url, token, sha) = (server.url.clone(), mallory.clone(), shas[i - 1].clone());
+            tokio::spawn(async move {
+                let auth = format!("Bearer {token}");
+                let spec = serde_json::json!({ "format": "onnx", "files": { "model.onnx": sha } }).to_string();
+                let reply = send("PUT", &format!("{server_url}/_gpuwasm/v1/models/same"), &[("authorization", &auth)], spec).await;
+                assert_eq!(reply.status, 201, "{}", reply.body);
+                let record: serde_json::Value = serde_json::from_str(&reply.body).unwrap();
+                assert_eq!(record["files"]["model.onnx"], sha.as_str(), "each push is answered with its own record");
+                (i, sha)
+            })
+        })
+        .collect();
+    let mut pushed = Vec::new();
+    for push in pushes {
+        pushed.push(push.await.unwrap());
+    }
+    let (status, record) = server.api(&mallory, "GET", "models/same", Bytes::new()).await;
+    assert_eq!(status, 200, "{record}");
+    let &(winner, _) = pushed.iter().find(|(_, sha)| record["files"]["model.onnx"] == sha.as_str()).expect("the record is one of the pushes");
+    deploy_probe(&server, &mallory, "probe", "same").await;
+    let reply = send("POST", &format!("{}/mallory/probe/twice?same", server.url), &[], "0").await;
+    let sum = 4 * winner;
+    assert_eq!(reply.body, format!("ok sums {sum} {sum}"), "the model serves the winning push's weights");
+}
+
 /// Bytes of the files under `dir`, recursively, each inode counted once
 /// (hard links share their bytes).
 fn disk_usage(dir: &Path) -> u64 {
@@ -508,4 +608,102 @@ async fn attack_7_bad_input_gets_the_right_error_and_nothing_leaks() {
     assert!(theirs["loaded"].is_null(), "{theirs}");
     let (_, admins) = server.api(TOKEN, "GET", "models/public/digits", Bytes::new()).await;
     assert!(admins["loaded"].is_object(), "{admins}");
+}
+
+/// Models loaded (`gpuwasm_model_loads_total`) as the metrics at `addr` say.
+async fn model_loads(addr: &str) -> u64 {
+    let text = get(&format!("http://{addr}/metrics")).await.body;
+    let line = text.lines().find(|l| l.starts_with("gpuwasm_model_loads_total ")).unwrap_or_else(|| panic!("no model loads in {text}"));
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// What the 32 clients of the model-change test saw: each answer, counted.
+type Seen = std::collections::BTreeMap<String, usize>;
+
+/// One client of the model-change test: `/twice?m` (one load, two passes
+/// 30 ms apart) until `stop`, at the times `waves` gives (back to back
+/// when empty); every answer must come within 10 s, as 200.
+async fn model_user(url: String, waves: Vec<Instant>, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Seen {
+    let mut seen = Seen::new();
+    let mut waves = waves.into_iter();
+    loop {
+        match waves.next() {
+            Some(at) => tokio::time::sleep_until(at.into()).await,
+            None if stop.load(std::sync::atomic::Ordering::Relaxed) => return seen,
+            None => {}
+        }
+        let reply = tokio::time::timeout(Duration::from_secs(10), send("POST", &url, &[], "30")).await.expect("a request hung");
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        let what = if reply.body.starts_with("error not-found: no model named 'm'") { "not-found".to_string() } else { reply.body };
+        *seen.entry(what).or_default() += 1;
+    }
+}
+
+/// Merges what `clients` saw.
+async fn seen_by(clients: Vec<tokio::task::JoinHandle<Seen>>) -> Seen {
+    let mut all = Seen::new();
+    for client in clients {
+        for (what, n) in client.await.unwrap() {
+            *all.entry(what).or_default() += n;
+        }
+    }
+    all
+}
+
+/// A model removed, re-pushed with other weights and evicted while 32
+/// requests use it: each request computes with the weights it loaded
+/// (both of its passes agree) or gets a clean not-found; none crashes,
+/// hangs or mixes versions.
+#[tokio::test]
+async fn attack_8_models_change_under_load_without_mixing_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let metrics = format!("127.0.0.1:{port}");
+    let (server, mallory, _) = two_tenants(&dir, &["--model-idle-secs", "1", "--metrics-listen", &metrics]).await;
+    let (one, two) = (hostile::adds(1.0), hostile::adds(2.0));
+    assert_eq!(push_model(&server, &mallory, "m", "onnx", one.clone()).await.0, 201);
+    deploy_probe(&server, &mallory, "probe", "m").await;
+    let url = format!("{}/mallory/probe/twice?m", server.url);
+    let (v1, v2) = ("ok sums 4 4".to_string(), "ok sums 8 8".to_string());
+
+    // Removed and pushed again, twice over, under back-to-back requests.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients: Vec<_> = (0..32).map(|_| tokio::spawn(model_user(url.clone(), Vec::new(), stop.clone()))).collect();
+    let pause = || tokio::time::sleep(Duration::from_millis(700));
+    for (model, bytes) in [(None, None), (Some("m"), Some(&two)), (Some("m"), Some(&one)), (None, None), (Some("m"), Some(&two))] {
+        pause().await;
+        let (status, json) = match (model, bytes) {
+            (Some(name), Some(bytes)) => push_model(&server, &mallory, name, "onnx", bytes.clone()).await,
+            _ => server.api(&mallory, "DELETE", "models/m", Bytes::new()).await,
+        };
+        assert!(status == 200 || status == 201, "{json}");
+    }
+    pause().await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let seen = seen_by(clients).await;
+    eprintln!("while the model was removed and re-pushed: {seen:?}");
+    for (what, _) in &seen {
+        assert!([&v1, &v2, "not-found"].contains(&what.as_str()), "an answer mixed versions or failed: {what} (all: {seen:?})");
+    }
+    assert!(seen.len() == 3, "every phase was seen: {seen:?}");
+
+    // Idle eviction (1 s, checked every 250 ms) racing waves of 32
+    // requests 0.9 to 1.6 s apart: the model is evicted between waves and
+    // loaded again, some waves arriving as it goes.
+    let loads = model_loads(&metrics).await;
+    let start = Instant::now() + Duration::from_millis(100);
+    let waves: Vec<Vec<Instant>> = (0..32u64)
+        .map(|client| {
+            let mut at = start;
+            (0..8u64).map(|wave| { at += Duration::from_millis(900 + 100 * wave + client % 8); at }).collect()
+        })
+        .collect();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let clients: Vec<_> = waves.into_iter().map(|w| tokio::spawn(model_user(url.clone(), w, stop.clone()))).collect();
+    let seen = seen_by(clients).await;
+    eprintln!("while idle eviction raced waves of requests: {seen:?}");
+    assert_eq!(seen, Seen::from([(v2.clone(), 32 * 8)]), "every request of every wave computed on the current weights");
+    let reloaded = model_loads(&metrics).await - loads;
+    assert!(reloaded >= 2, "the model was evicted and loaded again between waves only {reloaded} times");
+    acme_is_served(&server).await;
 }

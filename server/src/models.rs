@@ -113,14 +113,16 @@ impl Registry {
 
     /// The contents of `files` (path -> SHA-256) uploaded to `namespace`
     /// (blocking): mapped where the blob is a local file (blobs are written
-    /// once and renamed into place, never changed), read otherwise.
-    fn read_files(&self, namespace: &str, files: &BTreeMap<String, String>) -> Result<ModelFiles, ReadError> {
+    /// once and renamed into place, never changed), read in whole at once
+    /// when `populate` (for a load; a push's check reads only headers),
+    /// read otherwise.
+    fn read_files(&self, namespace: &str, files: &BTreeMap<String, String>, populate: bool) -> Result<ModelFiles, ReadError> {
         let mut contents = ModelFiles::new();
         for (path, sha256) in files {
             let key = blob_key(namespace, sha256);
             let missing = || ReadError::Missing { path: path.clone(), sha256: sha256.clone() };
             let bytes = match self.blobs.local_path(&key) {
-                Some(local) => FileBytes::map(&local).map_err(|e| match e.kind() {
+                Some(local) => FileBytes::map(&local, populate).map_err(|e| match e.kind() {
                     std::io::ErrorKind::NotFound => missing(),
                     _ => ReadError::Store(format!("mapping {}: {e}", local.display())),
                 })?,
@@ -150,7 +152,7 @@ impl ModelCatalog for Registry {
             .find(|r| r.key == entry.key)
             .map(|r| r.record.clone())
             .ok_or_else(|| CatalogError("the model was removed or replaced while loading".into()))?;
-        self.read_files(&record.namespace, &record.files).map_err(|e| match e {
+        self.read_files(&record.namespace, &record.files, true).map_err(|e| match e {
             ReadError::Missing { path, sha256 } => CatalogError(format!("file {path} ({sha256}) is missing from the blob store")),
             ReadError::Store(message) => CatalogError(message),
         })
@@ -237,7 +239,7 @@ impl ServerInner {
         let (registry, ns, files) = (self.models.clone(), namespace.clone(), push.files.clone());
         let budget = self.runtime.models().call_budget();
         let checked = tokio::task::spawn_blocking(move || -> Result<(u64, String), ApiError> {
-            let contents = registry.read_files(&ns, &files).map_err(|e| match e {
+            let contents = registry.read_files(&ns, &files, false).map_err(|e| match e {
                 ReadError::Missing { path, sha256 } => {
                     ApiError::bad_request("invalid_model", format!("file {path}: content {sha256} was not uploaded (PUT model-files/SHA256 first)"))
                 }

@@ -65,47 +65,94 @@ fn default_act() -> String {
     "gelu".into()
 }
 
-struct Linear {
-    w: Weight,
-    b: Weight,
+/// Where an encoder's tensors go as they are read: onto a backend when
+/// loading, nowhere when checking a push ([`check`]: names, shapes and
+/// types only, the bytes never read, so a large file costs no memory).
+trait Take {
+    /// What a tensor becomes.
+    type W;
+    /// Matrix `name` of `[rows, cols]`.
+    fn matrix(&self, st: &SafeTensors, name: &str, rows: usize, cols: usize) -> Result<Self::W, Error>;
+    /// Vector `name` of `len` floats.
+    fn vector(&self, st: &SafeTensors, name: &str, len: usize) -> Result<Self::W, Error>;
+    /// Row 0 of matrix `name` of `[rows, cols]` (`rows` at least 1).
+    fn first_row(&self, st: &SafeTensors, name: &str, rows: usize, cols: usize) -> Result<Self::W, Error>;
+}
+
+impl Take for SharedBackend {
+    type W = Weight;
+
+    fn matrix(&self, st: &SafeTensors, name: &str, rows: usize, cols: usize) -> Result<Weight, Error> {
+        self.weight(st.matrix(name, rows, cols)?)
+    }
+
+    fn vector(&self, st: &SafeTensors, name: &str, len: usize) -> Result<Weight, Error> {
+        self.weight(HostWeight::vector(st.f32(name, &[len])?))
+    }
+
+    fn first_row(&self, st: &SafeTensors, name: &str, rows: usize, cols: usize) -> Result<Weight, Error> {
+        let mut all = st.f32(name, &[rows, cols])?;
+        all.truncate(cols);
+        self.weight(HostWeight::vector(all))
+    }
+}
+
+/// Tensors checked, not read.
+struct Check;
+
+impl Take for Check {
+    type W = ();
+
+    fn matrix(&self, st: &SafeTensors, name: &str, rows: usize, cols: usize) -> Result<(), Error> {
+        st.check_float(name, &[rows, cols])
+    }
+
+    fn vector(&self, st: &SafeTensors, name: &str, len: usize) -> Result<(), Error> {
+        st.check_float(name, &[len])
+    }
+
+    fn first_row(&self, st: &SafeTensors, name: &str, rows: usize, cols: usize) -> Result<(), Error> {
+        st.check_float(name, &[rows, cols])
+    }
+}
+
+struct Linear<W = Weight> {
+    w: W,
+    b: W,
+}
+
+impl<W> Linear<W> {
+    fn read(take: &impl Take<W = W>, st: &SafeTensors, name: &str, out: usize, inp: usize) -> Result<Linear<W>, Error> {
+        Ok(Linear { w: take.matrix(st, &format!("{name}.weight"), out, inp)?, b: take.vector(st, &format!("{name}.bias"), out)? })
+    }
 }
 
 impl Linear {
-    fn load(backend: &SharedBackend, st: &SafeTensors, name: &str, out: usize, inp: usize) -> Result<Linear, Error> {
-        Ok(Linear {
-            w: backend.weight(st.matrix(&format!("{name}.weight"), out, inp)?)?,
-            b: backend.weight(HostWeight::vector(st.f32(&format!("{name}.bias"), &[out])?))?,
-        })
-    }
-
     fn apply(&self, pass: &Pass, x: &Array, then: Epilogue<&Array>) -> Result<Array, Error> {
         pass.linear_then(x, &self.w, Some(&self.b), then)
     }
 }
 
-struct Norm {
-    gamma: Weight,
-    beta: Weight,
+struct Norm<W = Weight> {
+    gamma: W,
+    beta: W,
 }
 
-impl Norm {
-    fn load(backend: &SharedBackend, st: &SafeTensors, name: &str, width: usize) -> Result<Norm, Error> {
-        Ok(Norm {
-            gamma: backend.weight(HostWeight::vector(st.f32(&format!("{name}.weight"), &[width])?))?,
-            beta: backend.weight(HostWeight::vector(st.f32(&format!("{name}.bias"), &[width])?))?,
-        })
+impl<W> Norm<W> {
+    fn read(take: &impl Take<W = W>, st: &SafeTensors, name: &str, width: usize) -> Result<Norm<W>, Error> {
+        Ok(Norm { gamma: take.vector(st, &format!("{name}.weight"), width)?, beta: take.vector(st, &format!("{name}.bias"), width)? })
     }
 }
 
-struct Layer {
-    query: Linear,
-    key: Linear,
-    value: Linear,
-    attn_out: Linear,
-    attn_norm: Norm,
-    up: Linear,
-    down: Linear,
-    out_norm: Norm,
+struct Layer<W = Weight> {
+    query: Linear<W>,
+    key: Linear<W>,
+    value: Linear<W>,
+    attn_out: Linear<W>,
+    attn_norm: Norm<W>,
+    up: Linear<W>,
+    down: Linear<W>,
+    out_norm: Norm<W>,
 }
 
 impl Layer {
@@ -153,17 +200,19 @@ fn json<T: for<'de> Deserialize<'de>>(files: &ModelFiles, name: &str) -> Result<
         .transpose()
 }
 
-/// An encoder's weights, on a backend.
-struct Weights {
-    word: Weight,
-    position: Weight,
-    token_type: Weight,
-    embed_norm: Norm,
-    layers: Vec<Layer>,
+/// An encoder's weights, on a backend (or checked only: `W = ()`).
+struct Weights<W = Weight> {
+    word: W,
+    position: W,
+    token_type: W,
+    embed_norm: Norm<W>,
+    layers: Vec<Layer<W>>,
 }
 
-impl Weights {
-    fn load(files: &ModelFiles, config: &Config, b: &SharedBackend) -> Result<Weights, Error> {
+impl<W> Weights<W> {
+    /// Every tensor of an encoder of `config` from `model.safetensors`,
+    /// through `b`.
+    fn read(files: &ModelFiles, config: &Config, b: &impl Take<W = W>) -> Result<Weights<W>, Error> {
         let (h, ffn) = (config.hidden_size, config.intermediate_size);
         let st = SafeTensors::parse(file(files, "model.safetensors")?)?;
         let prefix = if st.entries().contains_key("bert.embeddings.word_embeddings.weight") { "bert." } else { "" };
@@ -172,26 +221,25 @@ impl Weights {
             .map(|i| {
                 let l = |n: &str| name(&format!("encoder.layer.{i}.{n}"));
                 Ok(Layer {
-                    query: Linear::load(b, &st, &l("attention.self.query"), h, h)?,
-                    key: Linear::load(b, &st, &l("attention.self.key"), h, h)?,
-                    value: Linear::load(b, &st, &l("attention.self.value"), h, h)?,
-                    attn_out: Linear::load(b, &st, &l("attention.output.dense"), h, h)?,
-                    attn_norm: Norm::load(b, &st, &l("attention.output.LayerNorm"), h)?,
-                    up: Linear::load(b, &st, &l("intermediate.dense"), ffn, h)?,
-                    down: Linear::load(b, &st, &l("output.dense"), h, ffn)?,
-                    out_norm: Norm::load(b, &st, &l("output.LayerNorm"), h)?,
+                    query: Linear::read(b, &st, &l("attention.self.query"), h, h)?,
+                    key: Linear::read(b, &st, &l("attention.self.key"), h, h)?,
+                    value: Linear::read(b, &st, &l("attention.self.value"), h, h)?,
+                    attn_out: Linear::read(b, &st, &l("attention.output.dense"), h, h)?,
+                    attn_norm: Norm::read(b, &st, &l("attention.output.LayerNorm"), h)?,
+                    up: Linear::read(b, &st, &l("intermediate.dense"), ffn, h)?,
+                    down: Linear::read(b, &st, &l("output.dense"), h, ffn)?,
+                    out_norm: Norm::read(b, &st, &l("output.LayerNorm"), h)?,
                 })
             })
             .collect::<Result<Vec<_>, Error>>()?;
-        let token_types = st.f32(&name("embeddings.token_type_embeddings.weight"), &[config.type_vocab_size, h])?;
-        if token_types.len() < h {
+        if config.type_vocab_size == 0 {
             return Err(invalid_model("model.safetensors: no token type embeddings"));
         }
         Ok(Weights {
-            word: b.weight(st.matrix(&name("embeddings.word_embeddings.weight"), config.vocab_size, h)?)?,
-            position: b.weight(st.matrix(&name("embeddings.position_embeddings.weight"), config.max_position_embeddings, h)?)?,
-            token_type: b.weight(HostWeight::vector(token_types[..h].to_vec()))?,
-            embed_norm: Norm::load(b, &st, &name("embeddings.LayerNorm"), h)?,
+            word: b.matrix(&st, &name("embeddings.word_embeddings.weight"), config.vocab_size, h)?,
+            position: b.matrix(&st, &name("embeddings.position_embeddings.weight"), config.max_position_embeddings, h)?,
+            token_type: b.first_row(&st, &name("embeddings.token_type_embeddings.weight"), config.type_vocab_size, h)?,
+            embed_norm: Norm::read(b, &st, &name("embeddings.LayerNorm"), h)?,
             layers,
         })
     }
@@ -232,9 +280,9 @@ impl Text {
     }
 }
 
-impl Bert {
-    /// Loads an encoder from its files (see [`FILES`]), its weights on `backend`.
-    pub fn load(files: &ModelFiles, backend: SharedBackend) -> Result<Bert, Error> {
+impl Config {
+    /// `config.json`, checked to describe an encoder we run.
+    fn read(files: &ModelFiles) -> Result<Config, Error> {
         let config: Config = json(files, "config.json")?.ok_or_else(|| invalid_model("missing config.json"))?;
         let (h, heads) = (config.hidden_size, config.num_attention_heads);
         if heads == 0 || h % heads != 0 || config.num_hidden_layers == 0 || config.num_hidden_layers > 256 {
@@ -246,10 +294,34 @@ impl Bert {
         if config.hidden_act != "gelu" {
             return Err(Error::Unsupported(format!("activation {:?} (only gelu)", config.hidden_act)));
         }
+        Ok(config)
+    }
+}
+
+/// The signature of an encoder of `layers` layers and width `hidden`.
+fn signature(layers: usize, hidden: usize) -> String {
+    format!("BERT encoder, {layers} layers, dimension {hidden}: text (U8) -> embeddings (FP32 [n, {hidden}]), token_counts (I64 [n])")
+}
+
+/// Checks an encoder's files as [`Bert::load`] does, without reading its
+/// weights' bytes (a push of a large file costs its header and tokenizer,
+/// not its size in memory); returns the signature it would have.
+pub fn check(files: &ModelFiles) -> Result<String, Error> {
+    let config = Config::read(files)?;
+    Text::load(files, &config)?;
+    let weights = Weights::read(files, &config, &Check)?;
+    Ok(signature(weights.layers.len(), config.hidden_size))
+}
+
+impl Bert {
+    /// Loads an encoder from its files (see [`FILES`]), its weights on `backend`.
+    pub fn load(files: &ModelFiles, backend: SharedBackend) -> Result<Bert, Error> {
+        let config = Config::read(files)?;
+        let (h, heads) = (config.hidden_size, config.num_attention_heads);
         // The tokenizer's tables build while the weights are copied.
         let (text, weights) = std::thread::scope(|s| {
             let text = s.spawn(|| Text::load(files, &config));
-            let weights = Weights::load(files, &config, &backend);
+            let weights = Weights::read(files, &config, &backend);
             (text.join().expect("building the tokenizer panicked"), weights)
         });
         let (Weights { word, position, token_type, embed_norm, layers }, text) = (weights?, text?);
@@ -439,12 +511,7 @@ fn texts_of(inputs: &[(String, Tensor)]) -> Result<Vec<String>, Error> {
 
 impl Graph for Bert {
     fn signature(&self) -> String {
-        format!(
-            "BERT encoder, {} layers, dimension {}: text (U8) -> embeddings (FP32 [n, {}]), token_counts (I64 [n])",
-            self.layers.len(),
-            self.hidden,
-            self.hidden
-        )
+        signature(self.layers.len(), self.hidden)
     }
 
     fn device(&self) -> &DeviceInfo {

@@ -69,13 +69,22 @@ impl FileBytes {
     /// The file must not change while it is mapped: map only files that
     /// are never written in place (content-addressed blobs, written once
     /// and renamed into place; removing one leaves the mapping intact).
-    pub fn map(path: &std::path::Path) -> std::io::Result<FileBytes> {
+    ///
+    /// `populate` reads the whole file in at once (what a load that reads
+    /// every byte wants: one pass, no page faults); without it, pages are
+    /// read as they are touched (what a check of headers wants: a large
+    /// file costs what is read of it).
+    pub fn map(path: &std::path::Path, populate: bool) -> std::io::Result<FileBytes> {
         let file = std::fs::File::open(path)?;
         if file.metadata()?.len() == 0 {
             return Ok(FileBytes::Owned(Vec::new()));
         }
+        let mut options = memmap2::MmapOptions::new();
+        if populate {
+            options.populate();
+        }
         // SAFETY: see above; the callers map files nothing writes in place.
-        let map = unsafe { memmap2::MmapOptions::new().populate().map(&file)? };
+        let map = unsafe { options.map(&file)? };
         Ok(FileBytes::Mapped(map))
     }
 }
@@ -172,7 +181,9 @@ pub fn load(format: Format, files: &ModelFiles, backend: SharedBackend) -> Resul
 /// An ONNX graph also runs once on zeros at its declared input shapes
 /// (symbolic dimensions at 1), under `budget`: a graph whose smallest run
 /// needs more memory than a call may have is refused here rather than
-/// failing every call later.
+/// failing every call later. A safetensors encoder is checked by its
+/// config, tokenizer and header (every tensor's name, shape and type),
+/// its weights never read: memory does not grow with the file.
 pub fn check(format: Format, files: &ModelFiles, budget: &Budget) -> Result<String, Error> {
     match format {
         Format::Gguf => {
@@ -192,6 +203,6 @@ pub fn check(format: Format, files: &ModelFiles, budget: &Budget) -> Result<Stri
             model.smallest_run(budget)?;
             Ok(model.signature())
         }
-        Format::Safetensors => load(format, files, Arc::new(CpuBackend::new())).map(|g| g.signature()),
+        Format::Safetensors => bert::check(files),
     }
 }

@@ -102,6 +102,11 @@ impl<'a> SafeTensors<'a> {
         })
     }
 
+    /// Checks tensor `name` is a float tensor of `shape`, without reading it.
+    pub fn check_float(&self, name: &str, shape: &[usize]) -> Result<(), Error> {
+        self.float_tensor(name, shape).map(drop)
+    }
+
     fn float_tensor(&self, name: &str, shape: &[usize]) -> Result<(WeightFormat, &[u8]), Error> {
         let entry = self.entries.get(name).ok_or_else(|| invalid_model(format!("safetensors: no tensor {name:?}")))?;
         if entry.shape != shape {

@@ -105,6 +105,22 @@ fn minilm_files_are_checked() {
     let mut files = minilm_files();
     files.remove("tokenizer.json");
     assert!(gpuwasm_tensor::check(Format::Safetensors, &files, &unlimited()).unwrap_err().to_string().contains("missing tokenizer.json"));
+
+    // The check reads headers, not weights, and says what a load would.
+    let files = minilm_files();
+    let loaded = gpuwasm_tensor::load(Format::Safetensors, &files, cpu()).unwrap().signature();
+    assert_eq!(gpuwasm_tensor::check(Format::Safetensors, &files, &unlimited()).unwrap(), loaded);
+    assert_eq!(gpuwasm_tensor::check(Format::Safetensors, &minilm_half_files(), &unlimited()).unwrap(), loaded);
+    // A tensor renamed in the header (same length: the offsets hold).
+    let mut files = minilm_files();
+    let weights = files.get_mut("model.safetensors").unwrap();
+    let mut bytes = weights.to_vec();
+    let name = b"encoder.layer.5.output.dense.bias";
+    let at = bytes.windows(name.len()).position(|w| w == name).expect("MiniLM has six layers");
+    bytes[at + name.len() - 1] = b'_';
+    *weights = bytes.into();
+    let err = gpuwasm_tensor::check(Format::Safetensors, &files, &unlimited()).unwrap_err().to_string();
+    assert!(err.contains("no tensor \"encoder.layer.5.output.dense.bias\""), "{err}");
 }
 
 #[test]

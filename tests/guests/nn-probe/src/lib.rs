@@ -16,6 +16,10 @@
 //!   compute call with the guest's own clock; answers `compute_ns N`.
 //! - `POST /zeros?NAME`: compute on the input `text`, FP32 of dimensions
 //!   `[n]` (n, the body) holding zeros; answers the outputs' sizes.
+//! - `POST /twice?NAME`: loads NAME once and computes on the input `text`,
+//!   FP32 `[4]` of zeros, twice, `ms` (the body) apart; answers the sums
+//!   of the two outputs `out` (a model replaced in between must not
+//!   change what this graph computes).
 //! - `/hoard`: makes 1 MiB tensors and keeps them, 1000 of them (the host
 //!   holds their bytes; a request may hold no more than its memory limit).
 
@@ -95,6 +99,17 @@ fn probe(path: &str, name: &str, body: &[u8]) -> Result<String, Error> {
             let n: u32 = String::from_utf8_lossy(body).trim().parse().unwrap_or(1);
             let out = Graph::load_by_name(name)?.compute(&[("text", Tensor::f32(&[n], &vec![0.0; n as usize]))])?;
             Ok(format!("{} output values", out.get("out")?.to_f32()?.len()))
+        }
+        "/twice" => {
+            let ms: u64 = String::from_utf8_lossy(body).trim().parse().unwrap_or(0);
+            let graph = Graph::load_by_name(name)?;
+            let sum = || -> Result<f32, Error> {
+                let out = graph.compute(&[("text", Tensor::f32(&[4], &[0.0; 4]))])?;
+                Ok(out.get("out")?.to_f32()?.iter().sum())
+            };
+            let first = sum()?;
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+            Ok(format!("sums {first} {}", sum()?))
         }
         _ => Ok("unknown probe".into()),
     }
