@@ -18,10 +18,12 @@ that is not measured):
   traps    4 clients, GET /trap: each request traps at once
   storm    200 clients against a deployment with concurrency 4, queue 16
   slow     500 connections: half trickle a request head one byte a second,
-           half a request body (their requests hold instances meanwhile)
+           half a request body (their requests hold instances meanwhile, as
+           many as the server lets them); one the server answers or closes
+           opens again a second later
   pushes   2 clients push a 29 MiB synthetic BERT model over and over
-           (PUT model-files/SHA256, then PUT models/NAME, which the server
-           reads back and checks: parses and packs every weight)
+           (PUT model-files/SHA256: the server receives, hashes, writes and
+           syncs all of it; then PUT models/NAME, which it checks)
 
 Each load runs in its own process (A: one thread waiting in select(), whose
 timeouts are precise to microseconds, at nice -10 when allowed, so that its
@@ -139,7 +141,8 @@ def fail(message):
 
 
 def proc_cpu_ticks(pid):
-    """utime + stime of a process, in clock ticks (None if it is gone)."""
+    """utime + stime of a process (all its threads), in clock ticks; None
+    if it is gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
@@ -148,13 +151,29 @@ def proc_cpu_ticks(pid):
         return None
 
 
-def machine_ticks():
-    """(busy, total) clock ticks of all CPUs from /proc/stat."""
+def all_processes():
+    """{pid: (name, CPU ticks)} of every process now."""
+    seen = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    text = f.read()
+                name = text[text.index("(") + 1:text.rindex(")")]
+                fields = text.rsplit(")", 1)[1].split()
+                seen[int(entry)] = (name, int(fields[11]) + int(fields[12]))
+            except (OSError, IndexError, ValueError):
+                pass
+    return seen
+
+
+def machine_idle_ticks():
+    """Idle (and I/O wait) clock ticks of all CPUs together, from
+    /proc/stat: exact on tickless kernels, where the busy counters are
+    sampled by the tick and miss short bursts."""
     with open("/proc/stat") as f:
         values = [int(v) for v in f.readline().split()[1:]]
-    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
-    total = sum(values[:8])  # guest time is inside user already
-    return total - idle, total
+    return values[3] + values[4]
 
 
 # ------------------------------------------------------- synthetic model
@@ -496,8 +515,9 @@ async def closed_loop_client(host, port, raw, deadline, tally):
 
 async def slow_client(host, port, head, body_bytes, deadline, tally, start_delay):
     """Trickles `head` (if body_bytes is 0) or, after `head` whole, a body
-    of `body_bytes`, one byte a second; reconnects when the server ends
-    the connection, counting how it did."""
+    of `body_bytes`, one byte a second; when the server answers or ends
+    the connection, counts how, waits a second (as a refused client told
+    `retry-after: 1` would) and starts again."""
     await asyncio.sleep(start_delay)
     offset = random.random()
     while time.monotonic() < deadline:
@@ -512,19 +532,18 @@ async def slow_client(host, port, head, body_bytes, deadline, tally, start_delay
                 trickle, sent_limit = None, len(head)
             sent = 0
             await asyncio.sleep(offset)
-            while time.monotonic() < deadline and not ended.done() and sent < sent_limit:
-                writer.write(trickle if trickle else head[sent:sent + 1])
-                sent += 1
+            while time.monotonic() < deadline and not ended.done():
+                if sent < sent_limit:
+                    writer.write(trickle if trickle else head[sent:sent + 1])
+                    sent += 1
                 await asyncio.wait([ended], timeout=max(0.001, min(1.0, deadline - time.monotonic())))
-            if ended.done():
-                data = ended.result()
-                if data.startswith(b"HTTP/1.1 "):
-                    tally.add(int(data.split(b" ", 2)[1]))
-                else:
-                    tally.add("closed")
-            else:
+            if not ended.done():
                 ended.cancel()
                 tally.add("held to the end")
+                break
+            data = ended.result()
+            tally.add(int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/1.1 ") else "closed by the server")
+            await asyncio.sleep(max(0.0, min(1.0, deadline - time.monotonic())))
         except Deadline:
             break
         except (OSError, asyncio.IncompleteReadError, ValueError, IndexError) as e:
@@ -537,7 +556,7 @@ async def slow_client(host, port, head, body_bytes, deadline, tally, start_delay
 async def pusher(url, token, files, deadline, tally, index):
     """Pushes the synthetic model again and again: its weights (PUT
     model-files/SHA256, 29 MiB), then the model (PUT models/NAME), which
-    the server checks whole."""
+    the server checks."""
     host, port = split_url(url)
     weights = files["model.safetensors"]
     spec = json.dumps({"format": "safetensors", "files": {name: sha for name, (sha, _) in files.items()}}).encode()
@@ -680,23 +699,24 @@ def run_phase(args, phase, token_b, model_files):
     # CPU of everything over A's measured window (it starts ~0.1 s after launch).
     time.sleep(RAMP_S + 0.15)
     pids = {"server": args.server_pid, "a": a.pid, "b": b.pid if b else None}
-    before = {k: proc_cpu_ticks(p) if p else None for k, p in pids.items()}
-    machine_before = machine_ticks()
+    tick = os.sysconf("SC_CLK_TCK")
+    procs_before, idle_before, wall_before = all_processes(), machine_idle_ticks(), time.monotonic()
     time.sleep(args.seconds)
-    after = {k: proc_cpu_ticks(p) if p else None for k, p in pids.items()}
-    machine_after = machine_ticks()
+    procs_after, idle_after, wall_after = all_processes(), machine_idle_ticks(), time.monotonic()
     a_result = child_result(a, "tenant A's load")
     b_result = child_result(b, "tenant B's load") if b else None
     if args.server_pid and proc_cpu_ticks(args.server_pid) is None:
         fail(f"the server (pid {args.server_pid}) is gone after phase {phase}")
-    busy = machine_after[0] - machine_before[0]
-    elapsed = (machine_after[1] - machine_before[1]) / os.cpu_count()  # ticks per CPU
-    cpu = {}
-    for k in pids:
-        if before[k] is not None and after[k] is not None:
-            cpu[k] = (after[k] - before[k]) / elapsed * 100 if elapsed else 0.0
-    cpu["all"] = busy / elapsed * 100 if elapsed else 0.0
+    wall_ticks = (wall_after - wall_before) * tick  # of one CPU
+    used = lambda pid: (procs_after[pid][1] - procs_before.get(pid, ("", 0))[1]) / wall_ticks * 100
+    cpu = {k: used(p) for k, p in pids.items() if p in procs_after}
+    cpu["all"] = max(0.0, (wall_ticks * os.cpu_count() - (idle_after - idle_before)) / wall_ticks * 100)
     cpu["others"] = max(0.0, cpu["all"] - sum(cpu.get(k, 0.0) for k in pids))
+    # Who the others were (processes alive at the end; ones that came and
+    # went inside the window count in "others" but are not named).
+    ours = set(pids.values()) | {os.getpid()}
+    others = sorted(((used(p), procs_after[p][0]) for p in procs_after if p not in ours), reverse=True)
+    cpu["named"] = [f"{name} {pct:.0f}%" for pct, name in others[:3] if pct >= 3]
     time.sleep(SETTLE_S)
     return {"phase": phase, "a": a_result, "b": b_result, "cpu": cpu}
 
@@ -733,7 +753,8 @@ def print_phase(result, solo_p99, cores):
         print(f"  B: {b_summary(b)} in {b['seconds']:.1f} s")
     c = lambda k: f"{cpu[k]:.0f}%" if k in cpu else "-"
     print(f"  CPU (100% = one core, {cores} cores): server {c('server')}, A's client {c('a')}, "
-          f"B's client {c('b')}, others {c('others')}, all {c('all')}", flush=True)
+          f"B's client {c('b')}, others {c('others')}" + (f" ({', '.join(cpu['named'])})" if cpu["named"] else "")
+          + f", all {c('all')}", flush=True)
     return ratio, verdict
 
 
@@ -749,7 +770,7 @@ def orchestrate(args):
     model_dir = tempfile.mkdtemp(prefix="bench-neighbours-model-")
     try:
         model_files = synthetic_bert(model_dir) if "pushes" in phases else {}
-        results, rows, failures = [], [], []
+        rows, failures = [], []
         solo_p99 = None
         for phase in phases:
             result = run_phase(args, phase, token_b, model_files)
@@ -757,7 +778,6 @@ def orchestrate(args):
             if solo_p99 is None and phase.startswith("solo"):
                 solo_p99 = a["p99"]
             ratio, verdict = print_phase(result, solo_p99, cores)
-            results.append(result)
             if a["errors"]:
                 failures.append(f"phase {phase}: tenant A got {a['errors']} errors: {a['error_kinds']}")
             if a["ok"] == 0:
@@ -792,6 +812,10 @@ def orchestrate(args):
     misses = [r["phase"] for r, _, v in rows if v == "MISS"]
     print(f"goal (A's p99 within +{(GOAL - 1) * 100:.0f}% of solo): "
           + ("met in every phase" if not misses else f"missed in {', '.join(misses)}"))
+    busy = [f"{r['phase']} ({r['cpu']['others']:.0f}%)" for r, _, _ in rows if r["cpu"].get("others", 0) >= 20]
+    if busy:
+        print(f"note: other processes took at least 20% of a core during {', '.join(busy)}: "
+              "those phases' figures are distorted; rerun on a quiet machine")
     if failures:
         for f in failures:
             print(f"bench-neighbours: {f}", file=sys.stderr)

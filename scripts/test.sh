@@ -3,7 +3,8 @@
 # guest components, the Python tools in target/venv, Mesa's lavapipe for the
 # wgpu backend; the tests fetch their models with
 # scripts/fetch-test-models.sh) and runs every test: unit,
-# end-to-end, inference, GPU backends, examples.
+# end-to-end, inference, GPU backends, examples; then fuzzes the model
+# parsers for a bounded time (GPUWASM_FUZZ_SECS per target, 20).
 #
 # The GPU tests run on every backend the machine has: here at least wgpu on
 # lavapipe, which this script requires (GPUWASM_REQUIRE_BACKENDS=wgpu), so
@@ -34,3 +35,6 @@ export LD_LIBRARY_PATH=$nvrtc${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export GPUWASM_REQUIRE_NVRTC=1
 cargo build --release --workspace --locked
 cargo test --release --workspace --locked "$@"
+# Coverage-guided fuzzing of the model parsers and of guest tensors, for a
+# bounded time (scripts/fuzz.sh runs every target, longer, by hand).
+scripts/fuzz.sh "${GPUWASM_FUZZ_SECS:-20}" safetensors gguf onnx guest_tensor

@@ -707,3 +707,198 @@ async fn attack_8_models_change_under_load_without_mixing_weights() {
     assert!(reloaded >= 2, "the model was evicted and loaded again between waves only {reloaded} times");
     acme_is_served(&server).await;
 }
+
+/// The files of tests/corpus/`kind` (scripts/make-corpus.py wrote them;
+/// scripts/fuzz.sh adds what it finds), by name.
+fn corpus(kind: &str) -> Vec<(String, Vec<u8>)> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/corpus").join(kind);
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|entry| {
+            let path = entry.unwrap().path();
+            (path.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read(&path).unwrap())
+        })
+        .collect();
+    files.sort();
+    assert!(files.len() >= 3, "tests/corpus/{kind} holds only {} files", files.len());
+    files
+}
+
+/// A clean refusal: a 4xx with an error code and a message that names no
+/// server path.
+fn refused(what: &str, status: u16, json: &serde_json::Value, data_dir: &str) {
+    assert!((400..500).contains(&status), "{what}: status {status}: {json}");
+    let (code, message) = (json["error"]["code"].as_str().unwrap_or(""), json["error"]["message"].as_str().unwrap_or(""));
+    assert!(!code.is_empty() && !message.is_empty(), "{what}: no error code and message: {json}");
+    assert!(!message.contains(data_dir), "{what}: a server path leaked: {message}");
+}
+
+/// Every file of the bad-input corpus (tests/corpus) gets a clean error
+/// from a real server (`valid-` files are served), and the server keeps
+/// serving another tenant throughout: components and core modules
+/// deployed, manifests given to `gpuwasm deploy`, admin API requests,
+/// model files pushed (safetensors beside MiniLM's other files), and
+/// tensors sent through wasi-nn to the digits classifier.
+#[tokio::test]
+async fn attack_9_every_file_of_the_bad_input_corpus_gets_a_clean_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, mallory, _) = two_tenants(&dir, &[]).await;
+    let data_dir = server.data_dir.to_string_lossy().to_string();
+    let mut checked = 0;
+    for kind in ["components", "modules"] {
+        for (name, bytes) in corpus(kind) {
+            let (status, json) = server.api(&mallory, "PUT", "deployments/corpus", bytes).await;
+            refused(&format!("{kind}/{name}"), status, &json, &data_dir);
+            checked += 1;
+        }
+        acme_is_served(&server).await;
+    }
+
+    let hello = wasm("hello");
+    for (name, _) in corpus("manifests") {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/corpus/manifests").join(&name);
+        let out = server.cli_as(&mallory, &["deploy", hello.to_str().unwrap(), "--name", "corpus", "--manifest", path.to_str().unwrap()]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "manifests/{name}: {stderr}");
+        assert!(stderr.starts_with("error: ") && stderr.len() > 12, "manifests/{name}: {stderr}");
+        checked += 1;
+    }
+    let (status, _) = server.api(&mallory, "GET", "deployments/corpus", Bytes::new()).await;
+    assert_eq!(status, 404, "no bad manifest deployed anything");
+
+    let hello_bytes = std::fs::read(&hello).unwrap();
+    for (name, bytes) in corpus("api") {
+        let what = format!("api/{name}");
+        let body = bytes[1..].to_vec();
+        let (status, json) = match bytes[0] {
+            b'0' => {
+                let url = format!("{}/_gpuwasm/v1/deployments/corpus", server.url);
+                let spec = String::from_utf8(body).unwrap();
+                let reply = send("PUT", &url, &[("authorization", &format!("Bearer {mallory}")), ("gpuwasm-spec", &spec)], hello_bytes.clone()).await;
+                (reply.status, serde_json::from_str(&reply.body).unwrap_or_default())
+            }
+            b'1' => server.api(&mallory, "PUT", &format!("deployments/corpus?{}", String::from_utf8(body).unwrap()), hello_bytes.clone()).await,
+            b'2' => server.api(TOKEN, "POST", "tenants", body).await,
+            b'3' => server.api(TOKEN, "PUT", "tenants/mallory/domains", body).await,
+            b'4' => server.api(TOKEN, "PUT", "tenants/mallory/limits", body).await,
+            b'5' => server.api(&mallory, "PUT", "models/corpus", body).await,
+            other => panic!("{what}: unknown request {:?}", other as char),
+        };
+        refused(&what, status, &json, &data_dir);
+        checked += 1;
+    }
+    acme_is_served(&server).await;
+
+    // Model files: a safetensors file beside MiniLM's real other files.
+    let minilm = test_models::model_path("minilm");
+    let mut others = serde_json::Map::new();
+    for file in ["config.json", "tokenizer.json", "modules.json", "sentence_bert_config.json", "1_Pooling/config.json"] {
+        let bytes = std::fs::read(minilm.join(file)).unwrap();
+        let sha = sha256(&bytes);
+        assert_eq!(server.api(&mallory, "PUT", &format!("model-files/{sha}"), bytes).await.0, 201);
+        others.insert(file.to_string(), sha.into());
+    }
+    for (name, bytes) in corpus("safetensors") {
+        let sha = sha256(&bytes);
+        assert_eq!(server.api(&mallory, "PUT", &format!("model-files/{sha}"), bytes).await.0, 201);
+        let mut files = others.clone();
+        files.insert("model.safetensors".into(), sha.into());
+        let spec = serde_json::json!({ "format": "safetensors", "files": files });
+        let (status, json) = server.api(&mallory, "PUT", "models/corpus", spec.to_string()).await;
+        refused(&format!("safetensors/{name}"), status, &json, &data_dir);
+        checked += 1;
+    }
+    for format in ["gguf", "onnx"] {
+        for (name, bytes) in corpus(format) {
+            let (status, json) = push_model(&server, &mallory, "corpus", format, bytes).await;
+            refused(&format!("{format}/{name}"), status, &json, &data_dir);
+            checked += 1;
+        }
+        acme_is_served(&server).await;
+    }
+    let (status, _) = server.api(&mallory, "GET", "models/corpus", Bytes::new()).await;
+    assert_eq!(status, 404, "no bad model file was accepted");
+
+    // Tensors a guest sends, to a real graph.
+    let digits = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/classify/digits.onnx")).unwrap();
+    assert_eq!(push_model(&server, &mallory, "digits", "onnx", digits).await.0, 201);
+    deploy_probe(&server, &mallory, "probe", "digits").await;
+    for (name, bytes) in corpus("tensors") {
+        let reply = send("POST", &format!("{}/mallory/probe/raw-tensor?digits", server.url), &[], bytes).await;
+        assert_eq!(reply.status, 200, "tensors/{name}: {}", reply.body);
+        if name.starts_with("valid-") {
+            assert_eq!(reply.body, "ok outputs probabilities", "tensors/{name}");
+        } else {
+            let error = reply.body.strip_prefix("error ").unwrap_or_else(|| panic!("tensors/{name}: {}", reply.body));
+            let (code, message) = error.split_once(": ").unwrap_or_else(|| panic!("tensors/{name}: {}", reply.body));
+            assert!(["invalid-argument", "too-large"].contains(&code) && message.len() > 10, "tensors/{name}: {}", reply.body);
+        }
+        checked += 1;
+    }
+    acme_is_served(&server).await;
+    eprintln!("{checked} corpus files checked; server peak RSS {} MiB", server.peak_rss() >> 20);
+    assert!(checked > 100, "only {checked} corpus files");
+}
+
+/// 500 slowloris clients on one deployment (each sends its head and one
+/// byte of a 100 kB body, then nothing) on a node whose 64 instances one
+/// tenant could take whole: requests whose bodies are still arriving may
+/// take only half a deployment's concurrency and half a tenant's share,
+/// so the rest are refused at once with 503, and the same deployment (to
+/// a client that sends its body), the tenant's other deployment and the
+/// other tenant are all answered at once.
+#[tokio::test]
+async fn attack_10_slow_bodies_cannot_take_every_instance() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let (server, mallory, _) = two_tenants(&dir, &["--max-instances", "64", "--max-tenant-instances", "64"]).await;
+    assert_eq!(deploy(&server, &mallory, "slow", "behaviors", "concurrency=64").await.0, 201);
+    assert_eq!(deploy(&server, &mallory, "other", "hello", "").await.0, 201);
+    let address = server.url.trim_start_matches("http://").to_string();
+    let head = "POST /mallory/slow/echo HTTP/1.1\r\nhost: x\r\ncontent-length: 100000\r\n\r\nx";
+    let mut slow = Vec::new();
+    for _ in 0..500 {
+        let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();
+        stream.write_all(head.as_bytes()).await.unwrap();
+        slow.push(stream);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    acme_is_served(&server).await;
+    let started = Instant::now();
+    let reply = get(&format!("{}/mallory/other/", server.url)).await;
+    assert_eq!((reply.status, reply.body.as_str()), (200, HELLO));
+    let reply = send("POST", &format!("{}/mallory/slow/echo", server.url), &[], "whole").await;
+    assert_eq!((reply.status, reply.body.as_str()), (200, "whole"), "the attacked deployment serves a client that sends its body");
+    assert!(started.elapsed() < Duration::from_secs(2), "mallory's requests waited {:?}", started.elapsed());
+
+    // Past the allowance (32), slow clients were refused at once.
+    let answers: Vec<_> = slow
+        .into_iter()
+        .map(|mut stream| {
+            tokio::spawn(async move {
+                let mut head = vec![0u8; 512];
+                let n = tokio::time::timeout(Duration::from_secs(2), stream.read(&mut head)).await.map_or(0, |r| r.unwrap_or(0));
+                (String::from_utf8_lossy(&head[..n]).into_owned(), stream)
+            })
+        })
+        .collect();
+    let (mut refused, mut admitted) = (0, 0);
+    let mut held = Vec::new();
+    for answer in answers {
+        let (text, stream) = answer.await.unwrap();
+        if text.starts_with("HTTP/1.1 503") {
+            assert!(text.to_lowercase().contains("retry-after") && text.contains("bodies are still arriving"), "{text}");
+            refused += 1;
+        } else {
+            // The echo handler streams back what it has read so far.
+            assert!(text.starts_with("HTTP/1.1 200") && text.ends_with("1\r\nx\r\n"), "{text}");
+            admitted += 1;
+        }
+        held.push(stream);
+    }
+    eprintln!("of 500 slow clients, {admitted} admitted and {refused} refused at once");
+    assert_eq!((admitted, refused), (32, 468), "half the deployment's concurrency (and of the tenant's share) for slow bodies");
+    let reply = send("POST", &format!("{}/mallory/slow/echo", server.url), &[], "again").await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+}

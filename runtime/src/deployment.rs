@@ -3,6 +3,7 @@
 //! tenant's share of the pool, the pool), CPU and wall-clock deadlines,
 //! body limits, and a guest that ends when its client leaves.
 
+use crate::body_first::{Arrived, read_first};
 use crate::capabilities::{Capabilities, SharedCapabilities};
 use crate::deadline::Deadline;
 use crate::error::{Error, chain};
@@ -54,6 +55,8 @@ struct DeploymentInner {
     tenant_share: Arc<TenantShare>,
     /// Requests waiting for a slot.
     queued: AtomicU32,
+    /// Requests admitted while their bodies still arrive.
+    slow_bodies: AtomicU32,
     /// Set once by [`Deployment::stop`].
     stop: watch::Sender<bool>,
     runtime: Runtime,
@@ -89,6 +92,7 @@ impl Deployment {
                 slots: Arc::new(Semaphore::new(limits.concurrency as usize)),
                 tenant_share: runtime.tenant_share(&capabilities.models.tenant),
                 queued: AtomicU32::new(0),
+                slow_bodies: AtomicU32::new(0),
                 stop: watch::Sender::new(false),
                 limits,
                 shared: SharedCapabilities::of(&capabilities),
@@ -251,8 +255,9 @@ impl Deployment {
         let deadline = Instant::now() + limits.timeout();
         // The guest's own deadline: a generation it starts moves it to `stream_ms`.
         let guest_deadline = Arc::new(Deadline::new(limits.timeout_ms));
-        let request = with_authority(small_body_first(request, declared, limits, deadline).await?);
-        let permits = self.admit().await?;
+        let Arrived { request, whole } = read_first(request, declared, limits, deadline).await?;
+        let request = with_authority(request);
+        let permits = self.admit(whole).await?;
 
         let mut store = me
             .runtime
@@ -353,9 +358,13 @@ impl Deployment {
 
     /// Waits for a slot of this deployment, of its tenant's share and of
     /// the shared pool, or fails with [`Failure::Busy`] naming the one
-    /// that stayed full when the queue is full or the wait ends.
-    async fn admit(&self) -> Result<[OwnedSemaphorePermit; 3], Failure> {
+    /// that stayed full when the queue is full or the wait ends. A
+    /// request whose body is not `whole` (still arriving) is refused at
+    /// once when half the deployment's concurrency or half its tenant's
+    /// share is taken by such requests already.
+    async fn admit(&self, whole: bool) -> Result<Admitted, Failure> {
         let me = &self.inner;
+        let slow_body = if whole { None } else { Some(SlowBody::enter(me)?) };
         let wait_until = Instant::now() + me.limits.queue_timeout();
         let deployment_full = Saturated::Deployment(me.limits.concurrency);
         let slot = match me.slots.clone().try_acquire_owned() {
@@ -373,7 +382,43 @@ impl Deployment {
         let tenant_full = Saturated::Tenant(me.tenant_share.size.load(Ordering::Relaxed));
         let tenant = acquire_until(&me.tenant_share.permits, wait_until, tenant_full).await?;
         let instance = acquire_until(&runtime.instances, wait_until, Saturated::Node(runtime.pool.max_instances)).await?;
-        Ok([slot, tenant, instance])
+        Ok(Admitted { _permits: [slot, tenant, instance], _slow_body: slow_body })
+    }
+}
+
+/// What an admitted request holds until its guest ends.
+struct Admitted {
+    _permits: [OwnedSemaphorePermit; 3],
+    _slow_body: Option<SlowBody>,
+}
+
+/// A request admitted while its body still arrives, counted against its
+/// deployment's and its tenant's allowance of such requests (half of each,
+/// at least one) until it ends.
+struct SlowBody(Arc<DeploymentInner>);
+
+impl SlowBody {
+    fn enter(me: &Arc<DeploymentInner>) -> Result<SlowBody, Failure> {
+        let allowed = (me.limits.concurrency / 2).max(1);
+        if me.slow_bodies.fetch_add(1, Ordering::Relaxed) >= allowed {
+            me.slow_bodies.fetch_sub(1, Ordering::Relaxed);
+            return Err(Failure::Busy(Saturated::SlowBodies(allowed)));
+        }
+        let share = &me.tenant_share;
+        let allowed = (share.size.load(Ordering::Relaxed) / 2).max(1);
+        if share.slow_bodies.fetch_add(1, Ordering::Relaxed) >= allowed {
+            share.slow_bodies.fetch_sub(1, Ordering::Relaxed);
+            me.slow_bodies.fetch_sub(1, Ordering::Relaxed);
+            return Err(Failure::Busy(Saturated::TenantSlowBodies(allowed)));
+        }
+        Ok(SlowBody(me.clone()))
+    }
+}
+
+impl Drop for SlowBody {
+    fn drop(&mut self) {
+        self.0.slow_bodies.fetch_sub(1, Ordering::Relaxed);
+        self.0.tenant_share.slow_bodies.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -434,42 +479,6 @@ where
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.body.size_hint()
-    }
-}
-
-/// Bodies of unknown length (chunked) are read whole before the guest
-/// starts when the deployment's body limit is at most this: a body over the
-/// limit then gets a clean `413` instead of a response cut off midway.
-/// Larger limits stream, and a body that outgrows one ends the guest's
-/// body stream with a body-size error.
-const READ_FIRST_LIMIT: u64 = 64 << 10;
-
-/// The request with its body boxed; read whole first when its length is
-/// unknown and the limit is small (see [`READ_FIRST_LIMIT`]).
-async fn small_body_first<B>(
-    request: Request<B>,
-    declared: Option<u64>,
-    limits: &Limits,
-    deadline: Instant,
-) -> Result<Request<http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>>, Failure>
-where
-    B: http_body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
-{
-    let (parts, body) = request.into_parts();
-    let max = limits.max_body_bytes;
-    if declared.is_some() || max > READ_FIRST_LIMIT || body.is_end_stream() {
-        return Ok(Request::from_parts(parts, body.map_err(Into::into).boxed_unsync()));
-    }
-    let limited = Limited::new(body, max as usize);
-    match timeout_at(deadline, limited.collect()).await {
-        Err(_) => Err(Failure::Timeout(limits.timeout_ms)),
-        Ok(Err(e)) if e.is::<LengthLimitError>() => Err(Failure::BodyTooLarge(max)),
-        Ok(Err(e)) => Err(Failure::BadBody(e.to_string())),
-        Ok(Ok(collected)) => {
-            let full = http_body_util::Full::new(collected.to_bytes()).map_err(|never| match never {});
-            Ok(Request::from_parts(parts, full.boxed_unsync()))
-        }
     }
 }
 

@@ -25,6 +25,10 @@ pub(crate) enum Saturated {
     Tenant(u32),
     /// The node's whole instance pool.
     Node(u32),
+    /// The deployment's allowance of requests whose bodies still arrive.
+    SlowBodies(u32),
+    /// The tenant's allowance of requests whose bodies still arrive.
+    TenantSlowBodies(u32),
 }
 
 /// Why a request did not get the guest's response.
@@ -102,6 +106,14 @@ impl Failure {
             Failure::Busy(Saturated::Node(n)) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("all {n} instances of this node are in use; retry shortly"),
+            ),
+            Failure::Busy(Saturated::SlowBodies(n)) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("deployment '{name}' already runs {n} requests whose bodies are still arriving, half its concurrency; retry shortly"),
+            ),
+            Failure::Busy(Saturated::TenantSlowBodies(n)) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("the tenant of deployment '{name}' already runs {n} requests whose bodies are still arriving, half its share of this node; retry shortly"),
             ),
             Failure::Stopped => {
                 (StatusCode::SERVICE_UNAVAILABLE, format!("deployment '{name}' was removed while this request ran"))

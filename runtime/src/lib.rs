@@ -36,6 +36,7 @@
 //! # Ok(()) }
 //! ```
 
+mod body_first;
 mod capabilities;
 mod deadline;
 mod deployment;

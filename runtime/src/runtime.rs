@@ -164,6 +164,8 @@ pub(crate) struct TenantShare {
     pub(crate) permits: Arc<Semaphore>,
     /// How many permits it has (for messages).
     pub(crate) size: AtomicU32,
+    /// Its requests admitted while their bodies still arrive.
+    pub(crate) slow_bodies: AtomicU32,
 }
 
 /// A WebAssembly component runtime for HTTP handlers.
@@ -323,7 +325,11 @@ impl Runtime {
     pub(crate) fn tenant_share(&self, tenant: &str) -> Arc<TenantShare> {
         let mut tenants = self.inner.tenants.lock().unwrap();
         let per_tenant = self.inner.per_tenant;
-        let new = || Arc::new(TenantShare { permits: Arc::new(Semaphore::new(per_tenant as usize)), size: AtomicU32::new(per_tenant) });
+        let new = || Arc::new(TenantShare {
+            permits: Arc::new(Semaphore::new(per_tenant as usize)),
+            size: AtomicU32::new(per_tenant),
+            slow_bodies: AtomicU32::new(0),
+        });
         tenants.entry(tenant.to_string()).or_insert_with(new).clone()
     }
 

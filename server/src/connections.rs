@@ -14,19 +14,21 @@ use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 /// A request body as handlers get it: the client must keep it coming. A
 /// reader that waits longer than the body timeout for the next bytes gets
-/// an error instead (time the reader spends elsewhere does not count).
+/// an error instead (time the reader spends elsewhere does not count: a
+/// reader in another task, as when the runtime reads the start of a body
+/// before the guest reads the rest, starts its own wait).
 pub struct RequestBody {
     inner: Incoming,
     idle: Duration,
-    /// While the reader waits for bytes: when it gives up.
-    waiting: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// While a reader waits for bytes: when it gives up, and who it is.
+    waiting: Option<(Pin<Box<tokio::time::Sleep>>, Waker)>,
 }
 
 impl RequestBody {
@@ -46,10 +48,16 @@ impl http_body::Body for RequestBody {
                 this.waiting = None;
                 Poll::Ready(frame.map(|f| f.map_err(BoxError::from)))
             }
-            Poll::Pending => match this.waiting.get_or_insert_with(|| Box::pin(tokio::time::sleep(this.idle))).as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Some(Err(format!("the client sent no body bytes for {:?}", this.idle).into()))),
-                Poll::Pending => Poll::Pending,
-            },
+            Poll::Pending => {
+                if !this.waiting.as_ref().is_some_and(|(_, reader)| reader.will_wake(cx.waker())) {
+                    this.waiting = Some((Box::pin(tokio::time::sleep(this.idle)), cx.waker().clone()));
+                }
+                let (sleep, _) = this.waiting.as_mut().expect("set above");
+                match sleep.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(format!("the client sent no body bytes for {:?}", this.idle).into()))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
         }
     }
 

@@ -20,6 +20,11 @@
 //!   FP32 `[4]` of zeros, twice, `ms` (the body) apart; answers the sums
 //!   of the two outputs `out` (a model replaced in between must not
 //!   change what this graph computes).
+//! - `POST /raw-tensor?NAME`: one tensor as tests/corpus/tensors and the
+//!   `guest_tensor` fuzz target write it (byte 0 the type, byte 1 the rank
+//!   mod 5, two little-endian bytes per dimension, a byte choosing the
+//!   input's name, then the data), given to NAME as its input; answers
+//!   the outputs' names.
 //! - `/hoard`: makes 1 MiB tensors and keeps them, 1000 of them (the host
 //!   holds their bytes; a request may hold no more than its memory limit).
 
@@ -110,6 +115,20 @@ fn probe(path: &str, name: &str, body: &[u8]) -> Result<String, Error> {
             let first = sum()?;
             std::thread::sleep(std::time::Duration::from_millis(ms));
             Ok(format!("sums {first} {}", sum()?))
+        }
+        "/raw-tensor" => {
+            let short = || Error { code: "invalid-argument", message: "the tensor's description is cut short".into() };
+            let [ty, rank, rest @ ..] = body else { return Err(short()) };
+            let types = [TensorType::Fp16, TensorType::Fp32, TensorType::Fp64, TensorType::Bf16, TensorType::U8, TensorType::I32, TensorType::I64];
+            let rank = (*rank % 5) as usize;
+            if rest.len() < rank * 2 + 1 {
+                return Err(short());
+            }
+            let dims = rest[..rank * 2].chunks(2).map(|d| u32::from(u16::from_le_bytes([d[0], d[1]]))).collect();
+            let input = ["pixels", "text", "other"][rest[rank * 2] as usize % 3];
+            let tensor = Tensor::new(dims, types[*ty as usize % types.len()], rest[rank * 2 + 1..].to_vec());
+            let out = Graph::load_by_name(name)?.compute(&[(input, tensor)])?;
+            Ok(format!("outputs {}", out.0.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(" ")))
         }
         _ => Ok("unknown probe".into()),
     }
