@@ -55,7 +55,7 @@ for target in "${targets[@]}"; do
   mkdir -p "$work" "fuzz/artifacts/$target"
   echo "fuzz: $target for ${seconds}s from $corpus" >&2
   if ! (cd fuzz && cargo fuzz run "${features[@]}" "$target" "corpus/$target" "../$corpus" -- \
-      -max_total_time="$seconds" -timeout=20 -rss_limit_mb=4096 -max_len=1048576 -print_final_stats=1 2>&1 | tail -n 25); then
+      -max_total_time="$seconds" -timeout=20 -rss_limit_mb=4096 -max_len=1048576 -print_final_stats=1 2>&1 | grep -vE '^("|#[0-9]+|###### |INFO: |\s+NEW_FUNC)' | tail -n 40); then
     status=1
   fi
   for crash in fuzz/artifacts/"$target"/*; do
