@@ -24,6 +24,8 @@
 # and RUST_LOG=warn (as the other benchmarks: no log line per request; B's
 # traps and limits still log their warnings). No rate limit or instance
 # quota is set for either tenant: the node's defaults are what is measured.
+# B's deployments set limits of their own at deploy time (B_DEPLOYMENTS in
+# the .py: cpu_ms 1000 for /loop; concurrency 4 and queue 16 for the storm).
 # The binary is copied into the temp dir first, so a rebuild of target/
 # during the run changes nothing.
 set -euo pipefail

@@ -12,6 +12,10 @@ use args::{Cli, Command};
 use clap::Parser;
 use commands::deployments;
 
+/// Task polls between two looks for ready sockets and due timers (see
+/// `main`).
+const EVENT_INTERVAL: u32 = 8;
+
 fn main() -> std::process::ExitCode {
     keep_tensor_buffers_in_the_heap();
     raise_open_file_limit();
@@ -24,7 +28,13 @@ fn main() -> std::process::ExitCode {
         args::LogFormat::Text => logs.init(),
         args::LogFormat::Json => logs.json().init(),
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    // Guests run on the same workers as the connections, in slices of an
+    // epoch tick (5 ms): tokio looks for ready sockets every
+    // `event_interval` task polls (61 by default: 300 ms of spinning
+    // guests), so other tenants' requests waited seconds behind CPU hogs.
+    // Every eighth poll costs no measurable throughput and bounds it to
+    // tens of milliseconds (scripts/bench-neighbours.sh; docs/performance.md).
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().event_interval(EVENT_INTERVAL).build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

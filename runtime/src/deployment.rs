@@ -13,7 +13,7 @@ use crate::limits::Limits;
 use crate::nn::models::Warm;
 use crate::output::{GuestLog, LogSink, RequestId};
 use crate::runtime::{Runtime, TenantShare};
-use crate::usage::{GuestCpu, Meter, Outcome, UsageSink};
+use crate::usage::{Clock, GuestCpu, Meter, Outcome, UsageSink};
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::BodyExt;
@@ -273,7 +273,7 @@ impl Deployment {
         let body_too_large = Arc::new(AtomicBool::new(false));
         let request = limit_body(request, limits.max_body_bytes, body_too_large.clone(), meter.clone());
         let (cpu_ms, memory_mb) = (limits.cpu_ms, limits.memory_mb);
-        let instantiate = GuestCpu::new(me.pre.instantiate_async(&mut store), meter.clone());
+        let instantiate = GuestCpu::new(me.pre.instantiate_async(&mut store), meter.clone(), Clock::Monotonic);
         let proxy = match timeout_at(deadline, instantiate).await {
             Err(_) => return Err(Failure::Timeout(limits.timeout_ms)),
             Ok(Err(err)) => return Err(Failure::from_call(store.data(), &err, cpu_ms, memory_mb)),
@@ -294,7 +294,7 @@ impl Deployment {
         let guest_meter = meter.clone();
         let guest = tokio::spawn(async move {
             let _permits = permits;
-            let call = GuestCpu::new(proxy.wasi_http_incoming_handler().call_handle(&mut store, req, out), guest_meter.clone());
+            let call = GuestCpu::new(proxy.wasi_http_incoming_handler().call_handle(&mut store, req, out), guest_meter.clone(), Clock::Thread);
             // The guest yields to the executor at every epoch tick, so
             // dropping `call` (timeout, stop, or an abort of this task when
             // the client leaves) interrupts it within a tick.
@@ -323,7 +323,7 @@ impl Deployment {
             // Tearing the instance down (resetting its memory) is the
             // request's work too.
             match &guest_meter {
-                Some(meter) => meter.add_guest_cpu_of(|| drop(store)),
+                Some(meter) => meter.add_guest_cpu_of(Clock::Monotonic, || drop(store)),
                 None => drop(store),
             }
             result

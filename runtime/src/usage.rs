@@ -137,12 +137,14 @@ impl Meter {
         self.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
     }
 
-    /// Runs `work` on this thread, counting its CPU time as the guest's.
-    pub(crate) fn add_guest_cpu_of(&self, work: impl FnOnce()) {
-        let before = thread_cpu_time();
-        work();
-        let spent = thread_cpu_time().saturating_sub(before);
+    /// Runs `work` on this thread, counting its CPU time as the guest's,
+    /// read from `clock`.
+    pub(crate) fn add_guest_cpu_of<T>(&self, clock: Clock, work: impl FnOnce() -> T) -> T {
+        let before = clock.now();
+        let out = work();
+        let spent = clock.now().saturating_sub(before);
         self.guest_cpu_ns.fetch_add(spent.as_nanos() as u64, Ordering::Relaxed);
+        out
     }
 
     /// Counts one inference call that kept `device` busy for `time`.
@@ -211,6 +213,12 @@ impl Drop for Meter {
     }
 }
 
+/// The monotonic clock's time (since boot).
+fn monotonic_time() -> Duration {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed()
+}
+
 /// The calling thread's CPU time.
 fn thread_cpu_time() -> Duration {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
@@ -222,29 +230,56 @@ fn thread_cpu_time() -> Duration {
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
-/// A future whose every poll's thread CPU time is added to a meter's guest
+/// How a section of a request's work on one thread is timed.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Clock {
+    /// The thread's CPU clock: what the thread ran, whatever else ran on
+    /// the core meanwhile. A system call (the vDSO cannot read it), about
+    /// a microsecond: for the guest's code, which runs as long as it likes.
+    Thread,
+    /// The monotonic clock (the vDSO: tens of nanoseconds), the same as
+    /// the thread's CPU time but for preemption within a poll: for the
+    /// host's work on the request (instantiation, tearing the instance
+    /// down), which runs in few polls of tens of microseconds.
+    Monotonic,
+}
+
+impl Clock {
+    fn now(self) -> Duration {
+        match self {
+            Clock::Thread => thread_cpu_time(),
+            Clock::Monotonic => monotonic_time(),
+        }
+    }
+}
+
+/// A future whose every poll's time on `clock` is added to a meter's guest
 /// CPU: wasmtime runs the guest inside the poll of its call future.
 pub(crate) struct GuestCpu<F> {
-    inner: Pin<Box<F>>,
+    inner: F,
     meter: Option<Arc<Meter>>,
+    clock: Clock,
 }
 
 impl<F: Future> GuestCpu<F> {
-    pub(crate) fn new(inner: F, meter: Option<Arc<Meter>>) -> Self {
-        GuestCpu { inner: Box::pin(inner), meter }
+    pub(crate) fn new(inner: F, meter: Option<Arc<Meter>>, clock: Clock) -> Self {
+        GuestCpu { inner, meter, clock }
     }
 }
 
 impl<F: Future> Future for GuestCpu<F> {
     type Output = F::Output;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        let Some(meter) = self.meter.clone() else {
-            return self.inner.as_mut().poll(cx);
-        };
-        let mut polled = Poll::Pending;
-        meter.add_guest_cpu_of(|| polled = self.inner.as_mut().poll(cx));
-        polled
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        // SAFETY: `inner` is pinned structurally: it is never moved out of
+        // a pinned `GuestCpu`, which has no `Drop` and is `Unpin` only when
+        // `F` is.
+        let this = unsafe { self.get_unchecked_mut() };
+        let inner = unsafe { Pin::new_unchecked(&mut this.inner) };
+        match &this.meter {
+            Some(meter) => meter.add_guest_cpu_of(this.clock, || inner.poll(cx)),
+            None => inner.poll(cx),
+        }
     }
 }
 
@@ -305,6 +340,7 @@ mod tests {
                 }
             },
             Some(meter.clone()),
+            Clock::Thread,
         );
         block_on(spin);
         drop(meter);
