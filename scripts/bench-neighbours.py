@@ -487,18 +487,18 @@ def close_quietly(writer):
             pass
 
 
-async def closed_loop_client(host, port, raw, deadline, tally):
-    """Sends `raw` again as soon as each answer arrives, until `deadline`."""
+async def request_loop(host, port, deadline, tally, exchange, pause):
+    """Runs `exchange(reader, writer)` on one keep-alive connection until
+    `deadline`, connecting again when it returns False (the server closed
+    the connection) or fails (counted by the error's type, then `pause`
+    seconds); a request cut off by the deadline counts as in flight."""
     writer = None
     try:
         while time.monotonic() < deadline:
             try:
                 if writer is None:
                     reader, writer = await before(deadline, open_connection(host, port))
-                writer.write(raw)
-                status, close = await before(deadline, read_response(reader))
-                tally.add(status)
-                if close:
+                if not await exchange(reader, writer):
                     close_quietly(writer)
                     writer = None
             except Deadline:
@@ -508,9 +508,21 @@ async def closed_loop_client(host, port, raw, deadline, tally):
                 tally.add(f"{type(e).__name__}")
                 close_quietly(writer)
                 writer = None
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(pause)
     finally:
         close_quietly(writer)
+
+
+async def closed_loop_client(host, port, raw, deadline, tally):
+    """Sends `raw` again as soon as each answer arrives, until `deadline`."""
+
+    async def exchange(reader, writer):
+        writer.write(raw)
+        status, close = await before(deadline, read_response(reader))
+        tally.add(status)
+        return not close
+
+    await request_loop(host, port, deadline, tally, exchange, 0.01)
 
 
 async def slow_client(host, port, head, body_bytes, deadline, tally, start_delay):
@@ -558,43 +570,27 @@ async def pusher(url, token, files, deadline, tally, index):
     model-files/SHA256, 29 MiB), then the model (PUT models/NAME), which
     the server checks."""
     host, port = split_url(url)
-    weights = files["model.safetensors"]
+    sha, content = files["model.safetensors"]
     spec = json.dumps({"format": "safetensors", "files": {name: sha for name, (sha, _) in files.items()}}).encode()
     auth = f"authorization: Bearer {token}\r\nhost: {host}:{port}\r\n"
-    writer = None
-    try:
-        while time.monotonic() < deadline:
-            try:
-                if writer is None:
-                    reader, writer = await before(deadline, open_connection(host, port))
-                sha, content = weights
-                writer.write(f"PUT /_gpuwasm/v1/model-files/{sha} HTTP/1.1\r\n{auth}content-length: {len(content)}\r\n\r\n".encode())
-                writer.write(content)
-                status, close = await before(deadline, read_response(reader))
-                tally.add(f"file {status}")
-                if status == 429:  # the tenant's upload slots are busy
-                    await asyncio.sleep(0.05)
-                    continue
-                if close:
-                    close_quietly(writer)
-                    reader, writer = await before(deadline, open_connection(host, port))
-                writer.write(f"PUT /_gpuwasm/v1/models/synthetic-{index} HTTP/1.1\r\n{auth}content-type: application/json\r\n"
-                             f"content-length: {len(spec)}\r\n\r\n".encode() + spec)
-                status, close = await before(deadline, read_response(reader))
-                tally.add(f"model {status}")
-                if close:
-                    close_quietly(writer)
-                    writer = None
-            except Deadline:
-                tally.add("in flight at the end")
-                break
-            except (OSError, asyncio.IncompleteReadError, ValueError, IndexError) as e:
-                tally.add(f"{type(e).__name__}")
-                close_quietly(writer)
-                writer = None
-                await asyncio.sleep(0.05)
-    finally:
-        close_quietly(writer)
+
+    async def exchange(reader, writer):
+        writer.write(f"PUT /_gpuwasm/v1/model-files/{sha} HTTP/1.1\r\n{auth}content-length: {len(content)}\r\n\r\n".encode())
+        writer.write(content)
+        status, close = await before(deadline, read_response(reader))
+        tally.add(f"file {status}")
+        if status == 429:  # the tenant's upload slots are busy
+            await asyncio.sleep(0.05)
+            return not close
+        if close:
+            return False
+        writer.write(f"PUT /_gpuwasm/v1/models/synthetic-{index} HTTP/1.1\r\n{auth}content-type: application/json\r\n"
+                     f"content-length: {len(spec)}\r\n\r\n".encode() + spec)
+        status, close = await before(deadline, read_response(reader))
+        tally.add(f"model {status}")
+        return not close
+
+    await request_loop(host, port, deadline, tally, exchange, 0.05)
 
 
 async def b_load(args, tally):
