@@ -4,9 +4,10 @@
 # wasi-nn (guest_tensor), gpuwasm.toml (manifest) and the admin API's
 # request decoding (admin_api). Each target starts from its folder of the
 # committed corpus (tests/corpus) and runs SECONDS (default 60); a crash
-# is copied into that folder as fuzz-crash-HASH (make it a clean error,
-# then commit the file: tests/security.rs checks every corpus file
-# against a real server) and the script exits 1.
+# is copied into that folder as fuzz-crash-HASH and the script exits 1.
+# Fix the crash, then commit the file: tests/security.rs sends every
+# corpus file to a real server and expects a clean error (rename the file
+# valid-... if the input is good and must be served instead).
 #   scripts/fuzz.sh [SECONDS] [TARGET...]
 # CI runs the model and tensor targets for a bounded time (the manifest
 # and admin API targets build the whole server: by hand, and their corpus
@@ -55,7 +56,7 @@ for target in "${targets[@]}"; do
   mkdir -p "$work" "fuzz/artifacts/$target"
   echo "fuzz: $target for ${seconds}s from $corpus" >&2
   if ! (cd fuzz && cargo fuzz run "${features[@]}" "$target" "corpus/$target" "../$corpus" -- \
-      -max_total_time="$seconds" -timeout=20 -rss_limit_mb=4096 -max_len=1048576 -print_final_stats=1 2>&1 | grep -vE '^("|#[0-9]+|###### |INFO: |\s+NEW_FUNC)' | tail -n 40); then
+      -max_total_time="$seconds" -timeout=60 -rss_limit_mb=4096 -max_len=1048576 -print_final_stats=1 2>&1 | grep -vE '^("|#[0-9]+|###### |INFO: |\s+NEW_FUNC)' | tail -n 40); then
     status=1
   fi
   for crash in fuzz/artifacts/"$target"/*; do

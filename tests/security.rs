@@ -403,6 +403,7 @@ async fn concurrent_pushes_of_one_name_end_with_one_whole_version() {
     let reply = send("POST", &format!("{}/mallory/probe/twice?same", server.url), &[], "0").await;
     let sum = 4 * winner;
     assert_eq!(reply.body, format!("ok sums {sum} {sum}"), "the model serves the winning push's weights");
+    acme_is_served(&server).await;
 }
 
 /// Bytes of the files under `dir`, recursively, each inode counted once
@@ -688,14 +689,20 @@ async fn attack_8_models_change_under_load_without_mixing_weights() {
     assert!(seen.len() == 3, "every phase was seen: {seen:?}");
 
     // Idle eviction (1 s, checked every 250 ms) racing waves of 32
-    // requests 0.9 to 1.6 s apart: the model is evicted between waves and
-    // loaded again, some waves arriving as it goes.
+    // requests 0.9 to 1.3 s apart: the model is evicted between waves and
+    // loaded again, some waves arriving as it goes; the last three waves
+    // come 2.5 s apart, so it is certainly evicted before them.
     let loads = model_loads(&metrics).await;
     let start = Instant::now() + Duration::from_millis(100);
     let waves: Vec<Vec<Instant>> = (0..32u64)
         .map(|client| {
             let mut at = start;
-            (0..8u64).map(|wave| { at += Duration::from_millis(900 + 100 * wave + client % 8); at }).collect()
+            (0..8u64)
+                .map(|wave| {
+                    at += Duration::from_millis(if wave >= 5 { 2500 } else { 900 + 100 * wave } + client % 8);
+                    at
+                })
+                .collect()
         })
         .collect();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -769,20 +776,22 @@ async fn attack_9_every_file_of_the_bad_input_corpus_gets_a_clean_error() {
     let hello_bytes = std::fs::read(&hello).unwrap();
     for (name, bytes) in corpus("api") {
         let what = format!("api/{name}");
-        let body = bytes[1..].to_vec();
-        let (status, json) = match bytes[0] {
-            b'0' => {
+        // As the admin_api fuzz target reads it: the first byte mod 6
+        // picks the request ('0' to '5' in the files made by hand).
+        let Some((&selector, body)) = bytes.split_first() else { continue };
+        let body = body.to_vec();
+        let (status, json) = match selector % 6 {
+            0 => {
                 let url = format!("{}/_gpuwasm/v1/deployments/corpus", server.url);
-                let spec = String::from_utf8(body).unwrap();
+                let spec = String::from_utf8_lossy(&body).into_owned();
                 let reply = send("PUT", &url, &[("authorization", &format!("Bearer {mallory}")), ("gpuwasm-spec", &spec)], hello_bytes.clone()).await;
                 (reply.status, serde_json::from_str(&reply.body).unwrap_or_default())
             }
-            b'1' => server.api(&mallory, "PUT", &format!("deployments/corpus?{}", String::from_utf8(body).unwrap()), hello_bytes.clone()).await,
-            b'2' => server.api(TOKEN, "POST", "tenants", body).await,
-            b'3' => server.api(TOKEN, "PUT", "tenants/mallory/domains", body).await,
-            b'4' => server.api(TOKEN, "PUT", "tenants/mallory/limits", body).await,
-            b'5' => server.api(&mallory, "PUT", "models/corpus", body).await,
-            other => panic!("{what}: unknown request {:?}", other as char),
+            1 => server.api(&mallory, "PUT", &format!("deployments/corpus?{}", String::from_utf8_lossy(&body)), hello_bytes.clone()).await,
+            2 => server.api(TOKEN, "POST", "tenants", body).await,
+            3 => server.api(TOKEN, "PUT", "tenants/mallory/domains", body).await,
+            4 => server.api(TOKEN, "PUT", "tenants/mallory/limits", body).await,
+            _ => server.api(&mallory, "PUT", "models/corpus", body).await,
         };
         refused(&what, status, &json, &data_dir);
         checked += 1;
@@ -840,40 +849,20 @@ async fn attack_9_every_file_of_the_bad_input_corpus_gets_a_clean_error() {
     assert!(checked > 100, "only {checked} corpus files");
 }
 
-/// 500 slowloris clients on one deployment (each sends its head and one
-/// byte of a 100 kB body, then nothing) on a node whose 64 instances one
-/// tenant could take whole: requests whose bodies are still arriving may
-/// take only half a deployment's concurrency and half a tenant's share,
-/// so the rest are refused at once with 503, and the same deployment (to
-/// a client that sends its body), the tenant's other deployment and the
-/// other tenant are all answered at once.
-#[tokio::test]
-async fn attack_10_slow_bodies_cannot_take_every_instance() {
+/// Opens `n` connections to `path` that each send a head and one byte of
+/// a 100 kB body, then nothing; returns each one's first answer (empty
+/// when none came within 2 s) with the connection, still open.
+async fn slow_clients(server: &Server, path: &str, n: usize) -> Vec<(String, tokio::net::TcpStream)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let dir = tempfile::tempdir().unwrap();
-    let (server, mallory, _) = two_tenants(&dir, &["--max-instances", "64", "--max-tenant-instances", "64"]).await;
-    assert_eq!(deploy(&server, &mallory, "slow", "behaviors", "concurrency=64").await.0, 201);
-    assert_eq!(deploy(&server, &mallory, "other", "hello", "").await.0, 201);
     let address = server.url.trim_start_matches("http://").to_string();
-    let head = "POST /mallory/slow/echo HTTP/1.1\r\nhost: x\r\ncontent-length: 100000\r\n\r\nx";
-    let mut slow = Vec::new();
-    for _ in 0..500 {
+    let head = format!("POST {path} HTTP/1.1\r\nhost: x\r\ncontent-length: 100000\r\n\r\nx");
+    let mut streams = Vec::new();
+    for _ in 0..n {
         let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();
         stream.write_all(head.as_bytes()).await.unwrap();
-        slow.push(stream);
+        streams.push(stream);
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-
-    acme_is_served(&server).await;
-    let started = Instant::now();
-    let reply = get(&format!("{}/mallory/other/", server.url)).await;
-    assert_eq!((reply.status, reply.body.as_str()), (200, HELLO));
-    let reply = send("POST", &format!("{}/mallory/slow/echo", server.url), &[], "whole").await;
-    assert_eq!((reply.status, reply.body.as_str()), (200, "whole"), "the attacked deployment serves a client that sends its body");
-    assert!(started.elapsed() < Duration::from_secs(2), "mallory's requests waited {:?}", started.elapsed());
-
-    // Past the allowance (32), slow clients were refused at once.
-    let answers: Vec<_> = slow
+    let answers: Vec<_> = streams
         .into_iter()
         .map(|mut stream| {
             tokio::spawn(async move {
@@ -883,22 +872,63 @@ async fn attack_10_slow_bodies_cannot_take_every_instance() {
             })
         })
         .collect();
-    let (mut refused, mut admitted) = (0, 0);
-    let mut held = Vec::new();
+    let mut out = Vec::new();
     for answer in answers {
-        let (text, stream) = answer.await.unwrap();
+        out.push(answer.await.unwrap());
+    }
+    out
+}
+
+/// How many of `answers` were admitted to the echo handler (which streams
+/// back the byte it read) and how many refused at once with a 503 whose
+/// message contains `why`; any other answer fails.
+fn admitted_and_refused(answers: &[(String, tokio::net::TcpStream)], why: &str) -> (usize, usize) {
+    let (mut admitted, mut refused) = (0, 0);
+    for (text, _) in answers {
         if text.starts_with("HTTP/1.1 503") {
-            assert!(text.to_lowercase().contains("retry-after") && text.contains("bodies are still arriving"), "{text}");
+            assert!(text.to_lowercase().contains("retry-after") && text.contains(why), "{text}");
             refused += 1;
         } else {
-            // The echo handler streams back what it has read so far.
-            assert!(text.starts_with("HTTP/1.1 200") && text.ends_with("1\r\nx\r\n"), "{text}");
+            assert!(text.starts_with("HTTP/1.1 200") && text.ends_with("1\r\nx\r\n"), "neither admitted nor refused: {text:?}");
             admitted += 1;
         }
-        held.push(stream);
     }
-    eprintln!("of 500 slow clients, {admitted} admitted and {refused} refused at once");
-    assert_eq!((admitted, refused), (32, 468), "half the deployment's concurrency (and of the tenant's share) for slow bodies");
-    let reply = send("POST", &format!("{}/mallory/slow/echo", server.url), &[], "again").await;
-    assert_eq!(reply.status, 200, "{}", reply.body);
+    (admitted, refused)
+}
+
+/// 500 slowloris clients on one deployment (each sends its head and one
+/// byte of a 100 kB body, then nothing) on a node whose 64 instances one
+/// tenant could take whole: requests whose bodies are still arriving may
+/// take only half a deployment's concurrency, half a tenant's share and
+/// half the node's instances, so the rest are refused at once with 503;
+/// the same deployment (to a client that sends its body), the tenant's
+/// other deployment and the other tenant are all answered at once, and
+/// the other tenant's slow clients are refused by the node's allowance.
+/// Once the slow clients leave, their places are free again.
+#[tokio::test]
+async fn attack_10_slow_bodies_cannot_take_every_instance() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, mallory, _) = two_tenants(&dir, &["--max-instances", "64", "--max-tenant-instances", "64"]).await;
+    assert_eq!(deploy(&server, &mallory, "slow", "behaviors", "concurrency=64").await.0, 201);
+    assert_eq!(deploy(&server, &mallory, "other", "hello", "").await.0, 201);
+    let held = slow_clients(&server, "/mallory/slow/echo", 500).await;
+    let counts = admitted_and_refused(&held, "bodies are still arriving");
+    eprintln!("of 500 slow clients, {} admitted and {} refused at once", counts.0, counts.1);
+    assert_eq!(counts, (32, 468), "half the deployment's concurrency (and of the tenant's share) for slow bodies");
+
+    acme_is_served(&server).await;
+    let started = Instant::now();
+    let reply = get(&format!("{}/mallory/other/", server.url)).await;
+    assert_eq!((reply.status, reply.body.as_str()), (200, HELLO));
+    let reply = send("POST", &format!("{}/mallory/slow/echo", server.url), &[], "whole").await;
+    assert_eq!((reply.status, reply.body.as_str()), (200, "whole"), "the attacked deployment serves a client that sends its body");
+    assert!(started.elapsed() < Duration::from_secs(2), "mallory's requests waited {:?}", started.elapsed());
+    let others = slow_clients(&server, "/acme/hello/", 5).await;
+    assert_eq!(admitted_and_refused(&others, "this node already runs 32 requests whose bodies are still arriving"), (0, 5));
+
+    // Gone, the slow clients leave their places free.
+    drop((held, others));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let again = slow_clients(&server, "/mallory/slow/echo", 40).await;
+    assert_eq!(admitted_and_refused(&again, "bodies are still arriving"), (32, 8), "the allowance is whole again");
 }

@@ -1,11 +1,13 @@
 //! A request's body, read before the request takes an instance: whole
 //! when it is small and its client sends it at once, so most requests
-//! hold an instance only while they run. A body still arriving after a
-//! short grace (a slow client, an upload, a stream the guest answers as
-//! it goes) streams on behind what was read, and the request counts as
-//! one with its body still arriving: such requests may take at most half
-//! of a deployment's concurrency and of its tenant's instances (see
-//! `Deployment::admit`), so slow clients cannot hold them all.
+//! hold an instance only while they run; a larger body sent at once is
+//! read up to 64 KiB, the rest streaming behind. A body whose client has
+//! not sent it (or its first 64 KiB) within a short grace (a slow client,
+//! a stream the guest answers as it goes) streams on behind what was
+//! read, and the request is a slow one: slow requests may take at most
+//! half of a deployment's concurrency, of its tenant's instances and of
+//! the node's (see `Deployment::admit`), so slow clients cannot hold them
+//! all.
 
 use crate::failure::{BoxError, Failure};
 use crate::limits::Limits;
@@ -38,8 +40,9 @@ pub(crate) type BoxedBody = UnsyncBoxBody<Bytes, BoxError>;
 /// A request whose body was read as far as it had arrived.
 pub(crate) struct Arrived {
     pub(crate) request: Request<BoxedBody>,
-    /// Whether its body is whole (the guest never waits on the client).
-    pub(crate) whole: bool,
+    /// Whether its client was slow: the body had neither ended nor
+    /// reached [`READ_FIRST_LIMIT`] within [`GRACE`].
+    pub(crate) slow: bool,
 }
 
 /// Reads `request`'s body up to [`READ_FIRST_LIMIT`] bytes or its end,
@@ -54,17 +57,17 @@ where
     let (parts, body) = request.into_parts();
     let mut body = body.map_err(Into::into).boxed_unsync();
     if body.is_end_stream() {
-        return Ok(Arrived { request: Request::from_parts(parts, body), whole: true });
+        return Ok(Arrived { request: Request::from_parts(parts, body), slow: false });
     }
     let max = limits.max_body_bytes;
     let must_be_whole = declared.is_none() && max <= READ_FIRST_LIMIT;
     let until = if must_be_whole { deadline } else { deadline.min(Instant::now() + GRACE) };
     let (mut read, mut bytes) = (VecDeque::new(), 0u64);
-    let whole = loop {
+    let (slow, ended) = loop {
         match timeout_at(until, body.frame()).await {
             Err(_) if must_be_whole => return Err(Failure::Timeout(limits.timeout_ms)),
-            Err(_) => break false,
-            Ok(None) => break true,
+            Err(_) => break (true, false),
+            Ok(None) => break (false, true),
             Ok(Some(Err(e))) => return Err(Failure::BadBody(e.to_string())),
             Ok(Some(Ok(frame))) => {
                 bytes += frame.data_ref().map_or(0, |d| d.len() as u64);
@@ -73,13 +76,13 @@ where
                 }
                 read.push_back(frame);
                 if bytes >= READ_FIRST_LIMIT && !must_be_whole {
-                    break body.is_end_stream();
+                    break (false, body.is_end_stream());
                 }
             }
         }
     };
-    let rest = (!whole).then_some(body);
-    Ok(Arrived { request: Request::from_parts(parts, Prefixed { read, bytes, rest }.boxed_unsync()), whole })
+    let rest = (!ended).then_some(body);
+    Ok(Arrived { request: Request::from_parts(parts, Prefixed { read, bytes, rest }.boxed_unsync()), slow })
 }
 
 /// A body whose first frames were read already, and the rest, if any.
@@ -163,7 +166,7 @@ mod tests {
     #[tokio::test]
     async fn a_body_sent_at_once_is_whole_before_admission() {
         let arrived = read_first(Request::new(Full::new(Bytes::from_static(b"hello"))), Some(5), &limits(1 << 20), far()).await.unwrap();
-        assert!(arrived.whole);
+        assert!(!arrived.slow);
         assert_eq!(arrived.request.body().size_hint().exact(), Some(5));
         assert_eq!(collect(arrived.request).await, b"hello");
     }
@@ -171,7 +174,7 @@ mod tests {
     #[tokio::test]
     async fn a_body_still_arriving_streams_behind_what_was_read() {
         let arrived = read_first(chunked(&[b"first;", b"second"], true), None, &limits(1 << 20), far()).await.unwrap();
-        assert!(!arrived.whole, "the body is still open after the grace");
+        assert!(arrived.slow, "the body is still open after the grace");
         let mut body = arrived.request.into_body();
         let mut got = Vec::new();
         for _ in 0..2 {
@@ -182,9 +185,22 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_large_body_sent_at_once_is_not_slow() {
+        static CHUNK: [u8; 32 << 10] = [7; 32 << 10];
+        let arrived = read_first(chunked(&[&CHUNK, &CHUNK, &CHUNK, &CHUNK], true), None, &limits(1 << 20), far()).await.unwrap();
+        assert!(!arrived.slow, "64 KiB arrived within the grace");
+        let mut body = arrived.request.into_body();
+        let mut got = 0;
+        for _ in 0..4 {
+            got += body.frame().await.unwrap().unwrap().into_data().unwrap().len();
+        }
+        assert_eq!(got, 128 << 10, "the first 64 KiB read, the rest streaming behind");
+    }
+
+    #[tokio::test]
     async fn chunked_bodies_under_a_small_limit_are_whole_or_too_large() {
         let arrived = read_first(chunked(&[b"ab", b"cd"], false), None, &limits(4), far()).await.unwrap();
-        assert!(arrived.whole);
+        assert!(!arrived.slow);
         assert_eq!(collect(arrived.request).await, b"abcd");
         let over = read_first(chunked(&[b"ab", b"cde"], false), None, &limits(4), far()).await;
         assert!(matches!(over, Err(Failure::BodyTooLarge(4))));

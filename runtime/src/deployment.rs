@@ -255,9 +255,9 @@ impl Deployment {
         let deadline = Instant::now() + limits.timeout();
         // The guest's own deadline: a generation it starts moves it to `stream_ms`.
         let guest_deadline = Arc::new(Deadline::new(limits.timeout_ms));
-        let Arrived { request, whole } = read_first(request, declared, limits, deadline).await?;
+        let Arrived { request, slow } = read_first(request, declared, limits, deadline).await?;
         let request = with_authority(request);
-        let permits = self.admit(whole).await?;
+        let permits = self.admit(slow).await?;
 
         let mut store = me
             .runtime
@@ -359,12 +359,12 @@ impl Deployment {
     /// Waits for a slot of this deployment, of its tenant's share and of
     /// the shared pool, or fails with [`Failure::Busy`] naming the one
     /// that stayed full when the queue is full or the wait ends. A
-    /// request whose body is not `whole` (still arriving) is refused at
-    /// once when half the deployment's concurrency or half its tenant's
-    /// share is taken by such requests already.
-    async fn admit(&self, whole: bool) -> Result<Admitted, Failure> {
+    /// `slow` request (its body still arriving) is refused at once when
+    /// slow requests hold half the deployment's concurrency, half its
+    /// tenant's share or half the node's instances already.
+    async fn admit(&self, slow: bool) -> Result<Admitted, Failure> {
         let me = &self.inner;
-        let slow_body = if whole { None } else { Some(SlowBody::enter(me)?) };
+        let slow_body = if slow { Some(SlowBody::enter(me)?) } else { None };
         let wait_until = Instant::now() + me.limits.queue_timeout();
         let deployment_full = Saturated::Deployment(me.limits.concurrency);
         let slot = match me.slots.clone().try_acquire_owned() {
@@ -393,23 +393,26 @@ struct Admitted {
 }
 
 /// A request admitted while its body still arrives, counted against its
-/// deployment's and its tenant's allowance of such requests (half of each,
-/// at least one) until it ends.
+/// deployment's, its tenant's and the node's allowances of such requests
+/// (half of each pool, at least one) until it ends.
 struct SlowBody(Arc<DeploymentInner>);
 
 impl SlowBody {
     fn enter(me: &Arc<DeploymentInner>) -> Result<SlowBody, Failure> {
-        let allowed = (me.limits.concurrency / 2).max(1);
-        if me.slow_bodies.fetch_add(1, Ordering::Relaxed) >= allowed {
-            me.slow_bodies.fetch_sub(1, Ordering::Relaxed);
-            return Err(Failure::Busy(Saturated::SlowBodies(allowed)));
-        }
-        let share = &me.tenant_share;
-        let allowed = (share.size.load(Ordering::Relaxed) / 2).max(1);
-        if share.slow_bodies.fetch_add(1, Ordering::Relaxed) >= allowed {
-            share.slow_bodies.fetch_sub(1, Ordering::Relaxed);
-            me.slow_bodies.fetch_sub(1, Ordering::Relaxed);
-            return Err(Failure::Busy(Saturated::TenantSlowBodies(allowed)));
+        let (share, node) = (&me.tenant_share, &me.runtime.inner);
+        let allowances: [(&AtomicU32, u32, fn(u32) -> Saturated); 3] = [
+            (&me.slow_bodies, me.limits.concurrency, Saturated::SlowBodies),
+            (&share.slow_bodies, share.size.load(Ordering::Relaxed), Saturated::TenantSlowBodies),
+            (&node.slow_bodies, node.pool.max_instances, Saturated::NodeSlowBodies),
+        ];
+        for (i, &(count, pool, full)) in allowances.iter().enumerate() {
+            let allowed = (pool / 2).max(1);
+            if count.fetch_add(1, Ordering::Relaxed) >= allowed {
+                for (taken, _, _) in &allowances[..=i] {
+                    taken.fetch_sub(1, Ordering::Relaxed);
+                }
+                return Err(Failure::Busy(full(allowed)));
+            }
         }
         Ok(SlowBody(me.clone()))
     }
@@ -419,6 +422,7 @@ impl Drop for SlowBody {
     fn drop(&mut self) {
         self.0.slow_bodies.fetch_sub(1, Ordering::Relaxed);
         self.0.tenant_share.slow_bodies.fetch_sub(1, Ordering::Relaxed);
+        self.0.runtime.inner.slow_bodies.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -29,6 +29,8 @@ pub(crate) enum Saturated {
     SlowBodies(u32),
     /// The tenant's allowance of requests whose bodies still arrive.
     TenantSlowBodies(u32),
+    /// The node's allowance of requests whose bodies still arrive.
+    NodeSlowBodies(u32),
 }
 
 /// Why a request did not get the guest's response.
@@ -114,6 +116,10 @@ impl Failure {
             Failure::Busy(Saturated::TenantSlowBodies(n)) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("the tenant of deployment '{name}' already runs {n} requests whose bodies are still arriving, half its share of this node; retry shortly"),
+            ),
+            Failure::Busy(Saturated::NodeSlowBodies(n)) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("this node already runs {n} requests whose bodies are still arriving, half its instances; retry shortly"),
             ),
             Failure::Stopped => {
                 (StatusCode::SERVICE_UNAVAILABLE, format!("deployment '{name}' was removed while this request ran"))

@@ -148,6 +148,7 @@ impl RuntimeBuilder {
                 instances: Arc::new(Semaphore::new(self.pool.max_instances as usize)),
                 tenants: Mutex::default(),
                 per_tenant,
+                slow_bodies: AtomicU32::new(0),
                 engine,
                 linker,
                 models: Models::new(self.model_idle, self.batch, self.inference, self.llm, self.devices.unwrap_or_else(Devices::cpu_only), self.gpu_memory),
@@ -193,6 +194,8 @@ pub(crate) struct RuntimeInner {
     /// [`Runtime::set_tenant_instances`] says otherwise.
     tenants: Mutex<HashMap<String, Arc<TenantShare>>>,
     per_tenant: u32,
+    /// Requests admitted while their bodies still arrive, node-wide.
+    pub(crate) slow_bodies: AtomicU32,
     pub(crate) pool: PoolSettings,
     ceilings: Limits,
     models: Models,
