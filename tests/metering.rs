@@ -10,7 +10,7 @@ mod test_models;
 
 use serde_json::Value;
 use std::time::Duration;
-use support::{Server, TOKEN, get, python, send, stdout_of};
+use support::{Server, TOKEN, free_address, get, python, send, stdout_of};
 use test_models::model_path;
 
 /// The JSON usage report the CLI prints for `args`, as `token`.
@@ -213,8 +213,7 @@ async fn usage_survives_a_restart() {
 #[tokio::test]
 async fn prometheus_scrapes_the_metrics() {
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let metrics_addr = format!("127.0.0.1:{port}");
+    let metrics_addr = free_address();
     let server = Server::start_with(&dir.path().join("data"), &["--metrics-listen", &metrics_addr]);
     server.deploy("hello", "hello", &[]);
     server.deploy("trapper", "behaviors", &[]);
@@ -289,8 +288,7 @@ fn burst(url: String, n: usize) -> impl std::future::Future<Output = Vec<support
 #[tokio::test]
 async fn a_tenant_over_its_request_rate_gets_429_and_others_do_not() {
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let metrics_addr = format!("127.0.0.1:{port}");
+    let metrics_addr = free_address();
     let server = Server::start_with(&dir.path().join("data"), &["--metrics-listen", &metrics_addr]);
     let (acme, other) = (server.tenant("acme").await, server.tenant("other").await);
     let hello = support::wasm("hello");

@@ -658,8 +658,7 @@ async fn seen_by(clients: Vec<tokio::task::JoinHandle<Seen>>) -> Seen {
 #[tokio::test]
 async fn attack_8_models_change_under_load_without_mixing_weights() {
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let metrics = format!("127.0.0.1:{port}");
+    let metrics = free_address();
     let (server, mallory, _) = two_tenants(&dir, &["--model-idle-secs", "1", "--metrics-listen", &metrics]).await;
     let (one, two) = (hostile::adds(1.0), hostile::adds(2.0));
     assert_eq!(push_model(&server, &mallory, "m", "onnx", one.clone()).await.0, 201);

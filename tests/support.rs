@@ -282,6 +282,13 @@ pub async fn streaming_connection(server: &Server) -> (hyper::client::conn::http
 }
 
 /// The hex SHA-256 of `bytes`, as the admin API names uploads.
+/// A loopback address with a port free now, for a second listener
+/// (`--metrics-listen`).
+pub fn free_address() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    format!("127.0.0.1:{port}")
+}
+
 pub fn sha256(bytes: &[u8]) -> String {
     use sha2::Digest;
     sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
