@@ -849,8 +849,9 @@ async fn attack_9_every_file_of_the_bad_input_corpus_gets_a_clean_error() {
 }
 
 /// Opens `n` connections to `path` that each send a head and one byte of
-/// a 100 kB body, then nothing; returns each one's first answer (empty
-/// when none came within 2 s) with the connection, still open.
+/// a 100 kB body, then nothing; returns each one's answer so far (empty
+/// when none came within 2 s; a head and its first chunk or whole body,
+/// which may come in separate reads) with the connection, still open.
 async fn slow_clients(server: &Server, path: &str, n: usize) -> Vec<(String, tokio::net::TcpStream)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let address = server.url.trim_start_matches("http://").to_string();
@@ -865,9 +866,15 @@ async fn slow_clients(server: &Server, path: &str, n: usize) -> Vec<(String, tok
         .into_iter()
         .map(|mut stream| {
             tokio::spawn(async move {
-                let mut head = vec![0u8; 512];
-                let n = tokio::time::timeout(Duration::from_secs(2), stream.read(&mut head)).await.map_or(0, |r| r.unwrap_or(0));
-                (String::from_utf8_lossy(&head[..n]).into_owned(), stream)
+                let until = tokio::time::Instant::now() + Duration::from_secs(2);
+                let (mut text, mut buf) = (String::new(), [0u8; 512]);
+                while !answer_complete(&text) {
+                    match tokio::time::timeout_at(until, stream.read(&mut buf)).await {
+                        Ok(Ok(n)) if n > 0 => text.push_str(&String::from_utf8_lossy(&buf[..n])),
+                        _ => break,
+                    }
+                }
+                (text, stream)
             })
         })
         .collect();
@@ -876,6 +883,17 @@ async fn slow_clients(server: &Server, path: &str, n: usize) -> Vec<(String, tok
         out.push(answer.await.unwrap());
     }
     out
+}
+
+/// Whether `text` holds a whole answer to a slow client: a refusal with
+/// its whole body, or the echo's head and first chunk.
+fn answer_complete(text: &str) -> bool {
+    let Some((head, body)) = text.split_once("\r\n\r\n") else { return false };
+    let length = head.lines().find_map(|l| l.to_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap_or(0)));
+    match length {
+        Some(length) => body.len() >= length,
+        None => body.ends_with("1\r\nx\r\n"),
+    }
 }
 
 /// How many of `answers` were admitted to the echo handler (which streams

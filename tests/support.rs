@@ -133,7 +133,8 @@ impl Server {
         ticks as f64 / 100.0
     }
 
-    /// CPU time the server's tokio worker threads have used, in seconds,
+    /// CPU time the server's tokio worker threads (and its long lane's)
+    /// have used, in seconds,
     /// from the scheduler's nanosecond counters (/proc/PID/task/*/schedstat):
     /// the threads that run requests, without the node's own background
     /// threads (epoch ticker, metering writer, model schedulers).
@@ -141,7 +142,7 @@ impl Server {
         let mut ns = 0u64;
         for task in std::fs::read_dir(format!("/proc/{}/task", self.pid())).unwrap().flatten() {
             let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-            if comm.starts_with("tokio-") {
+            if comm.starts_with("tokio-") || comm.starts_with("gpuwasm-long") {
                 let stat = std::fs::read_to_string(task.path().join("schedstat")).unwrap_or_default();
                 ns += stat.split_whitespace().next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
             }

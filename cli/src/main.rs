@@ -28,12 +28,13 @@ fn main() -> std::process::ExitCode {
         args::LogFormat::Text => logs.init(),
         args::LogFormat::Json => logs.json().init(),
     }
-    // Guests run on the same workers as the connections, in slices of an
-    // epoch tick (5 ms): tokio looks for ready sockets every
-    // `event_interval` task polls (61 by default: 300 ms of spinning
-    // guests), so other tenants' requests waited seconds behind CPU hogs.
-    // Every eighth poll costs no measurable throughput and bounds it to
-    // tens of milliseconds (scripts/bench-neighbours.sh; docs/performance.md).
+    // Short guests run on the same workers as the connections, in slices
+    // of an epoch tick (5 ms; long ones move to the runtime's long lane):
+    // tokio looks for ready sockets every `event_interval` task polls (61
+    // by default: 300 ms of spinning guests), so before the long lane
+    // other tenants' requests waited seconds behind CPU hogs. Every eighth
+    // poll costs no measurable throughput (scripts/bench-neighbours.sh;
+    // docs/performance.md).
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().event_interval(EVENT_INTERVAL).build() {
         Ok(rt) => rt,
         Err(e) => {

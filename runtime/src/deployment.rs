@@ -10,6 +10,7 @@ use crate::error::{Error, chain};
 use crate::failure::{BoxError, Failure, ResponseBody, Saturated};
 use crate::host_state::RequestState;
 use crate::limits::Limits;
+use crate::lanes;
 use crate::nn::models::Warm;
 use crate::output::{GuestLog, LogSink, RequestId};
 use crate::runtime::{Runtime, TenantShare};
@@ -57,6 +58,9 @@ struct DeploymentInner {
     queued: AtomicU32,
     /// Requests admitted while their bodies still arrive.
     slow_bodies: AtomicU32,
+    /// Whether its last request to end ran long: the next starts on the
+    /// long lane ([`lanes`]).
+    last_long: Arc<AtomicBool>,
     /// Set once by [`Deployment::stop`].
     stop: watch::Sender<bool>,
     runtime: Runtime,
@@ -93,6 +97,7 @@ impl Deployment {
                 tenant_share: runtime.tenant_share(&capabilities.models.tenant),
                 queued: AtomicU32::new(0),
                 slow_bodies: AtomicU32::new(0),
+                last_long: Arc::default(),
                 stop: watch::Sender::new(false),
                 limits,
                 shared: SharedCapabilities::of(&capabilities),
@@ -292,12 +297,14 @@ impl Deployment {
         let head_deadline = guest_deadline.clone();
         let mut stopped = me.stop.subscribe();
         let guest_meter = meter.clone();
-        let guest = tokio::spawn(async move {
+        let (ticked, last_long) = (store.data().cpu.ticked.clone(), me.last_long.clone());
+        let guest = tokio::spawn(lanes::run(async move {
             let _permits = permits;
             let call = GuestCpu::new(proxy.wasi_http_incoming_handler().call_handle(&mut store, req, out), guest_meter.clone(), Clock::Thread);
             // The guest yields to the executor at every epoch tick, so
             // dropping `call` (timeout, stop, or an abort of this task when
-            // the client leaves) interrupts it within a tick.
+            // the client leaves) interrupts it within a tick. One that
+            // computes past a tick goes on in the long lane (`lanes`).
             let result = tokio::select! {
                 called = guest_deadline.run(call) => match called {
                     None => Err(Failure::Timeout(guest_deadline.limit_ms())),
@@ -328,7 +335,7 @@ impl Deployment {
             }
             result
         }
-        .in_current_span());
+        .in_current_span(), ticked, last_long));
 
         // Until the response is complete, the guest lives only as long as
         // someone waits for it: a client that leaves (this future or the

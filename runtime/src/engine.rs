@@ -5,7 +5,9 @@ use std::time::Duration;
 use wasmtime::{Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 /// How often the ticker thread advances the engine's epoch. Guests yield to
-/// the async executor and have their CPU time checked once per tick.
+/// the async executor and have their CPU time checked once per tick; a
+/// guest's first tick starts the measuring that moves a long one to the
+/// long lane ([`crate::lanes`]).
 pub(crate) const TICK: Duration = Duration::from_millis(5);
 
 /// Sizes of the instance pool shared by every deployment.

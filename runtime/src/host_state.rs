@@ -25,22 +25,27 @@ pub(crate) struct RequestState {
 
 /// A request's CPU time against its limit: the epoch ticks observed while
 /// its guest code ran, plus the time the host computed wasi-nn inference
-/// for it.
+/// for it. `ticked`, set at the first tick, starts the measuring that
+/// moves a long guest to the long lane ([`crate::lanes`]).
 pub(crate) struct CpuBudget {
     pub(crate) limit_ms: u64,
     ticks: u64,
     inference: std::time::Duration,
     pub(crate) exceeded: bool,
+    pub(crate) ticked: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl CpuBudget {
     pub(crate) fn new(limit_ms: u64) -> Self {
-        CpuBudget { limit_ms, ticks: 0, inference: std::time::Duration::ZERO, exceeded: false }
+        CpuBudget { limit_ms, ticks: 0, inference: std::time::Duration::ZERO, exceeded: false, ticked: Default::default() }
     }
 
     /// Counts one tick of guest code; true once the limit is reached.
     pub(crate) fn tick(&mut self) -> bool {
         self.ticks += 1;
+        if self.ticks == 1 {
+            self.ticked.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         self.check()
     }
 

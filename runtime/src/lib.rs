@@ -44,6 +44,7 @@ mod engine;
 mod error;
 mod failure;
 mod host_state;
+mod lanes;
 mod limits;
 mod memory_limit;
 pub mod nn;
@@ -56,6 +57,7 @@ pub use capabilities::{Capabilities, check_env, check_host_pattern, check_outbou
 pub use deployment::Deployment;
 pub use error::Error;
 pub use failure::{BoxError, ResponseBody, text_response};
+pub use lanes::in_long_lane;
 pub use limits::Limits;
 pub use output::{GuestLog, LogSink, RequestId};
 pub use runtime::{Compiled, DEFAULT_KEEP_RESIDENT_MB, Runtime, RuntimeBuilder, check_header};

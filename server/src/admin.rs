@@ -25,8 +25,16 @@ use std::sync::Arc;
 pub(crate) type Reply = Result<Response<ResponseBody>, ApiError>;
 
 impl ServerInner {
+    /// Answers an admin API request. Its work (reading uploads, hashing,
+    /// compiling, durable commits) runs in the runtime's long lane, at the
+    /// lowest priority, so it never delays guests' requests; only the
+    /// health check, which must answer under any load, runs here.
     pub(crate) async fn admin(self: &Arc<Self>, request: Request<RequestBody>) -> Response<ResponseBody> {
-        self.route(request).await.unwrap_or_else(ApiError::into_response)
+        if request.uri().path()[ADMIN_PREFIX.len()..] == *"health" {
+            return self.route(request).await.unwrap_or_else(ApiError::into_response);
+        }
+        let me = self.clone();
+        gpuwasm::in_long_lane(async move { me.route(request).await.unwrap_or_else(ApiError::into_response) }).await
     }
 
     async fn route(self: &Arc<Self>, request: Request<RequestBody>) -> Reply {
