@@ -848,6 +848,41 @@ async fn attack_9_every_file_of_the_bad_input_corpus_gets_a_clean_error() {
     assert!(checked > 100, "only {checked} corpus files");
 }
 
+/// A guest that computes for long moves to the long lane: the server's
+/// `gpuwasm-long` threads, at nice 19, do most of its work (a short request
+/// never goes there), and the next request of the same deployment starts
+/// there; another deployment's short request still answers at once.
+#[tokio::test]
+async fn a_cpu_hog_runs_on_the_long_lane_at_the_lowest_priority() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir);
+    server.deploy("hog", "behaviors", &["--cpu-ms", "5000"]);
+    server.deploy("hello", "hello", &[]);
+    // (The admin API's work, the deploys, ran on the long lane already.)
+    let long_cpu = |server: &Server| server.threads("gpuwasm-long").iter().map(|t| t.cpu_seconds).sum::<f64>();
+    let before = long_cpu(&server);
+    for _ in 0..500 {
+        assert_eq!(get(&format!("{}/default/hello/", server.url)).await.status, 200);
+    }
+    // Their guests took 25-50 ms of CPU in all; none of it there.
+    let short_on_long_lane = long_cpu(&server) - before;
+    assert!(short_on_long_lane < 0.005, "short requests ran {short_on_long_lane:.4} s on the long lane");
+
+    for round in 0..2 {
+        let before = long_cpu(&server);
+        let burn = get(&format!("{}/default/hog/burn?ms=400", server.url)).await;
+        assert_eq!(burn.status, 200, "{}", burn.body);
+        let on_long_lane = long_cpu(&server) - before;
+        eprintln!("round {round}: {on_long_lane:.3} s of the 0.4 s burn on the long lane");
+        // The first request moves after its first 5 ms tick and 1 ms more;
+        // the second starts there.
+        assert!(on_long_lane > 0.35, "round {round}: only {on_long_lane:.3} s of the burn ran on the long lane");
+    }
+    let threads = server.threads("gpuwasm-long");
+    assert!(!threads.is_empty() && threads.iter().all(|t| t.nice == 19), "{threads:?}");
+    assert_eq!(get(&format!("{}/default/hello/", server.url)).await.status, 200);
+}
+
 /// Opens `n` connections to `path` that each send a head and one byte of
 /// a 100 kB body, then nothing; returns each one's answer so far (empty
 /// when none came within 2 s; a head and its first chunk or whole body,

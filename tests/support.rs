@@ -134,20 +134,32 @@ impl Server {
     }
 
     /// CPU time the server's tokio worker threads (and its long lane's)
-    /// have used, in seconds,
-    /// from the scheduler's nanosecond counters (/proc/PID/task/*/schedstat):
-    /// the threads that run requests, without the node's own background
-    /// threads (epoch ticker, metering writer, model schedulers).
+    /// have used, in seconds, from the scheduler's nanosecond counters
+    /// (/proc/PID/task/*/schedstat): the threads that run requests, without
+    /// the node's own background threads (epoch ticker, metering writer,
+    /// model schedulers).
     pub fn worker_cpu_seconds(&self) -> f64 {
-        let mut ns = 0u64;
+        self.threads("tokio-").iter().chain(&self.threads("gpuwasm-long")).map(|t| t.cpu_seconds).sum()
+    }
+
+    /// The server's threads whose names start with `prefix`: their CPU
+    /// time and nice value.
+    pub fn threads(&self, prefix: &str) -> Vec<ThreadStat> {
+        let mut threads = Vec::new();
         for task in std::fs::read_dir(format!("/proc/{}/task", self.pid())).unwrap().flatten() {
             let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-            if comm.starts_with("tokio-") || comm.starts_with("gpuwasm-long") {
-                let stat = std::fs::read_to_string(task.path().join("schedstat")).unwrap_or_default();
-                ns += stat.split_whitespace().next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
+            if !comm.starts_with(prefix) {
+                continue;
             }
+            let schedstat = std::fs::read_to_string(task.path().join("schedstat")).unwrap_or_default();
+            let ns = schedstat.split_whitespace().next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
+            // Fields after the command name (which may hold spaces) in
+            // parentheses; nice is the 19th field of the line.
+            let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+            let nice = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(16)?.parse().ok()).unwrap_or(0);
+            threads.push(ThreadStat { cpu_seconds: ns as f64 / 1e9, nice });
         }
-        ns as f64 / 1e9
+        threads
     }
 
     /// File descriptors the server holds open.
@@ -251,6 +263,13 @@ pub async fn send(method: &str, url: &str, headers: &[(&str, &str)], body: impl 
     let (parts, body) = response.into_parts();
     let body = body.collect().await.expect("reading the body").to_bytes();
     Reply { status: parts.status.as_u16(), headers: parts.headers, body: String::from_utf8_lossy(&body).into_owned() }
+}
+
+/// One server thread's CPU time (seconds) and nice value.
+#[derive(Debug)]
+pub struct ThreadStat {
+    pub cpu_seconds: f64,
+    pub nice: i32,
 }
 
 pub async fn get(url: &str) -> Reply {

@@ -21,7 +21,8 @@
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
 //! use http_body_util::BodyExt;
 //!
-//! // One runtime per process: an engine, an instance pool, an epoch ticker.
+//! // One runtime per process: an engine, an instance pool, an epoch ticker
+//! // (and, once a guest runs long, the long lane's threads: `in_long_lane`).
 //! let runtime = gpuwasm::Runtime::builder().max_instances(64).build()?;
 //! let wasm = std::fs::read("hello.wasm")?;
 //! let limits = gpuwasm::Limits { memory_mb: 64, ..Default::default() };
