@@ -278,7 +278,7 @@ impl Deployment {
         let body_too_large = Arc::new(AtomicBool::new(false));
         let request = limit_body(request, limits.max_body_bytes, body_too_large.clone(), meter.clone());
         let (cpu_ms, memory_mb) = (limits.cpu_ms, limits.memory_mb);
-        let instantiate = GuestCpu::new(me.pre.instantiate_async(&mut store), meter.clone(), Clock::Monotonic);
+        let instantiate = GuestCpu::new(me.pre.instantiate_async(&mut store), meter.clone(), None);
         let proxy = match timeout_at(deadline, instantiate).await {
             Err(_) => return Err(Failure::Timeout(limits.timeout_ms)),
             Ok(Err(err)) => return Err(Failure::from_call(store.data(), &err, cpu_ms, memory_mb)),
@@ -298,9 +298,11 @@ impl Deployment {
         let mut stopped = me.stop.subscribe();
         let guest_meter = meter.clone();
         let (ticked, last_long) = (store.data().cpu.ticked.clone(), me.last_long.clone());
+        let cpu_ticked = ticked.clone();
         let guest = tokio::spawn(lanes::run(async move {
             let _permits = permits;
-            let call = GuestCpu::new(proxy.wasi_http_incoming_handler().call_handle(&mut store, req, out), guest_meter.clone(), Clock::Thread);
+            let handle = proxy.wasi_http_incoming_handler().call_handle(&mut store, req, out);
+            let call = GuestCpu::new(handle, guest_meter.clone(), Some(cpu_ticked));
             // The guest yields to the executor at every epoch tick, so
             // dropping `call` (timeout, stop, or an abort of this task when
             // the client leaves) interrupts it within a tick. One that

@@ -4,7 +4,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
@@ -235,12 +235,14 @@ pub(crate) fn thread_cpu_time() -> Duration {
 pub(crate) enum Clock {
     /// The thread's CPU clock: what the thread ran, whatever else ran on
     /// the core meanwhile. A system call (the vDSO cannot read it), about
-    /// a microsecond: for the guest's code, which runs as long as it likes.
+    /// a microsecond: for a guest's code once it has run past an epoch
+    /// tick, from when on it may run as long as it likes.
     Thread,
     /// The monotonic clock (the vDSO: tens of nanoseconds), the same as
     /// the thread's CPU time but for preemption within a poll: for the
     /// host's work on the request (instantiation, tearing the instance
-    /// down), which runs in few polls of tens of microseconds.
+    /// down) and the guest's code until its first epoch tick, all of a
+    /// typical request: polls of tens of microseconds to a tick.
     Monotonic,
 }
 
@@ -253,17 +255,19 @@ impl Clock {
     }
 }
 
-/// A future whose every poll's time on `clock` is added to a meter's guest
-/// CPU: wasmtime runs the guest inside the poll of its call future.
+/// A future whose every poll's time is added to a meter's guest CPU:
+/// wasmtime runs the guest inside the poll of its call future. Polls are
+/// timed on the [`Clock::Monotonic`], or on the [`Clock::Thread`] once
+/// `ticked` is set (by the guest's first epoch tick).
 pub(crate) struct GuestCpu<F> {
     inner: F,
     meter: Option<Arc<Meter>>,
-    clock: Clock,
+    ticked: Option<Arc<AtomicBool>>,
 }
 
 impl<F: Future> GuestCpu<F> {
-    pub(crate) fn new(inner: F, meter: Option<Arc<Meter>>, clock: Clock) -> Self {
-        GuestCpu { inner, meter, clock }
+    pub(crate) fn new(inner: F, meter: Option<Arc<Meter>>, ticked: Option<Arc<AtomicBool>>) -> Self {
+        GuestCpu { inner, meter, ticked }
     }
 }
 
@@ -276,10 +280,12 @@ impl<F: Future> Future for GuestCpu<F> {
         // `F` is.
         let this = unsafe { self.get_unchecked_mut() };
         let inner = unsafe { Pin::new_unchecked(&mut this.inner) };
-        match &this.meter {
-            Some(meter) => meter.add_guest_cpu_of(this.clock, || inner.poll(cx)),
-            None => inner.poll(cx),
-        }
+        let Some(meter) = &this.meter else { return inner.poll(cx) };
+        let clock = match &this.ticked {
+            Some(ticked) if ticked.load(Ordering::Relaxed) => Clock::Thread,
+            _ => Clock::Monotonic,
+        };
+        meter.add_guest_cpu_of(clock, || inner.poll(cx))
     }
 }
 
@@ -325,7 +331,7 @@ mod tests {
     }
 
     #[test]
-    fn guest_cpu_counts_the_thread_time_of_polls() {
+    fn guest_cpu_counts_the_thread_time_of_polls_once_ticked() {
         let got = Arc::new(Mutex::new(None));
         let sink: UsageSink = {
             let got = got.clone();
@@ -340,12 +346,35 @@ mod tests {
                 }
             },
             Some(meter.clone()),
-            Clock::Thread,
+            Some(Arc::new(AtomicBool::new(true))),
         );
         block_on(spin);
         drop(meter);
         let cpu = got.lock().unwrap().take().unwrap().guest_cpu;
         assert!(cpu >= Duration::from_millis(30) && cpu < Duration::from_millis(40), "{cpu:?}");
+    }
+
+    /// A poll that sleeps 30 ms counts its wall time until the guest has
+    /// ticked (the monotonic clock), and next to nothing after (the
+    /// thread's CPU clock).
+    #[test]
+    fn guest_cpu_times_polls_on_the_monotonic_clock_until_ticked() {
+        for ticked in [false, true] {
+            let got = Arc::new(Mutex::new(None));
+            let sink: UsageSink = {
+                let got = got.clone();
+                Arc::new(move |u| *got.lock().unwrap() = Some(u))
+            };
+            let meter = Meter::start(sink);
+            let sleep = GuestCpu::new(async { std::thread::sleep(Duration::from_millis(30)) }, Some(meter.clone()), Some(Arc::new(AtomicBool::new(ticked))));
+            block_on(sleep);
+            drop(meter);
+            let cpu = got.lock().unwrap().take().unwrap().guest_cpu;
+            match ticked {
+                false => assert!(cpu >= Duration::from_millis(30), "{cpu:?}"),
+                true => assert!(cpu < Duration::from_millis(5), "{cpu:?}"),
+            }
+        }
     }
 
     /// Polls a future that never waits to its end.
