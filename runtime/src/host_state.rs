@@ -25,8 +25,9 @@ pub(crate) struct RequestState {
 
 /// A request's CPU time against its limit: the epoch ticks observed while
 /// its guest code ran, plus the time the host computed wasi-nn inference
-/// for it. `ticked`, set at the first tick, starts the measuring that
-/// moves a long guest to the long lane ([`crate::lanes`]).
+/// for it. `ticked`, set at the first tick (or when the guest starts on
+/// the long lane), starts the measuring on the thread's CPU clock that
+/// moves a long guest to the long lane ([`crate::lanes`]) and meters it.
 pub(crate) struct CpuBudget {
     pub(crate) limit_ms: u64,
     ticks: u64,

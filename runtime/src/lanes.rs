@@ -42,7 +42,10 @@ const LONG_NICE: libc::c_int = 19;
 /// long when `last_long` is set: then on the long lane from the start;
 /// otherwise where it is polled until it has used [`LONG_AFTER`] of CPU
 /// since `ticked` was set, then on the long lane until it ends. Leaves
-/// `last_long` saying whether this one went long. Dropping the result
+/// `last_long` saying whether this one went long. Sets `ticked` for a
+/// guest that starts on the long lane: there, at the lowest priority,
+/// preemption is the rule, and only the thread's CPU clock tells the
+/// guest's time (metering reads it once `ticked` is set). Dropping the result
 /// stops the guest wherever it runs (at its next yield).
 pub(crate) async fn run<F>(guest: F, ticked: Arc<AtomicBool>, last_long: Arc<AtomicBool>) -> F::Output
 where
@@ -69,6 +72,8 @@ where
             last_long.store(false, Ordering::Relaxed);
             return output;
         }
+    } else {
+        ticked.store(true, Ordering::Relaxed);
     }
     let output = on_long_lane(guest).await;
     last_long.store(true, Ordering::Relaxed);
@@ -196,9 +201,13 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
     async fn after_a_long_request_the_next_starts_on_the_long_lane_and_a_short_one_ends_that() {
-        let (before, after, went_long) = lanes(false, 0, true).await;
-        assert_eq!((before.as_str(), after.as_str()), ("gpuwasm-long", "gpuwasm-long"));
-        assert!(went_long, "a request run on the long lane counts as long");
+        let (ticked, last) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(true)));
+        let probe = ticked.clone();
+        let (thread, timed_by_thread_clock) =
+            tokio::spawn(run(async move { (thread_name(), probe.load(Ordering::Relaxed)) }, ticked, last.clone())).await.unwrap();
+        assert_eq!(thread, "gpuwasm-long");
+        assert!(timed_by_thread_clock, "a guest on the long lane is timed on the thread clock from its start");
+        assert!(last.load(Ordering::Relaxed), "a request run on the long lane counts as long");
         let (before, _, went_long) = lanes(false, 0, false).await;
         assert!(before.starts_with("tokio-") && !went_long);
     }

@@ -258,7 +258,8 @@ impl Clock {
 /// A future whose every poll's time is added to a meter's guest CPU:
 /// wasmtime runs the guest inside the poll of its call future. Polls are
 /// timed on the [`Clock::Monotonic`], or on the [`Clock::Thread`] once
-/// `ticked` is set (by the guest's first epoch tick).
+/// `ticked` is set (by the guest's first epoch tick, or its start on the
+/// long lane).
 pub(crate) struct GuestCpu<F> {
     inner: F,
     meter: Option<Arc<Meter>>,

@@ -116,20 +116,28 @@ pub struct Totals {
 }
 
 impl Totals {
-    fn of(usage: &Usage) -> Totals {
-        Totals {
-            requests: 1,
-            outcomes: [(usage.outcome.as_str().to_string(), 1)].into(),
-            wall_us: usage.wall.as_micros() as u64,
-            guest_cpu_us: usage.guest_cpu.as_micros() as u64,
-            inference_us: usage.inference.iter().map(|(d, t)| (d.clone(), t.as_micros() as u64)).collect(),
-            inference_calls: usage.inference_calls as u64,
-            gb_seconds: (usage.peak_memory_bytes + usage.graph_bytes) as f64 / (1u64 << 30) as f64 * usage.wall.as_secs_f64(),
-            bytes_in: usage.bytes_in,
-            bytes_out: usage.bytes_out,
-            prompt_tokens: usage.prompt_tokens,
-            completion_tokens: usage.completion_tokens,
+    /// Adds one request's usage (allocating only for an outcome or device
+    /// not seen yet: the writer does this per request).
+    fn add_usage(&mut self, usage: &Usage) {
+        fn count(map: &mut BTreeMap<String, u64>, key: &str, n: u64) {
+            match map.get_mut(key) {
+                Some(total) => *total += n,
+                None => drop(map.insert(key.to_string(), n)),
+            }
         }
+        self.requests += 1;
+        count(&mut self.outcomes, usage.outcome.as_str(), 1);
+        self.wall_us += usage.wall.as_micros() as u64;
+        self.guest_cpu_us += usage.guest_cpu.as_micros() as u64;
+        for (device, time) in &usage.inference {
+            count(&mut self.inference_us, device, time.as_micros() as u64);
+        }
+        self.inference_calls += usage.inference_calls as u64;
+        self.gb_seconds += (usage.peak_memory_bytes + usage.graph_bytes) as f64 / (1u64 << 30) as f64 * usage.wall.as_secs_f64();
+        self.bytes_in += usage.bytes_in;
+        self.bytes_out += usage.bytes_out;
+        self.prompt_tokens += usage.prompt_tokens;
+        self.completion_tokens += usage.completion_tokens;
     }
 
     /// Adds `other` to these.
@@ -439,7 +447,7 @@ impl Writer {
         if records.is_empty() {
             return Ok(());
         }
-        let mut requests: BTreeMap<u64, String> = BTreeMap::new();
+        let mut requests: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
         let mut minutes: HashMap<(u64, &str, &str, String), Totals> = HashMap::new();
         for r in records {
             let u = &r.usage;
@@ -463,19 +471,19 @@ impl Writer {
                 completion_tokens: u.completion_tokens,
             };
             let text = requests.entry(day_of(at.as_secs())).or_default();
-            text.push_str(&serde_json::to_string(&line).expect("a usage line serialises"));
-            text.push('\n');
+            serde_json::to_writer(&mut *text, &line).expect("a usage line serialises");
+            text.push(b'\n');
             let mut models = u.models.clone();
             models.sort();
             let key = (at.as_secs() / 60, &*r.tenant, &*r.deployment, models.join("+"));
-            minutes.entry(key).or_default().add(&Totals::of(u));
+            minutes.entry(key).or_default().add_usage(u);
         }
-        let mut by_day: BTreeMap<u64, String> = BTreeMap::new();
+        let mut by_day: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
         for ((minute, tenant, deployment, models), totals) in minutes {
             let line = MinuteLine { minute, tenant: tenant.into(), deployment: deployment.into(), models, totals };
             let text = by_day.entry(minute / (24 * 60)).or_default();
-            text.push_str(&serde_json::to_string(&line).expect("a minute line serialises"));
-            text.push('\n');
+            serde_json::to_writer(&mut *text, &line).expect("a minute line serialises");
+            text.push(b'\n');
         }
         for (day, text) in &requests {
             self.append(&format!("requests-{}.jsonl", date(*day)), text)?;
@@ -489,7 +497,7 @@ impl Writer {
     /// Appends `text` to the file `name` and syncs it. The first time this
     /// process appends to a file, a last line cut short by a crash is
     /// ended, so that it does not run into the next one.
-    fn append(&mut self, name: &str, text: &str) -> std::io::Result<()> {
+    fn append(&mut self, name: &str, text: &[u8]) -> std::io::Result<()> {
         let path = self.dir.join(name);
         let mut file = std::fs::OpenOptions::new().create(true).append(true).read(true).open(&path)?;
         let mut prefix = "";
@@ -501,7 +509,8 @@ impl Writer {
                 prefix = "\n";
             }
         }
-        file.write_all(format!("{prefix}{text}").as_bytes())?;
+        file.write_all(prefix.as_bytes())?;
+        file.write_all(text)?;
         file.sync_data()
     }
 
@@ -616,8 +625,9 @@ mod tests {
             million_tokens: 2.0,
             request: 0.5,
         };
-        let mut totals = Totals::of(&usage(1500, 250, Outcome::Ok));
-        totals.add(&Totals::of(&usage(500, 750, Outcome::Trap)));
+        let mut totals = Totals::default();
+        totals.add_usage(&usage(1500, 250, Outcome::Ok));
+        totals.add_usage(&usage(500, 750, Outcome::Trap));
         assert_eq!(totals.outcomes, [("ok".to_string(), 1), ("trap".into(), 1)].into());
         // CPU: 2 s of guest + 1 s of CPU inference = 3 s at 0.01 = 0.03.
         // GPU: 1 s at 1.0 (by kind; `default` does not apply) = 1.0.
