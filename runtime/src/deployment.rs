@@ -330,9 +330,12 @@ impl Deployment {
                 sink(GuestLog { started, request_id, output, failure });
             }
             // Tearing the instance down (resetting its memory) is the
-            // request's work too.
+            // request's work too, timed as its last polls were.
             match &guest_meter {
-                Some(meter) => meter.add_guest_cpu_of(Clock::Monotonic, || drop(store)),
+                Some(meter) => {
+                    let clock = if store.data().cpu.ticked.load(Ordering::Relaxed) { Clock::Thread } else { Clock::Monotonic };
+                    meter.add_guest_cpu_of(clock, || drop(store))
+                }
                 None => drop(store),
             }
             result
