@@ -21,8 +21,9 @@
 //! long lane directly (a CPU hog's requests never take the fast lane's
 //! workers at all); its first short request brings it back.
 //!
-//! The long lane is one per process, started on the first move. If it
-//! cannot be started the guest stays where it is.
+//! The long lane is one per process, started on first use (a guest's
+//! move, or [`in_long_lane`]). If it cannot be started, everything stays
+//! where it is.
 
 use crate::usage::thread_cpu_time;
 use std::future::Future;
@@ -45,8 +46,8 @@ const LONG_NICE: libc::c_int = 19;
 /// `last_long` saying whether this one went long. Sets `ticked` for a
 /// guest that starts on the long lane: there, at the lowest priority,
 /// preemption is the rule, and only the thread's CPU clock tells the
-/// guest's time (metering reads it once `ticked` is set). Dropping the result
-/// stops the guest wherever it runs (at its next yield).
+/// guest's time (metering reads it once `ticked` is set). Dropping the
+/// result stops the guest wherever it runs (at its next yield).
 pub(crate) async fn run<F>(guest: F, ticked: Arc<AtomicBool>, last_long: Arc<AtomicBool>) -> F::Output
 where
     F: Future + Send + 'static,
