@@ -26,7 +26,8 @@ pub struct ServeArgs {
     #[arg(default_values = ["target/wasm/hello.wasm", "target/wasm/hello-js.wasm", "target/wasm/hello-py.wasm"])]
     components: Vec<PathBuf>,
     /// The `wasmtime` executable to compare with (`wasmtime serve -S cli=y
-    /// -O pooling-allocator=y`); skipped, and said so, if it cannot run.
+    /// -S nn=y -O pooling-allocator=y`: the templates' handlers import
+    /// wasi-nn); skipped, and said so, if it cannot run.
     #[arg(long, default_value = "wasmtime")]
     wasmtime: String,
     /// Concurrency levels, comma-separated.
@@ -154,7 +155,7 @@ pub async fn run(args: ServeArgs) -> Result<ExitCode> {
     );
     match &wasmtime_version {
         Some(v) => println!(
-            "comparing with: {} (`wasmtime serve -S cli=y -O pooling-allocator=y`)",
+            "comparing with: {} (`wasmtime serve -S cli=y -S nn=y -O pooling-allocator=y`)",
             String::from_utf8_lossy(&v.stdout).trim()
         ),
         None => println!("comparing with: NOTHING: `{} --version` did not run, wasmtime serve is skipped", args.wasmtime),
@@ -181,7 +182,7 @@ pub async fn run(args: ServeArgs) -> Result<ExitCode> {
                 let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
                 let authority = format!("127.0.0.1:{port}");
                 let mut wasmtime = Command::new(&args.wasmtime);
-                wasmtime.args(["serve", "-S", "cli=y", "-O", "pooling-allocator=y", "--addr", &authority]).arg(component);
+                wasmtime.args(["serve", "-S", "cli=y", "-S", "nn=y", "-O", "pooling-allocator=y", "--addr", &authority]).arg(component);
                 wasmtime.stdout(Stdio::null()).stderr(Stdio::null());
                 servers.push(Server::start(format!("wasmtime serve{suffix}"), wasmtime, Some(authority), *pin).await?);
             }
