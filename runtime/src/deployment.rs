@@ -332,10 +332,7 @@ impl Deployment {
             // Tearing the instance down (resetting its memory) is the
             // request's work too, timed as its last polls were.
             match &guest_meter {
-                Some(meter) => {
-                    let clock = if store.data().cpu.ticked.load(Ordering::Relaxed) { Clock::Thread } else { Clock::Monotonic };
-                    meter.add_guest_cpu_of(clock, || drop(store))
-                }
+                Some(meter) => meter.add_guest_cpu_of(Clock::of_guest(&store.data().cpu.ticked), || drop(store)),
                 None => drop(store),
             }
             result

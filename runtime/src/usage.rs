@@ -247,6 +247,13 @@ pub(crate) enum Clock {
 }
 
 impl Clock {
+    /// The clock for a guest's work: [`Clock::Thread`] once `ticked` is
+    /// set (by its first epoch tick, or its start on the long lane),
+    /// [`Clock::Monotonic`] before.
+    pub(crate) fn of_guest(ticked: &AtomicBool) -> Clock {
+        if ticked.load(Ordering::Relaxed) { Clock::Thread } else { Clock::Monotonic }
+    }
+
     fn now(self) -> Duration {
         match self {
             Clock::Thread => thread_cpu_time(),
@@ -282,10 +289,7 @@ impl<F: Future> Future for GuestCpu<F> {
         let this = unsafe { self.get_unchecked_mut() };
         let inner = unsafe { Pin::new_unchecked(&mut this.inner) };
         let Some(meter) = &this.meter else { return inner.poll(cx) };
-        let clock = match &this.ticked {
-            Some(ticked) if ticked.load(Ordering::Relaxed) => Clock::Thread,
-            _ => Clock::Monotonic,
-        };
+        let clock = this.ticked.as_deref().map_or(Clock::Monotonic, Clock::of_guest);
         meter.add_guest_cpu_of(clock, || inner.poll(cx))
     }
 }
