@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up what the tests need on a fresh Debian machine (guest toolchain,
 # guest components, the Python tools in target/venv, Mesa's lavapipe for the
-# wgpu backend; the tests fetch their models with
+# wgpu backend, PostgreSQL 15 for the scale-out tests, which they then
+# require: GPUWASM_REQUIRE_POSTGRES=1; the tests fetch their models with
 # scripts/fetch-test-models.sh) and runs every test: unit,
 # end-to-end, inference, GPU backends, examples; then fuzzes the model
 # parsers for a bounded time (GPUWASM_FUZZ_SECS per target, 20).
@@ -19,6 +20,7 @@ scripts/build-guests.sh
 # Python tools the tests drive (the official OpenAI client, gguf, NVRTC), in target/venv.
 scripts/python-env.sh
 scripts/install-lavapipe.sh
+scripts/install-postgres.sh
 # node and npx: the JavaScript template's build fetches componentize-js from
 # npm. Fetched once here, before tests build JavaScript at the same time
 # (older npm's npx cache is not safe for concurrent installs).
@@ -33,6 +35,7 @@ export GPUWASM_REQUIRE_BACKENDS=${GPUWASM_REQUIRE_BACKENDS:-wgpu}
 nvrtc=$(echo "$root"/target/venv/lib/python3*/site-packages/nvidia/cuda_nvrtc/lib)
 export LD_LIBRARY_PATH=$nvrtc${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export GPUWASM_REQUIRE_NVRTC=1
+export GPUWASM_REQUIRE_POSTGRES=1
 cargo build --release --workspace --locked
 cargo test --release --workspace --locked "$@"
 # Coverage-guided fuzzing of the model parsers and of guest tensors, for a

@@ -301,7 +301,6 @@ pub async fn streaming_connection(server: &Server) -> (hyper::client::conn::http
     (sender, authority)
 }
 
-/// The hex SHA-256 of `bytes`, as the admin API names uploads.
 /// A loopback address with a port free now, for a second listener
 /// (`--metrics-listen`).
 pub fn free_address() -> String {
@@ -309,6 +308,7 @@ pub fn free_address() -> String {
     format!("127.0.0.1:{port}")
 }
 
+/// The hex SHA-256 of `bytes`, as the admin API names uploads.
 pub fn sha256(bytes: &[u8]) -> String {
     use sha2::Digest;
     sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
@@ -318,4 +318,108 @@ pub fn sha256(bytes: &[u8]) -> String {
 pub fn stdout_of(out: &Output) -> String {
     assert!(out.status.success(), "command failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A PostgreSQL server of its own on 127.0.0.1 (Debian's `postgresql-15`,
+/// which scripts/test.sh installs), in a temporary data directory, with
+/// user `gpuwasm` trusted; stopped on drop. As root (CI) it runs as the
+/// `postgres` user: PostgreSQL refuses to run as root.
+pub struct Postgres {
+    child: Option<Child>,
+    pub port: u16,
+    bin: PathBuf,
+    user: Option<(u32, u32)>,
+    dir: tempfile::TempDir,
+}
+
+impl Postgres {
+    /// Starts one. Without PostgreSQL installed, says so loudly and gives
+    /// `None` (the caller skips), unless `GPUWASM_REQUIRE_POSTGRES=1`
+    /// (scripts/test.sh sets it), which makes it a failure.
+    pub fn start() -> Option<Postgres> {
+        let bin = std::env::var_os("GPUWASM_PG_BIN").map(PathBuf::from).unwrap_or_else(|| "/usr/lib/postgresql/15/bin".into());
+        if !bin.join("initdb").exists() {
+            let required = std::env::var("GPUWASM_REQUIRE_POSTGRES").is_ok_and(|v| v == "1");
+            assert!(!required, "GPUWASM_REQUIRE_POSTGRES=1 and {} has no initdb: install postgresql-15", bin.display());
+            eprintln!("SKIPPED: PostgreSQL is not installed ({} has no initdb); scripts/test.sh installs it", bin.display());
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        // SAFETY: geteuid has no preconditions.
+        let user = (unsafe { libc::geteuid() } == 0).then(|| {
+            let id = |flag: &str| stdout_of(&Command::new("id").args([flag, "postgres"]).output().unwrap()).trim().parse::<u32>().unwrap();
+            let (uid, gid) = (id("-u"), id("-g"));
+            std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).unwrap();
+            (uid, gid)
+        });
+        let mut pg = Postgres { child: None, port: 0, bin, user, dir };
+        let out = pg
+            .command("initdb")
+            .args(["--username", "gpuwasm", "--auth", "trust", "--encoding", "UTF8", "--no-sync", "-D"])
+            .arg(pg.dir.path().join("data"))
+            .output()
+            .unwrap();
+        stdout_of(&out);
+        pg.port = free_address().rsplit(':').next().unwrap().parse().unwrap();
+        pg.run();
+        Some(pg)
+    }
+
+    /// `postgres://` URL of its `postgres` database.
+    pub fn url(&self) -> String {
+        format!("postgres://gpuwasm@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Stops it at once (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same data directory and port.
+    pub fn run(&mut self) {
+        let data = self.dir.path().join("data");
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("postgres.log")).unwrap();
+        let child = self
+            .command("postgres")
+            .arg("-D")
+            .arg(&data)
+            .args(["-p", &self.port.to_string(), "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-k"])
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting postgres");
+        self.child = Some(child);
+        let ready = || self.command("pg_isready").args(["-q", "-h", "127.0.0.1", "-p", &self.port.to_string()]).status().unwrap().success();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !ready() {
+            let log = std::fs::read_to_string(self.dir.path().join("postgres.log")).unwrap_or_default();
+            assert!(std::time::Instant::now() < deadline, "PostgreSQL did not start in 30 s:\n{log}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Runs `sql` with psql; its rows, one per line, fields split by `|`.
+    pub fn sql(&self, sql: &str) -> String {
+        let out = self.command("psql").args(["-X", "-A", "-t", "-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "gpuwasm", "-d", "postgres", "-c", sql]).output().unwrap();
+        stdout_of(&out)
+    }
+
+    fn command(&self, program: &str) -> Command {
+        let mut command = Command::new(self.bin.join(program));
+        if let Some((uid, gid)) = self.user {
+            use std::os::unix::process::CommandExt;
+            command.uid(uid).gid(gid).current_dir(self.dir.path());
+        }
+        command
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }

@@ -10,6 +10,7 @@ use crate::api::{
 };
 use crate::control::{Caller, Control, new_token};
 use crate::control_store::{Change, TenantLimits, TenantRecord};
+use crate::error::Error;
 use crate::metering::{self, GroupBy};
 use crate::{ServerInner, check_name, hosts, now};
 use bytes::Bytes;
@@ -20,6 +21,9 @@ use http_body_util::{BodyExt, Limited};
 use crate::RequestBody;
 use serde::de::DeserializeOwned;
 use std::sync::Arc;
+
+/// How many times a change is decided when other nodes keep committing first.
+const CHANGE_ATTEMPTS: u32 = 5;
 
 /// What an admin handler answers.
 pub(crate) type Reply = Result<Response<ResponseBody>, ApiError>;
@@ -95,15 +99,33 @@ impl ServerInner {
     /// Changes the control state, the one way it changes: under the change
     /// lock, `edit` works on a copy of the current state and returns the
     /// records to store with its result; they are committed durably, and
-    /// only then does the copy become what every request sees.
-    pub(crate) async fn change<T>(&self, edit: impl FnOnce(&mut Control) -> Result<(Vec<Change>, T), ApiError>) -> Result<T, ApiError> {
+    /// only then does the copy become what every request sees. When another
+    /// node committed first, the state is reloaded and `edit` decides again
+    /// (a few times at most).
+    pub(crate) async fn change<T>(
+        self: &Arc<Self>,
+        mut edit: impl FnMut(&mut Control) -> Result<(Vec<Change>, T), ApiError>,
+    ) -> Result<T, ApiError> {
         let _guard = self.changes.lock().await;
-        let mut control = (*self.control()).clone();
-        let (changes, result) = edit(&mut control)?;
-        self.store.commit(&changes)?;
-        control.reindex(&self.config.server_names);
-        *self.control.write().unwrap() = Arc::new(control);
-        Ok(result)
+        let mut attempts = 1;
+        loop {
+            let mut control = (*self.control()).clone();
+            let (changes, result) = edit(&mut control)?;
+            match self.store.commit(control.revision, &changes) {
+                Ok(revision) => {
+                    control.revision = revision;
+                    control.reindex(&self.config.server_names);
+                    *self.control.write().unwrap() = Arc::new(control);
+                    return Ok(result);
+                }
+                Err(Error::Conflict(why)) if attempts < CHANGE_ATTEMPTS => {
+                    tracing::info!(%why, "another node changed the state first; deciding again");
+                    attempts += 1;
+                    self.reload().await?;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     async fn create_tenant(self: &Arc<Self>, request: Request<RequestBody>) -> Reply {
@@ -121,7 +143,7 @@ impl ServerInner {
             }
             control.tenants.insert(name.clone(), tenant.clone());
             control.tokens.insert(record.id.clone(), record.clone());
-            Ok((vec![Change::Tenant(tenant), Change::Token(record.clone())], ()))
+            Ok((vec![Change::Tenant(tenant.clone()), Change::Token(record.clone())], ()))
         })
         .await?;
         tracing::info!(tenant = %name, "tenant created");
@@ -130,13 +152,13 @@ impl ServerInner {
 
     /// `PUT tenants/NAME/domains`: replaces the domains a tenant may claim
     /// hosts in. Claims outside the new domains stop routing at once.
-    async fn set_domains(&self, name: &str, request: Request<RequestBody>) -> Reply {
+    async fn set_domains(self: &Arc<Self>, name: &str, request: Request<RequestBody>) -> Reply {
         let Domains { domains } = read_json(request, "request body", r#"{"domains": ["example.com", ...]}"#).await?;
         let domains = self.check_domains(domains)?;
         let record = self
             .change(|control| {
                 let tenant = control.tenants.get_mut(name).ok_or_else(|| ApiError::not_found(format!("no tenant named '{name}'")))?;
-                tenant.domains = domains;
+                tenant.domains = domains.clone();
                 Ok((vec![Change::Tenant(tenant.clone())], tenant.clone()))
             })
             .await?;
@@ -147,7 +169,7 @@ impl ServerInner {
     /// `PUT tenants/NAME/gpu`: sets a tenant's GPU memory quota and share
     /// of GPU time. Models it already holds stay; later loads and turns
     /// follow the new settings.
-    async fn set_tenant_gpu(&self, name: &str, request: Request<RequestBody>) -> Reply {
+    async fn set_tenant_gpu(self: &Arc<Self>, name: &str, request: Request<RequestBody>) -> Reply {
         let gpu: TenantGpu = read_json(request, "request body", r#"{"memory_mb": 2048, "weight": 1} (memory_mb null: no quota)"#).await?;
         if gpu.weight == 0 || gpu.weight > 1000 {
             return Err(ApiError::bad_request("invalid_weight", format!("weight must be 1 to 1000, got {}", gpu.weight)));
@@ -167,7 +189,7 @@ impl ServerInner {
     /// `PUT tenants/NAME/limits`: sets a tenant's quotas (all of them: a
     /// field left out is no quota, or the node's); they apply to its next
     /// requests, deploys and uploads.
-    async fn set_tenant_limits(&self, name: &str, request: Request<RequestBody>) -> Reply {
+    async fn set_tenant_limits(self: &Arc<Self>, name: &str, request: Request<RequestBody>) -> Reply {
         let example = r#"{"requests_per_second": 100, "instances": 8, "deployments": 20, "storage_bytes": 10737418240} (each may be null: no rate quota; the node's quota for the others)"#;
         let limits: TenantLimits = read_json(request, "request body", example).await?;
         if limits.requests_per_second == Some(0) {

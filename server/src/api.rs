@@ -362,6 +362,14 @@ impl From<Error> for ApiError {
         if e.is_client_error() {
             return ApiError::bad_request(e.code(), e.to_string());
         }
+        match &e {
+            Error::Conflict(_) => return ApiError::new(StatusCode::CONFLICT, e.code(), e.to_string()),
+            Error::Store(_) => {
+                tracing::error!(error = %e, "admin API request failed");
+                return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.code(), e.to_string()).retry_after(1);
+            }
+            _ => {}
+        }
         tracing::error!(error = %e, "admin API request failed");
         let message = match &e {
             Error::Io { context, source, .. } => format!("{context} failed: {source}"),

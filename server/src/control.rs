@@ -42,6 +42,8 @@ pub(crate) type Key = (String, String);
 
 #[derive(Clone, Default)]
 pub(crate) struct Control {
+    /// The store's revision this state is.
+    pub revision: u64,
     pub tenants: BTreeMap<String, TenantRecord>,
     pub tokens: HashMap<String, TokenRecord>,
     pub deployments: BTreeMap<Key, Entry>,
@@ -63,6 +65,7 @@ impl Control {
             versions.entry((v.tenant.clone(), v.name.clone())).or_default().insert(v.version, v);
         }
         let mut control = Control {
+            revision: state.revision,
             tenants: state.tenants.into_iter().map(|t| (t.name.clone(), t)).collect(),
             tokens: state.tokens.into_iter().map(|t| (t.id.clone(), t)).collect(),
             ..Control::default()

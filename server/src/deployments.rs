@@ -111,13 +111,13 @@ impl ServerInner {
                     versions: Default::default(),
                     live: None,
                 });
-                let version = VersionRecord { version: entry.state.latest + 1, ..version };
+                let version = VersionRecord { version: entry.state.latest + 1, ..version.clone() };
                 self.observe(&deployment, &version);
                 let created = entry.state.active.is_none();
                 entry.state.latest = version.version;
                 entry.state.active = Some(version.version);
                 entry.versions.insert(version.version, version.clone());
-                entry.live = Some(Ok(deployment));
+                entry.live = Some(Ok(deployment.clone()));
                 let mut changes = vec![Change::Version(version.clone()), Change::Deployment(entry.state.clone())];
                 changes.extend(forget_old_versions(entry));
                 Ok((changes, (created, version)))
@@ -131,7 +131,7 @@ impl ServerInner {
     /// on it end now. Its versions stay for `rollback --to`, unless
     /// `?purge=true`, which forgets the deployment and every version (their
     /// files and components are then collected).
-    async fn remove(&self, caller: &Caller, name: &str, query: &str) -> Reply {
+    async fn remove(self: &Arc<Self>, caller: &Caller, name: &str, query: &str) -> Reply {
         let purge = match query_value(query, "purge") {
             None | Some("false") => false,
             Some("true") => true,
@@ -196,7 +196,7 @@ impl ServerInner {
             host_conflict(control, &key, version.spec.host.as_deref())?;
             let entry = control.deployments.get_mut(&key).ok_or_else(|| not_found(name))?;
             entry.state.active = Some(target);
-            entry.live = Some(Ok(deployment));
+            entry.live = Some(Ok(deployment.clone()));
             Ok((vec![Change::Deployment(entry.state.clone())], ()))
         })
         .await?;

@@ -38,8 +38,8 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    /// Another process holds the state database.
-    #[error("the state database {} is in use by another process (is another `gpuwasm serve` using this data directory?)", .0.display())]
+    /// Another process holds the state database or the data directory.
+    #[error("{} is in use by another process (is another `gpuwasm serve` using this data directory?)", .0.display())]
     StateInUse(PathBuf),
     /// Persisted state could not be read back.
     #[error("corrupt state file {}: {message}", path.display())]
@@ -48,6 +48,20 @@ pub enum Error {
         path: PathBuf,
         /// What is wrong with it.
         message: String,
+    },
+    /// Another node changed the control state since this one read it.
+    #[error("the control state changed on another node meanwhile ({0}); try again")]
+    Conflict(String),
+    /// The shared control store (PostgreSQL) cannot be reached, or failed.
+    #[error("control store (PostgreSQL): {0}")]
+    Store(String),
+    /// The shared control store was set up by a newer gpuwasm.
+    #[error("the control store's schema is at migration {found}; this gpuwasm knows migrations up to {known}: upgrade it")]
+    NewerSchema {
+        /// The highest migration applied to the store.
+        found: i32,
+        /// The highest migration this build carries.
+        known: i32,
     },
     /// A task the server runs on a blocking thread failed.
     #[error("{0}")]
@@ -65,7 +79,15 @@ impl Error {
         match self {
             Error::Runtime(e) => e.is_client_error(),
             Error::InvalidName { .. } | Error::InvalidFiles(_) => true,
-            Error::BlobKey(_) | Error::Io { .. } | Error::StateInUse(_) | Error::CorruptState { .. } | Error::Task(_) | Error::Tls(_) => false,
+            Error::BlobKey(_)
+            | Error::Io { .. }
+            | Error::StateInUse(_)
+            | Error::CorruptState { .. }
+            | Error::Conflict(_)
+            | Error::Store(_)
+            | Error::NewerSchema { .. }
+            | Error::Task(_)
+            | Error::Tls(_) => false,
         }
     }
 
@@ -79,6 +101,8 @@ impl Error {
             Error::Io { .. } => "io",
             Error::StateInUse(_) => "state_in_use",
             Error::CorruptState { .. } => "corrupt_state",
+            Error::Conflict(_) => "state_changed",
+            Error::Store(_) | Error::NewerSchema { .. } => "state_unavailable",
             Error::Task(_) => "internal",
             Error::Tls(_) => "tls",
         }

@@ -29,6 +29,7 @@ mod deployments;
 mod durable;
 mod error;
 mod files;
+mod follow;
 mod gc;
 pub mod hex;
 pub mod hosts;
@@ -37,6 +38,7 @@ pub mod manifest;
 mod metering;
 mod metrics;
 mod models;
+pub mod postgres_store;
 mod quotas;
 mod rates;
 mod tls;
@@ -55,7 +57,8 @@ pub use spec::{DeploymentSpec, SPEC_HEADER, SandboxSpec};
 use artifacts::ArtifactStore;
 use blobs::{BlobStore, LocalBlobStore};
 use control::{Control, Entry};
-use control_store::{Change, ControlStore, RedbStore, TenantRecord, VersionRecord};
+use control_store::{Change, ControlState, ControlStore, RedbStore, TenantRecord, VersionRecord};
+use postgres_store::PgStore;
 use files::FileStore;
 use gpuwasm::{ResponseBody, Runtime, text_response};
 use http::{Request, Response, StatusCode, Uri};
@@ -71,8 +74,16 @@ use uploads::Uploads;
 /// Settings of a [`Server`].
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
-    /// Where the state database and artifacts are stored.
+    /// Where this node keeps its state database, blobs and caches (one
+    /// node at a time).
     pub data_dir: PathBuf,
+    /// A PostgreSQL URL: the control state lives there, shared with the
+    /// other nodes that name it, rather than in `data_dir/state.redb`.
+    pub state_url: Option<String>,
+    /// A directory for blobs (components, files, models) shared with the
+    /// other nodes, such as a network file system, rather than
+    /// `data_dir/blobs`.
+    pub blobs_dir: Option<PathBuf>,
     /// The bootstrap admin token (acts for tenant `default`).
     pub admin_token: String,
     /// Largest component upload accepted, in bytes.
@@ -157,22 +168,29 @@ struct ServerInner {
     rates: rates::RequestRates,
     /// What guests printed, per deployment.
     logs: logs::GuestLogs,
+    /// Held while the server runs, when it owns its data directory.
+    _data_dir_lock: Option<std::fs::File>,
 }
 
 /// Deploys and model pushes that run at once.
 const BUILDS_AT_ONCE: usize = 4;
 
 impl Server {
-    /// Opens (or creates) the state in `config.data_dir` (a redb database,
-    /// `state.redb`) and loads every active deployment.
+    /// Opens (or creates) the state: in `config.data_dir` (a redb database,
+    /// `state.redb`, and the blob directory), or where `config.state_url`
+    /// and `config.blobs_dir` say; then loads every active deployment.
     pub async fn open(runtime: Runtime, config: ServerConfig) -> Result<Server, Error> {
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| Error::io("creating the data directory", &config.data_dir, e))?;
-        let store = RedbStore::open(&config.data_dir.join("state.redb"))?;
-        // The database is ours now: no other server writes here.
+        let lock = lock_data_dir(&config.data_dir)?;
+        let store: Box<dyn ControlStore> = match &config.state_url {
+            None => Box::new(RedbStore::open(&config.data_dir.join("state.redb"))?),
+            Some(url) => Box::new(PgStore::connect(url)?),
+        };
+        // The data directory is ours now: no other server writes here.
         durable::sweep_temporaries(&config.data_dir);
-        let blobs = LocalBlobStore::open(config.data_dir.join("blobs"))?;
-        Self::open_with_stores(runtime, config, Box::new(store), Arc::new(blobs)).await
+        let blobs = LocalBlobStore::open(config.blobs_dir.clone().unwrap_or_else(|| config.data_dir.join("blobs")))?;
+        Self::start(runtime, config, store, Arc::new(blobs), Some(lock)).await
     }
 
     /// Like [`Server::open`], with state kept in `store` and blobs in
@@ -185,16 +203,21 @@ impl Server {
         store: Box<dyn ControlStore>,
         blobs: Arc<dyn BlobStore>,
     ) -> Result<Server, Error> {
+        Self::start(runtime, config, store, blobs, None).await
+    }
+
+    async fn start(
+        runtime: Runtime,
+        config: ServerConfig,
+        store: Box<dyn ControlStore>,
+        blobs: Arc<dyn BlobStore>,
+        data_dir_lock: Option<std::fs::File>,
+    ) -> Result<Server, Error> {
         let artifacts = ArtifactStore::open(config.data_dir.join("artifacts"), &runtime, blobs.clone())?;
         let files = FileStore::open(config.data_dir.join("files"), blobs.clone())?;
         let uploads = Uploads::open(config.data_dir.join("uploads"), config.quotas.uploads * 4, config.quotas.uploads)?;
-        let mut state = store.load()?;
+        let mut state = with_default_tenant(store.as_ref())?;
         let models = Arc::new(models::Registry::new(std::mem::take(&mut state.models), blobs.clone()));
-        if !state.tenants.iter().any(|t| t.name == DEFAULT_TENANT) {
-            let tenant = TenantRecord { name: DEFAULT_TENANT.into(), created_at: now(), domains: Vec::new(), gpu: Default::default(), limits: Default::default() };
-            store.commit(&[Change::Tenant(tenant.clone())])?;
-            state.tenants.push(tenant);
-        }
         for tenant in &state.tenants {
             runtime.models().set_tenant_gpu(&tenant.name, tenant.gpu);
             runtime.set_tenant_instances(&tenant.name, tenant.limits.instances);
@@ -222,21 +245,18 @@ impl Server {
             metrics: metrics::Metrics::new(),
             rates: rates::RequestRates::default(),
             logs: logs::GuestLogs::default(),
+            _data_dir_lock: data_dir_lock,
         });
         let loader = inner.clone();
         let control = tokio::task::spawn_blocking(move || {
-            Control::from_state(state, &loader.config.server_names, |version| {
-                loader.load_version(version).map_err(|e| {
-                    tracing::error!(tenant = %version.tenant, deployment = %version.name, error = %e, "deployment failed to load");
-                    e.to_string()
-                })
-            })
+            Control::from_state(state, &loader.config.server_names, |version| loader.load_logged(version))
         })
         .await
         .map_err(|e| Error::Task(format!("loading task failed: {e}")))?;
         *inner.control.write().unwrap() = Arc::new(control);
         inner.start_collector();
         inner.warm_active();
+        inner.follow_store()?;
         Ok(Server { inner })
     }
 
@@ -372,6 +392,44 @@ impl ServerInner {
 }
 
 /// Seconds since the Unix epoch.
+/// Takes the lock on `data_dir` that says a server uses it; a clear error
+/// while another process holds it.
+fn lock_data_dir(data_dir: &std::path::Path) -> Result<std::fs::File, Error> {
+    let path = data_dir.join("lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| Error::io("opening the data directory's lock", &path, e))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(Error::StateInUse(path)),
+        Err(std::fs::TryLockError::Error(e)) => Err(Error::io("locking the data directory", &path, e)),
+    }
+}
+
+/// The stored state, with the tenant the admin token acts for created if
+/// it is missing (once, whichever node starts first).
+fn with_default_tenant(store: &dyn ControlStore) -> Result<ControlState, Error> {
+    loop {
+        let mut state = store.load()?;
+        if state.tenants.iter().any(|t| t.name == DEFAULT_TENANT) {
+            return Ok(state);
+        }
+        let tenant = TenantRecord { name: DEFAULT_TENANT.into(), created_at: now(), domains: Vec::new(), gpu: Default::default(), limits: Default::default() };
+        match store.commit(state.revision, &[Change::Tenant(tenant.clone())]) {
+            Ok(revision) => {
+                state.revision = revision;
+                state.tenants.push(tenant);
+                return Ok(state);
+            }
+            Err(Error::Conflict(_)) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }

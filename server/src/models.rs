@@ -63,10 +63,18 @@ fn content_key(record: &ModelRecord) -> String {
     format!("{}:{}", record.format.name(), sha256_hex(files.as_bytes()))
 }
 
+fn by_name(records: Vec<ModelRecord>) -> BTreeMap<(String, String), Registered> {
+    records.into_iter().map(|r| ((r.namespace.clone(), r.name.clone()), Registered::new(r))).collect()
+}
+
 impl Registry {
     pub fn new(records: Vec<ModelRecord>, blobs: Arc<dyn BlobStore>) -> Registry {
-        let records = records.into_iter().map(|r| ((r.namespace.clone(), r.name.clone()), Registered::new(r))).collect();
-        Registry { records: RwLock::new(records), blobs }
+        Registry { records: RwLock::new(by_name(records)), blobs }
+    }
+
+    /// Replaces every record (with the store's, after another node changed it).
+    pub fn replace(&self, records: Vec<ModelRecord>) {
+        *self.records.write().unwrap() = by_name(records);
     }
 
     fn get(&self, namespace: &str, name: &str) -> Option<Registered> {
@@ -254,24 +262,19 @@ impl ServerInner {
             .map_err(|e| ApiError::internal(format!("checking the model failed: {e}")))?
             .map_err(|e| e.prefixed(&format!("model '{name}': ")))?;
         let record = ModelRecord { namespace, name, format, files: push.files, size_bytes, summary, pushed_at: now() };
-        {
-            let _guard = self.changes.lock().await;
-            self.store.commit(&[Change::Model(record.clone())])?;
-            self.models.insert(record.clone());
-        }
+        self.change(|_| Ok((vec![Change::Model(record.clone())], ()))).await?;
+        self.models.insert(record.clone());
         tracing::info!(namespace = %record.namespace, model = %record.name, format = record.format.name(), summary = %record.summary, "model pushed");
         Ok(json(StatusCode::CREATED, &record))
     }
 
-    async fn remove_model(&self, namespace: String, name: String) -> Reply {
-        {
-            let _guard = self.changes.lock().await;
-            if self.models.get(&namespace, &name).is_none() {
-                return Err(model_not_found(&name));
-            }
-            self.store.commit(&[Change::RemoveModel(namespace.clone(), name.clone())])?;
-            self.models.remove(&namespace, &name);
-        }
+    async fn remove_model(self: &Arc<Self>, namespace: String, name: String) -> Reply {
+        self.change(|_| match self.models.get(&namespace, &name) {
+            None => Err(model_not_found(&name)),
+            Some(_) => Ok((vec![Change::RemoveModel(namespace.clone(), name.clone())], ())),
+        })
+        .await?;
+        self.models.remove(&namespace, &name);
         tracing::info!(%namespace, model = %name, "model removed");
         Ok(json(StatusCode::OK, &Removed { removed: name }))
     }

@@ -20,6 +20,19 @@ pub struct ServeArgs {
     /// Directory for deployments, artifacts and the admin token.
     #[arg(long, env = "GPUWASM_DATA_DIR", default_value_os_t = default_data_dir())]
     data_dir: PathBuf,
+    /// Keep the control state (tenants, tokens, deployments, models) in
+    /// PostgreSQL, shared by every node given the same URL, rather than in
+    /// DATA_DIR/state.redb. Example: postgres://gpuwasm:PASSWORD@db:5432/gpuwasm.
+    /// Needs --admin-token (the same on every node) and, for several
+    /// nodes, --blobs.
+    #[arg(long = "state", env = "GPUWASM_STATE", value_name = "URL", hide_env_values = true)]
+    state_url: Option<String>,
+    /// Keep blobs (components, deployment files, models) in this directory,
+    /// shared by the nodes (a network file system), rather than in
+    /// DATA_DIR/blobs. Each node keeps its compiled artifacts in its own
+    /// DATA_DIR.
+    #[arg(long, env = "GPUWASM_BLOBS", value_name = "DIR")]
+    blobs: Option<PathBuf>,
     /// Admin API token. Without it, the token in DATA_DIR/admin-token is
     /// used, and created on first start.
     #[arg(long, env = "GPUWASM_ADMIN_TOKEN", hide_env_values = true)]
@@ -78,12 +91,20 @@ pub async fn run(args: ServeArgs) -> Result<ExitCode> {
         .with_context(|| format!("creating the data directory {}", args.data_dir.display()))?;
     let admin_token = match args.admin_token {
         Some(token) if !token.is_empty() => token,
+        _ if args.state_url.is_some() => {
+            anyhow::bail!("--state needs --admin-token (or GPUWASM_ADMIN_TOKEN): every node sharing the state must take the same admin token")
+        }
         _ => stored_token(&args.data_dir)?,
     };
+    if let Some(blobs) = args.blobs.as_ref().and_then(|b| b.to_str()).filter(|b| b.contains("://")) {
+        anyhow::bail!("--blobs {blobs}: only a directory is supported (S3-compatible storage is not built yet)");
+    }
     let mut server_names = args.server_names.clone();
     server_names.extend(std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|h| h.trim().to_string()));
     let config = ServerConfig {
         data_dir: args.data_dir.clone(),
+        state_url: args.state_url.clone(),
+        blobs_dir: args.blobs.clone(),
         admin_token,
         max_upload_bytes: args.max_upload_mb.saturating_mul(1 << 20),
         max_model_bytes: args.max_model_mb.saturating_mul(1 << 20),

@@ -1,0 +1,309 @@
+//! Several nodes over one shared state: the two control stores (embedded
+//! redb, PostgreSQL) held to one contract, and `gpuwasm serve` nodes that
+//! share a real PostgreSQL 15 (started here, on loopback) and one blob
+//! directory: what one node changes, the others serve; concurrent changes
+//! through different nodes; PostgreSQL going away and coming back; a node
+//! killed with SIGKILL.
+
+mod support;
+
+use bytes::Bytes;
+use gpuwasm::nn::TenantGpu;
+use gpuwasm_server::control_store::{
+    Change, ControlState, ControlStore, DeploymentState, ModelRecord, RedbStore, TenantLimits, TenantRecord, TokenRecord, VersionRecord,
+};
+use gpuwasm_server::postgres_store::PgStore;
+use gpuwasm_server::{DeploymentSpec, Error};
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+use support::*;
+
+const HELLO: &str = "hello from gpuwasm! you asked for GET /\n";
+
+fn tenant(name: &str) -> TenantRecord {
+    TenantRecord { name: name.into(), created_at: 1, domains: Vec::new(), gpu: TenantGpu::default(), limits: TenantLimits::default() }
+}
+
+fn version(tenant: &str, name: &str, n: u64) -> VersionRecord {
+    VersionRecord {
+        tenant: tenant.into(),
+        name: name.into(),
+        version: n,
+        sha256: format!("sha-{n}"),
+        snapshot_sha256: None,
+        size_bytes: n,
+        spec: DeploymentSpec::default(),
+        deployed_at: n,
+        deployed_by: "t".into(),
+    }
+}
+
+/// Runs one sequence of commits on a fresh `store`, checking what each
+/// leaves; returns the final state.
+fn keeps_the_contract(store: &dyn ControlStore, kind: &str) -> ControlState {
+    let fresh = store.load().unwrap();
+    assert!(fresh.tenants.is_empty() && fresh.versions.is_empty() && fresh.models.is_empty(), "{kind}: a fresh store is empty");
+    let mut revision = fresh.revision;
+    let mut commit = |changes: &[Change]| {
+        let next = store.commit(revision, changes).unwrap_or_else(|e| panic!("{kind}: {e}"));
+        assert_eq!(next, revision + 1, "{kind}: each commit raises the revision by one");
+        revision = next;
+    };
+
+    // Records are stored, and replaced whole.
+    let mut acme = tenant("acme");
+    let token = TokenRecord { id: "tok".into(), tenant: "acme".into(), sha256: "h".into(), admin: false, created_at: 1, revoked_at: None };
+    commit(&[Change::Tenant(acme.clone()), Change::Token(token.clone())]);
+    acme.domains = vec!["acme.example".into()];
+    acme.limits.instances = Some(3);
+    commit(&[Change::Tenant(acme.clone()), Change::Token(TokenRecord { revoked_at: Some(9), ..token })]);
+
+    // Versions of two deployments whose names share a prefix; one forgotten,
+    // then a whole deployment.
+    let mut changes: Vec<Change> = (1..=3).map(|n| Change::Version(version("acme", "app", n))).collect();
+    changes.push(Change::Version(version("acme", "app2", 1)));
+    changes.push(Change::Deployment(DeploymentState { tenant: "acme".into(), name: "app".into(), active: Some(3), latest: 3 }));
+    changes.push(Change::Deployment(DeploymentState { tenant: "acme".into(), name: "app2".into(), active: Some(1), latest: 1 }));
+    commit(&changes);
+    commit(&[Change::RemoveVersion("acme".into(), "app".into(), 1)]);
+    let numbers = |state: &ControlState| state.versions.iter().map(|v| (v.name.clone(), v.version)).collect::<Vec<_>>();
+    assert_eq!(numbers(&store.load().unwrap()), [("app".into(), 2), ("app".into(), 3), ("app2".into(), 1)], "{kind}");
+    commit(&[Change::RemoveDeployment("acme".into(), "app".into())]);
+
+    // Models, one removed.
+    let model = |name: &str| ModelRecord {
+        namespace: "acme".into(),
+        name: name.into(),
+        format: gpuwasm_tensor::Format::Onnx,
+        files: [("model.onnx".to_string(), "f".repeat(64))].into(),
+        size_bytes: 10,
+        summary: "s".into(),
+        pushed_at: 1,
+    };
+    commit(&[Change::Model(model("kept")), Change::Model(model("gone"))]);
+    commit(&[Change::RemoveModel("acme".into(), "gone".into())]);
+
+    // A commit made on an older revision is refused whole.
+    let err = store.commit(revision - 1, &[Change::Tenant(tenant("late")), Change::Model(model("late"))]).unwrap_err();
+    assert!(matches!(err, Error::Conflict(_)), "{kind}: {err}");
+    assert_eq!(store.revision().unwrap(), revision, "{kind}: a refused commit leaves the revision");
+
+    let state = store.load().unwrap();
+    assert_eq!(state.revision, revision, "{kind}");
+    assert_eq!(state.tenants, [acme], "{kind}");
+    assert_eq!(state.tokens.len(), 1, "{kind}");
+    assert_eq!(state.tokens[0].revoked_at, Some(9), "{kind}");
+    assert_eq!(numbers(&state), [("app2".to_string(), 1)], "{kind}: app2 shares the prefix `acme/app` and stays");
+    assert_eq!(state.deployments.iter().map(|d| d.name.as_str()).collect::<Vec<_>>(), ["app2"], "{kind}");
+    assert_eq!(state.models, [model("kept")], "{kind}");
+    state
+}
+
+#[test]
+fn both_control_stores_keep_one_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    let redb = keeps_the_contract(&RedbStore::open(&dir.path().join("state.redb")).unwrap(), "redb");
+    let Some(pg) = Postgres::start() else { return };
+    let postgres = keeps_the_contract(&PgStore::connect(&pg.url()).unwrap(), "postgres");
+    assert_eq!(
+        (redb.tenants, redb.tokens, redb.deployments, redb.versions, redb.models),
+        (postgres.tenants, postgres.tokens, postgres.deployments, postgres.versions, postgres.models),
+        "both stores end with the same records"
+    );
+}
+
+/// Nodes starting together apply each migration once; of commits made on
+/// one revision through different connections exactly one wins; a
+/// database migrated by a newer gpuwasm is refused.
+#[test]
+fn postgres_store_migrates_once_and_lets_one_of_concurrent_commits_win() {
+    let Some(pg) = Postgres::start() else { return };
+    let url = pg.url();
+    let stores: Vec<PgStore> = std::thread::scope(|s| {
+        let connecting: Vec<_> = (0..4).map(|_| s.spawn(|| PgStore::connect(&url))).collect();
+        connecting.into_iter().map(|c| c.join().unwrap().unwrap_or_else(|e| panic!("{e}"))).collect()
+    });
+    assert_eq!(pg.sql("SELECT version, name FROM gpuwasm_migrations"), "1|control state\n");
+
+    let base = stores[0].revision().unwrap();
+    let outcomes: Vec<Result<u64, Error>> = std::thread::scope(|s| {
+        let committing: Vec<_> =
+            stores.iter().enumerate().map(|(i, store)| s.spawn(move || store.commit(base, &[Change::Tenant(tenant(&format!("t{i}")))]))).collect();
+        committing.into_iter().map(|c| c.join().unwrap()).collect()
+    });
+    let won: Vec<usize> = outcomes.iter().enumerate().filter(|(_, o)| o.is_ok()).map(|(i, _)| i).collect();
+    assert_eq!(won.len(), 1, "{outcomes:?}");
+    for outcome in &outcomes {
+        assert!(matches!(outcome, Ok(_) | Err(Error::Conflict(_))), "{outcome:?}");
+    }
+    let names: Vec<String> = stores[3].load().unwrap().tenants.into_iter().map(|t| t.name).collect();
+    assert_eq!(names, [format!("t{}", won[0])]);
+
+    pg.sql("INSERT INTO gpuwasm_migrations (version, name) VALUES (99, 'from the future')");
+    let err = PgStore::connect(&url).err().expect("a newer schema must be refused");
+    assert!(err.to_string().contains("migration 99") && err.to_string().contains("upgrade"), "{err}");
+}
+
+/// `n` nodes sharing `pg` and one blob directory in `dir`.
+fn nodes(dir: &tempfile::TempDir, pg: &Postgres, n: usize) -> Vec<Server> {
+    let blobs = dir.path().join("blobs");
+    (0..n).map(|i| node(&dir.path().join(format!("node-{i}")), pg, &blobs)).collect()
+}
+
+fn node(data_dir: &std::path::Path, pg: &Postgres, blobs: &std::path::Path) -> Server {
+    Server::start_with(data_dir, &["--state", &pg.url(), "--blobs", blobs.to_str().unwrap()])
+}
+
+/// Waits (up to 10 s) until `url` answers `status` with `body`; how long it took.
+async fn until_answers(url: &str, status: u16, body: &str) -> Duration {
+    let start = Instant::now();
+    loop {
+        let reply = get(url).await;
+        if reply.status == status && reply.body == body {
+            return start.elapsed();
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "{url} still answers {} {:?}", reply.status, reply.body);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn deploy(server: &Server, token: &str, name: &str, wasm_name: &str) -> (u16, serde_json::Value) {
+    let bytes = std::fs::read(wasm(wasm_name)).unwrap();
+    server.api(token, "PUT", &format!("deployments/{name}"), bytes).await
+}
+
+#[tokio::test]
+async fn what_one_node_changes_the_others_serve() {
+    let Some(pg) = Postgres::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let [a, b, c] = <[Server; 3]>::try_from(nodes(&dir, &pg, 3)).ok().unwrap();
+    let url = |node: &Server| format!("{}/default/app/", node.url);
+
+    assert_eq!(deploy(&a, TOKEN, "app", "hello").await.0, 201);
+    for (name, node) in [("B", &b), ("C", &c)] {
+        let took = until_answers(&url(node), 200, HELLO).await;
+        eprintln!("a deploy through A answered on {name} {} ms after A acknowledged it", took.as_millis());
+    }
+
+    assert_eq!(deploy(&b, TOKEN, "app", "behaviors").await.0, 200);
+    for node in [&a, &c] {
+        until_answers(&url(node), 200, "behaviors ok").await;
+    }
+    let (status, json) = c.api(TOKEN, "POST", "deployments/app/rollback", Bytes::new()).await;
+    assert_eq!((status, json["version"].as_u64()), (200, Some(1)), "{json}");
+    for node in [&a, &b] {
+        until_answers(&url(node), 200, HELLO).await;
+    }
+
+    // A tenant made on B: its token works on A, and its deployment serves on C.
+    let acme = b.tenant("acme").await;
+    let took = Instant::now();
+    let deployed = loop {
+        let (status, json) = deploy(&a, &acme, "api", "hello").await;
+        if status != 401 {
+            break (status, json);
+        }
+        assert!(took.elapsed() < Duration::from_secs(10), "A never learned of acme's token");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(deployed.0, 201, "{}", deployed.1);
+    until_answers(&format!("{}/acme/api/", c.url), 200, HELLO).await;
+
+    // Removed on A: the others stop serving it.
+    assert_eq!(a.api(TOKEN, "DELETE", "deployments/app", Bytes::new()).await.0, 200);
+    for node in [&b, &c] {
+        until_answers(&url(node), 404, "no deployment serves /default/app/\n").await;
+    }
+}
+
+#[tokio::test]
+async fn concurrent_deploys_through_two_nodes_get_versions_1_to_n() {
+    let Some(pg) = Postgres::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = nodes(&dir, &pg, 2);
+    let bytes = Bytes::from(std::fs::read(wasm("hello")).unwrap());
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let (url, bytes) = (format!("{}/_gpuwasm/v1/deployments/app", nodes[i % 2].url), bytes.clone());
+        tasks.push(tokio::spawn(async move {
+            let reply = send("PUT", &url, &[("authorization", &format!("Bearer {TOKEN}"))], bytes).await;
+            let json: serde_json::Value = serde_json::from_str(&reply.body).unwrap();
+            (reply.status, json)
+        }));
+    }
+    let mut versions = BTreeSet::new();
+    for task in tasks {
+        let (status, json) = task.await.unwrap();
+        assert!(status == 200 || status == 201, "{status} {json}");
+        versions.insert(json["version"].as_u64().unwrap());
+    }
+    assert_eq!(versions, (1..=8).collect(), "no gaps, no duplicates");
+    for node in &nodes {
+        let start = Instant::now();
+        loop {
+            let (_, json) = node.api(TOKEN, "GET", "deployments/app/versions", Bytes::new()).await;
+            let listed: BTreeSet<u64> = json["versions"].as_array().unwrap().iter().map(|v| v["version"].as_u64().unwrap()).collect();
+            if listed == versions {
+                break;
+            }
+            assert!(start.elapsed() < Duration::from_secs(10), "{} lists {listed:?}", node.url);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn without_postgres_nodes_keep_serving_and_changes_fail_until_it_returns() {
+    let Some(mut pg) = Postgres::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let [a, b] = <[Server; 2]>::try_from(nodes(&dir, &pg, 2)).ok().unwrap();
+    assert_eq!(deploy(&a, TOKEN, "app", "hello").await.0, 201);
+    until_answers(&format!("{}/default/app/", b.url), 200, HELLO).await;
+
+    pg.kill();
+    for node in [&a, &b] {
+        for _ in 0..20 {
+            assert_eq!(get(&format!("{}/default/app/", node.url)).await.body, HELLO, "served from the state loaded last");
+        }
+    }
+    let (status, json) = deploy(&a, TOKEN, "app", "behaviors").await;
+    assert_eq!((status, json["error"]["code"].as_str()), (503, Some("state_unavailable")), "{json}");
+    let (status, _) = b.api(TOKEN, "POST", "tenants", r#"{"name":"acme"}"#).await;
+    assert_eq!(status, 503);
+    for node in [&a, &b] {
+        assert_eq!(get(&format!("{}/default/app/", node.url)).await.body, HELLO, "a failed change changes nothing");
+    }
+
+    pg.run();
+    let (status, json) = deploy(&b, TOKEN, "app", "behaviors").await;
+    assert_eq!((status, json["version"].as_u64()), (200, Some(2)), "{json}");
+    let took = until_answers(&format!("{}/default/app/", a.url), 200, "behaviors ok").await;
+    eprintln!("after PostgreSQL came back, a deploy through B answered on A {} ms after B acknowledged it", took.as_millis());
+}
+
+#[tokio::test]
+async fn a_node_killed_with_sigkill_loses_nothing_acknowledged() {
+    let Some(pg) = Postgres::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let blobs = dir.path().join("blobs");
+    let (a_dir, b_dir) = (dir.path().join("a"), dir.path().join("b"));
+    let (a, b) = (node(&a_dir, &pg, &blobs), node(&b_dir, &pg, &blobs));
+    assert_eq!(deploy(&a, TOKEN, "app", "hello").await.0, 201);
+    assert_eq!(deploy(&a, TOKEN, "app", "behaviors").await.0, 200);
+    a.kill();
+    until_answers(&format!("{}/default/app/", b.url), 200, "behaviors ok").await;
+
+    // The node's data directory is its own: a second node on it is refused.
+    let out = gpuwasm()
+        .args(["serve", "--listen", "127.0.0.1:0", "--admin-token", TOKEN, "--state", &pg.url(), "--data-dir"])
+        .arg(&b_dir)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("in use by another process"), "{stderr}");
+
+    let a = node(&a_dir, &pg, &blobs);
+    assert_eq!(get(&format!("{}/default/app/", a.url)).await.body, "behaviors ok");
+    let (_, json) = a.api(TOKEN, "GET", "deployments/app/versions", Bytes::new()).await;
+    assert_eq!((json["active"].as_u64(), json["versions"].as_array().unwrap().len()), (Some(2), 2), "{json}");
+}
