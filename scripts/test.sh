@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Sets up what the tests need on a fresh Debian machine (guest toolchain,
 # guest components, the Python tools in target/venv, Mesa's lavapipe for the
-# wgpu backend, PostgreSQL 15 for the scale-out tests, which they then
-# require: GPUWASM_REQUIRE_POSTGRES=1; the tests fetch their models with
+# wgpu backend, PostgreSQL 15 and the S3-compatible s3s-fs for the
+# scale-out tests, which they then require: GPUWASM_REQUIRE_POSTGRES=1,
+# GPUWASM_REQUIRE_S3=1; the tests fetch their models with
 # scripts/fetch-test-models.sh) and runs every test: unit,
 # end-to-end, inference, GPU backends, examples; then fuzzes the model
 # parsers for a bounded time (GPUWASM_FUZZ_SECS per target, 20).
@@ -21,6 +22,7 @@ scripts/build-guests.sh
 scripts/python-env.sh
 scripts/install-lavapipe.sh
 scripts/install-postgres.sh
+scripts/install-s3s.sh
 # node and npx: the JavaScript template's build fetches componentize-js from
 # npm. Fetched once here, before tests build JavaScript at the same time
 # (older npm's npx cache is not safe for concurrent installs).
@@ -36,6 +38,7 @@ nvrtc=$(echo "$root"/target/venv/lib/python3*/site-packages/nvidia/cuda_nvrtc/li
 export LD_LIBRARY_PATH=$nvrtc${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export GPUWASM_REQUIRE_NVRTC=1
 export GPUWASM_REQUIRE_POSTGRES=1
+export GPUWASM_REQUIRE_S3=1
 cargo build --release --workspace --locked
 cargo test --release --workspace --locked "$@"
 # Coverage-guided fuzzing of the model parsers and of guest tensors, for a

@@ -1,9 +1,10 @@
 //! Several nodes over one shared state: the two control stores (embedded
-//! redb, PostgreSQL) held to one contract, and `gpuwasm serve` nodes that
-//! share a real PostgreSQL 15 (started here, on loopback) and one blob
-//! directory: what one node changes, the others serve; concurrent changes
-//! through different nodes; PostgreSQL going away and coming back; a node
-//! killed with SIGKILL.
+//! redb, PostgreSQL) held to one contract, the two blob stores (a
+//! directory, S3) likewise, and `gpuwasm serve` nodes that share a real
+//! PostgreSQL 15 and blobs in a real S3-compatible server (s3s-fs) or one
+//! directory, all started here on loopback: what one node changes, the
+//! others serve; concurrent changes through different nodes; PostgreSQL
+//! going away and coming back; a node killed with SIGKILL.
 
 mod support;
 
@@ -12,7 +13,9 @@ use gpuwasm::nn::TenantGpu;
 use gpuwasm_server::control_store::{
     Change, ControlState, ControlStore, DeploymentState, ModelRecord, RedbStore, TenantLimits, TenantRecord, TokenRecord, VersionRecord,
 };
+use gpuwasm_server::blobs::{BlobStore, LocalBlobStore};
 use gpuwasm_server::postgres_store::PgStore;
+use gpuwasm_server::s3_blobs::S3BlobStore;
 use gpuwasm_server::{DeploymentSpec, Error};
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -144,6 +147,61 @@ fn postgres_store_migrates_once_and_lets_one_of_concurrent_commits_win() {
     assert!(err.to_string().contains("migration 99") && err.to_string().contains("upgrade"), "{err}");
 }
 
+/// Runs one sequence of blob operations on a fresh `store`, checking each.
+fn keeps_the_blob_contract(store: &dyn BlobStore, scratch: &std::path::Path, kind: &str) {
+    let (one, two) = (b"one".as_slice(), b"two".as_slice());
+    let (key_one, key_two) = (format!("files/acme/{}", sha256(one)), format!("components/{}.wasm", sha256(two)));
+    assert!(!store.contains(&key_one).unwrap() && store.get(&key_one).unwrap().is_none(), "{kind}");
+    store.put(&key_one, one).unwrap();
+    store.put(&key_one, one).unwrap();
+    store.put(&key_two, two).unwrap();
+    assert_eq!(store.get(&key_one).unwrap().as_deref(), Some(one), "{kind}");
+    assert!(store.contains(&key_two).unwrap(), "{kind}");
+    assert!(store.put("../escape", b"x").is_err() && store.get("a//b").is_err(), "{kind}: keys are plain names");
+
+    // A file larger than two upload parts, streamed and given back whole.
+    let big: Vec<u8> = (0..20u32 << 20).map(|i| (i % 251) as u8).collect();
+    let key_big = format!("models/acme/{}", sha256(&big));
+    let upload = scratch.join(format!("upload-{kind}"));
+    std::fs::write(&upload, &big).unwrap();
+    store.put_file(&key_big, &upload).unwrap();
+    assert!(!upload.exists(), "{kind}: the upload is consumed");
+    assert!(store.get(&key_big).unwrap().unwrap() == big, "{kind}: the 20 MiB blob reads back the same");
+
+    let mut listed: Vec<(String, u64)> = store.list("files/").unwrap().into_iter().chain(store.list("models/").unwrap()).map(|b| (b.key, b.size)).collect();
+    listed.sort();
+    assert_eq!(listed, [(key_one.clone(), 3), (key_big.clone(), 20 << 20)], "{kind}");
+    let fresh = store.list("components/").unwrap()[0].stored_at.elapsed().unwrap_or_default();
+    assert!(fresh < Duration::from_secs(60), "{kind}: stored_at is the time it was stored");
+    assert!(store.list("nothing/").unwrap().is_empty(), "{kind}");
+    store.delete(&key_one).unwrap();
+    store.delete(&key_one).unwrap();
+    assert!(!store.contains(&key_one).unwrap(), "{kind}");
+}
+
+#[test]
+fn both_blob_stores_keep_one_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    keeps_the_blob_contract(&LocalBlobStore::open(dir.path().join("blobs")).unwrap(), dir.path(), "directory");
+    let Some(s3) = S3::start() else { return };
+    let store = S3BlobStore::open("s3://gpuwasm/node-blobs", s3.env()).unwrap_or_else(|e| panic!("{e}"));
+    keeps_the_blob_contract(&store, dir.path(), "s3");
+
+    // A blob changed behind the store's back is refused, never served.
+    let key = format!("files/acme/{}", sha256(b"two"));
+    store.put(&key, b"two").unwrap();
+    std::fs::write(s3.file(&format!("node-blobs/{key}")), b"tw0").unwrap();
+    let err = store.get(&key).unwrap_err().to_string();
+    assert!(err.contains(&sha256(b"tw0")) && err.contains("not the one its key names"), "{err}");
+
+    // A wrong setting fails at open, naming the URL.
+    let wrong: Vec<(String, String)> = s3.env().into_iter().map(|(k, v)| if k == "AWS_SECRET_ACCESS_KEY" { (k, "wrong".into()) } else { (k, v) }).collect();
+    let err = S3BlobStore::open("s3://gpuwasm/x", wrong).err().expect("a wrong secret must fail").to_string();
+    assert!(err.contains("s3://gpuwasm/x"), "{err}");
+    let err = S3BlobStore::open("s3:///x", s3.env()).err().expect("no bucket").to_string();
+    assert!(err.contains("names no bucket"), "{err}");
+}
+
 /// `n` nodes sharing `pg` and one blob directory in `dir`.
 fn nodes(dir: &tempfile::TempDir, pg: &Postgres, n: usize) -> Vec<Server> {
     let blobs = dir.path().join("blobs");
@@ -152,6 +210,14 @@ fn nodes(dir: &tempfile::TempDir, pg: &Postgres, n: usize) -> Vec<Server> {
 
 fn node(data_dir: &std::path::Path, pg: &Postgres, blobs: &std::path::Path) -> Server {
     Server::start_with(data_dir, &["--state", &pg.url(), "--blobs", blobs.to_str().unwrap()])
+}
+
+/// A node sharing `pg` and the blobs under `s3://gpuwasm/blobs` of `s3`.
+fn s3_node(data_dir: &std::path::Path, pg: &Postgres, s3: &S3) -> Server {
+    let env = s3.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let flags = ["--state", &pg.url(), "--blobs", "s3://gpuwasm/blobs"];
+    Server::start_under(data_dir, Launch { flags: &flags, env: &env, ..Launch::default() })
 }
 
 /// Waits (up to 10 s) until `url` answers `status` with `body`; how long it took.
@@ -172,11 +238,13 @@ async fn deploy(server: &Server, token: &str, name: &str, wasm_name: &str) -> (u
     server.api(token, "PUT", &format!("deployments/{name}"), bytes).await
 }
 
+/// Three nodes over PostgreSQL and S3.
 #[tokio::test]
 async fn what_one_node_changes_the_others_serve() {
     let Some(pg) = Postgres::start() else { return };
+    let Some(s3) = S3::start() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let [a, b, c] = <[Server; 3]>::try_from(nodes(&dir, &pg, 3)).ok().unwrap();
+    let [a, b, c] = ["a", "b", "c"].map(|name| s3_node(&dir.path().join(name), &pg, &s3));
     let url = |node: &Server| format!("{}/default/app/", node.url);
 
     assert_eq!(deploy(&a, TOKEN, "app", "hello").await.0, 201);
@@ -208,6 +276,28 @@ async fn what_one_node_changes_the_others_serve() {
     };
     assert_eq!(deployed.0, 201, "{}", deployed.1);
     until_answers(&format!("{}/acme/api/", c.url), 200, HELLO).await;
+
+    // A model pushed through B, a deployment using it deployed through A,
+    // called on C.
+    let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/classify/digits.onnx");
+    stdout_of(&b.cli(&["model", "push", "digits", model.to_str().unwrap()]));
+    let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/classify/gpuwasm.toml");
+    let out = a.cli(&["deploy", wasm("classify").to_str().unwrap(), "--manifest", manifest.to_str().unwrap()]);
+    stdout_of(&out);
+    let reference: serde_json::Value = serde_json::from_str(include_str!("fixtures/digits-reference.json")).unwrap();
+    let body = serde_json::json!({ "images": [reference["images"][0]] }).to_string();
+    let classify = format!("{}/default/classify/classify", c.url);
+    let start = Instant::now();
+    let reply = loop {
+        let reply = send("POST", &classify, &[], body.clone()).await;
+        if reply.status != 404 || start.elapsed() > Duration::from_secs(10) {
+            break reply;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let predicted: serde_json::Value = serde_json::from_str(&reply.body).unwrap();
+    assert_eq!(predicted["predictions"][0]["digit"], reference["labels"][0], "{}", reply.body);
 
     // Removed on A: the others stop serving it.
     assert_eq!(a.api(TOKEN, "DELETE", "deployments/app", Bytes::new()).await.0, 200);

@@ -423,3 +423,68 @@ impl Drop for Postgres {
         self.kill();
     }
 }
+
+/// An S3-compatible server of its own on 127.0.0.1: `s3s-fs` from crates.io
+/// (scripts/install-s3s.sh puts it in target/tools/bin), storing buckets as
+/// folders of a temporary directory; bucket `gpuwasm` exists. Stopped on
+/// drop. Without it, like [`Postgres::start`]: skipped loudly, unless
+/// `GPUWASM_REQUIRE_S3=1` (scripts/test.sh sets it).
+pub struct S3 {
+    child: Child,
+    pub port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl S3 {
+    pub fn start() -> Option<S3> {
+        let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tools/bin/s3s-fs");
+        if !bin.exists() {
+            let required = std::env::var("GPUWASM_REQUIRE_S3").is_ok_and(|v| v == "1");
+            assert!(!required, "GPUWASM_REQUIRE_S3=1 and {} is missing: run scripts/install-s3s.sh", bin.display());
+            eprintln!("SKIPPED: {} is missing; scripts/install-s3s.sh installs it (scripts/test.sh does)", bin.display());
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("gpuwasm")).unwrap();
+        let port: u16 = free_address().rsplit(':').next().unwrap().parse().unwrap();
+        let child = Command::new(bin)
+            .args(["--host", "127.0.0.1", "--port", &port.to_string(), "--access-key", "test-key", "--secret-key", "test-secret"])
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting s3s-fs");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(std::time::Instant::now() < deadline, "s3s-fs did not listen in 30 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Some(S3 { child, port, dir })
+    }
+
+    /// The `AWS_*` settings that reach it.
+    pub fn env(&self) -> Vec<(String, String)> {
+        [
+            ("AWS_ACCESS_KEY_ID", "test-key".to_string()),
+            ("AWS_SECRET_ACCESS_KEY", "test-secret".to_string()),
+            ("AWS_REGION", "us-east-1".to_string()),
+            ("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{}", self.port)),
+            ("AWS_ALLOW_HTTP", "true".to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+
+    /// The file that holds `key` of bucket `gpuwasm`.
+    pub fn file(&self, key: &str) -> PathBuf {
+        self.dir.path().join("gpuwasm").join(key)
+    }
+}
+
+impl Drop for S3 {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

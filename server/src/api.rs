@@ -364,7 +364,7 @@ impl From<Error> for ApiError {
         }
         match &e {
             Error::Conflict(_) => return ApiError::new(StatusCode::CONFLICT, e.code(), e.to_string()),
-            Error::Store(_) => {
+            Error::Store(_) | Error::Blobs(_) => {
                 tracing::error!(error = %e, "admin API request failed");
                 return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.code(), e.to_string()).retry_after(1);
             }

@@ -56,10 +56,7 @@ impl LocalBlobStore {
     }
 
     fn path(&self, key: &str) -> Result<PathBuf, Error> {
-        let plain = !key.is_empty() && key.split('/').all(|s| !s.is_empty() && s != "." && s != ".." && !s.contains('\0'));
-        if !plain {
-            return Err(Error::BlobKey(key.to_string()));
-        }
+        check_key(key)?;
         Ok(self.dir.join(key))
     }
 
@@ -149,6 +146,15 @@ impl BlobStore for LocalBlobStore {
     fn local_path(&self, key: &str) -> Option<PathBuf> {
         self.path(key).ok().filter(|p| p.is_file())
     }
+}
+
+/// Refuses a key that is not a `/`-separated list of plain names.
+pub(crate) fn check_key(key: &str) -> Result<(), Error> {
+    let plain = !key.is_empty() && key.split('/').all(|s| !s.is_empty() && s != "." && s != ".." && !s.contains('\0'));
+    if !plain {
+        return Err(Error::BlobKey(key.to_string()));
+    }
+    Ok(())
 }
 
 /// Marks a blob stored again as new: the collector counts an unreferenced

@@ -55,6 +55,10 @@ pub enum Error {
     /// The shared control store (PostgreSQL) cannot be reached, or failed.
     #[error("control store (PostgreSQL): {0}")]
     Store(String),
+    /// The shared blob store (S3) cannot be reached, failed, or holds a
+    /// blob whose content does not match its key.
+    #[error("blob store (S3): {0}")]
+    Blobs(String),
     /// The shared control store was set up by a newer gpuwasm.
     #[error("the control store's schema is at migration {found}; this gpuwasm knows migrations up to {known}: upgrade it")]
     NewerSchema {
@@ -85,6 +89,7 @@ impl Error {
             | Error::CorruptState { .. }
             | Error::Conflict(_)
             | Error::Store(_)
+            | Error::Blobs(_)
             | Error::NewerSchema { .. }
             | Error::Task(_)
             | Error::Tls(_) => false,
@@ -103,6 +108,7 @@ impl Error {
             Error::CorruptState { .. } => "corrupt_state",
             Error::Conflict(_) => "state_changed",
             Error::Store(_) | Error::NewerSchema { .. } => "state_unavailable",
+            Error::Blobs(_) => "blobs_unavailable",
             Error::Task(_) => "internal",
             Error::Tls(_) => "tls",
         }

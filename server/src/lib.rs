@@ -41,6 +41,7 @@ mod models;
 pub mod postgres_store;
 mod quotas;
 mod rates;
+pub mod s3_blobs;
 mod tls;
 mod trace;
 pub mod spec;
@@ -59,6 +60,7 @@ use blobs::{BlobStore, LocalBlobStore};
 use control::{Control, Entry};
 use control_store::{Change, ControlState, ControlStore, RedbStore, TenantRecord, VersionRecord};
 use postgres_store::PgStore;
+use s3_blobs::S3BlobStore;
 use files::FileStore;
 use gpuwasm::{ResponseBody, Runtime, text_response};
 use http::{Request, Response, StatusCode, Uri};
@@ -80,10 +82,11 @@ pub struct ServerConfig {
     /// A PostgreSQL URL: the control state lives there, shared with the
     /// other nodes that name it, rather than in `data_dir/state.redb`.
     pub state_url: Option<String>,
-    /// A directory for blobs (components, files, models) shared with the
-    /// other nodes, such as a network file system, rather than
-    /// `data_dir/blobs`.
-    pub blobs_dir: Option<PathBuf>,
+    /// Where blobs (components, files, models) are shared with the other
+    /// nodes, rather than `data_dir/blobs`: `s3://BUCKET/PREFIX` (an
+    /// S3-compatible store, configured from the environment), or a
+    /// directory such as a network file system.
+    pub blobs: Option<String>,
     /// The bootstrap admin token (acts for tenant `default`).
     pub admin_token: String,
     /// Largest component upload accepted, in bytes.
@@ -189,8 +192,12 @@ impl Server {
         };
         // The data directory is ours now: no other server writes here.
         durable::sweep_temporaries(&config.data_dir);
-        let blobs = LocalBlobStore::open(config.blobs_dir.clone().unwrap_or_else(|| config.data_dir.join("blobs")))?;
-        Self::start(runtime, config, store, Arc::new(blobs), Some(lock)).await
+        let blobs: Arc<dyn BlobStore> = match config.blobs.as_deref() {
+            None => Arc::new(LocalBlobStore::open(config.data_dir.join("blobs"))?),
+            Some(url) if url.starts_with("s3://") => Arc::new(S3BlobStore::open(url, std::env::vars())?),
+            Some(dir) => Arc::new(LocalBlobStore::open(dir.into())?),
+        };
+        Self::start(runtime, config, store, blobs, Some(lock)).await
     }
 
     /// Like [`Server::open`], with state kept in `store` and blobs in
@@ -392,6 +399,13 @@ impl ServerInner {
 }
 
 /// Seconds since the Unix epoch.
+/// Runs `f` on a scoped thread, off any tokio runtime's thread: for the
+/// clients (PostgreSQL, S3) that drive a runtime of their own, which cannot
+/// be entered from a thread that already drives one.
+pub(crate) fn off_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| s.spawn(f).join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+}
+
 /// Takes the lock on `data_dir` that says a server uses it; a clear error
 /// while another process holds it.
 fn lock_data_dir(data_dir: &std::path::Path) -> Result<std::fs::File, Error> {

@@ -22,6 +22,7 @@
 
 use crate::control_store::{Change, ControlState, ControlStore};
 use crate::error::Error;
+use crate::off_runtime;
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::types::{Json, ToSql};
 use postgres::{Client, NoTls, Transaction};
@@ -91,11 +92,6 @@ impl Drop for PgStore {
             off_runtime(move || drop(client));
         }
     }
-}
-
-/// Runs `f` on a scoped thread: off any tokio runtime's thread.
-fn off_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
-    std::thread::scope(|s| s.spawn(f).join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
 }
 
 fn store_error(e: postgres::Error) -> Error {

@@ -27,12 +27,15 @@ pub struct ServeArgs {
     /// nodes, --blobs.
     #[arg(long = "state", env = "GPUWASM_STATE", value_name = "URL", hide_env_values = true)]
     state_url: Option<String>,
-    /// Keep blobs (components, deployment files, models) in this directory,
-    /// shared by the nodes (a network file system), rather than in
-    /// DATA_DIR/blobs. Each node keeps its compiled artifacts in its own
+    /// Keep blobs (components, deployment files, models) where the nodes
+    /// share them, rather than in DATA_DIR/blobs: s3://BUCKET/PREFIX (an
+    /// S3-compatible store; credentials, region and endpoint from the
+    /// AWS_* environment variables, e.g. AWS_ENDPOINT_URL and
+    /// AWS_ALLOW_HTTP=true for a local server), or a directory (a network
+    /// file system). Each node keeps its compiled artifacts in its own
     /// DATA_DIR.
-    #[arg(long, env = "GPUWASM_BLOBS", value_name = "DIR")]
-    blobs: Option<PathBuf>,
+    #[arg(long, env = "GPUWASM_BLOBS", value_name = "URL|DIR")]
+    blobs: Option<String>,
     /// Admin API token. Without it, the token in DATA_DIR/admin-token is
     /// used, and created on first start.
     #[arg(long, env = "GPUWASM_ADMIN_TOKEN", hide_env_values = true)]
@@ -96,15 +99,15 @@ pub async fn run(args: ServeArgs) -> Result<ExitCode> {
         }
         _ => stored_token(&args.data_dir)?,
     };
-    if let Some(blobs) = args.blobs.as_ref().and_then(|b| b.to_str()).filter(|b| b.contains("://")) {
-        anyhow::bail!("--blobs {blobs}: only a directory is supported (S3-compatible storage is not built yet)");
+    if let Some(blobs) = args.blobs.as_ref().filter(|b| b.contains("://") && !b.starts_with("s3://")) {
+        anyhow::bail!("--blobs {blobs}: give s3://BUCKET/PREFIX or a directory");
     }
     let mut server_names = args.server_names.clone();
     server_names.extend(std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|h| h.trim().to_string()));
     let config = ServerConfig {
         data_dir: args.data_dir.clone(),
         state_url: args.state_url.clone(),
-        blobs_dir: args.blobs.clone(),
+        blobs: args.blobs.clone(),
         admin_token,
         max_upload_bytes: args.max_upload_mb.saturating_mul(1 << 20),
         max_model_bytes: args.max_model_mb.saturating_mul(1 << 20),
