@@ -397,3 +397,33 @@ async fn a_node_killed_with_sigkill_loses_nothing_acknowledged() {
     let (_, json) = a.api(TOKEN, "GET", "deployments/app/versions", Bytes::new()).await;
     assert_eq!((json["active"].as_u64(), json["versions"].as_array().unwrap().len()), (Some(2), 2), "{json}");
 }
+
+/// The Kubernetes manifests (deploy/kubernetes, base and overlays) render,
+/// validate strictly against Kubernetes' schemas, and match this gpuwasm:
+/// its `serve` flags and settings, /health, and the metric the autoscaler
+/// reads from a real server's /metrics (scripts/check-kubernetes.py).
+#[tokio::test]
+async fn kubernetes_manifests_validate_and_match_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = free_address();
+    let server = Server::start_with(&dir.path().join("data"), &["--metrics-listen", &metrics]);
+    server.deploy("app", "hello", &[]);
+    assert_eq!(get(&format!("{}/default/app/", server.url)).await.body, HELLO);
+    let scrape = get(&format!("http://{metrics}/metrics")).await;
+    assert_eq!(scrape.status, 200);
+    std::fs::write(dir.path().join("metrics.txt"), scrape.body).unwrap();
+    let help = gpuwasm().args(["serve", "--help"]).output().unwrap();
+    std::fs::write(dir.path().join("serve-help.txt"), stdout_of(&help)).unwrap();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/check-kubernetes.py");
+    let out = python()
+        .arg(script)
+        .arg("--serve-help")
+        .arg(dir.path().join("serve-help.txt"))
+        .arg("--metrics")
+        .arg(dir.path().join("metrics.txt"))
+        .output()
+        .unwrap();
+    let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{report}");
+    assert!(report.contains("base: 6 objects") && report.contains("overlays/gpu: 6 objects"), "{report}");
+}
