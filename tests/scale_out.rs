@@ -126,7 +126,7 @@ fn postgres_store_migrates_once_and_lets_one_of_concurrent_commits_win() {
         let connecting: Vec<_> = (0..4).map(|_| s.spawn(|| PgStore::connect(&url))).collect();
         connecting.into_iter().map(|c| c.join().unwrap().unwrap_or_else(|e| panic!("{e}"))).collect()
     });
-    assert_eq!(pg.sql("SELECT version, name FROM gpuwasm_migrations"), "1|control state\n");
+    assert_eq!(pg.sql("SELECT version, name FROM gpuwasm_migrations ORDER BY version"), "1|control state\n2|usage minutes\n");
 
     let base = stores[0].revision().unwrap();
     let outcomes: Vec<Result<u64, Error>> = std::thread::scope(|s| {
@@ -426,4 +426,52 @@ async fn kubernetes_manifests_validate_and_match_the_server() {
     let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "{report}");
     assert!(report.contains("base: 6 objects") && report.contains("overlays/gpu: 6 objects"), "{report}");
+}
+
+/// Usage metered on each node is reported through any node; what a node
+/// metered while PostgreSQL was down reaches it once it is back.
+#[tokio::test]
+async fn usage_through_any_node_counts_every_nodes_requests() {
+    let Some(mut pg) = Postgres::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let [a, b] = <[Server; 2]>::try_from(nodes(&dir, &pg, 2)).ok().unwrap();
+    assert_eq!(deploy(&a, TOKEN, "app", "hello").await.0, 201);
+    until_answers(&format!("{}/default/app/", b.url), 200, HELLO).await;
+    for (node, n) in [(&a, 30), (&b, 19)] {
+        for _ in 0..n {
+            assert_eq!(get(&format!("{}/default/app/", node.url)).await.status, 200);
+        }
+    }
+    // 50 requests answered: 30 through A, 1 + 19 through B. Each node
+    // writes its lines every second.
+    for node in [&a, &b] {
+        until_reported(node, 50).await;
+    }
+
+    pg.kill();
+    for _ in 0..10 {
+        assert_eq!(get(&format!("{}/default/app/", a.url)).await.status, 200, "serving does not need PostgreSQL");
+    }
+    let (status, json) = a.api(TOKEN, "GET", "usage?since=1h", Bytes::new()).await;
+    assert_eq!((status, json["error"]["code"].as_str()), (503, Some("state_unavailable")), "{json}");
+    pg.run();
+    until_reported(&b, 60).await;
+}
+
+/// Waits (up to 10 s) until `node`'s usage report counts `n` requests of
+/// `default/app`; fails if it counts more.
+async fn until_reported(node: &Server, n: u64) {
+    let start = Instant::now();
+    loop {
+        let (status, json) = node.api(TOKEN, "GET", "usage?since=1h&by=deployment", Bytes::new()).await;
+        assert_eq!(status, 200, "{json}");
+        let rows = json["rows"].as_array().unwrap();
+        let counted = rows.iter().find(|r| r["key"] == "default/app").map_or(0, |r| r["requests"].as_u64().unwrap());
+        assert!(counted <= n, "{} counts {counted} requests, more than the {n} answered", node.url);
+        if counted == n {
+            return;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "{} counts {counted} requests of {n}", node.url);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -239,8 +239,7 @@ impl ServerInner {
             metering.report((!all).then_some(tenant.as_str()), since, by, &prices)
         })
         .await
-        .map_err(|e| ApiError::internal(format!("the usage report failed: {e}")))?
-        .map_err(|e| ApiError::internal(format!("reading the usage files: {e}")))?;
+        .map_err(|e| ApiError::internal(format!("the usage report failed: {e}")))??;
         Ok(json(StatusCode::OK, &report))
     }
 

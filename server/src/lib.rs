@@ -186,9 +186,13 @@ impl Server {
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| Error::io("creating the data directory", &config.data_dir, e))?;
         let lock = lock_data_dir(&config.data_dir)?;
-        let store: Box<dyn ControlStore> = match &config.state_url {
-            None => Box::new(RedbStore::open(&config.data_dir.join("state.redb"))?),
-            Some(url) => Box::new(PgStore::connect(url)?),
+        let (store, shared_usage): (Box<dyn ControlStore>, Option<Arc<dyn metering::SharedUsage>>) = match &config.state_url {
+            None => (Box::new(RedbStore::open(&config.data_dir.join("state.redb"))?), None),
+            Some(url) => {
+                let store = PgStore::connect(url)?;
+                let usage = Arc::new(store.usage());
+                (Box::new(store), Some(usage))
+            }
         };
         // The data directory is ours now: no other server writes here.
         durable::sweep_temporaries(&config.data_dir);
@@ -197,7 +201,7 @@ impl Server {
             Some(url) if url.starts_with("s3://") => Arc::new(S3BlobStore::open(url, std::env::vars())?),
             Some(dir) => Arc::new(LocalBlobStore::open(dir.into())?),
         };
-        Self::start(runtime, config, store, blobs, Some(lock)).await
+        Self::start(runtime, config, store, blobs, Some(lock), shared_usage).await
     }
 
     /// Like [`Server::open`], with state kept in `store` and blobs in
@@ -210,7 +214,7 @@ impl Server {
         store: Box<dyn ControlStore>,
         blobs: Arc<dyn BlobStore>,
     ) -> Result<Server, Error> {
-        Self::start(runtime, config, store, blobs, None).await
+        Self::start(runtime, config, store, blobs, None, None).await
     }
 
     async fn start(
@@ -219,6 +223,7 @@ impl Server {
         store: Box<dyn ControlStore>,
         blobs: Arc<dyn BlobStore>,
         data_dir_lock: Option<std::fs::File>,
+        shared_usage: Option<Arc<dyn metering::SharedUsage>>,
     ) -> Result<Server, Error> {
         let artifacts = ArtifactStore::open(config.data_dir.join("artifacts"), &runtime, blobs.clone())?;
         let files = FileStore::open(config.data_dir.join("files"), blobs.clone())?;
@@ -232,7 +237,7 @@ impl Server {
         let metering = match &config.usage {
             Some(usage) => {
                 let dir = config.data_dir.join("usage");
-                Some(metering::Metering::start(dir.clone(), usage.retention_days).map_err(|e| Error::io("starting metering", &dir, e))?)
+                Some(metering::Metering::start(dir.clone(), usage.retention_days, shared_usage).map_err(|e| Error::io("starting metering", &dir, e))?)
             }
             None => None,
         };

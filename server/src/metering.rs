@@ -10,6 +10,11 @@
 //! both to disk. A crash loses at most the last second. Files older than
 //! the retention are removed at start-up and hourly. Reports read the
 //! minute files.
+//!
+//! Nodes sharing a state ([`SharedUsage`], PostgreSQL) also append the
+//! minute lines there, and reports read every node's from there. Lines the
+//! shared store refused are tried again each second (up to
+//! [`PENDING_LINES`]).
 
 use crate::api::{UsageReport, UsageRow};
 use gpuwasm::Usage;
@@ -26,6 +31,20 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 const QUEUE: usize = 1 << 16;
 /// How often the writer appends and syncs.
 const FLUSH_EVERY: Duration = Duration::from_secs(1);
+/// Minute lines kept for the shared store while it fails; beyond, the
+/// oldest are dropped (this node's files still have them).
+const PENDING_LINES: usize = 1 << 20;
+
+/// Where every node's minute lines go, besides each node's files, so
+/// that a report through any node covers them all.
+pub(crate) trait SharedUsage: Send + Sync {
+    /// Appends lines, all or none.
+    fn append(&self, lines: &[MinuteLine]) -> Result<(), crate::Error>;
+    /// The lines of minutes from `minute` on, of `tenant` (`None`: all).
+    fn since(&self, minute: u64, tenant: Option<&str>) -> Result<Vec<MinuteLine>, crate::Error>;
+    /// Removes the lines of minutes before `minute`; how many.
+    fn forget_before(&self, minute: u64) -> Result<u64, crate::Error>;
+}
 
 /// Prices that turn usage into cost (`gpuwasm serve --prices FILE`, TOML).
 /// Every price defaults to 0.
@@ -184,16 +203,16 @@ struct RequestLine<'a> {
 
 /// What one second added to a minute's totals, as `minutes-DAY.jsonl`
 /// keeps it.
-#[derive(Serialize, Deserialize)]
-struct MinuteLine {
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct MinuteLine {
     /// Minutes since the Unix epoch.
-    minute: u64,
-    tenant: String,
-    deployment: String,
+    pub minute: u64,
+    pub tenant: String,
+    pub deployment: String,
     /// The models its requests loaded, `+`-joined (empty: none).
-    models: String,
+    pub models: String,
     #[serde(flatten)]
-    totals: Totals,
+    pub totals: Totals,
 }
 
 /// A request's usage with what it belongs to.
@@ -214,6 +233,7 @@ enum Message {
 /// reports over what it wrote.
 pub(crate) struct Metering {
     dir: PathBuf,
+    shared: Option<Arc<dyn SharedUsage>>,
     queue: SyncSender<Message>,
     /// Records queued and not yet written.
     backlog: Arc<AtomicU64>,
@@ -251,14 +271,23 @@ impl Recorder {
 }
 
 impl Metering {
-    /// Starts metering into `dir`, keeping `retention_days` of files.
-    pub(crate) fn start(dir: PathBuf, retention_days: u32) -> std::io::Result<Metering> {
+    /// Starts metering into `dir` (and `shared`), keeping `retention_days`.
+    pub(crate) fn start(dir: PathBuf, retention_days: u32, shared: Option<Arc<dyn SharedUsage>>) -> std::io::Result<Metering> {
         std::fs::create_dir_all(&dir)?;
         let (queue, rx) = std::sync::mpsc::sync_channel(QUEUE);
         let backlog = Arc::new(AtomicU64::new(0));
-        let mut writer = Writer { dir: dir.clone(), retention_days, backlog: backlog.clone(), checked: HashSet::new(), last_sweep: None };
+        let mut writer = Writer {
+            dir: dir.clone(),
+            retention_days,
+            backlog: backlog.clone(),
+            checked: HashSet::new(),
+            last_sweep: None,
+            shared: shared.clone(),
+            pending: Vec::new(),
+            sharing_fails: false,
+        };
         let thread = std::thread::Builder::new().name("gpuwasm-metering".into()).spawn(move || writer.run(rx))?;
-        Ok(Metering { dir, queue, backlog, dropped: Arc::default(), writer: Mutex::new(Some(thread)) })
+        Ok(Metering { dir, shared, queue, backlog, dropped: Arc::default(), writer: Mutex::new(Some(thread)) })
     }
 
     /// A recorder for the requests of one deployment version.
@@ -295,35 +324,25 @@ impl Metering {
     }
 
     /// Usage of `tenant` (all tenants: `None`) since `since`, grouped `by`,
-    /// with its cost at `prices`. Blocking: reads the minute files.
-    pub(crate) fn report(&self, tenant: Option<&str>, since: SystemTime, by: GroupBy, prices: &Prices) -> std::io::Result<UsageReport> {
+    /// with its cost at `prices`: every node's when usage is shared, else
+    /// this node's. Blocking: reads the minute files or the shared store.
+    pub(crate) fn report(&self, tenant: Option<&str>, since: SystemTime, by: GroupBy, prices: &Prices) -> Result<UsageReport, crate::Error> {
         self.flush();
         let since_minute = unix_secs(since) / 60;
         let until = SystemTime::now();
+        let lines = match &self.shared {
+            Some(shared) => shared.since(since_minute, tenant)?,
+            None => self.read_minutes(since_minute, until)?,
+        };
         let mut groups: BTreeMap<String, Totals> = BTreeMap::new();
-        for day in day_of(since_minute * 60)..=day_of(unix_secs(until)) {
-            let path = self.dir.join(format!("minutes-{}.jsonl", date(day)));
-            let text = match std::fs::read_to_string(&path) {
-                Ok(text) => text,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(e),
+        for row in lines.iter().filter(|row| row.minute >= since_minute && tenant.is_none_or(|t| t == row.tenant)) {
+            let key = match by {
+                GroupBy::Deployment => format!("{}/{}", row.tenant, row.deployment),
+                GroupBy::Model => if row.models.is_empty() { "(none)".into() } else { row.models.clone() },
+                GroupBy::Day => date(row.minute / (24 * 60)),
+                GroupBy::Tenant => row.tenant.clone(),
             };
-            for line in text.lines().filter(|l| !l.is_empty()) {
-                let Ok(row) = serde_json::from_str::<MinuteLine>(line) else {
-                    tracing::warn!(file = %path.display(), "skipping an unreadable metering line (cut short by a crash?)");
-                    continue;
-                };
-                if row.minute < since_minute || tenant.is_some_and(|t| t != row.tenant) {
-                    continue;
-                }
-                let key = match by {
-                    GroupBy::Deployment => format!("{}/{}", row.tenant, row.deployment),
-                    GroupBy::Model => if row.models.is_empty() { "(none)".into() } else { row.models.clone() },
-                    GroupBy::Day => date(row.minute / (24 * 60)),
-                    GroupBy::Tenant => row.tenant.clone(),
-                };
-                groups.entry(key).or_default().add(&row.totals);
-            }
+            groups.entry(key).or_default().add(&row.totals);
         }
         let mut total = Totals::default();
         let rows = groups
@@ -342,6 +361,26 @@ impl Metering {
             rows,
             total: UsageRow { key: "total".into(), cost: prices.cost(&total), totals: total },
         })
+    }
+
+    /// This node's minute lines from `since_minute` to `until`.
+    fn read_minutes(&self, since_minute: u64, until: SystemTime) -> Result<Vec<MinuteLine>, crate::Error> {
+        let mut lines = Vec::new();
+        for day in day_of(since_minute * 60)..=day_of(unix_secs(until)) {
+            let path = self.dir.join(format!("minutes-{}.jsonl", date(day)));
+            let text = match std::fs::read_to_string(&path) {
+                Ok(text) => text,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(crate::Error::io("reading usage", path, e)),
+            };
+            for line in text.lines().filter(|l| !l.is_empty()) {
+                match serde_json::from_str::<MinuteLine>(line) {
+                    Ok(row) => lines.push(row),
+                    Err(_) => tracing::warn!(file = %path.display(), "skipping an unreadable metering line (cut short by a crash?)"),
+                }
+            }
+        }
+        Ok(lines)
     }
 }
 
@@ -396,6 +435,11 @@ struct Writer {
     /// Files whose end this process has checked (see [`Writer::append`]).
     checked: HashSet<PathBuf>,
     last_sweep: Option<Instant>,
+    shared: Option<Arc<dyn SharedUsage>>,
+    /// Minute lines not yet in the shared store.
+    pending: Vec<MinuteLine>,
+    /// Whether the last append to the shared store failed (logged once).
+    sharing_fails: bool,
 }
 
 impl Writer {
@@ -428,9 +472,11 @@ impl Writer {
             if waiting.is_empty() && !closed && Instant::now() < due {
                 continue;
             }
-            if let Err(e) = self.write(&records) {
+            let lines = minute_lines(&records);
+            if let Err(e) = self.write(&records, &lines) {
                 tracing::error!(error = %e, dir = %self.dir.display(), records = records.len(), "writing usage records failed; they are lost");
             }
+            self.share(lines);
             self.backlog.fetch_sub(records.len() as u64, Ordering::Relaxed);
             records.clear();
             for ack in waiting.drain(..) {
@@ -443,12 +489,11 @@ impl Writer {
         }
     }
 
-    fn write(&mut self, records: &[Record]) -> std::io::Result<()> {
+    fn write(&mut self, records: &[Record], lines: &[MinuteLine]) -> std::io::Result<()> {
         if records.is_empty() {
             return Ok(());
         }
         let mut requests: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
-        let mut minutes: HashMap<(u64, &str, &str, String), Totals> = HashMap::new();
         for r in records {
             let u = &r.usage;
             let at = u.started.duration_since(UNIX_EPOCH).unwrap_or_default();
@@ -473,16 +518,11 @@ impl Writer {
             let text = requests.entry(day_of(at.as_secs())).or_default();
             serde_json::to_writer(&mut *text, &line).expect("a usage line serialises");
             text.push(b'\n');
-            let mut models = u.models.clone();
-            models.sort();
-            let key = (at.as_secs() / 60, &*r.tenant, &*r.deployment, models.join("+"));
-            minutes.entry(key).or_default().add_usage(u);
         }
         let mut by_day: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
-        for ((minute, tenant, deployment, models), totals) in minutes {
-            let line = MinuteLine { minute, tenant: tenant.into(), deployment: deployment.into(), models, totals };
-            let text = by_day.entry(minute / (24 * 60)).or_default();
-            serde_json::to_writer(&mut *text, &line).expect("a minute line serialises");
+        for line in lines {
+            let text = by_day.entry(line.minute / (24 * 60)).or_default();
+            serde_json::to_writer(&mut *text, line).expect("a minute line serialises");
             text.push(b'\n');
         }
         for (day, text) in &requests {
@@ -492,6 +532,35 @@ impl Writer {
             self.append(&format!("minutes-{}.jsonl", date(*day)), text)?;
         }
         Ok(())
+    }
+
+    /// Appends `lines`, and any left from failed appends, to the shared store.
+    fn share(&mut self, lines: Vec<MinuteLine>) {
+        let Some(shared) = &self.shared else { return };
+        self.pending.extend(lines);
+        if self.pending.is_empty() {
+            return;
+        }
+        match shared.append(&self.pending) {
+            Ok(()) => {
+                if self.sharing_fails {
+                    tracing::info!(lines = self.pending.len(), "usage lines reach the shared store again");
+                }
+                self.sharing_fails = false;
+                self.pending.clear();
+            }
+            Err(e) => {
+                if !self.sharing_fails {
+                    tracing::warn!(error = %e, "the shared store refused usage lines; trying again every second");
+                }
+                self.sharing_fails = true;
+                let excess = self.pending.len().saturating_sub(PENDING_LINES);
+                if excess > 0 {
+                    self.pending.drain(..excess);
+                    tracing::warn!(dropped = excess, "usage lines dropped from the shared store's backlog (this node's files keep them)");
+                }
+            }
+        }
     }
 
     /// Appends `text` to the file `name` and syncs it. The first time this
@@ -517,7 +586,15 @@ impl Writer {
     /// Removes files older than the retention.
     fn sweep(&mut self) {
         self.last_sweep = Some(Instant::now());
-        let oldest = date(day_of(unix_secs(SystemTime::now())).saturating_sub(self.retention_days as u64));
+        let oldest_day = day_of(unix_secs(SystemTime::now())).saturating_sub(self.retention_days as u64);
+        if let Some(shared) = &self.shared {
+            match shared.forget_before(oldest_day * 24 * 60) {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(lines = n, "shared usage lines past their retention removed"),
+                Err(e) => tracing::warn!(error = %e, "removing old shared usage lines failed"),
+            }
+        }
+        let oldest = date(oldest_day);
         let Ok(entries) = std::fs::read_dir(&self.dir) else { return };
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
@@ -530,6 +607,23 @@ impl Writer {
             }
         }
     }
+}
+
+/// What `records` add to each minute's totals per tenant, deployment and
+/// models.
+fn minute_lines(records: &[Record]) -> Vec<MinuteLine> {
+    let mut minutes: HashMap<(u64, &str, &str, String), Totals> = HashMap::new();
+    for r in records {
+        let u = &r.usage;
+        let at = u.started.duration_since(UNIX_EPOCH).unwrap_or_default();
+        let mut models = u.models.clone();
+        models.sort();
+        minutes.entry((at.as_secs() / 60, &*r.tenant, &*r.deployment, models.join("+"))).or_default().add_usage(u);
+    }
+    minutes
+        .into_iter()
+        .map(|((minute, tenant, deployment, models), totals)| MinuteLine { minute, tenant: tenant.into(), deployment: deployment.into(), models, totals })
+        .collect()
 }
 
 /// Parses a duration: seconds (`3600`) or a number with a unit, `s`, `m`,
@@ -646,7 +740,7 @@ mod tests {
     #[test]
     fn records_are_written_per_minute_and_reported_by_group() {
         let dir = tempfile::tempdir().unwrap();
-        let metering = Metering::start(dir.path().to_path_buf(), 30).unwrap();
+        let metering = Metering::start(dir.path().to_path_buf(), 30, None).unwrap();
         let a = metering.recorder("acme", "api", 1);
         let b = metering.recorder("other", "api", 3);
         a.record(usage(1000, 0, Outcome::Ok));
@@ -673,7 +767,7 @@ mod tests {
         drop(metering);
         let minutes = dir.path().join(format!("minutes-{today}.jsonl"));
         std::fs::OpenOptions::new().append(true).open(&minutes).unwrap().write_all(b"{\"minute\":1").unwrap();
-        let metering = Metering::start(dir.path().to_path_buf(), 30).unwrap();
+        let metering = Metering::start(dir.path().to_path_buf(), 30, None).unwrap();
         metering.recorder("acme", "api", 2).record(usage(1000, 0, Outcome::Ok));
         let report = metering.report(Some("acme"), since, GroupBy::Day, &prices).unwrap();
         assert_eq!((report.rows[0].key.as_str(), report.total.totals.requests), (today.as_str(), 3));
@@ -686,7 +780,7 @@ mod tests {
         let kept = dir.path().join(format!("minutes-{}.jsonl", date(day_of(unix_secs(SystemTime::now())) - 2)));
         std::fs::write(&old, "").unwrap();
         std::fs::write(&kept, "").unwrap();
-        let metering = Metering::start(dir.path().to_path_buf(), 7).unwrap();
+        let metering = Metering::start(dir.path().to_path_buf(), 7, None).unwrap();
         metering.flush();
         assert!(!old.exists() && kept.exists());
     }

@@ -22,6 +22,7 @@
 
 use crate::control_store::{Change, ControlState, ControlStore};
 use crate::error::Error;
+use crate::metering::{MinuteLine, SharedUsage};
 use crate::off_runtime;
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::types::{Json, ToSql};
@@ -32,7 +33,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Migrations: number, name, SQL. Append only; never edit one released.
-const MIGRATIONS: &[(i32, &str, &str)] = &[(1, "control state", include_str!("../migrations/0001_control_state.sql"))];
+const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (1, "control state", include_str!("../migrations/0001_control_state.sql")),
+    (2, "usage minutes", include_str!("../migrations/0002_usage_minutes.sql")),
+];
 
 /// The advisory lock migrations hold ("gpuwasm" in ASCII).
 const MIGRATION_LOCK: i64 = 0x0067_7075_7761_736d;
@@ -43,13 +47,21 @@ const CHANNEL: &str = "gpuwasm_control";
 /// How long a connection attempt waits, unless the URL says otherwise.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long checking a kept connection waits.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// The control state in a PostgreSQL database.
 pub struct PgStore {
+    connection: Connection,
+    /// Tells the listener thread to end.
+    stop: Arc<AtomicBool>,
+}
+
+/// One connection, made when first needed and again after it is lost.
+struct Connection {
     config: postgres::Config,
     /// `None` until connected, and after a connection is lost.
     client: Mutex<Option<Client>>,
-    /// Tells the listener thread to end.
-    stop: Arc<AtomicBool>,
 }
 
 impl PgStore {
@@ -60,21 +72,39 @@ impl PgStore {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
-        let store = PgStore { config, client: Mutex::new(None), stop: Arc::new(AtomicBool::new(false)) };
-        store.with_client(migrate)?;
+        let store = PgStore { connection: Connection::new(config), stop: Arc::new(AtomicBool::new(false)) };
+        store.connection.with_client(migrate)?;
         Ok(store)
     }
 
-    /// Runs `f` with a connected client, on a thread of its own. A client
-    /// whose connection broke is dropped (there too: dropping one drives
-    /// its runtime), so the next call connects again.
+    /// Usage records in the same database, on a connection of their own.
+    pub(crate) fn usage(&self) -> PgUsage {
+        PgUsage { connection: Connection::new(self.connection.config.clone()) }
+    }
+
+    fn with_client<T: Send>(&self, f: impl FnOnce(&mut Client) -> Result<T, Error> + Send) -> Result<T, Error> {
+        self.connection.with_client(f)
+    }
+}
+
+impl Connection {
+    fn new(config: postgres::Config) -> Connection {
+        Connection { config, client: Mutex::new(None) }
+    }
+
+    /// Runs `f` with a connected client, on a thread of its own. A kept
+    /// client is checked first (one round trip), so a database restarted
+    /// since its last use costs a new connection, not a failed call. A
+    /// client whose connection broke is dropped (there too: dropping one
+    /// drives its runtime).
     fn with_client<T: Send>(&self, f: impl FnOnce(&mut Client) -> Result<T, Error> + Send) -> Result<T, Error> {
         let mut guard = self.client.lock().unwrap();
         let slot: &mut Option<Client> = &mut guard;
         off_runtime(|| {
-            let client = match slot.take() {
-                Some(client) if !client.is_closed() => slot.insert(client),
-                _ => slot.insert(self.config.connect(NoTls).map_err(store_error)?),
+            let kept = slot.take().and_then(|mut client| client.is_valid(CHECK_TIMEOUT).is_ok().then_some(client));
+            let client = match kept {
+                Some(client) => slot.insert(client),
+                None => slot.insert(self.config.connect(NoTls).map_err(store_error)?),
             };
             let outcome = f(client);
             if client.is_closed() {
@@ -85,12 +115,17 @@ impl PgStore {
     }
 }
 
-impl Drop for PgStore {
+impl Drop for Connection {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
         if let Some(client) = self.client.get_mut().unwrap_or_else(|poisoned| poisoned.into_inner()).take() {
             off_runtime(move || drop(client));
         }
+    }
+}
+
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
     }
 }
 
@@ -232,12 +267,44 @@ impl ControlStore for PgStore {
     }
 
     fn watch(&self, changed: Arc<tokio::sync::Notify>) -> Result<bool, Error> {
-        let (config, stop) = (self.config.clone(), self.stop.clone());
+        let (config, stop) = (self.connection.config.clone(), self.stop.clone());
         std::thread::Builder::new()
             .name("gpuwasm-pg-listen".into())
             .spawn(move || listen(&config, &stop, &changed))
             .map_err(|e| Error::Store(format!("starting the thread that listens for changes: {e}")))?;
         Ok(true)
+    }
+}
+
+/// Every node's usage, per minute, in the control store's database.
+pub(crate) struct PgUsage {
+    connection: Connection,
+}
+
+impl SharedUsage for PgUsage {
+    fn append(&self, lines: &[MinuteLine]) -> Result<(), Error> {
+        self.connection.with_client(|client| {
+            let mut txn = client.transaction().map_err(store_error)?;
+            let insert = txn.prepare("INSERT INTO gpuwasm_usage_minutes (minute, tenant, line) VALUES ($1, $2, $3)").map_err(store_error)?;
+            for line in lines {
+                txn.execute(&insert, &[&(line.minute as i64), &line.tenant, &Json(line)]).map_err(store_error)?;
+            }
+            txn.commit().map_err(store_error)
+        })
+    }
+
+    fn since(&self, minute: u64, tenant: Option<&str>) -> Result<Vec<MinuteLine>, Error> {
+        self.connection.with_client(|client| {
+            let sql = "SELECT line FROM gpuwasm_usage_minutes WHERE minute >= $1 AND ($2::text IS NULL OR tenant = $2)";
+            let rows = client.query(sql, &[&(minute as i64), &tenant]).map_err(store_error)?;
+            rows.iter().map(|row| row.try_get::<_, Json<MinuteLine>>(0).map(|json| json.0).map_err(|e| Error::Store(format!("a usage line: {e}")))).collect()
+        })
+    }
+
+    fn forget_before(&self, minute: u64) -> Result<u64, Error> {
+        self.connection.with_client(|client| {
+            client.execute("DELETE FROM gpuwasm_usage_minutes WHERE minute < $1", &[&(minute as i64)]).map_err(store_error)
+        })
     }
 }
 
