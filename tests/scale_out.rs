@@ -7,6 +7,8 @@
 //! going away and coming back; a node killed with SIGKILL.
 
 mod support;
+#[path = "test_models.rs"]
+mod test_models;
 
 use bytes::Bytes;
 use gpuwasm::nn::TenantGpu;
@@ -126,7 +128,7 @@ fn postgres_store_migrates_once_and_lets_one_of_concurrent_commits_win() {
         let connecting: Vec<_> = (0..4).map(|_| s.spawn(|| PgStore::connect(&url))).collect();
         connecting.into_iter().map(|c| c.join().unwrap().unwrap_or_else(|e| panic!("{e}"))).collect()
     });
-    assert_eq!(pg.sql("SELECT version, name FROM gpuwasm_migrations ORDER BY version"), "1|control state\n2|usage minutes\n");
+    assert_eq!(pg.sql("SELECT version, name FROM gpuwasm_migrations ORDER BY version"), "1|control state\n2|usage minutes\n3|nodes\n");
 
     let base = stores[0].revision().unwrap();
     let outcomes: Vec<Result<u64, Error>> = std::thread::scope(|s| {
@@ -474,4 +476,136 @@ async fn until_reported(node: &Server, n: u64) {
         assert!(start.elapsed() < Duration::from_secs(10), "{} counts {counted} requests of {n}", node.url);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Model-aware routing: once the digits model is resident on A, requests
+/// for the classifier through B and C are served by A, and neither B nor C
+/// loads it; a request already forwarded once is served where it lands.
+#[tokio::test]
+async fn requests_go_to_the_node_that_holds_their_model() {
+    let Some(pg) = Postgres::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let [a, b, c] = <[Server; 3]>::try_from(nodes(&dir, &pg, 3)).ok().unwrap();
+    let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/classify/digits.onnx");
+    stdout_of(&a.cli(&["model", "push", "digits", model.to_str().unwrap()]));
+    let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/classify/gpuwasm.toml");
+    stdout_of(&a.cli(&["deploy", wasm("classify").to_str().unwrap(), "--manifest", manifest.to_str().unwrap()]));
+    let reference: serde_json::Value = serde_json::from_str(include_str!("fixtures/digits-reference.json")).unwrap();
+    let body = serde_json::json!({ "images": [reference["images"][0]] }).to_string();
+    let classify = |node: &Server| format!("{}/default/classify/classify", node.url);
+    let resident = |node: &Server| {
+        let node_url = node.url.clone();
+        async move {
+            let reply = send("GET", &format!("{node_url}/_gpuwasm/v1/resident-models"), &[("authorization", &format!("Bearer {TOKEN}"))], Bytes::new()).await;
+            let json: serde_json::Value = serde_json::from_str(&reply.body).unwrap();
+            json["models"].as_array().unwrap().len()
+        }
+    };
+
+    // Nobody holds the model: A, as loaded as anyone, loads it itself.
+    let reply = send("POST", &classify(&a), &[], body.clone()).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert!(reply.headers.get("gpuwasm-served-by").is_none(), "served by A itself");
+    assert_eq!(resident(&a).await, 1);
+
+    // Wait until A's row says it holds the model, then for B and C to read it.
+    let start = Instant::now();
+    while pg.sql("SELECT count(*) FROM gpuwasm_nodes WHERE jsonb_array_length(models) > 0").trim() != "1" {
+        assert!(start.elapsed() < Duration::from_secs(10), "A never said it holds the model");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+
+    let mut hops = Vec::new();
+    for node in [&b, &c] {
+        for _ in 0..10 {
+            let start = Instant::now();
+            let reply = send("POST", &classify(node), &[], body.clone()).await;
+            hops.push(start.elapsed());
+            assert_eq!(reply.status, 200, "{}", reply.body);
+            let predicted: serde_json::Value = serde_json::from_str(&reply.body).unwrap();
+            assert_eq!(predicted["predictions"][0]["digit"], reference["labels"][0]);
+            assert!(reply.headers.get("gpuwasm-served-by").is_some(), "{} forwarded it", node.url);
+        }
+        assert_eq!(resident(node).await, 0, "{} never loaded the model", node.url);
+    }
+    hops.sort();
+    eprintln!("20 requests through B and C served by A: median {} us", hops[10].as_micros());
+
+    // Already forwarded once: served where it lands, loading the model there.
+    let reply = send("POST", &classify(&b), &[("gpuwasm-forwarded-by", "another-node")], body.clone()).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert!(reply.headers.get("gpuwasm-served-by").is_none());
+    assert_eq!(resident(&b).await, 1);
+}
+
+/// A benchmark, not run by CI (scripts/bench-routing.sh runs it): three
+/// nodes over PostgreSQL serve the embeddings example over MiniLM. Once A
+/// holds the model, requests through B and C are forwarded to A; then the
+/// same requests, marked as forwarded already, make B and C load it
+/// themselves. Prints the cold loads each way and what a hop costs
+/// against a cold load.
+#[tokio::test]
+#[ignore = "a benchmark: scripts/bench-routing.sh"]
+async fn bench_routing() {
+    let Some(pg) = Postgres::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let [a, b, c] = <[Server; 3]>::try_from(nodes(&dir, &pg, 3)).ok().unwrap();
+    let minilm = test_models::model_path("minilm");
+    stdout_of(&a.cli(&["model", "push", "minilm", minilm.to_str().unwrap()]));
+    let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/embeddings/gpuwasm.toml");
+    stdout_of(&a.cli(&["deploy", wasm("embeddings").to_str().unwrap(), "--manifest", manifest.to_str().unwrap()]));
+    let body = r#"{"model": "minilm", "input": "the quick brown fox jumps over the lazy dog"}"#;
+    let embed = |node: &Server, headers: &'static [(&'static str, &'static str)]| {
+        let url = format!("{}/default/embeddings/v1/embeddings", node.url);
+        async move {
+            let start = Instant::now();
+            let reply = send("POST", &url, headers, body).await;
+            assert_eq!(reply.status, 200, "{}", reply.body);
+            (start.elapsed(), reply.headers.contains_key("gpuwasm-served-by"))
+        }
+    };
+    let local: &[(&str, &str)] = &[("gpuwasm-forwarded-by", "benchmark")];
+    let cold_a = embed(&a, local).await.0;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let rounds = 200;
+    let (mut direct, mut hop) = (Vec::new(), Vec::new());
+    for i in 0..rounds {
+        let (took, forwarded) = embed(&a, &[]).await;
+        assert!(!forwarded);
+        direct.push(took);
+        let (took, forwarded) = embed(if i % 2 == 0 { &b } else { &c }, &[]).await;
+        assert!(forwarded, "B and C forward to A");
+        hop.push(took);
+    }
+    let loads_routed = model_loads(&[&a, &b, &c]).await;
+    let cold_b = embed(&b, local).await.0;
+    let cold_c = embed(&c, local).await.0;
+    let loads_local = model_loads(&[&a, &b, &c]).await;
+    let pct = |v: &mut Vec<Duration>, p: usize| {
+        v.sort();
+        v[v.len() * p / 100].as_secs_f64() * 1000.0
+    };
+    let (d50, d99, h50, h99) = (pct(&mut direct, 50), pct(&mut direct, 99), pct(&mut hop, 50), pct(&mut hop, 99));
+    println!("routing benchmark: 3 nodes, embeddings over MiniLM, {rounds} requests direct to A and {rounds} through B and C");
+    println!("  cold loads with routing: {loads_routed} (A only); serving on every node: {loads_local}; avoided: {}", loads_local - loads_routed);
+    println!("  a cold load (first request on a node): A {:.1} ms, B {:.1} ms, C {:.1} ms", ms(cold_a), ms(cold_b), ms(cold_c));
+    println!("  direct to A: p50 {d50:.2} ms, p99 {d99:.2} ms");
+    println!("  through B or C (one hop to A): p50 {h50:.2} ms, p99 {h99:.2} ms");
+    println!("  the hop adds {:.2} ms at p50 ({:.2}x direct)", h50 - d50, h50 / d50);
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// How many nodes of `nodes` hold a model resident.
+async fn model_loads(nodes: &[&Server]) -> usize {
+    let mut loads = 0;
+    for node in nodes {
+        let (_, json) = node.api(TOKEN, "GET", "resident-models", Bytes::new()).await;
+        loads += json["models"].as_array().unwrap().len();
+    }
+    loads
 }

@@ -5,7 +5,8 @@
 //!
 //! A reload keeps the deployments this node already runs (same version
 //! record) and loads the others from the blob store. A deployment no longer
-//! active stops at once, as a removal on this node stops it.
+//! active stops at once, as a removal on this node stops it. The same loop
+//! writes this node's row in the node directory (`routing.rs`).
 
 use crate::ServerInner;
 use crate::control::Control;
@@ -30,8 +31,11 @@ impl ServerInner {
             loop {
                 let _ = tokio::time::timeout(RESYNC, changed.notified()).await;
                 let Some(me) = me.upgrade() else { return };
-                let _guard = me.changes.lock().await;
-                let outcome = me.reload().await;
+                let outcome = {
+                    let _guard = me.changes.lock().await;
+                    me.reload().await
+                };
+                let outcome = outcome.and(me.beat().await);
                 match &outcome {
                     Err(e) if !failing => tracing::warn!(error = %e, "cannot follow the control store; serving the state loaded last"),
                     Ok(()) if failing => tracing::info!("following the control store again"),

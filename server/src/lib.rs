@@ -41,6 +41,7 @@ mod models;
 pub mod postgres_store;
 mod quotas;
 mod rates;
+mod routing;
 pub mod s3_blobs;
 mod tls;
 mod trace;
@@ -87,6 +88,10 @@ pub struct ServerConfig {
     /// S3-compatible store, configured from the environment), or a
     /// directory such as a network file system.
     pub blobs: Option<String>,
+    /// The URL (`http://HOST:PORT`) the other nodes sharing the state reach
+    /// this one at, for model-aware routing (docs/scale-out.md). `None`:
+    /// requests are not routed between nodes.
+    pub advertise: Option<String>,
     /// The bootstrap admin token (acts for tenant `default`).
     pub admin_token: String,
     /// Largest component upload accepted, in bytes.
@@ -173,6 +178,18 @@ struct ServerInner {
     logs: logs::GuestLogs,
     /// Held while the server runs, when it owns its data directory.
     _data_dir_lock: Option<std::fs::File>,
+    /// The other nodes, when requests are routed between nodes.
+    peers: Option<routing::Peers>,
+}
+
+/// What a node has beyond its stores when it owns its data directory and
+/// shares a state.
+#[derive(Default)]
+struct NodeParts {
+    data_dir_lock: Option<std::fs::File>,
+    /// Where every node's usage goes.
+    usage: Option<Arc<dyn metering::SharedUsage>>,
+    peers: Option<routing::Peers>,
 }
 
 /// Deploys and model pushes that run at once.
@@ -186,12 +203,17 @@ impl Server {
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| Error::io("creating the data directory", &config.data_dir, e))?;
         let lock = lock_data_dir(&config.data_dir)?;
-        let (store, shared_usage): (Box<dyn ControlStore>, Option<Arc<dyn metering::SharedUsage>>) = match &config.state_url {
-            None => (Box::new(RedbStore::open(&config.data_dir.join("state.redb"))?), None),
+        let mut node = NodeParts { data_dir_lock: Some(lock), ..NodeParts::default() };
+        let store: Box<dyn ControlStore> = match &config.state_url {
+            None => Box::new(RedbStore::open(&config.data_dir.join("state.redb"))?),
             Some(url) => {
                 let store = PgStore::connect(url)?;
-                let usage = Arc::new(store.usage());
-                (Box::new(store), Some(usage))
+                node.usage = Some(Arc::new(store.usage()));
+                if let Some(url) = &config.advertise {
+                    let peers = routing::Peers::new(url.clone(), store.nodes()).map_err(|e| Error::io("making a node id", "/dev/urandom", e))?;
+                    node.peers = Some(peers);
+                }
+                Box::new(store)
             }
         };
         // The data directory is ours now: no other server writes here.
@@ -201,7 +223,7 @@ impl Server {
             Some(url) if url.starts_with("s3://") => Arc::new(S3BlobStore::open(url, std::env::vars())?),
             Some(dir) => Arc::new(LocalBlobStore::open(dir.into())?),
         };
-        Self::start(runtime, config, store, blobs, Some(lock), shared_usage).await
+        Self::start(runtime, config, store, blobs, node).await
     }
 
     /// Like [`Server::open`], with state kept in `store` and blobs in
@@ -214,7 +236,7 @@ impl Server {
         store: Box<dyn ControlStore>,
         blobs: Arc<dyn BlobStore>,
     ) -> Result<Server, Error> {
-        Self::start(runtime, config, store, blobs, None, None).await
+        Self::start(runtime, config, store, blobs, NodeParts::default()).await
     }
 
     async fn start(
@@ -222,8 +244,7 @@ impl Server {
         config: ServerConfig,
         store: Box<dyn ControlStore>,
         blobs: Arc<dyn BlobStore>,
-        data_dir_lock: Option<std::fs::File>,
-        shared_usage: Option<Arc<dyn metering::SharedUsage>>,
+        node: NodeParts,
     ) -> Result<Server, Error> {
         let artifacts = ArtifactStore::open(config.data_dir.join("artifacts"), &runtime, blobs.clone())?;
         let files = FileStore::open(config.data_dir.join("files"), blobs.clone())?;
@@ -237,7 +258,7 @@ impl Server {
         let metering = match &config.usage {
             Some(usage) => {
                 let dir = config.data_dir.join("usage");
-                Some(metering::Metering::start(dir.clone(), usage.retention_days, shared_usage).map_err(|e| Error::io("starting metering", &dir, e))?)
+                Some(metering::Metering::start(dir.clone(), usage.retention_days, node.usage).map_err(|e| Error::io("starting metering", &dir, e))?)
             }
             None => None,
         };
@@ -257,7 +278,8 @@ impl Server {
             metrics: metrics::Metrics::new(),
             rates: rates::RequestRates::default(),
             logs: logs::GuestLogs::default(),
-            _data_dir_lock: data_dir_lock,
+            _data_dir_lock: node.data_dir_lock,
+            peers: node.peers,
         });
         let loader = inner.clone();
         let control = tokio::task::spawn_blocking(move || {
@@ -308,6 +330,10 @@ impl Server {
     async fn route(&self, request: Request<RequestBody>, host: Option<String>) -> Response<ResponseBody> {
         let control = self.inner.control();
         if let Some(entry) = host.and_then(|h| control.by_host(&h)) {
+            let request = match self.inner.elsewhere(entry, request).await {
+                Ok(answered) => return answered,
+                Err(request) => request,
+            };
             return self.invoke(&control, entry, request).await;
         }
         let path = request.uri().path().to_string();
@@ -315,6 +341,10 @@ impl Server {
         let (name, rest) = split_prefix(rest);
         match control.deployments.get(&(tenant.to_string(), name.to_string())) {
             Some(entry) if entry.active().is_some_and(|v| v.spec.host.is_none()) => {
+                let request = match self.inner.elsewhere(entry, request).await {
+                    Ok(answered) => return answered,
+                    Err(request) => request,
+                };
                 let request = match rewrite_path(request, rest) {
                     Ok(r) => r,
                     Err(message) => return text_response(StatusCode::BAD_REQUEST, message),

@@ -86,6 +86,12 @@ impl Registry {
         self.records.write().unwrap().insert(key, Registered::new(record));
     }
 
+    /// The content key of the model `name` resolves to for `tenant` (its
+    /// own first, then `public`), as the model cache names it.
+    pub(crate) fn key_of(&self, tenant: &str, name: &str) -> Option<String> {
+        self.resolve(tenant, name).ok().flatten().map(|entry| entry.key)
+    }
+
     fn remove(&self, namespace: &str, name: &str) {
         self.records.write().unwrap().remove(&(namespace.to_string(), name.to_string()));
     }

@@ -36,6 +36,7 @@ use std::time::Duration;
 const MIGRATIONS: &[(i32, &str, &str)] = &[
     (1, "control state", include_str!("../migrations/0001_control_state.sql")),
     (2, "usage minutes", include_str!("../migrations/0002_usage_minutes.sql")),
+    (3, "nodes", include_str!("../migrations/0003_nodes.sql")),
 ];
 
 /// The advisory lock migrations hold ("gpuwasm" in ASCII).
@@ -80,6 +81,12 @@ impl PgStore {
     /// Usage records in the same database, on a connection of their own.
     pub(crate) fn usage(&self) -> PgUsage {
         PgUsage { connection: Connection::new(self.connection.config.clone()) }
+    }
+
+    /// The directory of nodes in the same database, on a connection of
+    /// its own.
+    pub(crate) fn nodes(&self) -> PgNodes {
+        PgNodes { connection: Connection::new(self.connection.config.clone()) }
     }
 
     fn with_client<T: Send>(&self, f: impl FnOnce(&mut Client) -> Result<T, Error> + Send) -> Result<T, Error> {
@@ -304,6 +311,43 @@ impl SharedUsage for PgUsage {
     fn forget_before(&self, minute: u64) -> Result<u64, Error> {
         self.connection.with_client(|client| {
             client.execute("DELETE FROM gpuwasm_usage_minutes WHERE minute < $1", &[&(minute as i64)]).map_err(store_error)
+        })
+    }
+}
+
+/// A node as the directory knows it.
+#[derive(Clone, Debug)]
+pub(crate) struct NodeRow {
+    pub id: String,
+    pub url: String,
+    /// Content keys of the models resident on it.
+    pub models: Vec<String>,
+    /// Instances running plus requests queued.
+    pub load: u64,
+}
+
+/// The nodes sharing the database (`gpuwasm_nodes`).
+pub(crate) struct PgNodes {
+    connection: Connection,
+}
+
+impl PgNodes {
+    /// Writes `me`, removes rows not written for a minute, and reads the
+    /// other nodes written within `fresh`.
+    pub(crate) fn beat(&self, me: &NodeRow, fresh: Duration) -> Result<Vec<NodeRow>, Error> {
+        self.connection.with_client(|client| {
+            let upsert = "INSERT INTO gpuwasm_nodes (id, url, models, load, seen_at) VALUES ($1, $2, $3, $4, now())
+                          ON CONFLICT (id) DO UPDATE SET url = excluded.url, models = excluded.models, load = excluded.load, seen_at = now()";
+            client.execute(upsert, &[&me.id, &me.url, &Json(&me.models), &(me.load as i64)]).map_err(store_error)?;
+            client.execute("DELETE FROM gpuwasm_nodes WHERE seen_at < now() - interval '1 minute'", &[]).map_err(store_error)?;
+            let sql = "SELECT id, url, models, load FROM gpuwasm_nodes WHERE id <> $1 AND seen_at > now() - make_interval(secs => $2)";
+            let rows = client.query(sql, &[&me.id, &fresh.as_secs_f64()]).map_err(store_error)?;
+            rows.iter()
+                .map(|row| {
+                    let models: Json<Vec<String>> = row.try_get(2).map_err(|e| Error::Store(format!("a node's models: {e}")))?;
+                    Ok(NodeRow { id: row.get(0), url: row.get(1), models: models.0, load: row.get::<_, i64>(3) as u64 })
+                })
+                .collect()
         })
     }
 }

@@ -36,6 +36,13 @@ pub struct ServeArgs {
     /// DATA_DIR.
     #[arg(long, env = "GPUWASM_BLOBS", value_name = "URL|DIR")]
     blobs: Option<String>,
+    /// The URL (http://HOST:PORT) the other nodes sharing --state reach
+    /// this one at: requests for a deployment whose models another node
+    /// holds resident go there (one hop). Default: the listen address when
+    /// it names one IP and the node speaks plain HTTP; else no routing
+    /// between nodes. In Kubernetes: http://$(POD_IP):8080.
+    #[arg(long, env = "GPUWASM_ADVERTISE", value_name = "URL", requires = "state_url")]
+    advertise: Option<String>,
     /// Admin API token. Without it, the token in DATA_DIR/admin-token is
     /// used, and created on first start.
     #[arg(long, env = "GPUWASM_ADMIN_TOKEN", hide_env_values = true)]
@@ -102,12 +109,24 @@ pub async fn run(args: ServeArgs) -> Result<ExitCode> {
     if let Some(blobs) = args.blobs.as_ref().filter(|b| b.contains("://") && !b.starts_with("s3://")) {
         anyhow::bail!("--blobs {blobs}: give s3://BUCKET/PREFIX or a directory");
     }
+    let limits = args.connections.limits()?;
+    let listener = bind(args.listen).await?;
+    let advertise = match (&args.advertise, &args.state_url) {
+        (Some(url), _) if !url.starts_with("http://") => anyhow::bail!("--advertise {url}: nodes reach each other over plain HTTP: give http://HOST:PORT"),
+        (Some(url), _) => Some(url.trim_end_matches('/').to_string()),
+        (None, Some(_)) => {
+            let local = listener.local_addr()?;
+            (!local.ip().is_unspecified() && limits.tls.is_none()).then(|| format!("http://{local}"))
+        }
+        (None, None) => None,
+    };
     let mut server_names = args.server_names.clone();
     server_names.extend(std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|h| h.trim().to_string()));
     let config = ServerConfig {
         data_dir: args.data_dir.clone(),
         state_url: args.state_url.clone(),
         blobs: args.blobs.clone(),
+        advertise,
         admin_token,
         max_upload_bytes: args.max_upload_mb.saturating_mul(1 << 20),
         max_model_bytes: args.max_model_mb.saturating_mul(1 << 20),
@@ -132,8 +151,6 @@ pub async fn run(args: ServeArgs) -> Result<ExitCode> {
     let server = Server::open(args.pool.runtime()?, config)
         .await
         .with_context(|| format!("opening the server state in {}", args.data_dir.display()))?;
-    let limits = args.connections.limits()?;
-    let listener = bind(args.listen).await?;
     tracing::info!(data_dir = %args.data_dir.display(), deployments = server.deployments().len(), "server ready");
     announce(&listener, &limits)?;
     let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
