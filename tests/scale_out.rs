@@ -222,17 +222,31 @@ fn s3_node(data_dir: &std::path::Path, pg: &Postgres, s3: &S3) -> Server {
     Server::start_under(data_dir, Launch { flags: &flags, env: &env, ..Launch::default() })
 }
 
-/// Waits (up to 10 s) until `url` answers `status` with `body`; how long it took.
-async fn until_answers(url: &str, status: u16, body: &str) -> Duration {
+/// Calls `check` every 10 ms until it gives `Ok`, for up to 10 s (what
+/// nodes learn of each other's changes takes about a second); then fails
+/// with the last `Err`, which says what was still wrong.
+async fn eventually<T, F: std::future::Future<Output = Result<T, String>>>(mut check: impl FnMut() -> F) -> T {
     let start = Instant::now();
     loop {
-        let reply = get(url).await;
-        if reply.status == status && reply.body == body {
-            return start.elapsed();
+        match check().await {
+            Ok(value) => return value,
+            Err(why) => assert!(start.elapsed() < Duration::from_secs(10), "after 10 s: {why}"),
         }
-        assert!(start.elapsed() < Duration::from_secs(10), "{url} still answers {} {:?}", reply.status, reply.body);
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// Waits until `url` answers `status` with `body`; how long it took.
+async fn until_answers(url: &str, status: u16, body: &str) -> Duration {
+    let start = Instant::now();
+    eventually(|| async {
+        let reply = get(url).await;
+        match reply.status == status && reply.body == body {
+            true => Ok(start.elapsed()),
+            false => Err(format!("{url} still answers {} {:?}", reply.status, reply.body)),
+        }
+    })
+    .await
 }
 
 async fn deploy(server: &Server, token: &str, name: &str, wasm_name: &str) -> (u16, serde_json::Value) {
@@ -267,15 +281,13 @@ async fn what_one_node_changes_the_others_serve() {
 
     // A tenant made on B: its token works on A, and its deployment serves on C.
     let acme = b.tenant("acme").await;
-    let took = Instant::now();
-    let deployed = loop {
-        let (status, json) = deploy(&a, &acme, "api", "hello").await;
-        if status != 401 {
-            break (status, json);
+    let deployed = eventually(|| async {
+        match deploy(&a, &acme, "api", "hello").await {
+            (401, _) => Err("A does not know acme's token".to_string()),
+            answer => Ok(answer),
         }
-        assert!(took.elapsed() < Duration::from_secs(10), "A never learned of acme's token");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    })
+    .await;
     assert_eq!(deployed.0, 201, "{}", deployed.1);
     until_answers(&format!("{}/acme/api/", c.url), 200, HELLO).await;
 
@@ -289,14 +301,13 @@ async fn what_one_node_changes_the_others_serve() {
     let reference: serde_json::Value = serde_json::from_str(include_str!("fixtures/digits-reference.json")).unwrap();
     let body = serde_json::json!({ "images": [reference["images"][0]] }).to_string();
     let classify = format!("{}/default/classify/classify", c.url);
-    let start = Instant::now();
-    let reply = loop {
-        let reply = send("POST", &classify, &[], body.clone()).await;
-        if reply.status != 404 || start.elapsed() > Duration::from_secs(10) {
-            break reply;
+    let reply = eventually(|| async {
+        match send("POST", &classify, &[], body.clone()).await {
+            reply if reply.status == 404 => Err(format!("C does not serve classify: {}", reply.body)),
+            reply => Ok(reply),
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    })
+    .await;
     assert_eq!(reply.status, 200, "{}", reply.body);
     let predicted: serde_json::Value = serde_json::from_str(&reply.body).unwrap();
     assert_eq!(predicted["predictions"][0]["digit"], reference["labels"][0], "{}", reply.body);
@@ -331,16 +342,12 @@ async fn concurrent_deploys_through_two_nodes_get_versions_1_to_n() {
     }
     assert_eq!(versions, (1..=8).collect(), "no gaps, no duplicates");
     for node in &nodes {
-        let start = Instant::now();
-        loop {
+        eventually(|| async {
             let (_, json) = node.api(TOKEN, "GET", "deployments/app/versions", Bytes::new()).await;
             let listed: BTreeSet<u64> = json["versions"].as_array().unwrap().iter().map(|v| v["version"].as_u64().unwrap()).collect();
-            if listed == versions {
-                break;
-            }
-            assert!(start.elapsed() < Duration::from_secs(10), "{} lists {listed:?}", node.url);
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+            if listed == versions { Ok(()) } else { Err(format!("{} lists {listed:?}", node.url)) }
+        })
+        .await;
     }
 }
 
@@ -463,19 +470,15 @@ async fn usage_through_any_node_counts_every_nodes_requests() {
 /// Waits (up to 10 s) until `node`'s usage report counts `n` requests of
 /// `default/app`; fails if it counts more.
 async fn until_reported(node: &Server, n: u64) {
-    let start = Instant::now();
-    loop {
+    eventually(|| async {
         let (status, json) = node.api(TOKEN, "GET", "usage?since=1h&by=deployment", Bytes::new()).await;
         assert_eq!(status, 200, "{json}");
         let rows = json["rows"].as_array().unwrap();
         let counted = rows.iter().find(|r| r["key"] == "default/app").map_or(0, |r| r["requests"].as_u64().unwrap());
         assert!(counted <= n, "{} counts {counted} requests, more than the {n} answered", node.url);
-        if counted == n {
-            return;
-        }
-        assert!(start.elapsed() < Duration::from_secs(10), "{} counts {counted} requests of {n}", node.url);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        if counted == n { Ok(()) } else { Err(format!("{} counts {counted} requests of {n}", node.url)) }
+    })
+    .await;
 }
 
 /// Model-aware routing: once the digits model is resident on A, requests
@@ -509,11 +512,13 @@ async fn requests_go_to_the_node_that_holds_their_model() {
     assert_eq!(resident(&a).await, 1);
 
     // Wait until A's row says it holds the model, then for B and C to read it.
-    let start = Instant::now();
-    while pg.sql("SELECT count(*) FROM gpuwasm_nodes WHERE jsonb_array_length(models) > 0").trim() != "1" {
-        assert!(start.elapsed() < Duration::from_secs(10), "A never said it holds the model");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(|| async {
+        match pg.sql("SELECT count(*) FROM gpuwasm_nodes WHERE jsonb_array_length(models) > 0").trim() {
+            "1" => Ok(()),
+            n => Err(format!("{n} nodes say they hold a model, not A alone")),
+        }
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(2500)).await;
 
     let mut hops = Vec::new();
