@@ -210,7 +210,7 @@ impl Server {
                 let store = PgStore::connect(url)?;
                 node.usage = Some(Arc::new(store.usage()));
                 if let Some(url) = &config.advertise {
-                    let peers = routing::Peers::new(url.clone(), store.nodes()).map_err(|e| Error::io("making a node id", "/dev/urandom", e))?;
+                    let peers = routing::Peers::new(url.clone(), store.nodes(), config.admin_token.clone()).map_err(|e| Error::io("making a node id", "/dev/urandom", e))?;
                     node.peers = Some(peers);
                 }
                 Box::new(store)

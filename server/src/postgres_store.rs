@@ -37,6 +37,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     (1, "control state", include_str!("../migrations/0001_control_state.sql")),
     (2, "usage minutes", include_str!("../migrations/0002_usage_minutes.sql")),
     (3, "nodes", include_str!("../migrations/0003_nodes.sql")),
+    (4, "node queues", include_str!("../migrations/0004_node_queues.sql")),
 ];
 
 /// The advisory lock migrations hold ("gpuwasm" in ASCII).
@@ -105,7 +106,15 @@ impl Connection {
     /// client whose connection broke is dropped (there too: dropping one
     /// drives its runtime).
     fn with_client<T: Send>(&self, f: impl FnOnce(&mut Client) -> Result<T, Error> + Send) -> Result<T, Error> {
-        let mut guard = self.client.lock().unwrap();
+        // A panic in `f` poisons the lock: the client it held is dropped
+        // below, and the next call connects again.
+        let mut guard = self.client.lock().unwrap_or_else(|poisoned| {
+            let mut guard = poisoned.into_inner();
+            if let Some(client) = guard.take() {
+                off_runtime(move || drop(client));
+            }
+            guard
+        });
         let slot: &mut Option<Client> = &mut guard;
         off_runtime(|| {
             let kept = slot.take().and_then(|mut client| client.is_valid(CHECK_TIMEOUT).is_ok().then_some(client));
@@ -316,14 +325,28 @@ impl SharedUsage for PgUsage {
 }
 
 /// A node as the directory knows it.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub(crate) struct NodeRow {
     pub id: String,
     pub url: String,
     /// Content keys of the models resident on it.
     pub models: Vec<String>,
-    /// Instances running plus requests queued.
-    pub load: u64,
+    pub load: Load,
+}
+
+/// How busy a node is.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(crate) struct Load {
+    /// Instances running.
+    pub running: u64,
+    /// Requests waiting for an instance.
+    pub queued: u64,
+}
+
+impl Load {
+    pub(crate) fn total(self) -> u64 {
+        self.running + self.queued
+    }
 }
 
 /// The nodes sharing the database (`gpuwasm_nodes`).
@@ -336,16 +359,20 @@ impl PgNodes {
     /// other nodes written within `fresh`.
     pub(crate) fn beat(&self, me: &NodeRow, fresh: Duration) -> Result<Vec<NodeRow>, Error> {
         self.connection.with_client(|client| {
-            let upsert = "INSERT INTO gpuwasm_nodes (id, url, models, load, seen_at) VALUES ($1, $2, $3, $4, now())
-                          ON CONFLICT (id) DO UPDATE SET url = excluded.url, models = excluded.models, load = excluded.load, seen_at = now()";
-            client.execute(upsert, &[&me.id, &me.url, &Json(&me.models), &(me.load as i64)]).map_err(store_error)?;
+            let upsert = "INSERT INTO gpuwasm_nodes (id, url, models, load, queued, seen_at) VALUES ($1, $2, $3, $4, $5, now())
+                          ON CONFLICT (id) DO UPDATE SET url = excluded.url, models = excluded.models, load = excluded.load,
+                          queued = excluded.queued, seen_at = now()";
+            let (load, queued) = (me.load.total() as i64, me.load.queued as i64);
+            client.execute(upsert, &[&me.id, &me.url, &Json(&me.models), &load, &queued]).map_err(store_error)?;
             client.execute("DELETE FROM gpuwasm_nodes WHERE seen_at < now() - interval '1 minute'", &[]).map_err(store_error)?;
-            let sql = "SELECT id, url, models, load FROM gpuwasm_nodes WHERE id <> $1 AND seen_at > now() - make_interval(secs => $2)";
+            let sql = "SELECT id, url, models, load, queued FROM gpuwasm_nodes WHERE id <> $1 AND seen_at > now() - make_interval(secs => $2)";
             let rows = client.query(sql, &[&me.id, &fresh.as_secs_f64()]).map_err(store_error)?;
             rows.iter()
                 .map(|row| {
                     let models: Json<Vec<String>> = row.try_get(2).map_err(|e| Error::Store(format!("a node's models: {e}")))?;
-                    Ok(NodeRow { id: row.get(0), url: row.get(1), models: models.0, load: row.get::<_, i64>(3) as u64 })
+                    let (total, queued) = (row.get::<_, i64>(3) as u64, row.get::<_, i64>(4) as u64);
+                    let load = Load { running: total.saturating_sub(queued), queued };
+                    Ok(NodeRow { id: row.get(0), url: row.get(1), models: models.0, load })
                 })
                 .collect()
         })

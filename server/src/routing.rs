@@ -5,27 +5,39 @@
 //!   resident on it, and its load (instances running plus requests
 //!   queued). It reads the rows of the other nodes seen in the last
 //!   [`FRESH`].
-//! - **Choice.** A request for a deployment that names models is served
-//!   here when they are all resident here. Otherwise it goes to the
-//!   least-loaded node that holds them all. When no node holds them, it
-//!   goes to the least-loaded node (this one on a tie), which loads them.
-//! - **One hop.** A forwarded request carries [`FORWARDED`] and is always
-//!   served where it lands, so requests never loop. Nodes talk plain HTTP
-//!   to each other.
+//! - **Choice** ([`choose`]). A request for a deployment that names models
+//!   is served here when they are all resident here. Otherwise it goes to
+//!   the least-loaded node that holds them all and has no request waiting.
+//!   When every holder has requests waiting, a cold load here is cheaper
+//!   than the wait, unless requests wait here too (then the holder with
+//!   the fewest waiting gets it). When no node holds them, it goes to the
+//!   least-loaded node (this one on a tie), which loads them.
+//! - **One hop.** A forwarded request carries [`FORWARDED`]: the sending
+//!   node's id and a SHA-256 of it keyed with the admin token, which every
+//!   node sharing the state has. A request with a valid one is served where
+//!   it lands, so requests never loop; clients cannot forge one to force
+//!   cold loads. The header never reaches a guest. Nodes talk plain HTTP
+//!   to each other, and give up connecting to a peer after
+//!   [`CONNECT_TIMEOUT`].
+//! - **Stale views.** A node whose own directory write fails (PostgreSQL
+//!   down) stops routing after [`FRESH`]: what it knows of the others is
+//!   then too old.
 
-use crate::control::Entry;
+use crate::control::{Entry, constant_time_eq};
+use crate::hex::sha256_hex;
 use crate::{RequestBody, ServerInner};
 use crate::error::Error;
-use crate::postgres_store::{NodeRow, PgNodes};
+use crate::postgres_store::{Load, NodeRow, PgNodes};
 use gpuwasm::{ResponseBody, text_response};
 use http::{Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
 use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use std::collections::HashSet;
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-/// The header a forwarded request carries: the id of the node it came from.
+/// The header a forwarded request carries: `ID MAC`, the id of the node it
+/// came from and [`mac`] of it.
 pub const FORWARDED: &str = "gpuwasm-forwarded-by";
 
 /// The header a forwarded request's answer carries: the id of the node
@@ -35,6 +47,9 @@ pub const FORWARDED_TO: &str = "gpuwasm-served-by";
 /// How recently a node must have written its row to be routed to.
 pub(crate) const FRESH: Duration = Duration::from_secs(3);
 
+/// How long forwarding waits to connect to a peer.
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// This node's place among the nodes.
 pub(crate) struct Peers {
     /// This node's id in the directory.
@@ -42,38 +57,42 @@ pub(crate) struct Peers {
     /// The URL the other nodes reach this one at.
     url: String,
     directory: PgNodes,
-    /// The other nodes, as last read.
-    others: RwLock<Vec<NodeRow>>,
+    /// The other nodes, and when they were read.
+    others: RwLock<(Vec<NodeRow>, Instant)>,
     client: Client<HttpConnector, RequestBody>,
+    /// Keys the forwarding header: the admin token, which every node has.
+    secret: String,
 }
 
 impl Peers {
-    pub(crate) fn new(url: String, directory: PgNodes) -> std::io::Result<Peers> {
-        let client = Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
-        Ok(Peers { id: crate::hex::random_hex(8)?, url, directory, others: RwLock::new(Vec::new()), client })
+    pub(crate) fn new(url: String, directory: PgNodes, secret: String) -> std::io::Result<Peers> {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
+        let client = Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector);
+        let others = RwLock::new((Vec::new(), Instant::now()));
+        Ok(Peers { id: crate::hex::random_hex(8)?, url, directory, others, client, secret })
     }
 
     /// Writes this node's row and reads the others' (blocking).
-    pub(crate) fn beat(&self, models: Vec<String>, load: u64) -> Result<(), Error> {
+    pub(crate) fn beat(&self, models: Vec<String>, load: Load) -> Result<(), Error> {
         let me = NodeRow { id: self.id.clone(), url: self.url.clone(), models, load };
         let others = self.directory.beat(&me, FRESH)?;
-        *self.others.write().unwrap() = others;
+        *self.others.write().unwrap() = (others, Instant::now());
         Ok(())
     }
 
-    /// The node a request for a deployment with `models` should go to:
-    /// `None` for this one. `resident` is what this node holds, `load` its
-    /// load.
-    pub(crate) fn choose(&self, models: &[String], resident: &HashSet<String>, load: u64) -> Option<NodeRow> {
-        if models.iter().all(|m| resident.contains(m)) {
-            return None;
-        }
+    /// The node a request for a deployment with `models` should go to
+    /// ([`choose`] among the others as last read, if that is recent).
+    fn choose(&self, models: &[String], resident: &HashSet<String>, here: Load) -> Option<NodeRow> {
         let others = self.others.read().unwrap();
-        let holders = others.iter().filter(|n| models.iter().all(|m| n.models.contains(m)));
-        if let Some(holder) = holders.min_by_key(|n| n.load) {
-            return Some(holder.clone());
-        }
-        others.iter().filter(|n| n.load < load).min_by_key(|n| n.load).cloned()
+        let (others, read_at) = &*others;
+        (read_at.elapsed() < FRESH).then(|| choose(others, models, resident, here).cloned()).flatten()
+    }
+
+    /// Whether `header` is a forwarding header a node sharing the state made.
+    fn genuine(&self, header: &http::HeaderValue) -> bool {
+        let Some((id, tag)) = header.to_str().ok().and_then(|h| h.split_once(' ')) else { return false };
+        constant_time_eq(tag.as_bytes(), mac(&self.secret, id).as_bytes())
     }
 
     /// Sends `request` to `node` and gives back its answer.
@@ -83,7 +102,8 @@ impl Peers {
             Ok(uri) => *request.uri_mut() = uri,
             Err(e) => return text_response(StatusCode::BAD_GATEWAY, format!("node {} has an unusable URL: {e}", node.id)),
         }
-        request.headers_mut().insert(FORWARDED, http::HeaderValue::from_str(&self.id).expect("ids are hex"));
+        let header = format!("{} {}", self.id, mac(&self.secret, &self.id));
+        request.headers_mut().insert(FORWARDED, http::HeaderValue::from_str(&header).expect("hex and a space"));
         match self.client.request(request).await {
             Ok(response) => response.map(|body| body.map_err(|e| -> Box<dyn std::error::Error + Send + Sync> { Box::new(e) }).boxed_unsync()),
             Err(e) => {
@@ -94,13 +114,38 @@ impl Peers {
     }
 }
 
+/// The tag that proves a forwarding header came from a node with `secret`.
+fn mac(secret: &str, id: &str) -> String {
+    sha256_hex(format!("gpuwasm-forwarded-by\n{secret}\n{id}").as_bytes())
+}
+
+/// Where a request for a deployment with `models` goes among `others`:
+/// `None` for this node, which holds `resident` and has load `here`.
+fn choose<'a>(others: &'a [NodeRow], models: &[String], resident: &HashSet<String>, here: Load) -> Option<&'a NodeRow> {
+    if models.iter().all(|m| resident.contains(m)) {
+        return None;
+    }
+    let holders: Vec<&NodeRow> = others.iter().filter(|n| models.iter().all(|m| n.models.contains(m))).collect();
+    if let Some(idle) = holders.iter().filter(|n| n.load.queued == 0).min_by_key(|n| n.load.total()) {
+        return Some(idle);
+    }
+    if !holders.is_empty() {
+        return match here.queued {
+            0 => None,
+            _ => holders.into_iter().min_by_key(|n| n.load.queued),
+        };
+    }
+    others.iter().filter(|n| n.load.total() < here.total()).min_by_key(|n| n.load.total())
+}
+
 impl ServerInner {
     /// Answers `request` for `entry` from the node that holds its models,
     /// when that is another node; gives the request back to serve here.
-    pub(crate) async fn elsewhere(&self, entry: &Entry, request: Request<RequestBody>) -> Result<Response<ResponseBody>, Request<RequestBody>> {
+    pub(crate) async fn elsewhere(&self, entry: &Entry, mut request: Request<RequestBody>) -> Result<Response<ResponseBody>, Request<RequestBody>> {
+        let forwarded = request.headers_mut().remove(FORWARDED);
         let Some(peers) = &self.peers else { return Err(request) };
         let Some(version) = entry.active().filter(|v| !v.spec.models.is_empty()) else { return Err(request) };
-        if request.headers().contains_key(FORWARDED) {
+        if forwarded.is_some_and(|header| peers.genuine(&header)) {
             return Err(request);
         }
         let models: Vec<String> = version.spec.models.iter().filter_map(|name| self.models.key_of(&version.tenant, name)).collect();
@@ -114,10 +159,10 @@ impl ServerInner {
         Ok(response)
     }
 
-    /// Instances running plus requests queued, over all deployments.
-    fn load(&self) -> u64 {
-        let queued: u64 = self.control().deployments.values().filter_map(|e| e.live.as_ref()?.as_ref().ok()).map(|d| u64::from(d.queued())).sum();
-        u64::from(self.runtime.instances_running()) + queued
+    /// Instances running and requests queued, over all deployments.
+    fn load(&self) -> Load {
+        let queued = self.control().deployments.values().filter_map(|e| e.live.as_ref()?.as_ref().ok()).map(|d| u64::from(d.queued())).sum();
+        Load { running: u64::from(self.runtime.instances_running()), queued }
     }
 
     /// Tells the other nodes what this one holds, and learns what they do.
@@ -130,5 +175,41 @@ impl ServerInner {
         tokio::task::spawn_blocking(move || me.peers.as_ref().expect("checked above").beat(models, load))
             .await
             .map_err(|e| Error::Task(format!("the node directory task failed: {e}")))?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(id: &str, models: &[&str], running: u64, queued: u64) -> NodeRow {
+        let models = models.iter().map(|m| m.to_string()).collect();
+        NodeRow { id: id.into(), url: format!("http://{id}"), models, load: Load { running, queued } }
+    }
+
+    fn chosen(others: &[NodeRow], resident: &[&str], here: Load) -> Option<String> {
+        let models = ["m1".to_string(), "m2".to_string()];
+        let resident = resident.iter().map(|m| m.to_string()).collect();
+        choose(others, &models, &resident, here).map(|n| n.id.clone())
+    }
+
+    #[test]
+    fn requests_go_where_their_models_are_unless_a_cold_load_is_cheaper() {
+        let idle = Load::default();
+        let busy = Load { running: 8, queued: 3 };
+        let holders = [node("a", &["m1", "m2"], 5, 0), node("b", &["m1", "m2"], 2, 0), node("c", &["m1"], 0, 0)];
+        assert_eq!(chosen(&holders, &["m1", "m2"], busy), None, "all resident here: served here, however busy");
+        assert_eq!(chosen(&holders, &["m1"], idle), Some("b".into()), "the least-loaded node holding them all");
+
+        let queueing = [node("a", &["m1", "m2"], 8, 4), node("b", &["m1", "m2"], 8, 2)];
+        assert_eq!(chosen(&queueing, &[], idle), None, "every holder has requests waiting: load it here");
+        assert_eq!(chosen(&queueing, &[], busy), Some("b".into()), "waiting here too: the holder with fewest waiting");
+        let mixed = [node("a", &["m1", "m2"], 1, 3), node("b", &["m1", "m2"], 9, 0)];
+        assert_eq!(chosen(&mixed, &[], idle), Some("b".into()), "a holder with nothing waiting wins over a less loaded one with a queue");
+
+        let none = [node("a", &["m1"], 3, 0), node("b", &[], 1, 0)];
+        assert_eq!(chosen(&none, &[], Load { running: 2, queued: 0 }), Some("b".into()), "no holder: the least-loaded node loads them");
+        assert_eq!(chosen(&none, &[], Load { running: 1, queued: 0 }), None, "a tie stays here");
+        assert_eq!(chosen(&[], &["m1"], busy), None, "alone: here");
     }
 }
