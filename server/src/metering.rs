@@ -282,10 +282,14 @@ impl Metering {
             backlog: backlog.clone(),
             checked: HashSet::new(),
             last_sweep: None,
-            shared: shared.clone(),
-            pending: Vec::new(),
-            sharing_fails: false,
+            sharer: None,
         };
+        if let Some(shared) = &shared {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let sharer = Sharer { shared: shared.clone(), retention_days, pending: Vec::new(), failing: false };
+            std::thread::Builder::new().name("gpuwasm-usage-share".into()).spawn(move || sharer.run(rx))?;
+            writer.sharer = Some(tx);
+        }
         let thread = std::thread::Builder::new().name("gpuwasm-metering".into()).spawn(move || writer.run(rx))?;
         Ok(Metering { dir, shared, queue, backlog, dropped: Arc::default(), writer: Mutex::new(Some(thread)) })
     }
@@ -435,11 +439,26 @@ struct Writer {
     /// Files whose end this process has checked (see [`Writer::append`]).
     checked: HashSet<PathBuf>,
     last_sweep: Option<Instant>,
-    shared: Option<Arc<dyn SharedUsage>>,
-    /// Minute lines not yet in the shared store.
+    /// Takes the minute lines to the shared store, if usage is shared.
+    sharer: Option<std::sync::mpsc::Sender<Share>>,
+}
+
+/// Minute lines for the shared store, and flushes waiting for them.
+struct Share {
+    lines: Vec<MinuteLine>,
+    acks: Vec<SyncSender<()>>,
+}
+
+/// Appends minute lines to the shared store on a thread of its own, so
+/// that a slow or absent store never holds up the node's own files (nor
+/// fills the queue requests hand their records to).
+struct Sharer {
+    shared: Arc<dyn SharedUsage>,
+    retention_days: u32,
+    /// Lines not yet in the shared store.
     pending: Vec<MinuteLine>,
-    /// Whether the last append to the shared store failed (logged once).
-    sharing_fails: bool,
+    /// Whether the last append failed (logged once).
+    failing: bool,
 }
 
 impl Writer {
@@ -476,7 +495,10 @@ impl Writer {
             if let Err(e) = self.write(&records, &lines) {
                 tracing::error!(error = %e, dir = %self.dir.display(), records = records.len(), "writing usage records failed; they are lost");
             }
-            self.share(lines);
+            if let Some(sharer) = &self.sharer {
+                // The sharer answers the flushes once their lines are shared.
+                let _ = sharer.send(Share { lines, acks: std::mem::take(&mut waiting) });
+            }
             self.backlog.fetch_sub(records.len() as u64, Ordering::Relaxed);
             records.clear();
             for ack in waiting.drain(..) {
@@ -534,35 +556,6 @@ impl Writer {
         Ok(())
     }
 
-    /// Appends `lines`, and any left from failed appends, to the shared store.
-    fn share(&mut self, lines: Vec<MinuteLine>) {
-        let Some(shared) = &self.shared else { return };
-        self.pending.extend(lines);
-        if self.pending.is_empty() {
-            return;
-        }
-        match shared.append(&self.pending) {
-            Ok(()) => {
-                if self.sharing_fails {
-                    tracing::info!(lines = self.pending.len(), "usage lines reach the shared store again");
-                }
-                self.sharing_fails = false;
-                self.pending.clear();
-            }
-            Err(e) => {
-                if !self.sharing_fails {
-                    tracing::warn!(error = %e, "the shared store refused usage lines; trying again every second");
-                }
-                self.sharing_fails = true;
-                let excess = self.pending.len().saturating_sub(PENDING_LINES);
-                if excess > 0 {
-                    self.pending.drain(..excess);
-                    tracing::warn!(dropped = excess, "usage lines dropped from the shared store's backlog (this node's files keep them)");
-                }
-            }
-        }
-    }
-
     /// Appends `text` to the file `name` and syncs it. The first time this
     /// process appends to a file, a last line cut short by a crash is
     /// ended, so that it does not run into the next one.
@@ -586,15 +579,7 @@ impl Writer {
     /// Removes files older than the retention.
     fn sweep(&mut self) {
         self.last_sweep = Some(Instant::now());
-        let oldest_day = day_of(unix_secs(SystemTime::now())).saturating_sub(self.retention_days as u64);
-        if let Some(shared) = &self.shared {
-            match shared.forget_before(oldest_day * 24 * 60) {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(lines = n, "shared usage lines past their retention removed"),
-                Err(e) => tracing::warn!(error = %e, "removing old shared usage lines failed"),
-            }
-        }
-        let oldest = date(oldest_day);
+        let oldest = date(day_of(unix_secs(SystemTime::now())).saturating_sub(self.retention_days as u64));
         let Ok(entries) = std::fs::read_dir(&self.dir) else { return };
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
@@ -603,6 +588,61 @@ impl Writer {
                 match std::fs::remove_file(entry.path()) {
                     Ok(()) => tracing::info!(file = %name, "usage file past its retention removed"),
                     Err(e) => tracing::warn!(file = %name, error = %e, "removing an old usage file failed"),
+                }
+            }
+        }
+    }
+}
+
+impl Sharer {
+    /// Takes what the writer sends until it ends: appends it, with any
+    /// lines left from failed appends, and removes lines past the
+    /// retention hourly.
+    fn run(mut self, rx: Receiver<Share>) {
+        let mut last_sweep: Option<Instant> = None;
+        while let Ok(first) = rx.recv() {
+            let mut acks = Vec::new();
+            for share in std::iter::once(first).chain(rx.try_iter()) {
+                self.pending.extend(share.lines);
+                acks.extend(share.acks);
+            }
+            if last_sweep.is_none_or(|t| t.elapsed() > Duration::from_secs(3600)) {
+                last_sweep = Some(Instant::now());
+                let oldest_day = day_of(unix_secs(SystemTime::now())).saturating_sub(self.retention_days as u64);
+                match self.shared.forget_before(oldest_day * 24 * 60) {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(lines = n, "shared usage lines past their retention removed"),
+                    Err(e) => tracing::warn!(error = %e, "removing old shared usage lines failed"),
+                }
+            }
+            self.append();
+            for ack in acks {
+                let _ = ack.send(());
+            }
+        }
+    }
+
+    fn append(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        match self.shared.append(&self.pending) {
+            Ok(()) => {
+                if self.failing {
+                    tracing::info!(lines = self.pending.len(), "usage lines reach the shared store again");
+                }
+                self.failing = false;
+                self.pending.clear();
+            }
+            Err(e) => {
+                if !self.failing {
+                    tracing::warn!(error = %e, "the shared store refused usage lines; trying again with the next ones");
+                }
+                self.failing = true;
+                let excess = self.pending.len().saturating_sub(PENDING_LINES);
+                if excess > 0 {
+                    self.pending.drain(..excess);
+                    tracing::warn!(dropped = excess, "usage lines dropped from the shared store's backlog (this node's files keep them)");
                 }
             }
         }
