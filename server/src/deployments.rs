@@ -195,6 +195,10 @@ impl ServerInner {
             quotas::check_deployments(control, caller, name, quota)?;
             host_conflict(control, &key, version.spec.host.as_deref())?;
             let entry = control.deployments.get_mut(&key).ok_or_else(|| not_found(name))?;
+            // Checked again: another node may have forgotten it meanwhile.
+            if entry.versions.get(&target) != Some(&version) {
+                return Err(ApiError::not_found(format!("deployment '{name}' has no version {target} any more")));
+            }
             entry.state.active = Some(target);
             entry.live = Some(Ok(deployment.clone()));
             Ok((vec![Change::Deployment(entry.state.clone())], ()))
