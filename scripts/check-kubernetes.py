@@ -105,7 +105,8 @@ def check(objects, where, serve_help, metric_names, version):
             kubernetes_validate.validate(o, version, strict=True)
         except kubernetes_validate.ValidationError as e:
             fail(f"{o['kind']}/{o['metadata']['name']}: {'.'.join(map(str, e.path))}: {e.message}")
-    flags = set(re.findall(r"--[a-z][a-z0-9-]*", serve_help))
+    # Options as clap lists them: at the start of a line, after any short form.
+    flags = set(re.findall(r"^\s+(?:-\w, )?(--[a-z][a-z0-9-]*)", serve_help, re.M))
     settings = set(re.findall(r"env: (GPUWASM_[A-Z_]+)=", serve_help))
     for config in by_kind.get("ConfigMap", []):
         for key in config.get("data", {}):
