@@ -185,6 +185,15 @@ fn keeps_the_blob_contract(store: &dyn BlobStore, scratch: &std::path::Path, kin
 fn both_blob_stores_keep_one_contract() {
     let dir = tempfile::tempdir().unwrap();
     keeps_the_blob_contract(&LocalBlobStore::open(dir.path().join("blobs")).unwrap(), dir.path(), "directory");
+    // A shared directory is often another file system than the node's
+    // uploads (a network file system): /dev/shm stands for one here.
+    use std::os::unix::fs::MetadataExt;
+    match tempfile::tempdir_in("/dev/shm") {
+        Ok(other) if std::fs::metadata(other.path()).unwrap().dev() != std::fs::metadata(dir.path()).unwrap().dev() => {
+            keeps_the_blob_contract(&LocalBlobStore::open(other.path().join("blobs")).unwrap(), dir.path(), "directory on another file system");
+        }
+        _ => eprintln!("SKIPPED: no /dev/shm on another file system than {}: uploads into another file system not checked", dir.path().display()),
+    }
     let Some(s3) = S3::start() else { return };
     let store = S3BlobStore::open("s3://gpuwasm/node-blobs", s3.env()).unwrap_or_else(|e| panic!("{e}"));
     keeps_the_blob_contract(&store, dir.path(), "s3");

@@ -86,7 +86,21 @@ impl BlobStore for LocalBlobStore {
         }
         let io = |e| Error::io("storing an upload", &path, e);
         std::fs::File::open(file).and_then(|f| f.sync_all()).map_err(io)?;
-        std::fs::rename(file, &path).map_err(io)?;
+        match std::fs::rename(file, &path) {
+            // A shared blob directory (a network file system) is another
+            // file system than the node's uploads: copy it over, then move
+            // it into place.
+            Err(e) if e.kind() == std::io::ErrorKind::CrossesDevices => {
+                let tmp = path.with_file_name(format!(".{}.tmp-{}", path.file_name().and_then(|n| n.to_str()).unwrap_or("blob"), std::process::id()));
+                let copied = std::fs::copy(file, &tmp).and_then(|_| std::fs::File::open(&tmp)?.sync_all()).and_then(|()| std::fs::rename(&tmp, &path));
+                if copied.is_err() {
+                    let _ = std::fs::remove_file(&tmp);
+                }
+                copied.map_err(io)?;
+                std::fs::remove_file(file).map_err(|e| Error::io("removing an upload", file, e))?;
+            }
+            moved => moved.map_err(io)?,
+        }
         std::fs::File::open(path.parent().expect("blob paths have a parent")).and_then(|d| d.sync_all()).map_err(io)
     }
 

@@ -198,7 +198,7 @@ const BUILDS_AT_ONCE: usize = 4;
 impl Server {
     /// Opens (or creates) the state: in `config.data_dir` (a redb database,
     /// `state.redb`, and the blob directory), or where `config.state_url`
-    /// and `config.blobs_dir` say; then loads every active deployment.
+    /// and `config.blobs` say; then loads every active deployment.
     pub async fn open(runtime: Runtime, config: ServerConfig) -> Result<Server, Error> {
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| Error::io("creating the data directory", &config.data_dir, e))?;
