@@ -26,7 +26,7 @@ use crate::metering::{MinuteLine, SharedUsage};
 use crate::off_runtime;
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::types::{Json, ToSql};
-use postgres::{Client, NoTls, Transaction};
+use postgres::{Client, GenericClient, NoTls, Transaction};
 use serde::de::DeserializeOwned;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -180,15 +180,15 @@ fn migrate(client: &mut Client) -> Result<(), Error> {
 }
 
 /// The records one query returns, from its first column.
-fn records<T: DeserializeOwned>(txn: &mut Transaction, sql: &str) -> Result<Vec<T>, Error> {
-    let rows = txn.query(sql, &[]).map_err(store_error)?;
+fn records<T: DeserializeOwned>(client: &mut impl GenericClient, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<T>, Error> {
+    let rows = client.query(sql, params).map_err(store_error)?;
     rows.iter()
         .map(|row| row.try_get::<_, Json<T>>(0).map(|json| json.0).map_err(|e| Error::Store(format!("a record of `{sql}`: {e}"))))
         .collect()
 }
 
-fn revision_of(txn: &mut Transaction) -> Result<u64, Error> {
-    let revision: i64 = txn.query_one("SELECT revision FROM gpuwasm_revision", &[]).map_err(store_error)?.get(0);
+fn revision_of(client: &mut impl GenericClient) -> Result<u64, Error> {
+    let revision: i64 = client.query_one("SELECT revision FROM gpuwasm_revision", &[]).map_err(store_error)?.get(0);
     Ok(revision as u64)
 }
 
@@ -244,11 +244,11 @@ impl ControlStore for PgStore {
                 .map_err(store_error)?;
             let state = ControlState {
                 revision: revision_of(&mut txn)?,
-                tenants: records(&mut txn, "SELECT record FROM gpuwasm_tenants ORDER BY name")?,
-                tokens: records(&mut txn, "SELECT record FROM gpuwasm_tokens ORDER BY id")?,
-                deployments: records(&mut txn, "SELECT record FROM gpuwasm_deployments ORDER BY tenant, name")?,
-                versions: records(&mut txn, "SELECT record FROM gpuwasm_versions ORDER BY tenant, name, version")?,
-                models: records(&mut txn, "SELECT record FROM gpuwasm_models ORDER BY namespace, name")?,
+                tenants: records(&mut txn, "SELECT record FROM gpuwasm_tenants ORDER BY name", &[])?,
+                tokens: records(&mut txn, "SELECT record FROM gpuwasm_tokens ORDER BY id", &[])?,
+                deployments: records(&mut txn, "SELECT record FROM gpuwasm_deployments ORDER BY tenant, name", &[])?,
+                versions: records(&mut txn, "SELECT record FROM gpuwasm_versions ORDER BY tenant, name, version", &[])?,
+                models: records(&mut txn, "SELECT record FROM gpuwasm_models ORDER BY namespace, name", &[])?,
             };
             txn.commit().map_err(store_error)?;
             Ok(state)
@@ -256,10 +256,7 @@ impl ControlStore for PgStore {
     }
 
     fn revision(&self) -> Result<u64, Error> {
-        self.with_client(|client| {
-            let revision: i64 = client.query_one("SELECT revision FROM gpuwasm_revision", &[]).map_err(store_error)?.get(0);
-            Ok(revision as u64)
-        })
+        self.with_client(revision_of)
     }
 
     fn commit(&self, base: u64, changes: &[Change]) -> Result<u64, Error> {
@@ -312,8 +309,7 @@ impl SharedUsage for PgUsage {
     fn since(&self, minute: u64, tenant: Option<&str>) -> Result<Vec<MinuteLine>, Error> {
         self.connection.with_client(|client| {
             let sql = "SELECT line FROM gpuwasm_usage_minutes WHERE minute >= $1 AND ($2::text IS NULL OR tenant = $2)";
-            let rows = client.query(sql, &[&(minute as i64), &tenant]).map_err(store_error)?;
-            rows.iter().map(|row| row.try_get::<_, Json<MinuteLine>>(0).map(|json| json.0).map_err(|e| Error::Store(format!("a usage line: {e}")))).collect()
+            records(client, sql, &[&(minute as i64), &tenant])
         })
     }
 
