@@ -10,7 +10,7 @@ use crate::error::{Error, chain};
 use crate::failure::{BoxError, Failure, ResponseBody, Saturated};
 use crate::host_state::RequestState;
 use crate::limits::Limits;
-use crate::lanes;
+use crate::lanes::{self, Lane};
 use crate::nn::models::Warm;
 use crate::output::{GuestLog, LogSink, RequestId};
 use crate::runtime::{Runtime, TenantShare};
@@ -58,9 +58,9 @@ struct DeploymentInner {
     queued: AtomicU32,
     /// Requests admitted while their bodies still arrive.
     slow_bodies: AtomicU32,
-    /// Whether its last request to end ran long: the next starts on the
+    /// Whether its last request to end ran long, and its turns on the
     /// long lane ([`lanes`]).
-    last_long: Arc<AtomicBool>,
+    lane: Arc<Lane>,
     /// Set once by [`Deployment::stop`].
     stop: watch::Sender<bool>,
     runtime: Runtime,
@@ -97,7 +97,7 @@ impl Deployment {
                 tenant_share: runtime.tenant_share(&capabilities.models.tenant),
                 queued: AtomicU32::new(0),
                 slow_bodies: AtomicU32::new(0),
-                last_long: Arc::default(),
+                lane: Arc::new(Lane::new()),
                 stop: watch::Sender::new(false),
                 limits,
                 shared: SharedCapabilities::of(&capabilities),
@@ -263,6 +263,9 @@ impl Deployment {
         let Arrived { request, slow } = read_first(request, declared, limits, deadline).await?;
         let request = with_authority(request);
         let permits = self.admit(slow).await?;
+        // A deployment whose requests run long instantiates no more at once
+        // than the long lane takes turns ([`lanes`]).
+        let turn = timeout_at(deadline, me.lane.turn()).await.map_err(|_| Failure::Timeout(limits.timeout_ms))?;
 
         let mut store = me
             .runtime
@@ -297,7 +300,7 @@ impl Deployment {
         let head_deadline = guest_deadline.clone();
         let mut stopped = me.stop.subscribe();
         let guest_meter = meter.clone();
-        let (ticked, last_long) = (store.data().cpu.ticked.clone(), me.last_long.clone());
+        let (ticked, lane) = (store.data().cpu.ticked.clone(), me.lane.clone());
         let cpu_ticked = ticked.clone();
         let guest = tokio::spawn(lanes::run(async move {
             let _permits = permits;
@@ -337,7 +340,7 @@ impl Deployment {
             }
             result
         }
-        .in_current_span(), ticked, last_long));
+        .in_current_span(), ticked, lane, turn));
 
         // Until the response is complete, the guest lives only as long as
         // someone waits for it: a client that leaves (this future or the

@@ -21,6 +21,16 @@
 //! long lane directly (a CPU hog's requests never take the fast lane's
 //! workers at all); its first short request brings it back.
 //!
+//! On the long lane a deployment's guests take turns: at most twice as
+//! many as the lane has threads compute at once (one per thread, and one
+//! more each being instantiated or torn down), in the order they asked;
+//! the others wait without an instance. Without turns, every request
+//! admitted was instantiated at once, at the fast lane's priority, and the
+//! long lane shared its threads among all of them: at 64 connections on a
+//! Python component, a p99 three times the mean. A guest waiting on
+//! something other than the CPU (its client, a host call, a timer) gives
+//! its turn up until it is woken, so slow I/O never holds a turn.
+//!
 //! The long lane is one per process, started on first use (a guest's
 //! move, or [`in_long_lane`]). If it cannot be started, everything stays
 //! where it is.
@@ -30,8 +40,9 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::task::Poll;
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// CPU a guest may use, after its first epoch tick, before it is long.
 pub(crate) const LONG_AFTER: Duration = Duration::from_millis(1);
@@ -39,22 +50,53 @@ pub(crate) const LONG_AFTER: Duration = Duration::from_millis(1);
 /// The nice value of the long lane's threads: the lowest priority.
 const LONG_NICE: libc::c_int = 19;
 
-/// Runs `guest`, one request of a deployment whose last request ended
-/// long when `last_long` is set: then on the long lane from the start;
-/// otherwise where it is polled until it has used [`LONG_AFTER`] of CPU
-/// since `ticked` was set, then on the long lane until it ends. Leaves
-/// `last_long` saying whether this one went long. Sets `ticked` for a
-/// guest that starts on the long lane: there, at the lowest priority,
-/// preemption is the rule, and only the thread's CPU clock tells the
-/// guest's time (metering reads it once `ticked` is set). Dropping the
-/// result stops the guest wherever it runs (at its next yield).
-pub(crate) async fn run<F>(guest: F, ticked: Arc<AtomicBool>, last_long: Arc<AtomicBool>) -> F::Output
+/// What the lanes keep for one deployment: whether its last request went
+/// long, and its turns on the long lane.
+pub(crate) struct Lane {
+    last_long: AtomicBool,
+    turns: Arc<Semaphore>,
+}
+
+/// A guest's turn on the long lane ([`Lane::turn`]).
+pub(crate) struct Turn(Option<OwnedSemaphorePermit>);
+
+impl Lane {
+    pub(crate) fn new() -> Lane {
+        Lane::with_turns(2 * long_threads())
+    }
+
+    fn with_turns(turns: usize) -> Lane {
+        Lane { last_long: AtomicBool::new(false), turns: Arc::new(Semaphore::new(turns)) }
+    }
+
+    /// Waits, in order, for a turn on the long lane when the deployment's
+    /// last request went long (the next starts there); a guest that
+    /// starts on the fast lane needs none until it moves.
+    pub(crate) async fn turn(&self) -> Turn {
+        if !self.last_long.load(Ordering::Relaxed) {
+            return Turn(None);
+        }
+        Turn(self.turns.clone().acquire_owned().await.ok())
+    }
+}
+
+/// Runs `guest`, one request of a deployment whose `lane` says whether
+/// its last request ended long: if so on the long lane from the start,
+/// with `turn` ([`Lane::turn`]); otherwise where it is polled until it
+/// has used [`LONG_AFTER`] of CPU since `ticked` was set, then on the long
+/// lane, in turns, until it ends. Leaves `lane` saying whether this one
+/// went long. Sets `ticked` for a guest that starts on the long lane:
+/// there, at the lowest priority, preemption is the rule, and only the
+/// thread's CPU clock tells the guest's time (metering reads it once
+/// `ticked` is set). Dropping the result stops the guest wherever it runs
+/// (at its next yield).
+pub(crate) async fn run<F>(guest: F, ticked: Arc<AtomicBool>, lane: Arc<Lane>, turn: Turn) -> F::Output
 where
     F: Future + Send + 'static,
     F::Output: Send + 'static,
 {
     let mut guest = Box::pin(guest);
-    if !last_long.load(Ordering::Relaxed) {
+    if !lane.last_long.load(Ordering::Relaxed) {
         let mut used = Duration::ZERO;
         let done = std::future::poll_fn(|cx| {
             let start = ticked.load(Ordering::Relaxed).then(thread_cpu_time);
@@ -70,15 +112,56 @@ where
         })
         .await;
         if let Some(output) = done {
-            last_long.store(false, Ordering::Relaxed);
+            lane.last_long.store(false, Ordering::Relaxed);
             return output;
         }
     } else {
         ticked.store(true, Ordering::Relaxed);
     }
-    let output = on_long_lane(guest).await;
-    last_long.store(true, Ordering::Relaxed);
+    let output = on_long_lane(Box::pin(in_turns(guest, lane.turns.clone(), turn.0))).await;
+    lane.last_long.store(true, Ordering::Relaxed);
     output
+}
+
+/// Polls `guest` only while it holds a turn of `turns` (`turn`, if it
+/// came with one): after a poll that left it waiting on something else
+/// than its own yield, it gives the turn up and asks again when woken.
+async fn in_turns<F: Future>(mut guest: Pin<Box<F>>, turns: Arc<Semaphore>, mut turn: Option<OwnedSemaphorePermit>) -> F::Output {
+    let mut asking = None;
+    std::future::poll_fn(|cx| {
+        if turn.is_none() {
+            let ask = asking.get_or_insert_with(|| Box::pin(turns.clone().acquire_owned()));
+            let Poll::Ready(permit) = ask.as_mut().poll(cx) else { return Poll::Pending };
+            // A closed semaphore (never closed here) would mean no turns.
+            turn = permit.ok();
+            asking = None;
+        }
+        let woken = Arc::new(Woken { woken: AtomicBool::new(false), waker: cx.waker().clone() });
+        let polled = guest.as_mut().poll(&mut Context::from_waker(&Waker::from(woken.clone())));
+        if polled.is_pending() && !woken.woken.load(Ordering::Relaxed) {
+            turn = None;
+        }
+        polled
+    })
+    .await
+}
+
+/// A waker that remembers being woken: a guest that yields (an epoch
+/// tick) wakes itself before its poll returns; one waiting on I/O does not.
+struct Woken {
+    woken: AtomicBool,
+    waker: Waker,
+}
+
+impl Wake for Woken {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Relaxed);
+        self.waker.wake_by_ref();
+    }
 }
 
 /// Runs `work` on the long lane, where guests that run long go: for a
@@ -123,9 +206,9 @@ impl<T> Drop for AbortOnDrop<T> {
 fn long_lane() -> Option<&'static tokio::runtime::Handle> {
     static LANE: OnceLock<Option<tokio::runtime::Runtime>> = OnceLock::new();
     let lane = LANE.get_or_init(|| {
-        // Worker threads as tokio counts them (TOKIO_WORKER_THREADS, or
-        // one per core); timers and sockets for the guest's host calls.
+        // Timers and sockets for the guest's host calls.
         let built = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(long_threads())
             .enable_all()
             .thread_name("gpuwasm-long")
             .on_thread_start(lower_priority)
@@ -133,6 +216,13 @@ fn long_lane() -> Option<&'static tokio::runtime::Handle> {
         built.inspect_err(|e| tracing::warn!("long requests stay beside short ones: cannot start their runtime: {e}")).ok()
     });
     lane.as_ref().map(|runtime| runtime.handle())
+}
+
+/// The long lane's threads: as many as tokio gives the caller's runtime
+/// (`TOKIO_WORKER_THREADS`, or one per core).
+fn long_threads() -> usize {
+    let set = std::env::var("TOKIO_WORKER_THREADS").ok().and_then(|n| n.parse().ok()).filter(|&n| n > 0);
+    set.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 /// Gives the calling thread the long lane's priority.
@@ -167,10 +257,18 @@ mod tests {
         (before, thread_name())
     }
 
+    /// A deployment's lane with `turns`, whose last request went long when `last_long`.
+    fn lane(turns: usize, last_long: bool) -> Arc<Lane> {
+        let lane = Lane::with_turns(turns);
+        lane.last_long.store(last_long, Ordering::Relaxed);
+        Arc::new(lane)
+    }
+
     async fn lanes(tick: bool, ms: u64, last_long: bool) -> (String, String, bool) {
-        let (ticked, last) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(last_long)));
-        let (before, after) = tokio::spawn(run(guest(ticked.clone(), tick, ms), ticked, last.clone())).await.unwrap();
-        (before, after, last.load(Ordering::Relaxed))
+        let (ticked, lane) = (Arc::new(AtomicBool::new(false)), lane(2, last_long));
+        let turn = lane.turn().await;
+        let (before, after) = tokio::spawn(run(guest(ticked.clone(), tick, ms), ticked, lane.clone(), turn)).await.unwrap();
+        (before, after, lane.last_long.load(Ordering::Relaxed))
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
@@ -202,20 +300,23 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
     async fn after_a_long_request_the_next_starts_on_the_long_lane_and_a_short_one_ends_that() {
-        let (ticked, last) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(true)));
+        let (ticked, last) = (Arc::new(AtomicBool::new(false)), lane(2, true));
         let probe = ticked.clone();
+        let turn = last.turn().await;
+        assert!(turn.0.is_some(), "the next request of a long deployment waits for a turn before its instance");
         let (thread, timed_by_thread_clock) =
-            tokio::spawn(run(async move { (thread_name(), probe.load(Ordering::Relaxed)) }, ticked, last.clone())).await.unwrap();
+            tokio::spawn(run(async move { (thread_name(), probe.load(Ordering::Relaxed)) }, ticked, last.clone(), turn)).await.unwrap();
         assert_eq!(thread, "gpuwasm-long");
         assert!(timed_by_thread_clock, "a guest on the long lane is timed on the thread clock from its start");
-        assert!(last.load(Ordering::Relaxed), "a request run on the long lane counts as long");
+        assert!(last.last_long.load(Ordering::Relaxed), "a request run on the long lane counts as long");
+        assert_eq!(last.turns.available_permits(), 2, "its turn ends with it");
         let (before, _, went_long) = lanes(false, 0, false).await;
         assert!(before.starts_with("tokio-") && !went_long);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
     async fn dropping_the_request_stops_a_guest_on_the_long_lane() {
-        let (ticked, last_long) = (Arc::new(AtomicBool::new(true)), Arc::new(AtomicBool::new(true)));
+        let (ticked, last_long) = (Arc::new(AtomicBool::new(true)), lane(2, true));
         let (dropped_tx, dropped_rx) = tokio::sync::oneshot::channel::<()>();
         let spinning = async move {
             let _tell_when_dropped = dropped_tx;
@@ -223,11 +324,94 @@ mod tests {
                 tokio::task::yield_now().await;
             }
         };
-        let waiting = tokio::spawn(async move { run(spinning, ticked, last_long).await });
+        let waiting = tokio::spawn(async move {
+            let turn = last_long.turn().await;
+            run(spinning, ticked, last_long, turn).await
+        });
         tokio::time::sleep(Duration::from_millis(20)).await;
         waiting.abort();
         // The sender inside the guest is dropped with it: the receiver ends.
         let ended = tokio::time::timeout(Duration::from_secs(5), dropped_rx).await;
         assert!(matches!(ended, Ok(Err(_))), "the guest kept running on the long lane");
+    }
+
+    /// Yields as wasmtime does at an epoch tick: wakes itself, then
+    /// returns pending. (tokio's `yield_now` defers its wake-up past the
+    /// poll: a guest yielding so would count as waiting, and take its
+    /// turn again from the back of the queue.)
+    async fn epoch_yield() {
+        let mut yielded = false;
+        std::future::poll_fn(|cx| {
+            if std::mem::replace(&mut yielded, true) {
+                return Poll::Ready(());
+            }
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// Two computing guests of one deployment with one turn: the second
+    /// starts computing only after the first ended, though both yield at
+    /// every step (each step takes a millisecond: with two turns, or
+    /// none, they interleave).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_deployments_computing_guests_take_turns_in_order() {
+        let (lane, order) = (lane(1, true), Arc::new(std::sync::Mutex::new(Vec::new())));
+        let order_of = order.clone();
+        let computing = move |name: &'static str| {
+            let order = order_of.clone();
+            async move {
+                for step in 0..20 {
+                    order.lock().unwrap().push((name, step));
+                    std::thread::sleep(Duration::from_millis(1));
+                    epoch_yield().await;
+                }
+            }
+        };
+        let first_turn = lane.turn().await;
+        let first = tokio::spawn(run(computing("first"), Arc::default(), lane.clone(), first_turn));
+        let waiting = lane.clone();
+        let second = tokio::spawn(async move {
+            let turn = waiting.turn().await;
+            run(computing("second"), Arc::default(), waiting, turn).await
+        });
+        first.await.unwrap();
+        second.await.unwrap();
+        let order = order.lock().unwrap();
+        let names: Vec<_> = order.iter().map(|(name, _)| *name).collect();
+        assert_eq!(names.iter().filter(|&&n| n == "first").count(), 20);
+        let switches = names.windows(2).filter(|w| w[0] != w[1]).count();
+        assert_eq!(switches, 1, "the guests interleaved: {order:?}");
+        assert_eq!(names[0], "first");
+    }
+
+    /// A guest waiting on something other than the CPU gives its turn up:
+    /// with one turn, a second guest computes and ends while the first
+    /// waits, and the first then takes its turn back and ends.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_guest_waiting_on_io_lets_another_take_its_turn() {
+        let lane = lane(1, true);
+        let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
+        let waiting = async move {
+            release_rx.await.unwrap();
+            "waited"
+        };
+        let turn = lane.turn().await;
+        let first = tokio::spawn(run(waiting, Arc::default(), lane.clone(), turn));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let turn = tokio::time::timeout(Duration::from_secs(5), lane.turn()).await.expect("the waiting guest kept its turn");
+        let computing = async {
+            for _ in 0..5 {
+                epoch_yield().await;
+            }
+            "computed"
+        };
+        let second = run(computing, Arc::default(), lane.clone(), turn).await;
+        assert_eq!(second, "computed");
+        assert!(!first.is_finished());
+        release_tx.send(()).unwrap();
+        assert_eq!(tokio::time::timeout(Duration::from_secs(5), first).await.unwrap().unwrap(), "waited");
+        assert_eq!(lane.turns.available_permits(), 1);
     }
 }
