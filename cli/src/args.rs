@@ -533,3 +533,30 @@ pub fn load_manifest(file: &Path, explicit: Option<&Path>) -> Result<(Manifest, 
     Ok((manifest, path.parent().unwrap_or(Path::new(".")).to_path_buf()))
 }
 
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Every command's long options are distinct. clap checks this only in
+    /// debug builds; in release the second of two options with one name
+    /// silently lost (`bench http --concurrency` was both the levels and a
+    /// deployment limit).
+    #[test]
+    fn no_command_has_two_options_of_one_name() {
+        fn check(command: &clap::Command, path: &str) {
+            let mut seen = std::collections::HashSet::new();
+            for arg in command.get_arguments() {
+                for long in arg.get_long_and_visible_aliases().into_iter().flatten() {
+                    assert!(seen.insert(long), "`{path}` has two options named --{long}");
+                }
+            }
+            for sub in command.get_subcommands() {
+                check(sub, &format!("{path} {}", sub.get_name()));
+            }
+        }
+        let cli = super::Cli::command();
+        assert!(cli.get_subcommands().count() > 5);
+        check(&cli, "gpuwasm");
+    }
+}

@@ -4,7 +4,7 @@
 //! back to back; a run reports the requests answered `200` per second and
 //! the p50/p99 latency of those requests, as seen by the client.
 
-use crate::args::{LimitArgs, read_component};
+use crate::args::read_component;
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use clap::Args;
@@ -19,7 +19,8 @@ use tokio::net::{TcpListener, TcpStream};
 
 #[derive(Args)]
 pub struct HttpArgs {
-    /// Component to serve in-process on 127.0.0.1 for the run.
+    /// Component to serve in-process on 127.0.0.1 for the run, with the
+    /// default limits and as many instances as the highest level has clients.
     #[arg(required_unless_present = "url", conflicts_with = "url")]
     file: Option<PathBuf>,
     /// Benchmark a server that is already running instead (http://127.0.0.1:PORT/path).
@@ -31,8 +32,6 @@ pub struct HttpArgs {
     /// Seconds to measure each level (after 0.5 s of warm-up).
     #[arg(long, default_value_t = 5.0)]
     duration: f64,
-    #[command(flatten)]
-    limits: LimitArgs,
 }
 
 pub async fn run(args: HttpArgs) -> Result<ExitCode> {
@@ -44,8 +43,7 @@ pub async fn run(args: HttpArgs) -> Result<ExitCode> {
         (_, Some(url)) => (url.clone(), url.clone()),
         (Some(file), None) => {
             let wasm = read_component(file)?;
-            let mut limits = args.limits.over(Limits::default())?;
-            limits.concurrency = limits.concurrency.max(max_c as u32);
+            let limits = Limits { concurrency: Limits::default().concurrency.max(max_c as u32), ..Limits::default() };
             let runtime = Runtime::builder().max_instances((max_c as u32).max(256)).build()?;
             let deployment = runtime.load("bench", &wasm, limits).await?;
             let listener = TcpListener::bind("127.0.0.1:0").await?;
