@@ -236,13 +236,28 @@ impl Runtime {
     /// [`Runtime::load`] for a deployment with `capabilities`
     /// (environment, files, outbound hosts, models).
     pub async fn load_with(&self, name: &str, wasm: &[u8], limits: Limits, capabilities: Capabilities) -> Result<Deployment, Error> {
-        let runtime = self.clone();
-        let (wasm, memory, caps) = (wasm.to_vec(), limits.clone(), capabilities.clone());
-        let compiled = tokio::task::spawn_blocking(move || -> Result<Compiled, Error> {
-            let wasm = runtime.preinitialize(&wasm, &memory, &caps)?.unwrap_or(wasm);
-            let compiled = Component::new(&runtime.inner.engine, &wasm);
+        self.load_compiling(name, wasm, limits, capabilities, |runtime, wasm| {
+            let compiled = Component::new(&runtime.inner.engine, wasm);
             return_freed_memory();
             compiled.map(Compiled).map_err(|e| Error::InvalidComponent(chain(&e)))
+        })
+        .await
+    }
+
+    /// [`Runtime::load_with`], compiling the component (pre-initialised
+    /// when it exports an init function) with `compile`: through a cache
+    /// of compiled artifacts, for example, which calls [`Runtime::compile`]
+    /// only for a component it has not seen.
+    pub async fn load_compiling<C, E>(&self, name: &str, wasm: &[u8], limits: Limits, capabilities: Capabilities, compile: C) -> Result<Deployment, E>
+    where
+        C: FnOnce(&Runtime, &[u8]) -> Result<Compiled, E> + Send + 'static,
+        E: From<Error> + Send + 'static,
+    {
+        let runtime = self.clone();
+        let (wasm, memory, caps) = (wasm.to_vec(), limits.clone(), capabilities.clone());
+        let compiled = tokio::task::spawn_blocking(move || -> Result<Compiled, E> {
+            let wasm = runtime.preinitialize(&wasm, &memory, &caps)?.unwrap_or(wasm);
+            compile(&runtime, &wasm)
         })
         .await
         .map_err(|e| Error::Engine(format!("compile task failed: {e}")))??;

@@ -57,6 +57,7 @@ pub use metering::{GroupBy, Prices, Totals, parse_duration};
 pub use spec::{DeploymentSpec, SPEC_HEADER, SandboxSpec};
 
 use artifacts::ArtifactStore;
+pub use artifacts::CompileCache;
 use blobs::{BlobStore, LocalBlobStore};
 use control::{Control, Entry};
 use control_store::{Change, ControlState, ControlStore, RedbStore, TenantRecord, VersionRecord};

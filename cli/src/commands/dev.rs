@@ -49,7 +49,7 @@ pub async fn run(args: DevArgs) -> Result<ExitCode> {
     let dir = args.dir.clone();
     tokio::task::spawn_blocking(move || build(&dir)).await??;
     let runtime = args.pool.runtime()?;
-    let first = load(&runtime, &output, Some(&manifest), &args.limits, &args.models).await?;
+    let first = load(&runtime, &output, Some(&manifest), &args.limits, &args.models, None).await?;
     let current = Arc::new(RwLock::new(first));
     let limits = args.connections.limits()?;
     let listener = bind(args.listen).await?;
@@ -101,7 +101,7 @@ impl Watcher {
             let dir = self.dir.clone();
             let built = tokio::task::spawn_blocking(move || build(&dir)).await;
             match built {
-                Ok(Ok(output)) => match load(&self.runtime, &output, Some(&self.manifest), &self.limits, &self.models).await {
+                Ok(Ok(output)) => match load(&self.runtime, &output, Some(&self.manifest), &self.limits, &self.models, None).await {
                     Ok(deployment) => {
                         *self.current.write().expect("the version lock") = deployment;
                         eprintln!("serving the new version");

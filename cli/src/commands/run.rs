@@ -1,12 +1,14 @@
 //! `gpuwasm run`: one component on every path, no server state (like
-//! `wasmtime serve`); a gpuwasm.toml beside it applies.
+//! `wasmtime serve`); a gpuwasm.toml beside it applies. Compiled
+//! components are kept in a cache directory, so a second start of the
+//! same component does not compile it again.
 
 use super::serve::{announce, bind, until_signal};
 use crate::args::{ConnectionArgs, LimitArgs, PoolArgs, component_of, load_manifest, read_component};
 use anyhow::{Context, Result};
 use clap::Args;
 use gpuwasm::{Capabilities, Deployment, Runtime};
-use gpuwasm_server::serve_connections;
+use gpuwasm_server::{CompileCache, serve_connections};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -23,6 +25,10 @@ pub struct RunArgs {
     /// directory for safetensors models, a .onnx or .gguf file otherwise.
     #[arg(long = "model", value_name = "NAME=PATH")]
     pub models: Vec<String>,
+    /// Where compiled components are kept between runs (the 16 used last;
+    /// `gpuwasm dev` compiles each edit without keeping it).
+    #[arg(long, env = "GPUWASM_CACHE_DIR", value_name = "DIR", default_value_os_t = default_cache_dir())]
+    cache_dir: PathBuf,
     #[command(flatten)]
     pub limits: LimitArgs,
     #[command(flatten)]
@@ -34,7 +40,11 @@ pub struct RunArgs {
 pub async fn run(args: RunArgs) -> Result<ExitCode> {
     let (file, manifest) = component_of(&args.file, None)?;
     let runtime = args.pool.runtime()?;
-    let deployment = load(&runtime, &file, manifest.as_deref(), &args.limits, &args.models).await?;
+    let cache = CompileCache::open(args.cache_dir.clone(), &runtime)
+        .inspect_err(|e| tracing::warn!("compiling without a cache: {e}"))
+        .ok()
+        .map(|cache| cache.keeping(KEEP_COMPILED));
+    let deployment = load(&runtime, &file, manifest.as_deref(), &args.limits, &args.models, cache).await?;
     let limits = args.connections.limits()?;
     let listener = bind(args.listen).await?;
     announce(&listener, &limits)?;
@@ -45,10 +55,29 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
     until_signal(args.connections.drain_secs, |stop| serve_connections(listener, handler, limits, stop)).await
 }
 
+/// Compiled components `gpuwasm run` keeps in its cache.
+const KEEP_COMPILED: usize = 16;
+
+/// `$XDG_CACHE_HOME/gpuwasm/compiled`, else `~/.cache/gpuwasm/compiled`.
+fn default_cache_dir() -> PathBuf {
+    if let Some(xdg) = std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(xdg).join("gpuwasm/compiled");
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    home.join(".cache/gpuwasm/compiled")
+}
+
 /// `file` loaded on `runtime` as `gpuwasm run` serves it: the manifest
 /// (`manifest`, else gpuwasm.toml beside it) with `limits` over its own,
-/// local `models` (NAME=PATH).
-pub async fn load(runtime: &Runtime, file: &Path, manifest: Option<&Path>, limits: &LimitArgs, models: &[String]) -> Result<Deployment> {
+/// local `models` (NAME=PATH); compiled through `cache` when given.
+pub async fn load(
+    runtime: &Runtime,
+    file: &Path,
+    manifest: Option<&Path>,
+    limits: &LimitArgs,
+    models: &[String],
+    cache: Option<CompileCache>,
+) -> Result<Deployment> {
     let (manifest, manifest_dir) = load_manifest(file, manifest)?;
     let spec = manifest.spec;
     let models = super::model::local(models, &spec)?;
@@ -61,5 +90,9 @@ pub async fn load(runtime: &Runtime, file: &Path, manifest: Option<&Path>, limit
         models,
     };
     let name = file.file_stem().and_then(|s| s.to_str()).unwrap_or("component").to_string();
-    runtime.load_with(&name, &wasm, limits, capabilities).await.with_context(|| format!("loading {}", file.display()))
+    let loaded = match cache {
+        Some(cache) => runtime.load_compiling(&name, &wasm, limits, capabilities, move |runtime, wasm| cache.compiled(runtime, wasm)).await,
+        None => runtime.load_with(&name, &wasm, limits, capabilities).await.map_err(Into::into),
+    };
+    loaded.with_context(|| format!("loading {}", file.display()))
 }
