@@ -420,25 +420,56 @@ async fn the_admin_api_requires_the_token() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("HTTP 401"), "{out:?}");
 }
 
+/// Starts `gpuwasm run FILE --listen 127.0.0.1:0 ARGS` with its compile
+/// cache in `cache`; returns it and the URL it announced.
+fn start_run(file: &std::path::Path, cache: &std::path::Path, args: &[&str]) -> (std::process::Child, String) {
+    let mut child = gpuwasm()
+        .arg("run")
+        .arg(file)
+        .args(["--listen", "127.0.0.1:0"])
+        .args(args)
+        .env("GPUWASM_CACHE_DIR", cache)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
+    let url = line.trim().strip_prefix("gpuwasm listening on ").unwrap_or_else(|| panic!("no address announced: {line:?}")).to_string();
+    (child, url)
+}
+
+/// The compiled artifacts in a compile cache, with their inode numbers.
+fn artifacts(cache: &std::path::Path) -> Vec<(String, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let entries = std::fs::read_dir(cache).unwrap().flatten();
+    let mut found: Vec<_> = entries
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".cwasm"))
+        .map(|e| (e.file_name().to_string_lossy().into_owned(), e.metadata().unwrap().ino()))
+        .collect();
+    found.sort();
+    found
+}
+
 #[tokio::test]
 async fn run_serves_one_file_without_state() {
-    let start = |file: &std::path::Path| {
-        let mut child = gpuwasm()
-            .arg("run")
-            .arg(file)
-            .args(["--listen", "127.0.0.1:0"])
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
-        (child, line.trim().strip_prefix("gpuwasm listening on ").unwrap().to_string())
-    };
+    let cache = tempfile::tempdir().unwrap();
+    let start = |file: &std::path::Path| start_run(file, cache.path(), &[]);
     let (mut child, url) = start(&wasm("hello"));
     let reply = get(&format!("{url}/any/path")).await;
     let _ = child.kill();
     let _ = child.wait();
     assert_eq!(reply.body, "hello from gpuwasm! you asked for GET /any/path\n");
+
+    // The compiled component stays in the cache: a second start maps the
+    // same file instead of compiling and writing it again.
+    let compiled = artifacts(cache.path());
+    assert_eq!(compiled.len(), 1, "{compiled:?}");
+    let (mut child, url) = start(&wasm("hello"));
+    let again = get(&format!("{url}/again")).await;
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(again.status, 200);
+    assert_eq!(artifacts(cache.path()), compiled, "the second start compiled again");
 
     // A gpuwasm.toml beside the file applies: env, limits and local files.
     let dir = tempfile::tempdir().unwrap();
@@ -458,6 +489,93 @@ async fn run_serves_one_file_without_state() {
     let _ = child.wait();
     assert_eq!((env.as_str(), file.as_str()), ("from the manifest", "local file"));
     assert!(looped.contains("CPU time limit of 200 ms"), "{looped}");
+}
+
+/// The processes a process started, from /proc.
+fn children_of(pid: u32) -> Vec<u32> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten();
+    let lists = tasks.filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok()).collect::<Vec<_>>();
+    lists.iter().flat_map(|l| l.split_whitespace().map(|p| p.parse().unwrap())).collect()
+}
+
+/// The sockets a process has open.
+fn sockets_of(pid: u32) -> usize {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().flatten();
+    fds.filter(|fd| std::fs::read_link(fd.path()).is_ok_and(|t| t.to_string_lossy().starts_with("socket:"))).count()
+}
+
+#[tokio::test]
+async fn run_with_workers_serves_from_a_process_per_core_and_drains_on_sigterm() {
+    let cache = tempfile::tempdir().unwrap();
+    let (mut parent, url) = start_run(&wasm("hello"), cache.path(), &["--workers", "2"]);
+    let workers = children_of(parent.id());
+    assert_eq!(workers.len(), 2, "{workers:?}");
+    // Each worker runs on one core, a different one where there are two.
+    let cores: Vec<String> = workers
+        .iter()
+        .map(|pid| {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+            status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).unwrap().trim().to_string()
+        })
+        .collect();
+    assert!(cores.iter().all(|c| c.parse::<usize>().is_ok()), "a worker may run on several cores: {cores:?}");
+    if std::thread::available_parallelism().unwrap().get() >= 2 {
+        assert_ne!(cores[0], cores[1], "both workers on one core");
+    }
+    // Connections spread over both (SO_REUSEPORT): hold 32 open, each
+    // answered, then count each worker's sockets against its own before.
+    let before: Vec<usize> = workers.iter().map(|&pid| sockets_of(pid)).collect();
+    let authority = url.strip_prefix("http://").unwrap().to_string();
+    let mut held = Vec::new();
+    for i in 0..32 {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(&authority).unwrap();
+        write!(stream, "GET /held/{i} HTTP/1.1\r\nhost: {authority}\r\n\r\n").unwrap();
+        let mut head = [0u8; 12];
+        stream.read_exact(&mut head).unwrap();
+        assert_eq!(&head, b"HTTP/1.1 200", "connection {i}");
+        held.push(stream);
+    }
+    let after: Vec<usize> = workers.iter().map(|&pid| sockets_of(pid)).collect();
+    assert!(before.iter().zip(&after).all(|(b, a)| a > b), "a worker took no connection: {before:?} then {after:?}");
+    drop(held);
+    // One compile for both: the second worker loaded the first's artifact.
+    assert_eq!(artifacts(cache.path()).len(), 1);
+
+    // SIGTERM to the parent drains every worker; all exit, status 0.
+    // SAFETY: kill takes plain integers; the child is not reaped yet.
+    unsafe { libc::kill(parent.id() as i32, libc::SIGTERM) };
+    let status = parent.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    for pid in &workers {
+        let gone = (0..100).any(|_| {
+            std::thread::sleep(Duration::from_millis(20));
+            !std::path::Path::new(&format!("/proc/{pid}")).exists()
+                || std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z"))
+        });
+        assert!(gone, "worker {pid} outlived its parent");
+    }
+
+    // A worker that dies on its own stops the rest, and the parent fails.
+    let (mut parent, _url) = start_run(&wasm("hello"), cache.path(), &["--workers", "2"]);
+    let workers = children_of(parent.id());
+    // SAFETY: as above.
+    unsafe { libc::kill(workers[0] as i32, libc::SIGKILL) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = parent.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the parent kept running without one of its workers");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(!status.success(), "{status:?}");
+    let survivor = format!("/proc/{}/stat", workers[1]);
+    let stopped = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::read_to_string(&survivor).map_or(true, |s| s.contains(") Z"))
+    });
+    assert!(stopped, "the other worker kept running");
 }
 
 #[tokio::test]

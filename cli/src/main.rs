@@ -28,6 +28,14 @@ fn main() -> std::process::ExitCode {
         args::LogFormat::Text => logs.init(),
         args::LogFormat::Json => logs.json().init(),
     }
+    // A worker of `gpuwasm run --workers` takes its core before any thread starts.
+    if let Command::Run(args) = &cli.command
+        && let Some(slot) = args.worker
+        && let Err(e) = commands::workers::become_worker(slot)
+    {
+        eprintln!("error: worker {slot} cannot take its core: {e}");
+        return std::process::ExitCode::FAILURE;
+    }
     // Short guests run on the same workers as the connections, in slices
     // of an epoch tick (5 ms; long ones move to the runtime's long lane):
     // tokio looks for ready sockets every `event_interval` task polls (61

@@ -105,14 +105,34 @@ impl Server {
     }
 
     /// (user, system) CPU time of the whole process so far, in clock ticks.
+    /// The server's processes: itself and its children (`--workers`).
+    fn pids(&self) -> Vec<u32> {
+        let id = self.child.id();
+        let tasks = std::fs::read_dir(format!("/proc/{id}/task")).into_iter().flatten().flatten();
+        let children = tasks.filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok());
+        let mut pids = vec![id];
+        pids.extend(children.flat_map(|list| list.split_whitespace().filter_map(|p| p.parse().ok()).collect::<Vec<u32>>()));
+        pids
+    }
+
+    /// User and system CPU ticks of all its processes.
     fn cpu_ticks(&self) -> Result<(u64, u64)> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))?;
-        // Fields after the command name, which is in parentheses: state is
-        // field 3, utime 14 and stime 15.
-        let rest = stat.rsplit_once(')').context("malformed /proc/PID/stat")?.1;
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let field = |n: usize| -> Result<u64> { Ok(fields.get(n - 3).context("short /proc/PID/stat")?.parse()?) };
-        Ok((field(14)?, field(15)?))
+        let mut ticks = (0, 0);
+        for pid in self.pids() {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+            // Fields after the command name, which is in parentheses: state is
+            // field 3, utime 14 and stime 15.
+            let rest = stat.rsplit_once(')').context("malformed /proc/PID/stat")?.1;
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            let field = |n: usize| -> Result<u64> { Ok(fields.get(n - 3).context("short /proc/PID/stat")?.parse()?) };
+            ticks = (ticks.0 + field(14)?, ticks.1 + field(15)?);
+        }
+        Ok(ticks)
+    }
+
+    /// Resident memory of all its processes (shared pages count in each).
+    fn resident_mib(&self) -> Result<f64> {
+        self.pids().into_iter().map(vm_rss_mib).sum()
     }
 }
 
@@ -229,13 +249,18 @@ pub async fn run(args: ServeArgs) -> Result<ExitCode> {
             if let (Some(a), Some(b)) = (rate("gpuwasm run"), rate(&pinned)) {
                 ratios.push(format!("gpuwasm all cores/one core {:.2}x", a / b));
             }
+            for variant in &args.variants {
+                if let (Some(a), Some(b)) = (rate(&format!("gpuwasm run {variant}")), rate("wasmtime serve")) {
+                    ratios.push(format!("gpuwasm {variant}/wasmtime {:.2}x", a / b));
+                }
+            }
             if !ratios.is_empty() {
                 println!("{:<32} {:>5} {}", "", c, ratios.join(", "));
             }
         }
         let rss: Vec<String> = servers
             .iter()
-            .map(|s| Ok(format!("{} {:.0}", s.label, vm_rss_mib(s.child.id())?)))
+            .map(|s| Ok(format!("{} {:.0}", s.label, s.resident_mib()?)))
             .collect::<Result<_>>()?;
         println!("resident memory after the runs, MiB: {}", rss.join(", "));
     }

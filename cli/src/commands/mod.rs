@@ -15,3 +15,4 @@ pub mod tenant;
 pub mod token;
 pub mod usage;
 pub mod whoami;
+pub mod workers;

@@ -4,6 +4,7 @@
 //! same component does not compile it again.
 
 use super::serve::{announce, bind, until_signal};
+use super::workers::{self, Workers};
 use crate::args::{ConnectionArgs, LimitArgs, PoolArgs, component_of, load_manifest, read_component};
 use anyhow::{Context, Result};
 use clap::Args;
@@ -21,6 +22,16 @@ pub struct RunArgs {
     /// Address to listen on (port 0 picks a free port).
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
+    /// Worker processes serving the component on the same port, each
+    /// pinned to a core: a number, or `auto` for one per core. Several
+    /// spare every core the TLB flushes of the others' memory resets
+    /// (docs/performance.md); each loads its own copy of local models and
+    /// applies the connection limits to its own connections.
+    #[arg(long, default_value = "1", value_name = "N|auto")]
+    workers: Workers,
+    /// Set by `--workers` for the processes it starts.
+    #[arg(long, hide = true)]
+    pub worker: Option<usize>,
     /// A model handlers may load by name, as NAME=PATH (repeatable): a
     /// directory for safetensors models, a .onnx or .gguf file otherwise.
     #[arg(long = "model", value_name = "NAME=PATH")]
@@ -39,14 +50,21 @@ pub struct RunArgs {
 
 pub async fn run(args: RunArgs) -> Result<ExitCode> {
     let (file, manifest) = component_of(&args.file, None)?;
+    let limits = args.connections.limits()?;
+    if args.worker.is_none() && args.workers.count() > 1 {
+        let scheme = if limits.tls.is_some() { "https" } else { "http" };
+        return workers::supervise(args.workers.count(), args.listen, scheme).await;
+    }
     let runtime = args.pool.runtime()?;
     let cache = CompileCache::open(args.cache_dir.clone(), &runtime)
         .inspect_err(|e| tracing::warn!("compiling without a cache: {e}"))
         .ok()
         .map(|cache| cache.keeping(KEEP_COMPILED));
     let deployment = load(&runtime, &file, manifest.as_deref(), &args.limits, &args.models, cache).await?;
-    let limits = args.connections.limits()?;
-    let listener = bind(args.listen).await?;
+    let listener = match args.worker {
+        Some(_) => workers::shared_listener(args.listen)?,
+        None => bind(args.listen).await?,
+    };
     announce(&listener, &limits)?;
     let handler = move |req| {
         let deployment = deployment.clone();
