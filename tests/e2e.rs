@@ -507,7 +507,13 @@ fn sockets_of(pid: u32) -> usize {
 #[tokio::test]
 async fn run_with_workers_serves_from_a_process_per_core_and_drains_on_sigterm() {
     let cache = tempfile::tempdir().unwrap();
-    let (mut parent, url) = start_run(&wasm("hello"), cache.path(), &["--workers", "2"]);
+    // Compiled once by a plain run: the workers must load that artifact.
+    let (mut plain, _) = start_run(&wasm("behaviors"), cache.path(), &[]);
+    let _ = plain.kill();
+    let _ = plain.wait();
+    let compiled = artifacts(cache.path());
+    assert_eq!(compiled.len(), 1);
+    let (mut parent, url) = start_run(&wasm("behaviors"), cache.path(), &["--workers", "2"]);
     let workers = children_of(parent.id());
     assert_eq!(workers.len(), 2, "{workers:?}");
     // Each worker runs on one core, a different one where there are two.
@@ -530,7 +536,7 @@ async fn run_with_workers_serves_from_a_process_per_core_and_drains_on_sigterm()
     for i in 0..32 {
         use std::io::{Read, Write};
         let mut stream = std::net::TcpStream::connect(&authority).unwrap();
-        write!(stream, "GET /held/{i} HTTP/1.1\r\nhost: {authority}\r\n\r\n").unwrap();
+        write!(stream, "GET /sleep?ms=0 HTTP/1.1\r\nhost: {authority}\r\n\r\n").unwrap();
         let mut head = [0u8; 12];
         stream.read_exact(&mut head).unwrap();
         assert_eq!(&head, b"HTTP/1.1 200", "connection {i}");
@@ -539,12 +545,16 @@ async fn run_with_workers_serves_from_a_process_per_core_and_drains_on_sigterm()
     let after: Vec<usize> = workers.iter().map(|&pid| sockets_of(pid)).collect();
     assert!(before.iter().zip(&after).all(|(b, a)| a > b), "a worker took no connection: {before:?} then {after:?}");
     drop(held);
-    // One compile for both: the second worker loaded the first's artifact.
-    assert_eq!(artifacts(cache.path()).len(), 1);
+    assert_eq!(artifacts(cache.path()), compiled, "a worker compiled the component again");
 
-    // SIGTERM to the parent drains every worker; all exit, status 0.
+    // SIGTERM to the parent drains every worker: a request in flight
+    // finishes, then all exit, status 0.
+    let in_flight = tokio::spawn(get_owned(format!("{url}/sleep?ms=1500")));
+    tokio::time::sleep(Duration::from_millis(300)).await;
     // SAFETY: kill takes plain integers; the child is not reaped yet.
     unsafe { libc::kill(parent.id() as i32, libc::SIGTERM) };
+    let reply = in_flight.await.unwrap();
+    assert_eq!((reply.status, reply.body.as_str()), (200, "slept"));
     let status = parent.wait().unwrap();
     assert!(status.success(), "{status:?}");
     for pid in &workers {
@@ -557,7 +567,7 @@ async fn run_with_workers_serves_from_a_process_per_core_and_drains_on_sigterm()
     }
 
     // A worker that dies on its own stops the rest, and the parent fails.
-    let (mut parent, _url) = start_run(&wasm("hello"), cache.path(), &["--workers", "2"]);
+    let (mut parent, _url) = start_run(&wasm("behaviors"), cache.path(), &["--workers", "2"]);
     let workers = children_of(parent.id());
     // SAFETY: as above.
     unsafe { libc::kill(workers[0] as i32, libc::SIGKILL) };

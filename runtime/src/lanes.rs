@@ -21,15 +21,19 @@
 //! long lane directly (a CPU hog's requests never take the fast lane's
 //! workers at all); its first short request brings it back.
 //!
-//! On the long lane a deployment's guests take turns: at most twice as
-//! many as the lane has threads compute at once (one per thread, and one
-//! more each being instantiated or torn down), in the order they asked;
-//! the others wait without an instance. Without turns, every request
-//! admitted was instantiated at once, at the fast lane's priority, and the
-//! long lane shared its threads among all of them: at 64 connections on a
-//! Python component, a p99 three times the mean. A guest waiting on
+//! A deployment whose last request went long also makes its next ones
+//! take turns ([`Lane::turn`]): at most twice as many as the long lane
+//! has threads (one computing per thread, one more each being
+//! instantiated or torn down) are instantiated and computing at once, in
+//! the order they came; the others wait for a turn before they get an
+//! instance (under their deadline). Without turns, every request admitted
+//! was instantiated at once, at the fast lane's priority, and the long
+//! lane shared its threads among all of them: at 64 connections on a
+//! Python component, a p99 three times the mean. A guest that waits on
 //! something other than the CPU (its client, a host call, a timer) gives
-//! its turn up until it is woken, so slow I/O never holds a turn.
+//! its turn up for good, so slow I/O never holds one; it then goes on
+//! without one, never queueing behind new requests (its deadline and a
+//! stop reach it as before).
 //!
 //! The long lane is one per process, started on first use (a guest's
 //! move, or [`in_long_lane`]). If it cannot be started, everything stays
@@ -70,8 +74,9 @@ impl Lane {
     }
 
     /// Waits, in order, for a turn on the long lane when the deployment's
-    /// last request went long (the next starts there); a guest that
-    /// starts on the fast lane needs none until it moves.
+    /// last request went long (the next starts there); otherwise returns
+    /// at once with none (a guest that starts on the fast lane, or moves
+    /// from it later, goes without).
     pub(crate) async fn turn(&self) -> Turn {
         if !self.last_long.load(Ordering::Relaxed) {
             return Turn(None);
@@ -82,9 +87,9 @@ impl Lane {
 
 /// Runs `guest`, one request of a deployment whose `lane` says whether
 /// its last request ended long: if so on the long lane from the start,
-/// with `turn` ([`Lane::turn`]); otherwise where it is polled until it
-/// has used [`LONG_AFTER`] of CPU since `ticked` was set, then on the long
-/// lane, in turns, until it ends. Leaves `lane` saying whether this one
+/// holding `turn` ([`Lane::turn`]) until it ends or waits on I/O;
+/// otherwise where it is polled until it has used [`LONG_AFTER`] of CPU
+/// since `ticked` was set, then on the long lane until it ends. Leaves `lane` saying whether this one
 /// went long. Sets `ticked` for a guest that starts on the long lane:
 /// there, at the lowest priority, preemption is the rule, and only the
 /// thread's CPU clock tells the guest's time (metering reads it once
@@ -96,7 +101,10 @@ where
     F::Output: Send + 'static,
 {
     let mut guest = Box::pin(guest);
+    let mut turn = turn.0;
     if !lane.last_long.load(Ordering::Relaxed) {
+        // A turn taken just before a short request ended the streak.
+        turn = None;
         let mut used = Duration::ZERO;
         let done = std::future::poll_fn(|cx| {
             let start = ticked.load(Ordering::Relaxed).then(thread_cpu_time);
@@ -118,23 +126,18 @@ where
     } else {
         ticked.store(true, Ordering::Relaxed);
     }
-    let output = on_long_lane(Box::pin(in_turns(guest, lane.turns.clone(), turn.0))).await;
+    let output = on_long_lane(Box::pin(holding(guest, turn))).await;
     lane.last_long.store(true, Ordering::Relaxed);
     output
 }
 
-/// Polls `guest` only while it holds a turn of `turns` (`turn`, if it
-/// came with one): after a poll that left it waiting on something else
-/// than its own yield, it gives the turn up and asks again when woken.
-async fn in_turns<F: Future>(mut guest: Pin<Box<F>>, turns: Arc<Semaphore>, mut turn: Option<OwnedSemaphorePermit>) -> F::Output {
-    let mut asking = None;
+/// Polls `guest`, holding `turn` until the guest waits on something else
+/// than its own yield; then the turn goes to the next request, and the
+/// guest goes on without one.
+async fn holding<F: Future>(mut guest: Pin<Box<F>>, mut turn: Option<OwnedSemaphorePermit>) -> F::Output {
     std::future::poll_fn(|cx| {
         if turn.is_none() {
-            let ask = asking.get_or_insert_with(|| Box::pin(turns.clone().acquire_owned()));
-            let Poll::Ready(permit) = ask.as_mut().poll(cx) else { return Poll::Pending };
-            // A closed semaphore (never closed here) would mean no turns.
-            turn = permit.ok();
-            asking = None;
+            return guest.as_mut().poll(cx);
         }
         let woken = Arc::new(Woken { woken: AtomicBool::new(false), waker: cx.waker().clone() });
         let polled = guest.as_mut().poll(&mut Context::from_waker(&Waker::from(woken.clone())));
@@ -351,10 +354,10 @@ mod tests {
         .await
     }
 
-    /// Two computing guests of one deployment with one turn: the second
-    /// starts computing only after the first ended, though both yield at
-    /// every step (each step takes a millisecond: with two turns, or
-    /// none, they interleave).
+    /// Three computing guests of one deployment with one turn: each starts
+    /// computing only after the one before ended, in the order they asked,
+    /// though all yield at every step (each step takes a millisecond: with
+    /// more turns, or none, they interleave).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_deployments_computing_guests_take_turns_in_order() {
         let (lane, order) = (lane(1, true), Arc::new(std::sync::Mutex::new(Vec::new())));
@@ -371,47 +374,55 @@ mod tests {
         };
         let first_turn = lane.turn().await;
         let first = tokio::spawn(run(computing("first"), Arc::default(), lane.clone(), first_turn));
-        let waiting = lane.clone();
-        let second = tokio::spawn(async move {
-            let turn = waiting.turn().await;
-            run(computing("second"), Arc::default(), waiting, turn).await
-        });
+        let mut waiters = Vec::new();
+        for name in ["second", "third"] {
+            let waiting = lane.clone();
+            let computing = computing.clone();
+            waiters.push(tokio::spawn(async move {
+                let turn = waiting.turn().await;
+                run(computing(name), Arc::default(), waiting, turn).await
+            }));
+            // "third" asks after "second".
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         first.await.unwrap();
-        second.await.unwrap();
+        for waiter in waiters {
+            waiter.await.unwrap();
+        }
         let order = order.lock().unwrap();
-        let names: Vec<_> = order.iter().map(|(name, _)| *name).collect();
-        assert_eq!(names.iter().filter(|&&n| n == "first").count(), 20);
-        let switches = names.windows(2).filter(|w| w[0] != w[1]).count();
-        assert_eq!(switches, 1, "the guests interleaved: {order:?}");
-        assert_eq!(names[0], "first");
+        let mut runs: Vec<(&str, usize)> = Vec::new();
+        for (name, _) in order.iter() {
+            match runs.last_mut() {
+                Some((last, n)) if last == name => *n += 1,
+                _ => runs.push((name, 1)),
+            }
+        }
+        assert_eq!(runs, [("first", 20), ("second", 20), ("third", 20)], "not one after another, in order: {order:?}");
     }
 
-    /// A guest waiting on something other than the CPU gives its turn up:
-    /// with one turn, a second guest computes and ends while the first
-    /// waits, and the first then takes its turn back and ends.
+    /// A guest waiting on something other than the CPU gives its turn up,
+    /// for good: with one turn, a second guest takes it while the first
+    /// waits, and the first, woken while the turn is still held, finishes
+    /// without waiting for it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_guest_waiting_on_io_lets_another_take_its_turn() {
+    async fn a_guest_waiting_on_io_gives_its_turn_up_and_goes_on_without() {
         let lane = lane(1, true);
         let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
         let waiting = async move {
             release_rx.await.unwrap();
+            epoch_yield().await;
             "waited"
         };
         let turn = lane.turn().await;
         let first = tokio::spawn(run(waiting, Arc::default(), lane.clone(), turn));
         tokio::time::sleep(Duration::from_millis(20)).await;
-        let turn = tokio::time::timeout(Duration::from_secs(5), lane.turn()).await.expect("the waiting guest kept its turn");
-        let computing = async {
-            for _ in 0..5 {
-                epoch_yield().await;
-            }
-            "computed"
-        };
-        let second = run(computing, Arc::default(), lane.clone(), turn).await;
-        assert_eq!(second, "computed");
-        assert!(!first.is_finished());
+        let held = tokio::time::timeout(Duration::from_secs(5), lane.turn()).await.expect("the waiting guest kept its turn");
+        assert!(held.0.is_some());
         release_tx.send(()).unwrap();
-        assert_eq!(tokio::time::timeout(Duration::from_secs(5), first).await.unwrap().unwrap(), "waited");
+        let first = tokio::time::timeout(Duration::from_secs(5), first).await.expect("the woken guest waited for a turn");
+        assert_eq!(first.unwrap(), "waited");
+        assert_eq!(lane.turns.available_permits(), 0, "the turn is still held");
+        drop(held);
         assert_eq!(lane.turns.available_permits(), 1);
     }
 }

@@ -59,13 +59,14 @@ impl CompileCache {
         let (cwasm, digest) = self.compiled_paths(hash);
         write_atomic(&cwasm, &compiled)?;
         write_atomic(&digest, sha256_hex(&compiled).as_bytes())?;
-        if let Some(keep) = self.keep {
-            self.trim(keep);
-        }
         // SAFETY: the file was just written from this runtime's `compile`,
         // and artifacts are only ever replaced by rename, never modified in
         // place.
-        Ok(unsafe { runtime.deserialize_file(&cwasm) }?)
+        let component = unsafe { runtime.deserialize_file(&cwasm) }?;
+        if let Some(keep) = self.keep {
+            self.trim(keep);
+        }
+        Ok(component)
     }
 
     /// The cached compiled component, if there is a usable one.

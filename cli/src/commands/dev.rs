@@ -5,7 +5,7 @@
 
 use super::build::build;
 use super::run::load;
-use super::serve::{announce, bind, until_signal};
+use super::serve::{bind, listen_line, until_signal};
 use crate::args::{ConnectionArgs, LimitArgs, PoolArgs, Project};
 use anyhow::Result;
 use clap::Args;
@@ -53,7 +53,7 @@ pub async fn run(args: DevArgs) -> Result<ExitCode> {
     let current = Arc::new(RwLock::new(first));
     let limits = args.connections.limits()?;
     let listener = bind(args.listen).await?;
-    announce(&listener, &limits)?;
+    let announce = listen_line(&listener, &limits)?;
     eprintln!("watching {} for changes (Ctrl-C stops)", args.dir.display());
     let watcher = Watcher { dir: args.dir, output, manifest, runtime, limits: args.limits, models: args.models, current: current.clone() };
     tokio::spawn(watcher.run(seen, Duration::from_millis(args.poll_ms.max(10))));
@@ -61,7 +61,7 @@ pub async fn run(args: DevArgs) -> Result<ExitCode> {
         let deployment = current.read().expect("the version lock").clone();
         async move { deployment.handle(req).await }
     };
-    until_signal(args.connections.drain_secs, |stop| serve_connections(listener, handler, limits, stop)).await
+    until_signal(args.connections.drain_secs, announce, |stop| serve_connections(listener, handler, limits, stop)).await
 }
 
 /// Rebuilds and swaps in the project on every change.

@@ -3,7 +3,7 @@
 //! components are kept in a cache directory, so a second start of the
 //! same component does not compile it again.
 
-use super::serve::{announce, bind, until_signal};
+use super::serve::{bind, listen_line, until_signal};
 use super::workers::{self, Workers};
 use crate::args::{ConnectionArgs, LimitArgs, PoolArgs, component_of, load_manifest, read_component};
 use anyhow::{Context, Result};
@@ -52,29 +52,43 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
     let (file, manifest) = component_of(&args.file, None)?;
     let limits = args.connections.limits()?;
     if args.worker.is_none() && args.workers.count() > 1 {
-        let scheme = if limits.tls.is_some() { "https" } else { "http" };
-        return workers::supervise(args.workers.count(), args.listen, scheme).await;
+        return workers::supervise(args.workers.count(), args.listen, limits.tls.is_some()).await;
     }
     let runtime = args.pool.runtime()?;
-    let cache = CompileCache::open(args.cache_dir.clone(), &runtime)
-        .inspect_err(|e| tracing::warn!("compiling without a cache: {e}"))
-        .ok()
-        .map(|cache| cache.keeping(KEEP_COMPILED));
+    let cache = private_dir(&args.cache_dir)
+        .and_then(|()| Ok(CompileCache::open(args.cache_dir.clone(), &runtime)?.keeping(KEEP_COMPILED)))
+        .inspect_err(|e| tracing::warn!("compiling without a cache: {e:#}"))
+        .ok();
     let deployment = load(&runtime, &file, manifest.as_deref(), &args.limits, &args.models, cache).await?;
     let listener = match args.worker {
         Some(_) => workers::shared_listener(args.listen)?,
         None => bind(args.listen).await?,
     };
-    announce(&listener, &limits)?;
+    let announce = listen_line(&listener, &limits)?;
     let handler = move |req| {
         let deployment = deployment.clone();
         async move { deployment.handle(req).await }
     };
-    until_signal(args.connections.drain_secs, |stop| serve_connections(listener, handler, limits, stop)).await
+    until_signal(args.connections.drain_secs, announce, |stop| serve_connections(listener, handler, limits, stop)).await
 }
 
 /// Compiled components `gpuwasm run` keeps in its cache.
 const KEEP_COMPILED: usize = 16;
+
+/// Creates `dir` (mode 0700) if missing; refuses one that another user
+/// owns or others may write to: its artifacts are mapped and run as code,
+/// and a digest beside each catches corruption, not a planted file.
+fn private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let meta = std::fs::metadata(dir).with_context(|| format!("reading {}", dir.display()))?;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me || meta.mode() & 0o022 != 0 {
+        anyhow::bail!("{} is not private to this user (owner {}, mode {:o}): compiled code there could be anyone's", dir.display(), meta.uid(), meta.mode() & 0o7777);
+    }
+    Ok(())
+}
 
 /// `$XDG_CACHE_HOME/gpuwasm/compiled`, else `~/.cache/gpuwasm/compiled`.
 fn default_cache_dir() -> PathBuf {

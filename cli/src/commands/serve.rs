@@ -152,7 +152,6 @@ pub async fn run(args: ServeArgs) -> Result<ExitCode> {
         .await
         .with_context(|| format!("opening the server state in {}", args.data_dir.display()))?;
     tracing::info!(data_dir = %args.data_dir.display(), deployments = server.deployments().len(), "server ready");
-    announce(&listener, &limits)?;
     let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
     if let Some(addr) = args.metrics_listen {
         let metrics = bind(addr).await?;
@@ -162,7 +161,8 @@ pub async fn run(args: ServeArgs) -> Result<ExitCode> {
         }));
     }
     let handle = server.clone();
-    let code = until_signal(args.connections.drain_secs, |stop| server.serve(listener, limits, stop)).await;
+    let announce = listen_line(&listener, &limits)?;
+    let code = until_signal(args.connections.drain_secs, announce, |stop| server.serve(listener, limits, stop)).await;
     let _ = metrics_stop.send(());
     handle.flush_usage().await;
     code
@@ -195,30 +195,35 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
     TcpListener::bind(addr).await.with_context(|| format!("listening on {addr}"))
 }
 
-/// Prints the address actually bound (tests and scripts read this line).
-pub fn announce(listener: &TcpListener, limits: &ConnectionLimits) -> Result<()> {
-    let mut out = std::io::stdout().lock();
+/// The line that announces the address actually bound (tests and
+/// scripts read it); [`until_signal`] prints it.
+pub fn listen_line(listener: &TcpListener, limits: &ConnectionLimits) -> Result<String> {
     let scheme = if limits.tls.is_some() { "https" } else { "http" };
-    writeln!(out, "gpuwasm listening on {scheme}://{}", listener.local_addr()?)?;
-    out.flush()?;
-    Ok(())
+    Ok(format!("gpuwasm listening on {scheme}://{}", listener.local_addr()?))
 }
 
-/// Runs `serve` until it ends or a signal (Ctrl-C, SIGTERM) comes. At the
-/// first signal `serve`'s stop future completes: it stops accepting and
-/// drains, and the process exits 0 once it has drained or after the drain
-/// timeout, whichever is first. A second signal exits at once (status 1).
-pub async fn until_signal<S>(drain_secs: u64, serve: impl FnOnce(StopFuture) -> S) -> Result<ExitCode>
+/// Prints `announce` ([`listen_line`]) and runs `serve` until it ends or
+/// a signal (Ctrl-C, SIGTERM) comes; signals are caught from before the
+/// line (whoever reads it may signal at once). At the first signal `serve`'s
+/// stop future completes: it stops accepting and drains, and the process
+/// exits 0 once it has drained or after the drain timeout, whichever is
+/// first. A second signal exits at once (status 1).
+pub async fn until_signal<S>(drain_secs: u64, announce: String, serve: impl FnOnce(StopFuture) -> S) -> Result<ExitCode>
 where
     S: std::future::Future<Output = std::io::Result<()>>,
 {
     use tokio::signal::unix::{SignalKind, signal};
+    let (mut term, mut interrupt) = (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?);
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{announce}")?;
+        out.flush()?;
+    }
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let serving = serve(Box::pin(async move {
         let _ = stopped.await;
     }));
     tokio::pin!(serving);
-    let (mut term, mut interrupt) = (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?);
     let mut signalled = async || {
         tokio::select! {
             _ = term.recv() => {}

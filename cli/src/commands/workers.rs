@@ -11,9 +11,10 @@
 //! applies the connection limits to its own connections.
 //!
 //! The parent supervises: it prints the address once every worker
-//! listens, passes SIGTERM, Ctrl-C and SIGHUP on to them (each drains as
-//! one server would; a second signal stops them at once), and stops them
-//! all, with an error, when one exits on its own.
+//! listens, passes SIGTERM and Ctrl-C on to them (each drains as one
+//! server would; a second signal stops them at once) and, with TLS,
+//! SIGHUP (each reloads its certificate), and stops them all, with an
+//! error, when one exits on its own.
 
 use anyhow::{Context, Result, bail};
 use std::ffi::OsString;
@@ -55,6 +56,9 @@ impl Workers {
     }
 }
 
+/// Set in a worker's environment: its supervisor's process id.
+const SUPERVISOR: &str = "GPUWASM_SUPERVISOR_PID";
+
 /// A listener on `addr` that other processes may bind too (SO_REUSEPORT).
 pub fn shared_listener(addr: SocketAddr) -> Result<TcpListener> {
     let socket = reusable_socket(addr)?;
@@ -78,8 +82,9 @@ pub fn become_worker(slot: usize) -> std::io::Result<usize> {
             return Err(std::io::Error::last_os_error());
         }
         // The parent died before the line above: nobody would stop us.
-        if libc::getppid() == 1 {
-            return Err(std::io::Error::other("the supervising gpuwasm exited"));
+        let supervisor = std::env::var(SUPERVISOR).ok().and_then(|pid| pid.parse::<libc::pid_t>().ok());
+        if supervisor != Some(libc::getppid()) {
+            return Err(std::io::Error::other("its supervising gpuwasm is gone"));
         }
     }
     pin_to_core(slot)
@@ -115,26 +120,42 @@ fn allowed_cpus() -> Vec<usize> {
 }
 
 /// Starts `count` workers of this `gpuwasm run` on `listen` and waits for
-/// them; `scheme` is what the announced address starts with.
-pub async fn supervise(count: usize, listen: SocketAddr, scheme: &str) -> Result<ExitCode> {
+/// them; `tls` says whether they serve HTTPS (and reload on SIGHUP).
+pub async fn supervise(count: usize, listen: SocketAddr, tls: bool) -> Result<ExitCode> {
+    // The address must be free, as for one process: SO_REUSEPORT alone
+    // would let the workers join another server's port.
+    let probe = std::net::TcpListener::bind(listen).with_context(|| format!("listening on {listen}"))?;
+    let addr = probe.local_addr()?;
+    drop(probe);
     // Holds the port (bound, never listening: it takes no connections)
     // so that port 0 names one port for all the workers.
-    let reserved = reusable_socket(listen)?;
-    let addr = reserved.local_addr()?;
+    let reserved = reusable_socket(addr)?;
     let (mut term, mut interrupt, mut hangup) =
         (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?, signal(SignalKind::hangup())?);
     // One at a time: the first compiles the component into the cache, the
-    // others load it from there.
-    let mut workers = Vec::with_capacity(count);
-    for slot in 0..count {
-        workers.push(start(slot, addr).await?);
-    }
+    // others load it from there. A signal meanwhile stops those started
+    // (dropped, they are killed).
+    let starting = async {
+        let mut workers = Vec::with_capacity(count);
+        for slot in 0..count {
+            workers.push(start(slot, addr).await?);
+        }
+        anyhow::Ok(workers)
+    };
+    let workers = tokio::select! {
+        workers = starting => workers?,
+        _ = term.recv() => return Ok(ExitCode::SUCCESS),
+        _ = interrupt.recv() => return Ok(ExitCode::SUCCESS),
+    };
+    let scheme = if tls { "https" } else { "http" };
     println!("gpuwasm listening on {scheme}://{addr}");
     tracing::info!(workers = count, "one worker process per core, each serving the component");
-    let pids: Vec<i32> = workers.iter().filter_map(|w| w.id()).filter_map(|id| i32::try_from(id).ok()).collect();
-    let tell = |sig: libc::c_int| {
-        for &pid in &pids {
-            // SAFETY: kill takes plain integers; `pid` is a child not yet reaped.
+    // Workers not reaped yet, by slot: only those are ever signalled.
+    let mut running: Vec<Option<libc::pid_t>> = workers.iter().map(|w| w.id().and_then(|id| id.try_into().ok())).collect();
+    let tell = |running: &[Option<libc::pid_t>], sig: libc::c_int| {
+        for &pid in running.iter().flatten() {
+            // SAFETY: kill takes plain integers; `pid` is a child of ours
+            // that has not been reaped, so the id is still its own.
             unsafe { libc::kill(pid, sig) };
         }
     };
@@ -146,15 +167,16 @@ pub async fn supervise(count: usize, listen: SocketAddr, scheme: &str) -> Result
     let mut failed = false;
     loop {
         tokio::select! {
-            _ = term.recv() => { stopping = true; tell(libc::SIGTERM) }
-            _ = interrupt.recv() => { stopping = true; tell(libc::SIGTERM) }
-            _ = hangup.recv() => tell(libc::SIGHUP),
+            _ = term.recv() => { stopping = true; tell(&running, libc::SIGTERM) }
+            _ = interrupt.recv() => { stopping = true; tell(&running, libc::SIGTERM) }
+            _ = hangup.recv() => if tls { tell(&running, libc::SIGHUP) },
             exit = exits.join_next() => {
                 let Some(exit) = exit else { break };
                 let (slot, status) = exit.context("waiting for a worker")?;
+                running[slot] = None;
                 let status = status.context("waiting for a worker")?;
                 if !stopping {
-                    tell(libc::SIGKILL);
+                    tell(&running, libc::SIGKILL);
                     bail!("worker {slot} exited ({status}) while serving; stopped the others");
                 }
                 failed |= !status.success();
@@ -174,6 +196,7 @@ async fn start(slot: usize, addr: SocketAddr) -> Result<Child> {
     command
         .args(worker_args(std::env::args_os().skip(1), addr, slot))
         .env("TOKIO_WORKER_THREADS", "1")
+        .env(SUPERVISOR, std::process::id().to_string())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .process_group(0)
@@ -182,9 +205,10 @@ async fn start(slot: usize, addr: SocketAddr) -> Result<Child> {
     let mut lines = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
     match lines.next_line().await? {
         Some(line) if line.starts_with("gpuwasm listening on ") => {}
-        _ => {
+        first => {
+            let _ = child.start_kill();
             let status = child.wait().await?;
-            bail!("worker {slot} stopped before it listened ({status}); its errors are above");
+            bail!("worker {slot} stopped before it listened ({status}; it printed {first:?}); its errors are above");
         }
     }
     // Anything else it prints goes to our stdout.
@@ -197,10 +221,12 @@ async fn start(slot: usize, addr: SocketAddr) -> Result<Child> {
 }
 
 /// This command's arguments for a worker: without `--workers` and
-/// `--listen` (either form), then `--listen addr --worker slot`.
+/// `--listen` (either form), with `--listen addr --worker slot` right
+/// after `run` (before any `--`).
 fn worker_args(args: impl Iterator<Item = OsString>, addr: SocketAddr, slot: usize) -> Vec<OsString> {
     let mut kept = Vec::new();
     let mut skip_value = false;
+    let mut after_run = None;
     for arg in args {
         if std::mem::take(&mut skip_value) {
             continue;
@@ -209,10 +235,15 @@ fn worker_args(args: impl Iterator<Item = OsString>, addr: SocketAddr, slot: usi
         if text == "--workers" || text == "--listen" {
             skip_value = true;
         } else if !(text.starts_with("--workers=") || text.starts_with("--listen=")) {
+            if after_run.is_none() && text == "run" {
+                after_run = Some(kept.len() + 1);
+            }
             kept.push(arg);
         }
     }
-    kept.extend(["--listen".into(), addr.to_string().into(), "--worker".into(), slot.to_string().into()]);
+    let own: [OsString; 4] = ["--listen".into(), addr.to_string().into(), "--worker".into(), slot.to_string().into()];
+    let at = after_run.unwrap_or(kept.len());
+    kept.splice(at..at, own);
     kept
 }
 
@@ -222,10 +253,10 @@ mod tests {
 
     #[test]
     fn a_worker_gets_the_command_without_workers_and_listen_then_its_own() {
-        let args = ["--log-format", "json", "run", "app.wasm", "--workers", "auto", "--listen=0.0.0.0:0", "--cpu-ms", "5", "--listen", "x"];
+        let args = ["--log-format", "json", "run", "--workers", "auto", "--listen=0.0.0.0:0", "--cpu-ms", "5", "--listen", "x", "--", "app.wasm"];
         let addr: SocketAddr = "127.0.0.1:8080".parse().unwrap();
         let got = worker_args(args.iter().map(OsString::from), addr, 1);
-        let want = ["--log-format", "json", "run", "app.wasm", "--cpu-ms", "5", "--listen", "127.0.0.1:8080", "--worker", "1"];
+        let want = ["--log-format", "json", "run", "--listen", "127.0.0.1:8080", "--worker", "1", "--cpu-ms", "5", "--", "app.wasm"];
         assert_eq!(got, want.iter().map(OsString::from).collect::<Vec<_>>());
     }
 
