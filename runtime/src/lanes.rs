@@ -89,8 +89,9 @@ impl Lane {
 /// its last request ended long: if so on the long lane from the start,
 /// holding `turn` ([`Lane::turn`]) until it ends or waits on I/O;
 /// otherwise where it is polled until it has used [`LONG_AFTER`] of CPU
-/// since `ticked` was set, then on the long lane until it ends. Leaves `lane` saying whether this one
-/// went long. Sets `ticked` for a guest that starts on the long lane:
+/// since `ticked` was set, then on the long lane until it ends. Leaves
+/// `lane` saying whether this one went long. Sets `ticked` for a guest
+/// that starts on the long lane:
 /// there, at the lowest priority, preemption is the rule, and only the
 /// thread's CPU clock tells the guest's time (metering reads it once
 /// `ticked` is set). Dropping the result stops the guest wherever it runs
