@@ -154,8 +154,9 @@ pub async fn supervise(count: usize, listen: SocketAddr, tls: bool) -> Result<Ex
     let mut running: Vec<Option<libc::pid_t>> = workers.iter().map(|w| w.id().and_then(|id| id.try_into().ok())).collect();
     let tell = |running: &[Option<libc::pid_t>], sig: libc::c_int| {
         for &pid in running.iter().flatten() {
-            // SAFETY: kill takes plain integers; `pid` is a child of ours
-            // that has not been reaped, so the id is still its own.
+            // SAFETY: kill takes plain integers. `pid` is a child of ours
+            // whose exit this loop has not seen yet: at most just reaped by
+            // its waiting task, and an id is not reused that soon.
             unsafe { libc::kill(pid, sig) };
         }
     };
