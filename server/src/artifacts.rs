@@ -47,10 +47,14 @@ impl CompileCache {
     /// `wasm` compiled: from the cache when an intact artifact of this
     /// engine is there, else compiled now and written to it.
     pub fn compiled(&self, runtime: &Runtime, wasm: &[u8]) -> Result<Compiled, Error> {
-        let hash = sha256_hex(wasm);
-        match self.cached(runtime, &hash) {
+        self.compiled_as(runtime, &sha256_hex(wasm), wasm)
+    }
+
+    /// [`CompileCache::compiled`] for `wasm` whose SHA-256 is `hash`.
+    fn compiled_as(&self, runtime: &Runtime, hash: &str, wasm: &[u8]) -> Result<Compiled, Error> {
+        match self.cached(runtime, hash) {
             Some(component) => Ok(component),
-            None => self.compile(runtime, &hash, wasm),
+            None => self.compile(runtime, hash, wasm),
         }
     }
 
@@ -167,8 +171,9 @@ impl ArtifactStore {
     /// artifact under its content hash. Nothing is written for a component
     /// that does not compile.
     pub(crate) fn store(&self, runtime: &Runtime, wasm: &[u8]) -> Result<(String, Compiled), Error> {
-        let component = self.cache.compiled(runtime, wasm)?;
-        let hash = self.put_source(wasm)?;
+        let hash = sha256_hex(wasm);
+        let component = self.cache.compiled_as(runtime, &hash, wasm)?;
+        self.sources.put(&source_key(&hash), wasm)?;
         Ok((hash.clone(), self.remember(&hash, component)))
     }
 

@@ -579,7 +579,7 @@ impl Writer {
     /// Removes files older than the retention.
     fn sweep(&mut self) {
         self.last_sweep = Some(Instant::now());
-        let oldest = date(day_of(unix_secs(SystemTime::now())).saturating_sub(self.retention_days as u64));
+        let oldest = date(oldest_kept_day(self.retention_days));
         let Ok(entries) = std::fs::read_dir(&self.dir) else { return };
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
@@ -608,8 +608,7 @@ impl Sharer {
             }
             if last_sweep.is_none_or(|t| t.elapsed() > Duration::from_secs(3600)) {
                 last_sweep = Some(Instant::now());
-                let oldest_day = day_of(unix_secs(SystemTime::now())).saturating_sub(self.retention_days as u64);
-                match self.shared.forget_before(oldest_day * 24 * 60) {
+                match self.shared.forget_before(oldest_kept_day(self.retention_days) * 24 * 60) {
                     Ok(0) => {}
                     Ok(n) => tracing::info!(lines = n, "shared usage lines past their retention removed"),
                     Err(e) => tracing::warn!(error = %e, "removing old shared usage lines failed"),
@@ -689,6 +688,11 @@ fn unix_secs(t: SystemTime) -> u64 {
 }
 
 /// The day (since the Unix epoch) of a time in seconds.
+/// The first day (since the epoch) still kept with `retention_days`.
+fn oldest_kept_day(retention_days: u32) -> u64 {
+    day_of(unix_secs(SystemTime::now())).saturating_sub(u64::from(retention_days))
+}
+
 fn day_of(secs: u64) -> u64 {
     secs / 86_400
 }

@@ -76,17 +76,10 @@ impl Server {
     /// gpuwasm's listen line when `authority` is `None`), pinned to `core`.
     async fn start(label: String, mut command: Command, authority: Option<String>, core: Option<usize>) -> Result<Server> {
         if let Some(core) = core {
-            // SAFETY: sched_setaffinity on the child itself, between fork and
-            // exec; it allocates nothing and touches no locks.
+            // SAFETY: `pin_to` runs in the child between fork and exec; it
+            // allocates nothing and touches no locks.
             unsafe {
-                command.pre_exec(move || {
-                    let mut set: libc::cpu_set_t = std::mem::zeroed();
-                    libc::CPU_SET(core, &mut set);
-                    if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
+                command.pre_exec(move || crate::commands::workers::pin_to(core));
             }
         }
         let mut child = command.env("RUST_LOG", "warn").spawn().with_context(|| format!("starting {label}"))?;

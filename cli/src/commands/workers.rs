@@ -95,6 +95,14 @@ fn pin_to_core(slot: usize) -> std::io::Result<usize> {
     let Some(&cpu) = cpus.get(slot % cpus.len().max(1)) else {
         return Err(std::io::Error::other("no core to run on"));
     };
+    pin_to(cpu)?;
+    Ok(cpu)
+}
+
+/// Pins the calling thread, and the threads it starts after, to core
+/// `cpu`. Allocates nothing and takes no lock: a child may call it between
+/// fork and exec.
+pub fn pin_to(cpu: usize) -> std::io::Result<()> {
     // SAFETY: `set` is a plain bit set, zeroed and then filled with
     // CPU_SET; sched_setaffinity reads `size_of` bytes of it.
     unsafe {
@@ -104,12 +112,12 @@ fn pin_to_core(slot: usize) -> std::io::Result<usize> {
             return Err(std::io::Error::last_os_error());
         }
     }
-    Ok(cpu)
+    Ok(())
 }
 
 /// The cores this process may run on.
 fn allowed_cpus() -> Vec<usize> {
-    // SAFETY: as in `pin_to_core`; sched_getaffinity fills `set`.
+    // SAFETY: as in `pin_to`; sched_getaffinity fills `set`.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
