@@ -117,12 +117,9 @@ impl ServerInner {
             }
         }));
         if let Some(metering) = &self.metering {
-            let recorder = metering.recorder(&version.tenant, &version.name, version.version);
             let metrics = self.metrics.deployment(&version.tenant, &version.name);
-            deployment.set_usage_sink(Arc::new(move |usage| {
-                metrics.observe(&usage);
-                recorder.record(usage);
-            }));
+            let recorder = metering.recorder(&version.tenant, &version.name, version.version, metrics);
+            deployment.set_usage_sink(Arc::new(move |usage| recorder.record(usage)));
         }
     }
 

@@ -357,8 +357,16 @@ impl Server {
     }
 
     /// The node's metrics in the OpenMetrics text format, read now.
+    /// Blocking: the metering writer counts requests into the request
+    /// metrics as it takes their records (once a second), so it is flushed
+    /// first, and every request that ended before the call is counted.
     pub fn metrics_text(&self) -> String {
         let inner = &self.inner;
+        // The backlog as the scrape found it, before the flush empties it.
+        let (metering_backlog, metering_dropped) = inner.metering.as_ref().map_or((0, 0), |m| (m.backlog(), m.dropped()));
+        if let Some(metering) = &inner.metering {
+            metering.flush();
+        }
         let control = inner.control();
         let queued = control
             .deployments
@@ -377,8 +385,8 @@ impl Server {
             queued,
             resident: resident.into_iter().collect(),
             model_loads: inner.runtime.models().loads(),
-            metering_backlog: inner.metering.as_ref().map_or(0, |m| m.backlog()),
-            metering_dropped: inner.metering.as_ref().map_or(0, |m| m.dropped()),
+            metering_backlog,
+            metering_dropped,
         })
     }
 

@@ -1,9 +1,11 @@
 //! Metering: every request's [`Usage`], written durably in batches and
 //! aggregated per minute per deployment; usage reports with their cost.
 //!
-//! Requests hand their record to a bounded queue (never waiting on it: a
-//! full queue drops the record and counts it). A writer thread appends the
-//! queue's records once a second, each as a line of
+//! Requests add their record to their deployment's batch, a vector under
+//! a lock only the writer also takes, to swap it (no allocation, message
+//! or wake per request; beyond [`QUEUE`] records waiting, a record is
+//! dropped and counted). A writer thread takes the batches once a second
+//! and appends their records, each as a line of
 //! `usage/requests-DAY.jsonl`, and each minute's totals per tenant,
 //! deployment and models as a line of `usage/minutes-DAY.jsonl` (the
 //! second's additions: a minute's lines sum to its totals), then syncs
@@ -17,17 +19,19 @@
 //! [`PENDING_LINES`]).
 
 use crate::api::{UsageReport, UsageRow};
+use crate::metrics::DeploymentMetrics;
 use gpuwasm::Usage;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError};
-use std::sync::{Arc, Mutex};
+use std::sync::mpsc::{Receiver, Sender, SyncSender, TryRecvError};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-/// Records waiting for the writer at most; beyond, records are dropped.
+/// Records waiting for the writer at most; beyond, records are dropped
+/// (and at half, the writer is woken early).
 const QUEUE: usize = 1 << 16;
 /// How often the writer appends and syncs.
 const FLUSH_EVERY: Duration = Duration::from_secs(1);
@@ -215,56 +219,75 @@ pub(crate) struct MinuteLine {
     pub totals: Totals,
 }
 
-/// A request's usage with what it belongs to.
-struct Record {
+/// The records of one deployment version not yet written: its requests
+/// add theirs to `filling`; the writer swaps in `spare` (the vector it
+/// wrote last time, cleared) and takes them all at once, so that in a
+/// steady state neither side allocates.
+struct Pending {
     tenant: Arc<str>,
     deployment: Arc<str>,
     version: u64,
-    usage: Usage,
+    /// The deployment's request metrics, which the writer counts the
+    /// records into as it takes them.
+    metrics: DeploymentMetrics,
+    batch: Mutex<Batch>,
 }
 
-enum Message {
-    Record(Box<Record>),
-    /// Write what is queued now, then answer.
-    Flush(SyncSender<()>),
+#[derive(Default)]
+struct Batch {
+    filling: Vec<Usage>,
+    spare: Vec<Usage>,
 }
 
-/// The node's metering: a queue, the writer thread that empties it, and
-/// reports over what it wrote.
+/// What the recorders and the writer share.
+#[derive(Default)]
+struct Queue {
+    /// Every recorder's pending records; the writer forgets those of a
+    /// recorder that is gone once it has written them.
+    pending: Mutex<Vec<Arc<Pending>>>,
+    /// Records added and not yet written.
+    backlog: AtomicU64,
+    /// Records dropped because the backlog was full.
+    dropped: AtomicU64,
+    /// The writer, woken early by a backlog half full.
+    writer: OnceLock<std::thread::Thread>,
+}
+
+/// The node's metering: the records waiting, the writer thread that takes
+/// them, and reports over what it wrote.
 pub(crate) struct Metering {
     dir: PathBuf,
     shared: Option<Arc<dyn SharedUsage>>,
-    queue: SyncSender<Message>,
-    /// Records queued and not yet written.
-    backlog: Arc<AtomicU64>,
-    /// Records dropped because the queue was full.
-    dropped: Arc<AtomicU64>,
+    queue: Arc<Queue>,
+    /// Asks the writer to write now, and answers once it has.
+    flushes: Sender<SyncSender<()>>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
-/// Hands a deployment's records to the queue (see [`Metering::recorder`]).
+/// Adds a deployment's records to its pending batch (see
+/// [`Metering::recorder`]).
 pub(crate) struct Recorder {
-    queue: SyncSender<Message>,
-    backlog: Arc<AtomicU64>,
-    dropped: Arc<AtomicU64>,
-    tenant: Arc<str>,
-    deployment: Arc<str>,
-    version: u64,
+    queue: Arc<Queue>,
+    pending: Arc<Pending>,
 }
 
 impl Recorder {
-    /// Queues `usage`; never waits.
+    /// Adds `usage` to what the writer takes next; never waits on the
+    /// writer (the lock is held by the writer only while it swaps the
+    /// batch). Beyond [`QUEUE`] records waiting, it is dropped and counted.
     pub(crate) fn record(&self, usage: Usage) {
-        let record = Record { tenant: self.tenant.clone(), deployment: self.deployment.clone(), version: self.version, usage };
-        // Counted before it is queued: the writer may take it at once.
-        self.backlog.fetch_add(1, Ordering::Relaxed);
-        match self.queue.try_send(Message::Record(Box::new(record))) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                self.backlog.fetch_sub(1, Ordering::Relaxed);
-                if self.dropped.fetch_add(1, Ordering::Relaxed) % 10_000 == 0 {
-                    tracing::warn!("metering queue full: usage records dropped (see gpuwasm_metering_dropped_total)");
-                }
+        let waiting = self.queue.backlog.fetch_add(1, Ordering::Relaxed);
+        if waiting >= QUEUE as u64 {
+            self.queue.backlog.fetch_sub(1, Ordering::Relaxed);
+            if self.queue.dropped.fetch_add(1, Ordering::Relaxed) % 10_000 == 0 {
+                tracing::warn!("metering backlog full: usage records dropped (see gpuwasm_metering_dropped_total)");
+            }
+            return;
+        }
+        self.pending.batch.lock().unwrap().filling.push(usage);
+        if waiting == QUEUE as u64 / 2 {
+            if let Some(writer) = self.queue.writer.get() {
+                writer.unpark();
             }
         }
     }
@@ -274,12 +297,12 @@ impl Metering {
     /// Starts metering into `dir` (and `shared`), keeping `retention_days`.
     pub(crate) fn start(dir: PathBuf, retention_days: u32, shared: Option<Arc<dyn SharedUsage>>) -> std::io::Result<Metering> {
         std::fs::create_dir_all(&dir)?;
-        let (queue, rx) = std::sync::mpsc::sync_channel(QUEUE);
-        let backlog = Arc::new(AtomicU64::new(0));
+        let queue = Arc::new(Queue::default());
+        let (flushes, rx) = std::sync::mpsc::channel();
         let mut writer = Writer {
             dir: dir.clone(),
             retention_days,
-            backlog: backlog.clone(),
+            queue: queue.clone(),
             checked: HashSet::new(),
             last_sweep: None,
             sharer: None,
@@ -291,37 +314,34 @@ impl Metering {
             writer.sharer = Some(tx);
         }
         let thread = std::thread::Builder::new().name("gpuwasm-metering".into()).spawn(move || writer.run(rx))?;
-        Ok(Metering { dir, shared, queue, backlog, dropped: Arc::default(), writer: Mutex::new(Some(thread)) })
+        let _ = queue.writer.set(thread.thread().clone());
+        Ok(Metering { dir, shared, queue, flushes, writer: Mutex::new(Some(thread)) })
     }
 
-    /// A recorder for the requests of one deployment version.
-    pub(crate) fn recorder(&self, tenant: &str, deployment: &str, version: u64) -> Recorder {
-        Recorder {
-            queue: self.queue.clone(),
-            backlog: self.backlog.clone(),
-            dropped: self.dropped.clone(),
-            tenant: tenant.into(),
-            deployment: deployment.into(),
-            version,
-        }
+    /// A recorder for the requests of one deployment version, counted into
+    /// `metrics` too.
+    pub(crate) fn recorder(&self, tenant: &str, deployment: &str, version: u64, metrics: DeploymentMetrics) -> Recorder {
+        let pending = Arc::new(Pending { tenant: tenant.into(), deployment: deployment.into(), version, metrics, batch: Mutex::default() });
+        self.queue.pending.lock().unwrap().push(pending.clone());
+        Recorder { queue: self.queue.clone(), pending }
     }
 
-    /// Records queued and not yet written.
+    /// Records waiting and not yet written.
     pub(crate) fn backlog(&self) -> u64 {
-        self.backlog.load(Ordering::Relaxed)
+        self.queue.backlog.load(Ordering::Relaxed)
     }
 
-    /// Records dropped because the queue was full.
+    /// Records dropped because the backlog was full.
     pub(crate) fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
+        self.queue.dropped.load(Ordering::Relaxed)
     }
 
-    /// Writes everything queued so far. Blocking.
+    /// Writes every record added so far. Blocking.
     pub(crate) fn flush(&self) {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        if self.queue.send(Message::Flush(tx)).is_ok() {
-            if let Some(writer) = self.writer.lock().unwrap().as_ref() {
-                writer.thread().unpark();
+        if self.flushes.send(tx).is_ok() {
+            if let Some(writer) = self.queue.writer.get() {
+                writer.unpark();
             }
             let _ = rx.recv();
         }
@@ -391,8 +411,8 @@ impl Metering {
 impl Drop for Metering {
     fn drop(&mut self) {
         self.flush();
-        // The writer ends when every sender is gone; deployments may still
-        // hold some, so it is not joined: what was queued is written.
+        // The writer ends once every recorder is gone too; deployments may
+        // still hold some, so it is not joined: what they add is written.
         drop(self.writer.lock().unwrap().take());
     }
 }
@@ -435,7 +455,7 @@ impl GroupBy {
 struct Writer {
     dir: PathBuf,
     retention_days: u32,
-    backlog: Arc<AtomicU64>,
+    queue: Arc<Queue>,
     /// Files whose end this process has checked (see [`Writer::append`]).
     checked: HashSet<PathBuf>,
     last_sweep: Option<Instant>,
@@ -462,25 +482,23 @@ struct Sharer {
 }
 
 impl Writer {
-    /// Sleeps until the next write is due (or a flush wakes it), then takes
-    /// what is queued. It never waits on the queue itself: a receiver
-    /// blocked there would be woken by every request's record (a futex
-    /// wake and a context switch each, 10% of a small handler's
-    /// throughput).
-    fn run(&mut self, rx: Receiver<Message>) {
-        let mut records: Vec<Record> = Vec::new();
+    /// Sleeps until the next write is due (or a flush, or a backlog half
+    /// full, wakes it), then takes every recorder's batch and writes it.
+    /// Requests never wake it: a wake per record (a futex wake and a
+    /// context switch) cost 10% of a small handler's throughput. It ends
+    /// when the [`Metering`] and every recorder are gone.
+    fn run(&mut self, flushes: Receiver<SyncSender<()>>) {
         let mut waiting: Vec<SyncSender<()>> = Vec::new();
         let mut due = Instant::now() + FLUSH_EVERY;
+        let mut closed = false;
         loop {
             if self.last_sweep.is_none_or(|t| t.elapsed() > Duration::from_secs(3600)) {
                 self.sweep();
             }
             std::thread::park_timeout(due.saturating_duration_since(Instant::now()));
-            let mut closed = false;
             loop {
-                match rx.try_recv() {
-                    Ok(Message::Record(record)) => records.push(*record),
-                    Ok(Message::Flush(ack)) => waiting.push(ack),
+                match flushes.try_recv() {
+                    Ok(ack) => waiting.push(ack),
                     Err(TryRecvError::Empty) => break,
                     Err(TryRecvError::Disconnected) => {
                         closed = true;
@@ -488,36 +506,60 @@ impl Writer {
                     }
                 }
             }
-            if waiting.is_empty() && !closed && Instant::now() < due {
+            let urgent = self.queue.backlog.load(Ordering::Relaxed) >= QUEUE as u64 / 2;
+            if waiting.is_empty() && !closed && !urgent && Instant::now() < due {
                 continue;
             }
-            let lines = minute_lines(&records);
-            if let Err(e) = self.write(&records, &lines) {
-                tracing::error!(error = %e, dir = %self.dir.display(), records = records.len(), "writing usage records failed; they are lost");
+            let pending = self.queue.pending.lock().unwrap().clone();
+            let mut taken: Vec<(&Pending, Vec<Usage>)> = Vec::new();
+            for p in &pending {
+                let mut batch = p.batch.lock().unwrap();
+                if !batch.filling.is_empty() {
+                    let spare = std::mem::take(&mut batch.spare);
+                    taken.push((p, std::mem::replace(&mut batch.filling, spare)));
+                }
+            }
+            for (p, usages) in &taken {
+                usages.iter().for_each(|u| p.metrics.observe(u));
+            }
+            let records: usize = taken.iter().map(|(_, usages)| usages.len()).sum();
+            let lines = minute_lines(&taken);
+            if let Err(e) = self.write(&taken, &lines) {
+                tracing::error!(error = %e, dir = %self.dir.display(), records, "writing usage records failed; they are lost");
             }
             if let Some(sharer) = &self.sharer {
                 // The sharer answers the flushes once their lines are shared.
                 let _ = sharer.send(Share { lines, acks: std::mem::take(&mut waiting) });
             }
-            self.backlog.fetch_sub(records.len() as u64, Ordering::Relaxed);
-            records.clear();
+            self.queue.backlog.fetch_sub(records as u64, Ordering::Relaxed);
+            for (p, mut usages) in taken {
+                // Kept for the next swap, at about the size a second needs.
+                let len = usages.len();
+                usages.clear();
+                usages.shrink_to(2 * len);
+                p.batch.lock().unwrap().spare = usages;
+            }
             for ack in waiting.drain(..) {
                 let _ = ack.send(());
             }
-            if closed {
+            // A recorder that is gone (the list and `pending` hold the only
+            // references) adds nothing more: forgotten once what it added
+            // is taken.
+            self.queue.pending.lock().unwrap().retain(|p| Arc::strong_count(p) > 2 || !p.batch.lock().unwrap().filling.is_empty());
+            drop(pending);
+            if closed && self.queue.pending.lock().unwrap().is_empty() {
                 return;
             }
             due = Instant::now() + FLUSH_EVERY;
         }
     }
 
-    fn write(&mut self, records: &[Record], lines: &[MinuteLine]) -> std::io::Result<()> {
-        if records.is_empty() {
+    fn write(&mut self, taken: &[(&Pending, Vec<Usage>)], lines: &[MinuteLine]) -> std::io::Result<()> {
+        if taken.is_empty() {
             return Ok(());
         }
         let mut requests: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
-        for r in records {
-            let u = &r.usage;
+        for (r, u) in taken.iter().flat_map(|(p, usages)| usages.iter().map(move |u| (p, u))) {
             let at = u.started.duration_since(UNIX_EPOCH).unwrap_or_default();
             let line = RequestLine {
                 at_ms: at.as_millis() as u64,
@@ -648,12 +690,11 @@ impl Sharer {
     }
 }
 
-/// What `records` add to each minute's totals per tenant, deployment and
-/// models.
-fn minute_lines(records: &[Record]) -> Vec<MinuteLine> {
+/// What the `taken` records add to each minute's totals per tenant,
+/// deployment and models.
+fn minute_lines(taken: &[(&Pending, Vec<Usage>)]) -> Vec<MinuteLine> {
     let mut minutes: HashMap<(u64, &str, &str, String), Totals> = HashMap::new();
-    for r in records {
-        let u = &r.usage;
+    for (r, u) in taken.iter().flat_map(|(p, usages)| usages.iter().map(move |u| (p, u))) {
         let at = u.started.duration_since(UNIX_EPOCH).unwrap_or_default();
         let mut models = u.models.clone();
         models.sort();
@@ -785,8 +826,8 @@ mod tests {
     fn records_are_written_per_minute_and_reported_by_group() {
         let dir = tempfile::tempdir().unwrap();
         let metering = Metering::start(dir.path().to_path_buf(), 30, None).unwrap();
-        let a = metering.recorder("acme", "api", 1);
-        let b = metering.recorder("other", "api", 3);
+        let a = metering.recorder("acme", "api", 1, crate::metrics::Metrics::new().deployment("acme", "api"));
+        let b = metering.recorder("other", "api", 3, crate::metrics::Metrics::new().deployment("other", "api"));
         a.record(usage(1000, 0, Outcome::Ok));
         a.record(usage(1000, 0, Outcome::Limit));
         b.record(usage(3000, 0, Outcome::Ok));
@@ -812,9 +853,34 @@ mod tests {
         let minutes = dir.path().join(format!("minutes-{today}.jsonl"));
         std::fs::OpenOptions::new().append(true).open(&minutes).unwrap().write_all(b"{\"minute\":1").unwrap();
         let metering = Metering::start(dir.path().to_path_buf(), 30, None).unwrap();
-        metering.recorder("acme", "api", 2).record(usage(1000, 0, Outcome::Ok));
+        metering.recorder("acme", "api", 2, crate::metrics::Metrics::new().deployment("acme", "api")).record(usage(1000, 0, Outcome::Ok));
         let report = metering.report(Some("acme"), since, GroupBy::Day, &prices).unwrap();
         assert_eq!((report.rows[0].key.as_str(), report.total.totals.requests), (today.as_str(), 3));
+    }
+
+    /// What a recorder added is written after it is gone, and counted into
+    /// its deployment's request metrics; then the writer forgets it.
+    #[test]
+    fn a_recorder_gone_is_written_counted_and_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let metering = Metering::start(dir.path().to_path_buf(), 30, None).unwrap();
+        let metrics = crate::metrics::Metrics::new();
+        let recorder = metering.recorder("acme", "api", 1, metrics.deployment("acme", "api"));
+        recorder.record(usage(1000, 0, Outcome::Ok));
+        recorder.record(usage(1000, 0, Outcome::Trap));
+        drop(recorder);
+        metering.flush();
+        assert_eq!(metering.backlog(), 0);
+        assert!(metering.queue.pending.lock().unwrap().is_empty(), "the recorder gone is still listed");
+        let today = date(day_of(unix_secs(SystemTime::now())));
+        let requests = std::fs::read_to_string(dir.path().join(format!("requests-{today}.jsonl"))).unwrap();
+        assert_eq!(requests.lines().count(), 2);
+        let none = crate::metrics::Snapshot { instances: 0, queued: vec![], resident: vec![], model_loads: 0, metering_backlog: 0, metering_dropped: 0 };
+        let text = metrics.render(none);
+        for outcome in ["ok", "trap"] {
+            let line = format!("gpuwasm_requests_total{{tenant=\"acme\",deployment=\"api\",outcome=\"{outcome}\"}} 1");
+            assert!(text.lines().any(|l| l == line), "{line} not in\n{text}");
+        }
     }
 
     #[test]
