@@ -1,21 +1,33 @@
 #!/usr/bin/env bash
-# What metering costs a request: two `gpuwasm serve` nodes side by side, one
-# metering (the default) and one started with --no-metering, each serving
-# the Rust hello; `gpuwasm bench http` loads them in turn, ROUNDS rounds
-# (default 3) at concurrency 1 and 64, and the script prints each run and
-# the metered node's req/s and p99 against the unmetered one's, and the
-# server's CPU time per request (from /proc, which other load on the
-# machine disturbs less than throughput), medians of the rounds. Not part
-# of the tests: run it by hand on a quiet machine.
+# What metering costs a request. Three `gpuwasm serve` nodes serve the Rust
+# hello: one metering (the default) and two started with --no-metering.
+# Each round loads two nodes at the same time for SECONDS, first the
+# metered one beside an unmetered one, then the two unmetered ones (the
+# control: what the benchmark cannot tell apart), at concurrency 1 and 64.
+# The servers share one core and the clients (`gpuwasm bench http`) the
+# other, so that both nodes of a pair see the same machine at the same
+# moment: on a shared 2-core VM, throughput measured one node after the
+# other drifts by more than the 3% looked for. Each node's CPU time per
+# request comes from /proc; its inverse is the node's throughput per core.
+# The script prints each run, then medians over ROUNDS (default 5) of the
+# CPU-per-request ratios within each pair, and the throughput per core
+# that metering loses. Not part of the tests: run it by hand.
 #   scripts/bench-metering.sh [ROUNDS] [SECONDS]
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
-rounds=${1:-3}
+rounds=${1:-5}
 seconds=${2:-3}
 scripts/build-guests.sh >/dev/null 2>&1
 cargo build --release -q -p gpuwasm-cli
 gpuwasm=target/release/gpuwasm
+# Servers on core 0, clients on core 1, where there are two cores.
+server_cpu=() client_cpu=()
+if [ "$(nproc)" -ge 2 ]; then
+  server_cpu=(taskset -c 0) client_cpu=(taskset -c 1)
+else
+  echo "bench-metering: one core: servers and clients are not kept apart" >&2
+fi
 work=$(mktemp -d)
 pids=()
 cleanup() {
@@ -25,11 +37,11 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# start NAME FLAGS...: a node on an ephemeral port; sets url_NAME.
+# start NAME FLAGS...: a node on an ephemeral port; sets url_NAME, pid_NAME.
 start() {
   local name=$1
   shift
-  RUST_LOG=warn "$gpuwasm" serve --listen 127.0.0.1:0 --admin-token bench-token \
+  RUST_LOG=warn "${server_cpu[@]}" "$gpuwasm" serve --listen 127.0.0.1:0 --admin-token bench-token \
     --data-dir "$work/$name" --max-instances 256 "$@" >"$work/$name.out" 2>"$work/$name.err" &
   pids+=($!)
   for _ in $(seq 100); do
@@ -48,33 +60,63 @@ cpu() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
 ticks=$(getconf CLK_TCK)
 start metered
 start unmetered --no-metering
+start control --no-metering
 
-echo "bench-metering: Rust hello, $rounds rounds of $seconds s per node and level, nodes alternating"
+# pair ROUND LEVEL A B: loads nodes A and B at once; appends to the results
+# "PAIR NODE ROUND LEVEL REQ/S P99_MS CPU_US_PER_REQUEST" for each.
 results=$work/results.txt
+pair() {
+  local round=$1 level=$2 a=$3 b=$4 name url_var pid_var clients=()
+  declare -A before
+  for name in "$a" "$b"; do
+    pid_var=pid_$name
+    before[$name]=$(cpu "${!pid_var}")
+  done
+  for name in "$a" "$b"; do
+    url_var=url_$name
+    "${client_cpu[@]}" "$gpuwasm" bench http --url "${!url_var}/default/hello/" --concurrency "$level" --duration "$seconds" >"$work/$name.bench" &
+    clients+=($!)
+  done
+  wait "${clients[@]}"
+  for name in "$a" "$b"; do
+    pid_var=pid_$name
+    local spent=$(( $(cpu "${!pid_var}") - before[$name] ))
+    awk -v pair="$a-$b" -v node="$name" -v round="$round" -v t="$spent" -v hz="$ticks" \
+      '$1 ~ /^[0-9]+$/ { printf "%s %s %s %s %s %s %.1f\n", pair, node, round, $1, $3, $5, t / hz * 1e6 / $2 }' \
+      "$work/$name.bench" | tee -a "$results"
+  done
+}
+
+echo "bench-metering: Rust hello, $rounds rounds of $seconds s, two nodes at a time (servers on one core, clients on the other)"
+echo "pair node round concurrency req/s p99_ms server_cpu_us_per_request"
 for round in $(seq "$rounds"); do
   for level in 1 64; do
-    for name in metered unmetered; do
-      url_var=url_$name pid_var=pid_$name
-      before=$(cpu "${!pid_var}")
-      line=$("$gpuwasm" bench http --url "${!url_var}/default/hello/" --concurrency "$level" --duration "$seconds" |
-        awk -v node="$name" -v round="$round" '$1 ~ /^[0-9]+$/ { print node, round, $1, $3, $5 }')
-      spent=$(( $(cpu "${!pid_var}") - before ))
-      # The server's CPU time per request answered, in microseconds.
-      echo "$line $(awk -v t="$spent" -v hz="$ticks" -v s="$seconds" -v l="$line" 'BEGIN { split(l, f, " "); printf "%.1f", t / hz * 1e6 / (f[4] * s) }')" | tee -a "$results"
-    done
+    pair "$round" "$level" metered unmetered
+    pair "$round" "$level" control unmetered
   done
 done
 python3 - "$results" <<'EOF'
 import statistics, sys
 runs = {}
 for line in open(sys.argv[1]):
-    node, _round, c, rps, p99, cpu_us = line.split()
-    runs.setdefault((node, int(c)), []).append((float(rps), float(p99), float(cpu_us)))
-print(f"{'concurrency':>11} {'metered req/s':>14} {'unmetered req/s':>16} {'ratio':>7} {'metered p99 ms':>15} {'unmetered p99 ms':>17} {'server CPU us/req':>18} {'ratio':>7}")
-for c in sorted({c for _, c in runs}):
-    m, u = runs[("metered", c)], runs[("unmetered", c)]
-    mr, ur = (statistics.median(r[0] for r in x) for x in (m, u))
-    mp, up = (statistics.median(r[1] for r in x) for x in (m, u))
-    mc, uc = (statistics.median(r[2] for r in x) for x in (m, u))
-    print(f"{c:>11} {mr:>14.0f} {ur:>16.0f} {mr / ur:>7.3f} {mp:>15.3f} {up:>17.3f} {f'{mc:.1f} vs {uc:.1f}':>18} {mc / uc:>7.3f}")
+    pair, node, rnd, c, rps, p99, cpu_us = line.split()
+    runs[(pair, node, int(rnd), int(c))] = (float(rps), float(p99), float(cpu_us))
+levels = sorted({k[3] for k in runs})
+rounds = sorted({k[2] for k in runs})
+def median(pair, node, c, i):
+    return statistics.median(runs[(pair, node, r, c)][i] for r in rounds)
+def ratio(pair, a, b, c):
+    # Per round, then the median: both nodes of a round saw the same machine.
+    rs = [runs[(pair, a, r, c)][2] / runs[(pair, b, r, c)][2] for r in rounds]
+    return statistics.median(rs), min(rs), max(rs)
+print()
+print(f"{'concurrency':>11} {'metered req/s':>14} {'unmetered req/s':>16} {'metered p99 ms':>15} {'unmetered p99 ms':>17} {'CPU us/req':>16} {'CPU ratio (min-max)':>22} {'throughput lost':>16} {'control ratio (min-max)':>24}")
+for c in levels:
+    p = "metered-unmetered"
+    m, u = (median(p, n, c, 2) for n in ("metered", "unmetered"))
+    r, lo, hi = ratio(p, "metered", "unmetered", c)
+    cr, clo, chi = ratio("control-unmetered", "control", "unmetered", c)
+    print(f"{c:>11} {median(p, 'metered', c, 0):>14.0f} {median(p, 'unmetered', c, 0):>16.0f} "
+          f"{median(p, 'metered', c, 1):>15.3f} {median(p, 'unmetered', c, 1):>17.3f} {f'{m:.1f} vs {u:.1f}':>16} "
+          f"{f'{r:.3f} ({lo:.3f}-{hi:.3f})':>22} {f'{(1 - 1 / r) * 100:.1f}%':>16} {f'{cr:.3f} ({clo:.3f}-{chi:.3f})':>24}")
 EOF
