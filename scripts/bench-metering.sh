@@ -21,10 +21,11 @@ seconds=${2:-3}
 scripts/build-guests.sh >/dev/null 2>&1
 cargo build --release -q -p gpuwasm-cli
 gpuwasm=target/release/gpuwasm
-# Servers on core 0, clients on core 1, where there are two cores.
+# Servers on one core, clients on another, where this process may use two.
 server_cpu=() client_cpu=()
-if [ "$(nproc)" -ge 2 ]; then
-  server_cpu=(taskset -c 0) client_cpu=(taskset -c 1)
+mapfile -t allowed < <(python3 -c 'import os; print(*sorted(os.sched_getaffinity(0))[:2], sep="\n")')
+if [ "${#allowed[@]}" -ge 2 ]; then
+  server_cpu=(taskset -c "${allowed[0]}") client_cpu=(taskset -c "${allowed[1]}")
 else
   echo "bench-metering: one core: servers and clients are not kept apart" >&2
 fi
@@ -49,7 +50,7 @@ start() {
     sleep 0.1
   done
   local url
-  url=$(grep -o "http://[0-9.:]*" "$work/$name.out" | head -1)
+  url=$(grep -m1 -o "http://[0-9.:]*" "$work/$name.out" || true)
   [ -n "$url" ] || { echo "bench-metering: the $name node did not start:" >&2; cat "$work/$name.err" >&2; exit 1; }
   GPUWASM_SERVER=$url GPUWASM_TOKEN=bench-token "$gpuwasm" deploy target/wasm/hello.wasm --name hello --concurrency 64 >/dev/null
   printf -v "url_$name" '%s' "$url"
@@ -77,13 +78,20 @@ pair() {
     "${client_cpu[@]}" "$gpuwasm" bench http --url "${!url_var}/default/hello/" --concurrency "$level" --duration "$seconds" >"$work/$name.bench" &
     clients+=($!)
   done
-  wait "${clients[@]}"
+  for pid in "${clients[@]}"; do wait "$pid"; done
+  # The metering writer's work on the records of the run (once a second)
+  # is the metered node's too.
+  sleep 1.2
   for name in "$a" "$b"; do
     pid_var=pid_$name
-    local spent=$(( $(cpu "${!pid_var}") - before[$name] ))
-    awk -v pair="$a-$b" -v node="$name" -v round="$round" -v t="$spent" -v hz="$ticks" \
-      '$1 ~ /^[0-9]+$/ { printf "%s %s %s %s %s %s %.1f\n", pair, node, round, $1, $3, $5, t / hz * 1e6 / $2 }' \
-      "$work/$name.bench" | tee -a "$results"
+    local now spent
+    now=$(cpu "${!pid_var}")
+    spent=$(( now - before[$name] ))
+    awk -v pair="$a-$b" -v node="$name" -v round="$round" -v t="$spent" -v hz="$ticks" '
+      $1 ~ /^[0-9]+$/ {
+        if ($6 != 0 || $2 == 0) { print "bench-metering: " node ": " $6 " errors, " $2 " requests" > "/dev/stderr"; exit 1 }
+        printf "%s %s %s %s %s %s %.1f\n", pair, node, round, $1, $3, $5, t / hz * 1e6 / $2
+      }' "$work/$name.bench" | tee -a "$results"
   done
 }
 

@@ -358,14 +358,15 @@ impl Server {
 
     /// The node's metrics in the OpenMetrics text format, read now.
     /// Blocking: the metering writer counts requests into the request
-    /// metrics as it takes their records (once a second), so it is flushed
-    /// first, and every request that ended before the call is counted.
+    /// metrics as it takes their records (once a second), so it is asked
+    /// to take them first (without waiting for the disk), and every
+    /// request whose record was made before the call is counted.
     pub fn metrics_text(&self) -> String {
         let inner = &self.inner;
-        // The backlog as the scrape found it, before the flush empties it.
+        // The backlog as the scrape found it, before the writer takes it.
         let (metering_backlog, metering_dropped) = inner.metering.as_ref().map_or((0, 0), |m| (m.backlog(), m.dropped()));
         if let Some(metering) = &inner.metering {
-            metering.flush();
+            metering.count();
         }
         let control = inner.control();
         let queued = control
@@ -413,7 +414,7 @@ impl Server {
         serve_connections(listener, handler, ConnectionLimits::default(), stop).await
     }
 
-    /// Writes the usage records queued so far (metering writes them once a
+    /// Writes the usage records made so far (metering writes them once a
     /// second; call this before exiting).
     pub async fn flush_usage(&self) {
         let inner = self.inner.clone();

@@ -1,10 +1,11 @@
 //! Metering: every request's [`Usage`], written durably in batches and
 //! aggregated per minute per deployment; usage reports with their cost.
 //!
-//! Requests add their record to their deployment's batch, a vector under
-//! a lock only the writer also takes, to swap it (no allocation, message
-//! or wake per request; beyond [`QUEUE`] records waiting, a record is
-//! dropped and counted). A writer thread takes the batches once a second
+//! Requests add their record to their deployment version's batch, a
+//! vector under a lock of its own that the writer takes only to swap the
+//! vector (no allocation, message or wake per request; beyond [`QUEUE`]
+//! records waiting, a record is dropped and counted). A writer thread
+//! takes the batches once a second, counts them into the request metrics,
 //! and appends their records, each as a line of
 //! `usage/requests-DAY.jsonl`, and each minute's totals per tenant,
 //! deployment and models as a line of `usage/minutes-DAY.jsonl` (the
@@ -222,7 +223,7 @@ pub(crate) struct MinuteLine {
 /// The records of one deployment version not yet written: its requests
 /// add theirs to `filling`; the writer swaps in `spare` (the vector it
 /// wrote last time, cleared) and takes them all at once, so that in a
-/// steady state neither side allocates.
+/// steady state neither side allocates. An idle version keeps neither.
 struct Pending {
     tenant: Arc<str>,
     deployment: Arc<str>,
@@ -260,8 +261,15 @@ pub(crate) struct Metering {
     shared: Option<Arc<dyn SharedUsage>>,
     queue: Arc<Queue>,
     /// Asks the writer to write now, and answers once it has.
-    flushes: Sender<SyncSender<()>>,
-    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    flushes: Sender<Flush>,
+}
+
+/// A caller waiting for the writer to take every record added so far.
+struct Flush {
+    /// Answered once the records are written (and shared), or, when
+    /// `counted_only`, once they are counted into the metrics.
+    ack: SyncSender<()>,
+    counted_only: bool,
 }
 
 /// Adds a deployment's records to its pending batch (see
@@ -273,8 +281,8 @@ pub(crate) struct Recorder {
 
 impl Recorder {
     /// Adds `usage` to what the writer takes next; never waits on the
-    /// writer (the lock is held by the writer only while it swaps the
-    /// batch). Beyond [`QUEUE`] records waiting, it is dropped and counted.
+    /// disk (the writer holds the batch's lock only to swap its vector).
+    /// Beyond [`QUEUE`] records waiting, it is dropped and counted.
     pub(crate) fn record(&self, usage: Usage) {
         let waiting = self.queue.backlog.fetch_add(1, Ordering::Relaxed);
         if waiting >= QUEUE as u64 {
@@ -313,9 +321,10 @@ impl Metering {
             std::thread::Builder::new().name("gpuwasm-usage-share".into()).spawn(move || sharer.run(rx))?;
             writer.sharer = Some(tx);
         }
+        // Not joined: it ends once the metering and every recorder are gone.
         let thread = std::thread::Builder::new().name("gpuwasm-metering".into()).spawn(move || writer.run(rx))?;
         let _ = queue.writer.set(thread.thread().clone());
-        Ok(Metering { dir, shared, queue, flushes, writer: Mutex::new(Some(thread)) })
+        Ok(Metering { dir, shared, queue, flushes })
     }
 
     /// A recorder for the requests of one deployment version, counted into
@@ -338,8 +347,18 @@ impl Metering {
 
     /// Writes every record added so far. Blocking.
     pub(crate) fn flush(&self) {
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        if self.flushes.send(tx).is_ok() {
+        self.wait_for_writer(false);
+    }
+
+    /// Counts every record added so far into the request metrics, without
+    /// waiting for the disk or the shared store. Blocking.
+    pub(crate) fn count(&self) {
+        self.wait_for_writer(true);
+    }
+
+    fn wait_for_writer(&self, counted_only: bool) {
+        let (ack, rx) = std::sync::mpsc::sync_channel(1);
+        if self.flushes.send(Flush { ack, counted_only }).is_ok() {
             if let Some(writer) = self.queue.writer.get() {
                 writer.unpark();
             }
@@ -410,10 +429,9 @@ impl Metering {
 
 impl Drop for Metering {
     fn drop(&mut self) {
-        self.flush();
         // The writer ends once every recorder is gone too; deployments may
-        // still hold some, so it is not joined: what they add is written.
-        drop(self.writer.lock().unwrap().take());
+        // still hold some: what they add is written.
+        self.flush();
     }
 }
 
@@ -471,7 +489,7 @@ struct Share {
 
 /// Appends minute lines to the shared store on a thread of its own, so
 /// that a slow or absent store never holds up the node's own files (nor
-/// fills the queue requests hand their records to).
+/// the records requests add).
 struct Sharer {
     shared: Arc<dyn SharedUsage>,
     retention_days: u32,
@@ -487,8 +505,8 @@ impl Writer {
     /// Requests never wake it: a wake per record (a futex wake and a
     /// context switch) cost 10% of a small handler's throughput. It ends
     /// when the [`Metering`] and every recorder are gone.
-    fn run(&mut self, flushes: Receiver<SyncSender<()>>) {
-        let mut waiting: Vec<SyncSender<()>> = Vec::new();
+    fn run(&mut self, flushes: Receiver<Flush>) {
+        let (mut counting, mut waiting): (Vec<SyncSender<()>>, Vec<SyncSender<()>>) = (Vec::new(), Vec::new());
         let mut due = Instant::now() + FLUSH_EVERY;
         let mut closed = false;
         loop {
@@ -498,7 +516,8 @@ impl Writer {
             std::thread::park_timeout(due.saturating_duration_since(Instant::now()));
             loop {
                 match flushes.try_recv() {
-                    Ok(ack) => waiting.push(ack),
+                    Ok(Flush { ack, counted_only: true }) => counting.push(ack),
+                    Ok(Flush { ack, counted_only: false }) => waiting.push(ack),
                     Err(TryRecvError::Empty) => break,
                     Err(TryRecvError::Disconnected) => {
                         closed = true;
@@ -507,20 +526,27 @@ impl Writer {
                 }
             }
             let urgent = self.queue.backlog.load(Ordering::Relaxed) >= QUEUE as u64 / 2;
-            if waiting.is_empty() && !closed && !urgent && Instant::now() < due {
+            if waiting.is_empty() && counting.is_empty() && !closed && !urgent && Instant::now() < due {
                 continue;
             }
             let pending = self.queue.pending.lock().unwrap().clone();
             let mut taken: Vec<(&Pending, Vec<Usage>)> = Vec::new();
             for p in &pending {
                 let mut batch = p.batch.lock().unwrap();
-                if !batch.filling.is_empty() {
+                if batch.filling.is_empty() {
+                    // Idle: its vectors are given back.
+                    batch.filling = Vec::new();
+                    batch.spare = Vec::new();
+                } else {
                     let spare = std::mem::take(&mut batch.spare);
                     taken.push((p, std::mem::replace(&mut batch.filling, spare)));
                 }
             }
             for (p, usages) in &taken {
                 usages.iter().for_each(|u| p.metrics.observe(u));
+            }
+            for ack in counting.drain(..) {
+                let _ = ack.send(());
             }
             let records: usize = taken.iter().map(|(_, usages)| usages.len()).sum();
             let lines = minute_lines(&taken);
@@ -539,14 +565,14 @@ impl Writer {
                 usages.shrink_to(2 * len);
                 p.batch.lock().unwrap().spare = usages;
             }
+            // A recorder that is gone (the list holds the only reference)
+            // adds nothing more: forgotten once what it added is taken. A
+            // recorder made meanwhile holds one too, so it stays.
+            drop(pending);
+            self.queue.pending.lock().unwrap().retain(|p| Arc::strong_count(p) > 1 || !p.batch.lock().unwrap().filling.is_empty());
             for ack in waiting.drain(..) {
                 let _ = ack.send(());
             }
-            // A recorder that is gone (the list and `pending` hold the only
-            // references) adds nothing more: forgotten once what it added
-            // is taken.
-            self.queue.pending.lock().unwrap().retain(|p| Arc::strong_count(p) > 2 || !p.batch.lock().unwrap().filling.is_empty());
-            drop(pending);
             if closed && self.queue.pending.lock().unwrap().is_empty() {
                 return;
             }
@@ -881,6 +907,45 @@ mod tests {
             let line = format!("gpuwasm_requests_total{{tenant=\"acme\",deployment=\"api\",outcome=\"{outcome}\"}} 1");
             assert!(text.lines().any(|l| l == line), "{line} not in\n{text}");
         }
+    }
+
+    /// Recorders made while the writer writes (a deploy on a busy node)
+    /// are not taken for gone: their records are written.
+    #[test]
+    fn recorders_made_during_a_write_keep_their_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let metering = Arc::new(Metering::start(dir.path().to_path_buf(), 30, None).unwrap());
+        let metrics = crate::metrics::Metrics::new();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // Rounds that write and sync, one after another.
+        let busy = {
+            let (metering, stop, recorder) = (metering.clone(), stop.clone(), metering.recorder("acme", "busy", 1, metrics.deployment("acme", "busy")));
+            std::thread::spawn(move || {
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    recorder.record(usage(1, 0, Outcome::Ok));
+                    metering.flush();
+                    n += 1;
+                }
+                n
+            })
+        };
+        let recorders: Vec<Recorder> = (0..100)
+            .map(|v| {
+                std::thread::sleep(Duration::from_millis(1));
+                metering.recorder("acme", "api", v, metrics.deployment("acme", "api"))
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(20));
+        recorders.iter().for_each(|r| r.record(usage(1, 0, Outcome::Ok)));
+        stop.store(true, Ordering::Relaxed);
+        let busy_records = busy.join().unwrap();
+        metering.flush();
+        let today = date(day_of(unix_secs(SystemTime::now())));
+        let requests = std::fs::read_to_string(dir.path().join(format!("requests-{today}.jsonl"))).unwrap();
+        assert_eq!(requests.lines().filter(|l| l.contains("\"deployment\":\"api\"")).count(), 100);
+        assert_eq!(requests.lines().count(), 100 + busy_records);
+        assert_eq!(metering.backlog(), 0);
     }
 
     #[test]

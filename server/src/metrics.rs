@@ -144,8 +144,8 @@ impl Metrics {
         registry.register("queue_depth", "Requests waiting for an instance of a deployment", m.queued.clone());
         registry.register("resident_model_bytes", "Bytes of models resident, per device", m.resident.clone());
         registry.register("model_loads", "Models loaded into the cache", m.model_loads.clone());
-        registry.register("metering_backlog", "Usage records queued and not yet written", m.metering_backlog.clone());
-        registry.register("metering_dropped", "Usage records dropped because the queue was full", m.metering_dropped.clone());
+        registry.register("metering_backlog", "Usage records waiting to be written", m.metering_backlog.clone());
+        registry.register("metering_dropped", "Usage records dropped because too many were waiting to be written", m.metering_dropped.clone());
         Metrics { registry, ..m }
     }
 
