@@ -359,8 +359,9 @@ impl Server {
     /// The node's metrics in the OpenMetrics text format, read now.
     /// Blocking: the metering writer counts requests into the request
     /// metrics as it takes their records (once a second), so it is asked
-    /// to take them first (without waiting for the disk), and every
-    /// request whose record was made before the call is counted.
+    /// to take them first (not waiting for them to be written, only for a
+    /// write under way), and every request whose record was made before
+    /// the call is counted.
     pub fn metrics_text(&self) -> String {
         let inner = &self.inner;
         // The backlog as the scrape found it, before the writer takes it.

@@ -351,7 +351,8 @@ impl Metering {
     }
 
     /// Counts every record added so far into the request metrics, without
-    /// waiting for the disk or the shared store. Blocking.
+    /// waiting for them to be written or shared (only for a write under
+    /// way). Blocking.
     pub(crate) fn count(&self) {
         self.wait_for_writer(true);
     }
