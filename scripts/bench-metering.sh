@@ -14,6 +14,7 @@
 # that metering loses. Not part of the tests: run it by hand.
 #   scripts/bench-metering.sh [ROUNDS] [SECONDS]
 set -euo pipefail
+command -v python3 >/dev/null || { echo "bench-metering: needs python3" >&2; exit 1; }
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 rounds=${1:-5}
@@ -67,7 +68,7 @@ start control --no-metering
 # "PAIR NODE ROUND LEVEL REQ/S P99_MS CPU_US_PER_REQUEST" for each.
 results=$work/results.txt
 pair() {
-  local round=$1 level=$2 a=$3 b=$4 name url_var pid_var clients=()
+  local round=$1 level=$2 a=$3 b=$4 name url_var pid_var pid clients=()
   declare -A before
   for name in "$a" "$b"; do
     pid_var=pid_$name
@@ -89,9 +90,12 @@ pair() {
     spent=$(( now - before[$name] ))
     awk -v pair="$a-$b" -v node="$name" -v round="$round" -v t="$spent" -v hz="$ticks" '
       $1 ~ /^[0-9]+$/ {
+        seen = 1
         if ($6 != 0 || $2 == 0) { print "bench-metering: " node ": " $6 " errors, " $2 " requests" > "/dev/stderr"; exit 1 }
         printf "%s %s %s %s %s %s %.1f\n", pair, node, round, $1, $3, $5, t / hz * 1e6 / $2
-      }' "$work/$name.bench" | tee -a "$results"
+      }
+      END { if (!seen) { print "bench-metering: " node ": no result from gpuwasm bench http" > "/dev/stderr"; exit 1 } }' \
+      "$work/$name.bench" | tee -a "$results"
   done
 }
 
