@@ -10,9 +10,10 @@ req/s) over 4 keep-alive connections: request i is due at t0 + i/RATE and
 its latency is measured from that due time, so time spent waiting for a
 free connection (queueing behind a slow answer) counts. Meanwhile tenant B
 runs one phase at a time (SECONDS each, default 8, after 1.5 s of ramp-up
-that is not measured):
+that is not measured), each phase ROUNDS times (default 3), every run of a
+phase between two solo runs:
 
-  solo     B sends nothing (A's baseline; measured first and again last)
+  solo     B sends nothing (A's baseline)
   cpu      4 clients, GET /loop: each request spins until its CPU limit
   memory   4 clients, GET /hog: each request fills its memory limit
   traps    4 clients, GET /trap: each request traps at once
@@ -31,15 +32,20 @@ own late wake-ups do not count as A's latency; B: one asyncio loop), so
 B's client work never delays A's sends; the OS still shares the cores
 between them all, which is why the report shows each process's CPU.
 
-For every phase it prints A's p50/p99 (ms), achieved rate and errors, B's
+For every run it prints A's p50/p99 (ms), achieved rate and errors, B's
 requests by status, the CPU of server, clients and everything else (others:
-e.g. a compiler running beside), and p99 against the first solo run
-(goal: within +20%, PASS/MISS). The exit status is 0 whatever the figures,
+e.g. a compiler running beside), and p99 against the solo run before it.
+The table at the end pools each phase's runs (A's answers of all of them)
+and compares their p99 with that of all solo runs pooled (goal: within
++20%, PASS/MISS); beside it, each run's p99 against the mean of the solo
+runs on either side. Solo runs between the phases, rather than one first
+and one last, make the comparison hold on a machine whose speed drifts
+within minutes (this VM's does, by a third). The exit status is 0 whatever the figures,
 non-zero only if the benchmark itself failed: setup failed, A got any
 error (A's requests must all succeed), or B's load did not reach the server.
 
   bench-neighbours.py --url URL --admin-token TOKEN [--server-pid PID]
-                      [--seconds S] [--rate R] [--phases solo,cpu,...]
+                      [--seconds S] [--rate R] [--rounds N] [--phases cpu,storm,...]
 """
 
 import argparse
@@ -61,7 +67,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
-PHASES = ["solo", "cpu", "memory", "traps", "storm", "slow", "pushes", "solo-end"]
+PHASES = ["solo", "cpu", "memory", "traps", "storm", "slow", "pushes"]
 GOAL = 1.20  # A's p99 at most 20% over its solo p99
 RAMP_S = 1.5  # B's load (and A's connections) settle before A is measured
 SETTLE_S = 1.0  # after B stops, before the next phase starts
@@ -98,7 +104,6 @@ DESCRIBE = {
     "storm": "200 clients, /sleep 100 ms, concurrency 4 + queue 16",
     "slow": "500 slow connections (head or body 1 byte/s)",
     "pushes": "2 clients pushing a 29 MiB model",
-    "solo-end": "nothing",
 }
 
 
@@ -397,6 +402,10 @@ def run_a(args):
     service = sorted((r[2] - r[1]) * 1e3 for r in ok)
     lag = sorted((r[1] - r[0]) * 1e3 for r in ok)
     server = sorted(r[4] for r in ok if r[4] is not None)
+    # Each answer's latency, from its actual send, send lag and server
+    # time (ms), for the report to pool over rounds.
+    samples = [[round((r[2] - r[0]) * 1e3, 4), round((r[2] - r[1]) * 1e3, 4), round((r[1] - r[0]) * 1e3, 4),
+                r[4]] for r in ok]
     error_kinds = {}
     for r in errors:
         kind = r[5] or f"status {r[3]}"
@@ -419,6 +428,7 @@ def run_a(args):
         "server_p50": percentile(server, 50),
         "server_p99": percentile(server, 99),
         "cpu_s": (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime),
+        "samples": samples,
     }
     print(json.dumps(result), flush=True)
 
@@ -734,15 +744,15 @@ def b_summary(b):
     return f"{total} ({mix})"
 
 
-def print_phase(result, solo_p99, cores):
+def print_run(result, solo_p99, cores):
+    """One run's figures; a phase's p99 against the solo run before it."""
     a, b, cpu = result["a"], result["b"], result["cpu"]
-    ratio = a["p99"] / solo_p99 if a["p99"] and solo_p99 else None
-    verdict = "-" if ratio is None else ("PASS" if ratio <= GOAL else "MISS")
     print(f"phase {result['phase']}: B {DESCRIBE[result['phase']]}")
     print(f"  A: p50 {fmt(a['p50'])} ms, p99 {fmt(a['p99'])} ms (max {fmt(a['max'])}), "
           f"{a['rate']:.1f} req/s, {a['ok']} ok, errors {a['errors']}"
           + (f" {a['error_kinds']}" if a["errors"] else ""))
-    print(f"     p99 / solo p99 {fmt_ratio(ratio)}: {verdict}")
+    if result["phase"] != "solo" and a["p99"] and solo_p99:
+        print(f"     p99 / the solo run before it {fmt_ratio(a['p99'] / solo_p99)}")
     print(f"     diagnostics: p99 from the actual send {fmt(a['service_p99'])} ms, "
           f"send lag p99 {fmt(a['lag_p99'])} ms, server-timing p50 {fmt(a['server_p50'])} p99 {fmt(a['server_p99'])} ms")
     if b:
@@ -751,7 +761,28 @@ def print_phase(result, solo_p99, cores):
     print(f"  CPU (100% = one core, {cores} cores): server {c('server')}, A's client {c('a')}, "
           f"B's client {c('b')}, others {c('others')}" + (f" ({', '.join(cpu['named'])})" if cpu["named"] else "")
           + f", all {c('all')}", flush=True)
-    return ratio, verdict
+
+
+def pooled(runs):
+    """A's figures over all of `runs` (one phase's), from their samples."""
+    samples = [x for r in runs for x in r["a"]["samples"]]
+    column = lambda k: sorted(x[k] for x in samples if x[k] is not None)
+    latency, service, lag, server = column(0), column(1), column(2), column(3)
+    return {"n": len(latency), "p50": percentile(latency, 50), "p99": percentile(latency, 99),
+            "service_p99": percentile(service, 99), "lag_p99": percentile(lag, 99),
+            "server_p99": percentile(server, 99)}
+
+
+def schedule(phases, rounds):
+    """Runs in order: each of B's phases between two solo runs, in every
+    round, so that each is compared with A alone minutes, not a quarter
+    of an hour, away (this VM's speed drifts by a third within minutes)."""
+    b_phases = [p for p in phases if p != "solo"]
+    order = []
+    for _ in range(rounds):
+        for p in b_phases:
+            order += ["solo", p]
+    return order + ["solo"] if b_phases else ["solo"] * rounds
 
 
 def orchestrate(args):
@@ -760,20 +791,22 @@ def orchestrate(args):
         if p not in PHASES:
             fail(f"unknown phase {p!r} (phases: {', '.join(PHASES)})")
     cores = os.cpu_count()
-    print(f"bench-neighbours: A at {args.rate:g} req/s over {A_CONNECTIONS} connections, {args.seconds:g} s per phase "
-          f"after {RAMP_S:g} s of ramp-up; {cores} cores; server pid {args.server_pid}", flush=True)
+    order = schedule(phases, args.rounds)
+    print(f"bench-neighbours: A at {args.rate:g} req/s over {A_CONNECTIONS} connections, {args.seconds:g} s per run "
+          f"after {RAMP_S:g} s of ramp-up, {args.rounds} rounds ({len(order)} runs, solo between phases); "
+          f"{cores} cores; server pid {args.server_pid}", flush=True)
     token_b = setup(args.url, args.admin_token)
     model_dir = tempfile.mkdtemp(prefix="bench-neighbours-model-")
     try:
         model_files = synthetic_bert(model_dir) if "pushes" in phases else {}
-        rows, failures = [], []
-        solo_p99 = None
-        for phase in phases:
+        runs, failures = [], []
+        last_solo = None
+        for phase in order:
             result = run_phase(args, phase, token_b, model_files)
             a = result["a"]
-            if solo_p99 is None and phase.startswith("solo"):
-                solo_p99 = a["p99"]
-            ratio, verdict = print_phase(result, solo_p99, cores)
+            print_run(result, last_solo, cores)
+            if phase == "solo":
+                last_solo = a["p99"]
             if a["errors"]:
                 failures.append(f"phase {phase}: tenant A got {a['errors']} errors: {a['error_kinds']}")
             if a["ok"] == 0:
@@ -785,37 +818,64 @@ def orchestrate(args):
                     failures.append(f"phase {phase}: tenant B's load got no answers: {b['statuses']}")
             if phase == "pushes" and b is not None and not any(k.startswith("file 20") for k in b["statuses"]):
                 failures.append(f"phase pushes: no model file upload succeeded: {b['statuses']}")
-            rows.append((result, ratio, verdict))
+            runs.append(result)
     finally:
         for name in os.listdir(model_dir):
             os.remove(os.path.join(model_dir, name))
         os.rmdir(model_dir)
-
-    print()
-    print(f"A: Rust hello at {args.rate:g} req/s open loop ({A_CONNECTIONS} keep-alive connections, latency from each "
-          f"request's due time); {args.seconds:g} s per phase; p99 / solo against the first solo run; goal <= {GOAL:.2f}x")
-    print()
-    print("| phase | B's load | A p50 ms | A p99 ms | p99 / solo | A req/s | A errors | B requests (statuses) "
-          "| CPU: server / B client / others | goal |")
-    print("|---|---|---:|---:|---:|---:|---:|---|---|---|")
-    for result, ratio, verdict in rows:
-        a, cpu = result["a"], result["cpu"]
-        pct = lambda k: f"{cpu[k]:.0f}%" if k in cpu else "-"
-        print(f"| {result['phase']} | {DESCRIBE[result['phase']]} | {fmt(a['p50'])} | {fmt(a['p99'])} | "
-              f"{fmt_ratio(ratio)} | {a['rate']:.1f} | {a['errors']} | {b_summary(result['b'])} "
-              f"| {pct('server')} / {pct('b')} / {pct('others')} | {verdict} |")
-    print()
-    misses = [r["phase"] for r, _, v in rows if v == "MISS"]
-    print(f"goal (A's p99 within +{(GOAL - 1) * 100:.0f}% of solo): "
-          + ("met in every phase" if not misses else f"missed in {', '.join(misses)}"))
-    busy = [f"{r['phase']} ({r['cpu']['others']:.0f}%)" for r, _, _ in rows if r["cpu"].get("others", 0) >= 20]
-    if busy:
-        print(f"note: other processes took at least 20% of a core during {', '.join(busy)}: "
-              "those phases' figures are distorted; rerun on a quiet machine")
     if failures:
         for f in failures:
             print(f"bench-neighbours: {f}", file=sys.stderr)
         fail("see above: the figures are not a valid measurement")
+    report(args, runs, [p for p in PHASES if p in phases or p == "solo"])
+
+
+def report(args, runs, phases):
+    """The table: each phase's runs pooled, against all solo runs pooled;
+    beside it the range of its runs' p99 over the mean of the two solo
+    runs around each."""
+    solo = pooled([r for r in runs if r["phase"] == "solo"])
+    print()
+    print(f"A: Rust hello at {args.rate:g} req/s open loop ({A_CONNECTIONS} keep-alive connections, latency from each "
+          f"request's due time); {args.rounds} runs of {args.seconds:g} s per phase, pooled; solo: all {solo['n']} "
+          f"answers of the solo runs between them; goal: p99 / solo <= {GOAL:.2f}x")
+    print()
+    print("| phase | B's load | A p50 ms | A p99 ms | p99 / solo | runs: p99 / solo around | server p99 ms "
+          "| send lag p99 ms | B requests (statuses) | CPU: server / B client / others | goal |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---|---|---|")
+    misses, busy = [], []
+    for phase in phases:
+        mine = [(i, r) for i, r in enumerate(runs) if r["phase"] == phase]
+        if not mine:
+            continue
+        a = pooled([r for _, r in mine])
+        ratio = a["p99"] / solo["p99"] if a["p99"] and solo["p99"] else None
+        verdict = "-" if phase == "solo" or ratio is None else ("PASS" if ratio <= GOAL else "MISS")
+        if verdict == "MISS":
+            misses.append(phase)
+        local = []
+        for i, r in mine:
+            around = [runs[j]["a"]["p99"] for j in (i - 1, i + 1) if 0 <= j < len(runs) and runs[j]["phase"] == "solo"]
+            if phase != "solo" and around and r["a"]["p99"]:
+                local.append(r["a"]["p99"] / (sum(around) / len(around)))
+        spread = f"{min(local):.2f}-{max(local):.2f}x" if local else "-"
+        cpu = lambda k: sum(r["cpu"].get(k, 0.0) for _, r in mine) / len(mine)
+        has_b = any(r["b"] for _, r in mine)
+        statuses = {}
+        for _, r in mine:
+            for k, v in (r["b"] or {}).get("statuses", {}).items():
+                statuses[k] = statuses.get(k, 0) + v
+        b, b_cpu = (b_summary({"statuses": statuses}), f"{cpu('b'):.0f}%") if has_b else ("-", "-")
+        print(f"| {phase} | {DESCRIBE[phase]} | {fmt(a['p50'])} | {fmt(a['p99'])} | {fmt_ratio(ratio)} | {spread} "
+              f"| {fmt(a['server_p99'])} | {fmt(a['lag_p99'])} | {b} "
+              f"| {cpu('server'):.0f}% / {b_cpu} / {cpu('others'):.0f}% | {verdict} |")
+        busy += [f"{phase} ({r['cpu']['others']:.0f}%)" for _, r in mine if r["cpu"].get("others", 0) >= 20]
+    print()
+    print(f"goal (A's p99 within +{(GOAL - 1) * 100:.0f}% of solo): "
+          + ("met in every phase" if not misses else f"missed in {', '.join(misses)}"))
+    if busy:
+        print(f"note: other processes took at least 20% of a core during {', '.join(busy)}: "
+              "those runs' figures are distorted; rerun on a quiet machine")
 
 
 def main():
@@ -826,7 +886,8 @@ def main():
     parser.add_argument("--server-pid", type=int)
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--rate", type=float, default=100.0)
-    parser.add_argument("--phases", help="comma-separated subset, e.g. solo,cpu (default: all)")
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each phase, each between two solo runs")
+    parser.add_argument("--phases", help="comma-separated subset, e.g. cpu,storm (default: all; solo runs between them)")
     # Children's arguments.
     parser.add_argument("--path")
     parser.add_argument("--warmup", type=float)
@@ -842,8 +903,8 @@ def main():
     else:
         if not args.admin_token:
             fail("--admin-token is needed")
-        if args.seconds <= 0 or args.rate <= 0:
-            fail("SECONDS and RATE must be positive")
+        if args.seconds <= 0 or args.rate <= 0 or args.rounds < 1:
+            fail("SECONDS, RATE and ROUNDS must be positive")
         orchestrate(args)
 
 

@@ -288,14 +288,21 @@ async fn concurrency_limit_queues_then_answers_503_with_retry_after() {
     let busy = tokio::spawn(async move { get(&sleeper).await });
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    // One may wait in the queue (and gives up after 200 ms); a second at once is refused.
+    // One may wait in the queue (and gives up after 200 ms); a second is
+    // refused at once, and told so after the refusal delay (1 s by
+    // default) from its arrival.
     let queued_url = format!("{}/default/beh/", server.url);
     let queued = tokio::spawn(async move { get(&queued_url).await });
     tokio::time::sleep(Duration::from_millis(50)).await;
+    let asked = Instant::now();
     let refused = get(&format!("{}/default/beh/", server.url)).await;
+    let waited = asked.elapsed();
     assert_eq!(refused.status, 503, "{}", refused.body);
     assert_eq!(refused.headers["retry-after"], "1");
     assert!(refused.body.contains("concurrency limit"), "{}", refused.body);
+    let decided_ms: f64 = refused.headers["server-timing"].to_str().unwrap().strip_prefix("gpuwasm;dur=").unwrap().parse().unwrap();
+    assert!(decided_ms < 100.0, "the refusal took the server {decided_ms} ms to decide");
+    assert!(waited >= Duration::from_secs(1), "refused after {waited:?}, before the refusal delay");
     assert_eq!(queued.await.unwrap().status, 503);
     assert_eq!(busy.await.unwrap().body, "slept");
     // Free again.

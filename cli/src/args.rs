@@ -130,6 +130,13 @@ pub struct PoolArgs {
     /// Longest queue wait, in ms, any deployment may be given.
     #[arg(long, default_value_t = Limits::default_ceilings().queue_timeout_ms)]
     max_queue_timeout_ms: u64,
+    /// Least time, in ms, from a request's arrival to its refusal (503 for a
+    /// full queue or too many slow bodies, 429 over a tenant's rate; each
+    /// waits up to half as long again, at random): a client that retries
+    /// at once then gets about one refusal a second per connection, not
+    /// as many as it can send. 0 refuses at once.
+    #[arg(long, default_value_t = gpuwasm::DEFAULT_REFUSAL_DELAY.as_millis() as u64)]
+    refusal_delay_ms: u64,
     /// Most tokens any deployment may let one generation produce.
     #[arg(long, default_value_t = Limits::default_ceilings().max_tokens)]
     max_max_tokens: u32,
@@ -207,6 +214,7 @@ impl PoolArgs {
             .max_instances(self.max_instances)
             .max_limits(ceilings)
             .keep_resident_mb(self.keep_resident_mb)
+            .refusal_delay(std::time::Duration::from_millis(self.refusal_delay_ms))
             .inference_memory(InferenceMemory { per_call_mb: self.inference_call_mb, node_mb: self.inference_node_mb })
             .model_idle_timeout(std::time::Duration::from_secs(self.model_idle_secs))
             .llm(LlmSettings { cache_mb: self.llm_cache_mb, max_seqs: self.llm_max_seqs, step_tokens: self.llm_step_tokens });

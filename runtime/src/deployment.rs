@@ -212,9 +212,11 @@ impl Deployment {
     /// plain-text message: `503` (with `Retry-After`) when the deployment
     /// stays at its concurrency limit, `413` for a body over the limit,
     /// `504` when the CPU or wall-clock limit runs out, `500` when the
-    /// guest traps or outgrows its memory limit. Every response gets a
+    /// guest traps or outgrows its memory limit. A `503` comes no sooner
+    /// than the runtime's [refusal delay](crate::RuntimeBuilder::refusal_delay)
+    /// after the request arrived. Every response gets a
     /// `Server-Timing: gpuwasm;dur=MS` header: the time from arrival to
-    /// the response head.
+    /// the response head, before that delay.
     pub async fn handle<B>(&self, request: Request<B>) -> Response<ResponseBody>
     where
         B: http_body::Body<Data = Bytes> + Send + 'static,
@@ -222,6 +224,7 @@ impl Deployment {
     {
         let start = std::time::Instant::now();
         let meter = self.inner.usage_sink.get().map(|sink| Meter::start(sink.clone()));
+        let mut refused = false;
         let mut response = match self.try_handle(request, meter.clone()).await {
             Ok(response) => response,
             Err(failure) => {
@@ -229,6 +232,7 @@ impl Deployment {
                 if let Some(meter) = &meter {
                     meter.set_outcome(failure.outcome());
                 }
+                refused = matches!(failure, Failure::Busy(_));
                 failure.into_response(&self.inner.name)
             }
         };
@@ -236,6 +240,11 @@ impl Deployment {
         let ms = start.elapsed().as_secs_f64() * 1e3;
         if let Ok(value) = http::HeaderValue::from_str(&format!("gpuwasm;dur={ms:.3}")) {
             response.headers_mut().append("server-timing", value);
+        }
+        if refused {
+            // Metered as it was, without the pause.
+            drop(meter);
+            tokio::time::sleep_until(Instant::from_std(start) + self.inner.runtime.refusal_pause()).await;
         }
         response
     }

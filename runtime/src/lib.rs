@@ -61,5 +61,5 @@ pub use failure::{BoxError, ResponseBody, text_response};
 pub use lanes::in_long_lane;
 pub use limits::Limits;
 pub use output::{GuestLog, LogSink, RequestId};
-pub use runtime::{Compiled, DEFAULT_KEEP_RESIDENT_MB, Runtime, RuntimeBuilder, check_header};
+pub use runtime::{Compiled, DEFAULT_KEEP_RESIDENT_MB, DEFAULT_REFUSAL_DELAY, Runtime, RuntimeBuilder, check_header};
 pub use usage::{Outcome, Usage, UsageSink};

@@ -27,7 +27,8 @@ pub struct Limits {
     pub max_body_bytes: u64,
     /// Instances of this deployment that may run at once.
     pub concurrency: u32,
-    /// Requests that may wait for an instance; beyond that `503` at once.
+    /// Requests that may wait for an instance; beyond that `503`, sent
+    /// after the runtime's [refusal delay](crate::RuntimeBuilder::refusal_delay).
     pub queue: u32,
     /// How long, in milliseconds, a queued request waits for an instance
     /// before it gets `503` with `Retry-After`.

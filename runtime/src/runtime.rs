@@ -28,6 +28,7 @@ pub struct RuntimeBuilder {
     pool: PoolSettings,
     ceilings: Limits,
     tenant_instances: Option<u32>,
+    refusal_delay: std::time::Duration,
     model_idle: std::time::Duration,
     batch: BatchSettings,
     inference: InferenceMemory,
@@ -38,6 +39,10 @@ pub struct RuntimeBuilder {
 
 /// The default of [`RuntimeBuilder::keep_resident_mb`].
 pub const DEFAULT_KEEP_RESIDENT_MB: u64 = 16;
+
+/// The default of [`RuntimeBuilder::refusal_delay`]: one second, what the
+/// refusals' `Retry-After` asks for.
+pub const DEFAULT_REFUSAL_DELAY: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl RuntimeBuilder {
     /// Instances that may be live at once over all deployments (default
@@ -64,6 +69,21 @@ impl RuntimeBuilder {
     pub fn max_limits(mut self, ceilings: Limits) -> Self {
         self.pool.max_memory_mb = ceilings.memory_mb.max(1);
         self.ceilings = ceilings;
+        self
+    }
+
+    /// How soon after its arrival a request refused for want of room (a
+    /// full queue, too many slow bodies: `503`) gets its answer at the
+    /// earliest (default [`DEFAULT_REFUSAL_DELAY`]; zero answers at once);
+    /// each waits up to half as long again, at random, so that refused
+    /// clients retrying at once drift out of step. A client that retries
+    /// the moment it is refused, on as many connections as it may open,
+    /// then gets one refusal per delay per connection, each costing the
+    /// node a timer, instead of as many as it can send: a storm on one
+    /// deployment leaves the cores to the others. Requests refused after
+    /// waiting in the queue for this long or longer are answered at once.
+    pub fn refusal_delay(mut self, delay: std::time::Duration) -> Self {
+        self.refusal_delay = delay;
         self
     }
 
@@ -149,6 +169,7 @@ impl RuntimeBuilder {
                 tenants: Mutex::default(),
                 per_tenant,
                 slow_bodies: AtomicU32::new(0),
+                refusal_delay: self.refusal_delay,
                 engine,
                 linker,
                 models: Models::new(self.model_idle, self.batch, self.inference, self.llm, self.devices.unwrap_or_else(Devices::cpu_only), self.gpu_memory),
@@ -196,6 +217,8 @@ pub(crate) struct RuntimeInner {
     per_tenant: u32,
     /// Requests admitted while their bodies still arrive, node-wide.
     pub(crate) slow_bodies: AtomicU32,
+    /// See [`RuntimeBuilder::refusal_delay`].
+    pub(crate) refusal_delay: std::time::Duration,
     pub(crate) pool: PoolSettings,
     ceilings: Limits,
     models: Models,
@@ -213,6 +236,7 @@ impl Runtime {
             },
             ceilings,
             tenant_instances: None,
+            refusal_delay: DEFAULT_REFUSAL_DELAY,
             model_idle: std::time::Duration::from_secs(600),
             batch: BatchSettings::default(),
             inference: InferenceMemory::default(),
@@ -332,6 +356,18 @@ impl Runtime {
     /// Instances that may be live at once over all deployments.
     pub fn pool_size(&self) -> u32 {
         self.inner.pool.max_instances
+    }
+
+    /// How long after its arrival to answer a refused request: the
+    /// [refusal delay](RuntimeBuilder::refusal_delay) and up to half of it
+    /// again, varying from call to call. Refusals paced by a fixed delay
+    /// would keep a storm's clients in step, each wave of retries arriving
+    /// at once, ahead of other tenants' requests.
+    pub fn refusal_pause(&self) -> std::time::Duration {
+        let delay = self.inner.refusal_delay;
+        // The clock's nanoseconds vary enough between calls to spread them.
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+        delay + delay.mul_f64(f64::from(nanos.wrapping_mul(2_654_435_761) >> 22) / 2048.0)
     }
 
     /// The highest limits a deployment may ask for.

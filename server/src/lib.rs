@@ -496,7 +496,8 @@ fn now() -> u64 {
 
 impl Server {
     /// Hands `request` to `entry`'s deployment, within its tenant's
-    /// request rate: beyond it, `429` with `Retry-After`.
+    /// request rate: beyond it, `429` with `Retry-After`, after the
+    /// runtime's refusal delay.
     async fn invoke(&self, control: &Control, entry: &Entry, request: Request<RequestBody>) -> Response<ResponseBody> {
         let tenant = &entry.state.tenant;
         if let Some(rate) = control.tenants.get(tenant).and_then(|t| t.limits.requests_per_second)
@@ -509,6 +510,9 @@ impl Server {
                 format!("tenant '{tenant}' is over its quota of {rate} requests per second; retry after {secs} s"),
             );
             response.headers_mut().insert(http::header::RETRY_AFTER, secs.into());
+            // Paced like the runtime's own refusals: a client retrying at
+            // once gets about one answer a second per connection.
+            tokio::time::sleep(self.inner.runtime.refusal_pause()).await;
             return response;
         }
         invoke(entry, request).await
