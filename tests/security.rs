@@ -346,14 +346,19 @@ fn gigabyte_minilm(dir: &Path) -> std::path::PathBuf {
 
 /// A 1 GiB model pushed with the CLI: streamed to disk and checked from
 /// its header, the server's peak memory grows by a fixed bound, not by
-/// the model's size; the model then serves like any other.
+/// the model's size, while the tenant's upload rate (64 MiB/s by default)
+/// holds the client back; the model then serves like any other.
 #[tokio::test]
 async fn attack_4_a_gigabyte_model_push_takes_bounded_server_memory() {
     let dir = tempfile::tempdir().unwrap();
     let (server, mallory, _) = two_tenants(&dir, &[]).await;
     let big = gigabyte_minilm(dir.path());
     let before = server.peak_rss();
+    let started = Instant::now();
     let pushed = stdout_of(&server.cli_as(&mallory, &["model", "push", "big", big.to_str().unwrap()]));
+    let took = started.elapsed();
+    // 1 GiB at 64 MiB/s, less the 100 ms burst a tenant may start with.
+    assert!(took >= Duration::from_secs(15), "a 1 GiB push took {took:?}, faster than the upload rate");
     assert!(pushed.contains("pushed model big (safetensors): BERT encoder, 6 layers, dimension 384"), "{pushed}");
     let grown = server.peak_rss().saturating_sub(before);
     eprintln!("a 1 GiB model push grew the server's peak RSS by {} MiB (from {} MiB)", grown >> 20, before >> 20);

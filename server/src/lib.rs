@@ -139,11 +139,17 @@ pub struct TenantQuotas {
     /// File and model uploads in progress at once (default 2; the server
     /// takes at most 4 times this over all tenants).
     pub uploads: usize,
+    /// Bytes a second all of a tenant's uploads in progress receive
+    /// together at most (default 64 MiB; `None`: as fast as they come).
+    /// Receiving, hashing and writing uploads as fast as a client on the
+    /// same machine sends them took a core's worth of the server and its
+    /// client, and added milliseconds to other tenants' requests.
+    pub upload_bytes_per_sec: Option<u64>,
 }
 
 impl Default for TenantQuotas {
     fn default() -> Self {
-        TenantQuotas { deployments: 100, storage_bytes: 10 << 30, uploads: 2 }
+        TenantQuotas { deployments: 100, storage_bytes: 10 << 30, uploads: 2, upload_bytes_per_sec: Some(64 << 20) }
     }
 }
 
@@ -249,7 +255,8 @@ impl Server {
     ) -> Result<Server, Error> {
         let artifacts = ArtifactStore::open(config.data_dir.join("artifacts"), &runtime, blobs.clone())?;
         let files = FileStore::open(config.data_dir.join("files"), blobs.clone())?;
-        let uploads = Uploads::open(config.data_dir.join("uploads"), config.quotas.uploads * 4, config.quotas.uploads)?;
+        let quotas = &config.quotas;
+        let uploads = Uploads::open(config.data_dir.join("uploads"), quotas.uploads * 4, quotas.uploads, quotas.upload_bytes_per_sec)?;
         let mut state = with_default_tenant(store.as_ref())?;
         let models = Arc::new(models::Registry::new(std::mem::take(&mut state.models), blobs.clone()));
         for tenant in &state.tenants {

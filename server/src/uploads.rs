@@ -1,8 +1,9 @@
 //! Uploads (components, deployment files, model files) and model pushes:
 //! how many may be in progress per tenant and per node, and bodies streamed
 //! to disk: hashed and written to a temporary file as they arrive, under a
-//! size cap and the tenant's storage quota, so a large upload never sits in
-//! memory, and a client that stops sending is cut off.
+//! size cap, the tenant's storage quota and its upload rate, so a large
+//! upload never sits in memory, one tenant's uploads take a bounded share
+//! of the node, and a client that stops sending is cut off.
 
 use crate::api::ApiError;
 use crate::hex::{hex, random_hex};
@@ -14,7 +15,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -26,11 +27,16 @@ const IDLE: Duration = Duration::from_secs(30);
 /// megabytes in one poll held other tenants' requests for milliseconds.
 const YIELD_BYTES: u64 = 256 << 10;
 
+/// How far ahead of its rate an idle tenant's next upload may start.
+const BURST: Duration = Duration::from_millis(100);
+
 /// Where uploads land while they arrive, and how many may.
 pub(crate) struct Uploads {
     dir: PathBuf,
     node: Arc<Semaphore>,
     per_tenant: usize,
+    /// Bytes a second one tenant's uploads receive together at most.
+    rate: Option<u64>,
     tenants: Mutex<HashMap<String, Arc<Tenant>>>,
 }
 
@@ -39,6 +45,21 @@ struct Tenant {
     slots: Arc<Semaphore>,
     /// Bytes its uploads in progress have received.
     receiving: AtomicU64,
+    /// When the bytes its uploads received so far will have been paid for
+    /// at its rate; an upload that gets ahead of it waits.
+    paid_until: Mutex<Instant>,
+}
+
+impl Tenant {
+    /// Counts `n` bytes received against the tenant's `rate`; returns when
+    /// to read on, if the uploads have got ahead of it.
+    fn pace(&self, n: u64, rate: u64) -> Option<Instant> {
+        let now = Instant::now();
+        let mut paid_until = self.paid_until.lock().unwrap();
+        // Time not used by an idle tenant is not saved up beyond a burst.
+        *paid_until = (*paid_until).max(now.checked_sub(BURST).unwrap_or(now)) + Duration::from_secs_f64(n as f64 / rate as f64);
+        (*paid_until > now).then_some(*paid_until)
+    }
 }
 
 /// Leave to upload (or push) for one tenant, held until dropped.
@@ -78,10 +99,12 @@ impl Drop for Upload {
 }
 
 impl Uploads {
-    /// Uploads go to `dir`; at most `per_node` at once, `per_tenant` per tenant.
-    pub fn open(dir: PathBuf, per_node: usize, per_tenant: usize) -> Result<Uploads, crate::Error> {
+    /// Uploads go to `dir`; at most `per_node` at once, `per_tenant` per
+    /// tenant, and one tenant's together at `rate` bytes a second at most.
+    pub fn open(dir: PathBuf, per_node: usize, per_tenant: usize, rate: Option<u64>) -> Result<Uploads, crate::Error> {
         std::fs::create_dir_all(&dir).map_err(|e| crate::Error::io("creating the uploads directory", &dir, e))?;
-        Ok(Uploads { dir, node: Arc::new(Semaphore::new(per_node.max(1))), per_tenant: per_tenant.max(1), tenants: Mutex::default() })
+        let node = Arc::new(Semaphore::new(per_node.max(1)));
+        Ok(Uploads { dir, node, per_tenant: per_tenant.max(1), rate: rate.filter(|&r| r > 0), tenants: Mutex::default() })
     }
 
     /// Leave for `tenant` to upload or push now, or `429` with
@@ -92,7 +115,10 @@ impl Uploads {
             .lock()
             .unwrap()
             .entry(tenant.to_string())
-            .or_insert_with(|| Arc::new(Tenant { slots: Arc::new(Semaphore::new(self.per_tenant)), receiving: AtomicU64::new(0) }))
+            .or_insert_with(|| {
+                let slots = Arc::new(Semaphore::new(self.per_tenant));
+                Arc::new(Tenant { slots, receiving: AtomicU64::new(0), paid_until: Mutex::new(Instant::now()) })
+            })
             .clone();
         let busy = |whose: String| {
             ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too_many_uploads", format!("{whose} uploads in progress; retry when one ends"))
@@ -136,7 +162,11 @@ impl Uploads {
             room.check(upload.received, receiving, what)?;
             hasher.update(&data);
             writer.write_all(&data).await.map_err(write_failed)?;
-            if upload.received / YIELD_BYTES != (upload.received - n) / YIELD_BYTES {
+            if let Some(until) = self.rate.and_then(|rate| slot.tenant.pace(n, rate)) {
+                // Unread, the next bytes fill the connection's window and
+                // hold the client back.
+                tokio::time::sleep_until(until.into()).await;
+            } else if upload.received / YIELD_BYTES != (upload.received - n) / YIELD_BYTES {
                 tokio::task::yield_now().await;
             }
         }

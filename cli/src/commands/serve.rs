@@ -73,6 +73,11 @@ pub struct ServeArgs {
     /// (the server takes four times this over all tenants).
     #[arg(long, default_value_t = 2)]
     tenant_uploads: usize,
+    /// MiB a second each tenant's uploads receive, all together, at most
+    /// (0: as fast as they arrive). Receiving, hashing and writing uploads
+    /// at full speed takes cores other tenants' requests wait for.
+    #[arg(long, default_value_t = 64)]
+    tenant_upload_mb_per_sec: u64,
     /// Seconds an uploaded blob or assembled file tree that nothing refers
     /// to is kept before it is removed.
     #[arg(long, default_value_t = 3600)]
@@ -135,6 +140,7 @@ pub async fn run(args: ServeArgs) -> Result<ExitCode> {
             deployments: args.tenant_deployments,
             storage_bytes: args.tenant_storage_mb.saturating_mul(1 << 20),
             uploads: args.tenant_uploads,
+            upload_bytes_per_sec: Some(args.tenant_upload_mb_per_sec.saturating_mul(1 << 20)).filter(|&b| b > 0),
         },
         gc_grace: std::time::Duration::from_secs(args.gc_grace_secs),
         usage: match args.no_metering {
