@@ -133,8 +133,9 @@ pub struct PoolArgs {
     /// Least time, in ms, from a request's arrival to its refusal (503 for a
     /// full queue or too many slow bodies, 429 over a tenant's rate; each
     /// waits up to half as long again, at random): a client that retries
-    /// at once then gets about one refusal a second per connection, not
-    /// as many as it can send. 0 refuses at once.
+    /// at once then gets about one refusal a second for each request it
+    /// holds open (an HTTP/1 connection, an HTTP/2 stream), not as many as
+    /// it can send. 0 refuses at once.
     #[arg(long, default_value_t = gpuwasm::DEFAULT_REFUSAL_DELAY.as_millis() as u64)]
     refusal_delay_ms: u64,
     /// Most tokens any deployment may let one generation produce.

@@ -241,7 +241,7 @@ impl Deployment {
         if let Ok(value) = http::HeaderValue::from_str(&format!("gpuwasm;dur={ms:.3}")) {
             response.headers_mut().append("server-timing", value);
         }
-        if refused {
+        if refused && !self.inner.runtime.refusal_delay_is_zero() {
             // Metered as it was, without the pause.
             drop(meter);
             tokio::time::sleep_until(Instant::from_std(start) + self.inner.runtime.refusal_pause()).await;

@@ -78,10 +78,13 @@ impl RuntimeBuilder {
     /// each waits up to half as long again, at random, so that refused
     /// clients retrying at once drift out of step. A client that retries
     /// the moment it is refused, on as many connections as it may open,
-    /// then gets one refusal per delay per connection, each costing the
-    /// node a timer, instead of as many as it can send: a storm on one
-    /// deployment leaves the cores to the others. Requests refused after
-    /// waiting in the queue for this long or longer are answered at once.
+    /// then gets one refusal per delay for each request it holds open (an
+    /// HTTP/1 connection, or an HTTP/2 stream: up to 128 a connection),
+    /// each costing the node a timer, instead of as many as it can send: a
+    /// storm on one deployment leaves the cores to the others. A client
+    /// that hangs up instead of waiting is not slowed. Requests refused
+    /// after waiting in the queue for the pause or longer are answered
+    /// at once.
     pub fn refusal_delay(mut self, delay: std::time::Duration) -> Self {
         self.refusal_delay = delay;
         self
@@ -364,10 +367,17 @@ impl Runtime {
     /// would keep a storm's clients in step, each wave of retries arriving
     /// at once, ahead of other tenants' requests.
     pub fn refusal_pause(&self) -> std::time::Duration {
+        if self.refusal_delay_is_zero() {
+            return std::time::Duration::ZERO;
+        }
         let delay = self.inner.refusal_delay;
         // The clock's nanoseconds vary enough between calls to spread them.
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
         delay + delay.mul_f64(f64::from(nanos.wrapping_mul(2_654_435_761) >> 22) / 2048.0)
+    }
+
+    pub(crate) fn refusal_delay_is_zero(&self) -> bool {
+        self.inner.refusal_delay.is_zero()
     }
 
     /// The highest limits a deployment may ask for.

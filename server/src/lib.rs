@@ -518,8 +518,12 @@ impl Server {
             );
             response.headers_mut().insert(http::header::RETRY_AFTER, secs.into());
             // Paced like the runtime's own refusals: a client retrying at
-            // once gets about one answer a second per connection.
-            tokio::time::sleep(self.inner.runtime.refusal_pause()).await;
+            // once gets about one answer a second per request it holds open.
+            drop(request);
+            let pause = self.inner.runtime.refusal_pause();
+            if !pause.is_zero() {
+                tokio::time::sleep(pause).await;
+            }
             return response;
         }
         invoke(entry, request).await
