@@ -241,10 +241,10 @@ impl Deployment {
         if let Ok(value) = http::HeaderValue::from_str(&format!("gpuwasm;dur={ms:.3}")) {
             response.headers_mut().append("server-timing", value);
         }
-        if refused && !self.inner.runtime.refusal_delay_is_zero() {
+        if refused {
             // Metered as it was, without the pause.
             drop(meter);
-            tokio::time::sleep_until(Instant::from_std(start) + self.inner.runtime.refusal_pause()).await;
+            self.inner.runtime.pause_refusal(start).await;
         }
         response
     }

@@ -361,23 +361,21 @@ impl Runtime {
         self.inner.pool.max_instances
     }
 
-    /// How long after its arrival to answer a refused request: the
-    /// [refusal delay](RuntimeBuilder::refusal_delay) and up to half of it
-    /// again, varying from call to call. Refusals paced by a fixed delay
-    /// would keep a storm's clients in step, each wave of retries arriving
-    /// at once, ahead of other tenants' requests.
-    pub fn refusal_pause(&self) -> std::time::Duration {
-        if self.refusal_delay_is_zero() {
-            return std::time::Duration::ZERO;
-        }
+    /// Waits until it is time to answer a request that `arrived` and is
+    /// refused: the [refusal delay](RuntimeBuilder::refusal_delay) after
+    /// its arrival and up to half of it again, varying from call to call
+    /// (refusals paced by a fixed delay would keep a storm's clients in
+    /// step, each wave of retries arriving at once, ahead of other
+    /// tenants' requests). With no delay it returns at once.
+    pub async fn pause_refusal(&self, arrived: std::time::Instant) {
         let delay = self.inner.refusal_delay;
+        if delay.is_zero() {
+            return;
+        }
         // The clock's nanoseconds vary enough between calls to spread them.
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
-        delay + delay.mul_f64(f64::from(nanos.wrapping_mul(2_654_435_761) >> 22) / 2048.0)
-    }
-
-    pub(crate) fn refusal_delay_is_zero(&self) -> bool {
-        self.inner.refusal_delay.is_zero()
+        let pause = delay + delay.mul_f64(f64::from(nanos.wrapping_mul(2_654_435_761) >> 22) / 2048.0);
+        tokio::time::sleep_until(tokio::time::Instant::from_std(arrived) + pause).await;
     }
 
     /// The highest limits a deployment may ask for.

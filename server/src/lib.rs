@@ -520,10 +520,7 @@ impl Server {
             // Paced like the runtime's own refusals: a client retrying at
             // once gets about one answer a second per request it holds open.
             drop(request);
-            let pause = self.inner.runtime.refusal_pause();
-            if !pause.is_zero() {
-                tokio::time::sleep(pause).await;
-            }
+            self.inner.runtime.pause_refusal(std::time::Instant::now()).await;
             return response;
         }
         invoke(entry, request).await
