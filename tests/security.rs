@@ -855,7 +855,7 @@ async fn attack_9_every_file_of_the_bad_input_corpus_gets_a_clean_error() {
 }
 
 /// A guest that computes for long moves to the long lane: the server's
-/// `gpuwasm-long` threads, `SCHED_IDLE` at nice 19, do most of its work (a short request
+/// `gpuwasm-long` threads, at nice 19, do most of its work (a short request
 /// never goes there), and the next request of the same deployment starts
 /// there; another deployment's short request still answers at once.
 #[tokio::test]
@@ -885,8 +885,7 @@ async fn a_cpu_hog_runs_on_the_long_lane_at_the_lowest_priority() {
         assert!(on_long_lane > 0.35, "round {round}: only {on_long_lane:.3} s of the burn ran on the long lane");
     }
     let threads = server.threads("gpuwasm-long");
-    const SCHED_IDLE: i32 = 5;
-    assert!(!threads.is_empty() && threads.iter().all(|t| t.nice == 19 && t.policy == SCHED_IDLE), "{threads:?}");
+    assert!(!threads.is_empty() && threads.iter().all(|t| t.nice == 19), "{threads:?}");
     assert_eq!(get(&format!("{}/default/hello/", server.url)).await.status, 200);
 }
 

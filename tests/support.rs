@@ -143,7 +143,7 @@ impl Server {
     }
 
     /// The server's threads whose names start with `prefix`: their CPU
-    /// time, nice value and scheduling policy.
+    /// time and nice value.
     pub fn threads(&self, prefix: &str) -> Vec<ThreadStat> {
         let mut threads = Vec::new();
         for task in std::fs::read_dir(format!("/proc/{}/task", self.pid())).unwrap().flatten() {
@@ -154,11 +154,10 @@ impl Server {
             let schedstat = std::fs::read_to_string(task.path().join("schedstat")).unwrap_or_default();
             let ns = schedstat.split_whitespace().next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
             // Fields after the command name (which may hold spaces) in
-            // parentheses; nice is the 19th field of the line, the
-            // policy the 41st.
+            // parentheses; nice is the 19th field of the line.
             let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
-            let field = |n: usize| stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(n - 3)?.parse().ok());
-            threads.push(ThreadStat { cpu_seconds: ns as f64 / 1e9, nice: field(19).unwrap_or(0), policy: field(41).unwrap_or(0) });
+            let nice = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(16)?.parse().ok()).unwrap_or(0);
+            threads.push(ThreadStat { cpu_seconds: ns as f64 / 1e9, nice });
         }
         threads
     }
@@ -266,13 +265,11 @@ pub async fn send(method: &str, url: &str, headers: &[(&str, &str)], body: impl 
     Reply { status: parts.status.as_u16(), headers: parts.headers, body: String::from_utf8_lossy(&body).into_owned() }
 }
 
-/// One server thread's CPU time (seconds), nice value and scheduling
-/// policy (as `sched_setscheduler` numbers it: 0 normal, 5 `SCHED_IDLE`).
+/// One server thread's CPU time (seconds) and nice value.
 #[derive(Debug)]
 pub struct ThreadStat {
     pub cpu_seconds: f64,
     pub nice: i32,
-    pub policy: i32,
 }
 
 pub async fn get(url: &str) -> Reply {

@@ -4,11 +4,9 @@
 //! (the fast lane). One that uses [`LONG_AFTER`] of CPU after the first
 //! epoch tick it sees moves, at its next yield, to the long lane: a
 //! runtime of its own (as many threads as tokio would give the caller's)
-//! whose threads the kernel runs at the lowest priority (`SCHED_IDLE`,
-//! and nice 19). Short requests, of every tenant, then take a core from a
-//! long one the moment they need it, instead of waiting for its time
-//! slice to end (at nice 19 alone, fast-lane threads waited up to 4 ms
-//! for a long one that faulted in or reset a big memory); long
+//! whose threads the kernel runs at the lowest priority, nice 19. Short
+//! requests, of every tenant, then take a core from a long one the moment
+//! they need it, instead of waiting for its time slice to end; long
 //! requests share what short ones leave, and all of the machine when
 //! there are none. Everything the guest does after the move runs there
 //! too: its host calls, its response, its teardown (resetting a big
@@ -53,8 +51,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 /// CPU a guest may use, after its first epoch tick, before it is long.
 pub(crate) const LONG_AFTER: Duration = Duration::from_millis(1);
 
-/// The nice value of the long lane's threads (their policy, `SCHED_IDLE`,
-/// already makes them the lowest priority; this also shows it to `top`).
+/// The nice value of the long lane's threads: the lowest priority.
 const LONG_NICE: libc::c_int = 19;
 
 /// What the lanes keep for one deployment: whether its last request went
@@ -232,20 +229,14 @@ fn long_threads() -> usize {
     set.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
-/// Gives the calling thread the long lane's priority: `SCHED_IDLE`, which
-/// any other thread that wakes preempts at once, and nice 19. Lowering
-/// its own priority needs no privilege; a failure leaves the thread as it
-/// was.
+/// Gives the calling thread the long lane's priority.
 fn lower_priority() {
-    // SAFETY: setpriority and sched_setscheduler take plain integers and
-    // a pointer to a live `sched_param`. On Linux both are per thread and
-    // 0 is the calling thread; elsewhere they are the process's, which the
-    // long lane must not change.
+    // SAFETY: setpriority takes plain integers. On Linux the nice value
+    // is per thread and `who` 0 is the calling thread; elsewhere it is the
+    // process's, which the long lane must not change.
     #[cfg(target_os = "linux")]
     unsafe {
         libc::setpriority(libc::PRIO_PROCESS, 0, LONG_NICE);
-        let param = libc::sched_param { sched_priority: 0 };
-        libc::sched_setscheduler(0, libc::SCHED_IDLE, &param);
     }
 }
 
@@ -293,13 +284,9 @@ mod tests {
         #[cfg(target_os = "linux")]
         {
             let lane = long_lane().unwrap();
-            // SAFETY: getpriority and sched_getscheduler take plain
-            // integers; 0 is the calling thread.
-            let (nice, policy) = lane
-                .spawn(async { unsafe { (libc::getpriority(libc::PRIO_PROCESS, 0), libc::sched_getscheduler(0)) } })
-                .await
-                .unwrap();
-            assert_eq!((nice, policy), (LONG_NICE, libc::SCHED_IDLE));
+            // SAFETY: getpriority takes plain integers; 0 is the calling thread.
+            let nice = lane.spawn(async { unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) } }).await.unwrap();
+            assert_eq!(nice, LONG_NICE);
         }
     }
 
