@@ -290,30 +290,29 @@ impl Deployment {
         let body_too_large = Arc::new(AtomicBool::new(false));
         let request = limit_body(request, limits.max_body_bytes, body_too_large.clone(), meter.clone());
         let (cpu_ms, memory_mb) = (limits.cpu_ms, limits.memory_mb);
-        let (tx, rx) = tokio::sync::oneshot::channel();
+        let instantiate = GuestCpu::new(me.pre.instantiate_async(&mut store), meter.clone(), None);
+        let proxy = match timeout_at(deadline, instantiate).await {
+            Err(_) => return Err(Failure::Timeout(limits.timeout_ms)),
+            Ok(Err(err)) => return Err(Failure::from_call(store.data(), &err, cpu_ms, memory_mb)),
+            Ok(Ok(proxy)) => proxy,
+        };
+        let setup = |store: &mut Store<RequestState>| -> wasmtime::Result<_> {
+            let mut http = store.data_mut().http();
+            let req = http.new_incoming_request(Scheme::Http, request)?;
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let out = http.new_response_outparam(tx)?;
+            Ok((req, out, rx))
+        };
+        let (req, out, rx) = setup(&mut store).map_err(|e| Failure::Trap(chain(&e)))?;
 
         let name = me.name.clone();
         let head_deadline = guest_deadline.clone();
         let mut stopped = me.stop.subscribe();
         let guest_meter = meter.clone();
-        let pre = me.pre.clone();
         let (ticked, lane) = (store.data().cpu.ticked.clone(), me.lane.clone());
         let cpu_ticked = ticked.clone();
-        // The instance is made in the guest's lane too: a deployment whose
-        // requests run long instantiates on the long lane, so the page
-        // protection changes of its big memories (which wait for the
-        // process's memory map lock) never hold a fast-lane thread.
         let guest = tokio::spawn(lanes::run(async move {
             let _permits = permits;
-            let instantiate = GuestCpu::new(pre.instantiate_async(&mut store), guest_meter.clone(), None);
-            let proxy = instantiate.await.map_err(|err| Failure::from_call(store.data(), &err, cpu_ms, memory_mb))?;
-            let setup = |store: &mut Store<RequestState>| -> wasmtime::Result<_> {
-                let mut http = store.data_mut().http();
-                let req = http.new_incoming_request(Scheme::Http, request)?;
-                let out = http.new_response_outparam(tx)?;
-                Ok((req, out))
-            };
-            let (req, out) = setup(&mut store).map_err(|e| Failure::Trap(chain(&e)))?;
             let handle = proxy.wasi_http_incoming_handler().call_handle(&mut store, req, out);
             let call = GuestCpu::new(handle, guest_meter.clone(), Some(cpu_ticked));
             // The guest yields to the executor at every epoch tick, so
@@ -343,13 +342,7 @@ impl Deployment {
                 sink(GuestLog { started, request_id, output, failure });
             }
             // Tearing the instance down (resetting its memory) is the
-            // request's work too, timed as its last polls were. It waits
-            // for one turn of the executor: the connection task the
-            // finished response woke runs first and sends it, so the
-            // client never waits for the reset (which can block on the
-            // process's memory map lock while neighbours grow or reset
-            // their memories).
-            tokio::task::yield_now().await;
+            // request's work too, timed as its last polls were.
             match &guest_meter {
                 Some(meter) => meter.add_guest_cpu_of(Clock::of_guest(&store.data().cpu.ticked), || drop(store)),
                 None => drop(store),
