@@ -72,8 +72,9 @@ async fn guest_cpu_and_inference_are_metered_within_one_percent_of_independent_c
         "guest CPU: metered {metered:.3} s, request threads {workers:.3} s ({:.2}% apart), whole process {process:.3} s",
         error * 100.0
     );
-    // The guest spins for 5 s of wall time; other tests share the cores.
-    assert!(workers > 2.5, "the guests burned only {workers} s of CPU");
+    // The guest spins for 5 s of wall time; other tests share the cores
+    // (a fresh-clone CI run got 2.35 s). 1.5 s keeps 1% at 15 ms or more.
+    assert!(workers > 1.5, "the guests burned only {workers} s of CPU");
     assert!(error < 0.01, "metered {metered:.3} s against {workers:.3} s of request threads' CPU");
     assert_eq!(burner["requests"], 6);
     assert_eq!(burner["outcomes"]["ok"], 6);
